@@ -1,0 +1,156 @@
+"""The schema of one cache entry: what is kept for one successful job."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import platform
+import socket
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+import orjson
+import xxhash
+from pydantic import BaseModel, Field
+
+from jobflow_cache.files import FileRecord
+
+__all__ = ["CHECKSUM_FIELDS", "CacheEntry", "package_versions", "utcnow"]
+
+logger = logging.getLogger(__name__)
+
+#: Fields covered by an entry's checksum: everything that is served or trusted on a hit.
+#: Book-keeping fields (hits, last_hit, valid, invalid_reason) may change and are left out.
+CHECKSUM_FIELDS = frozenset(
+    {
+        "digest",
+        "scheme",
+        "function",
+        "cache_version",
+        "output",
+        "response",
+        "files",
+        "source_uuid",
+        "source_index",
+        "source_dir",
+        "input_refs",
+    }
+)
+
+
+def utcnow() -> datetime:
+    """Timezone-aware current UTC time (entries always store UTC)."""
+    return datetime.now(timezone.utc)
+
+
+def package_versions(function: str = "") -> dict[str, str]:
+    """Versions of Python and the packages that matter for an entry's provenance.
+
+    The top-level package of ``function`` (``"atomate2.ase.jobs:..."`` -> atomate2) is included.
+    Versions are recorded, never hashed: an upgrade does not invalidate the cache by itself.
+    """
+    names = {"jobflow", "jobflow-cache", "maggma", "monty", "pymatgen"}
+    top = function.split(":", 1)[0].split(".", 1)[0]
+    if top:
+        names.add(top)
+    versions = {"python": platform.python_version()}
+    for name in sorted(names):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _host() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # getuser fails in some containers without a passwd entry
+        return socket.gethostname()
+
+
+class CacheEntry(BaseModel):
+    """One cached job result, keyed by the digest of its function and resolved inputs.
+
+    The ``output`` is the job's output exactly as jobflow stores it (``jsanitize``d, plain JSON),
+    ``response`` holds the rest of the job's :obj:`jobflow.Response` (``replace``/``addition``/
+    ``detour`` flows of a dynamic job, ``stop_children``, ``stop_jobflow``, ``stored_data``), and
+    ``files`` the manifest of run-folder files kept in the object area.
+    """
+
+    digest: str = Field(description="xxh3-128 digest of function + resolved inputs.")
+    scheme: str = Field(description="Hash scheme id the digest was made with.")
+    function: str = Field(description="Import path 'module:qualname' of the job function.")
+    name: str = Field("", description="Name of the job that recorded the entry.")
+    cache_version: str | None = Field(None, description="User cache_version, if any.")
+    output: str = Field(
+        "null",
+        description="The job output as jobflow stores it (jsanitized), as JSON text written with "
+        "monty's encoder: exact for NaN, datetimes and MSON objects on every backend.",
+    )
+    response: str = Field(
+        "",
+        description="JSON text of the other Response fields: replace/addition/detour (serialized "
+        "flows of a dynamic job), stop_children, stop_jobflow, stored_data. Empty when the job "
+        "returned a plain value.",
+    )
+    dynamic: bool = Field(False, description="True when the job returned new jobs/flows.")
+    files: list[FileRecord] = Field(default_factory=list, description="Run-folder manifest.")
+    files_size: int = Field(0, description="Total size of the manifest's files in bytes.")
+    source_uuid: str = Field("", description="uuid of the job that recorded the entry.")
+    source_index: int = Field(1, description="index of the job that recorded the entry.")
+    source_dir: str | None = Field(None, description="Run folder the job ran in.")
+    input_refs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Job uuids and run folders seen in the inputs -> digest of the job owning "
+        "them; used to rewrite them in the output when the entry is served to a new flow.",
+    )
+    arg_digests: dict[str, str] = Field(
+        default_factory=dict, description="Per-argument sub-digests (to explain misses)."
+    )
+    canonical_input: dict[str, Any] | None = Field(
+        None, description="Canonical per-argument input (None when larger than the cap)."
+    )
+    duration: float = Field(0.0, description="Seconds the job's function took to run.")
+    created: datetime = Field(default_factory=utcnow)
+    host: str = Field(default_factory=_host, description="user@host that recorded the entry.")
+    versions: dict[str, str] = Field(default_factory=dict, description="Package versions.")
+    python: str = Field(default_factory=lambda: sys.executable)
+    hits: int = Field(0, description="How many times the entry was served.")
+    last_hit: datetime | None = None
+    valid: bool = Field(True, description="False: kept for inspection, never served.")
+    invalid_reason: str | None = None
+    checksum: str = Field("", description="xxh3-128 over the served fields (CHECKSUM_FIELDS).")
+
+    def compute_checksum(self) -> str:
+        """Checksum over the fields that are served or trusted on a hit.
+
+        Examples
+        --------
+        >>> e = CacheEntry(digest="d", scheme="jfc1", function="m:f", output='{"a": 1}')
+        >>> e.compute_checksum() == e.model_copy(update={"hits": 5}).compute_checksum()
+        True
+        """
+        data = self.model_dump(mode="json", include=set(CHECKSUM_FIELDS))
+        raw = orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        return xxhash.xxh3_128(raw).hexdigest()
+
+    def seal(self) -> CacheEntry:
+        """Set the checksum (call once the entry is complete) and return self."""
+        self.checksum = self.compute_checksum()
+        return self
+
+    def to_document(self) -> dict[str, Any]:
+        """The document written to the maggma store (JSON-native except datetimes)."""
+        doc = self.model_dump(mode="json")
+        doc["created"] = self.created
+        doc["last_hit"] = self.last_hit
+        return doc
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> CacheEntry:
+        """Parse a store document (raises ``pydantic.ValidationError`` when malformed)."""
+        doc = {k: v for k, v in doc.items() if k != "_id"}
+        return cls.model_validate(doc)

@@ -1,0 +1,811 @@
+"""The one interception core (:class:`Cache`) and the drop-in :func:`run_locally`.
+
+jobflow's ``Job.run`` resolves a job's references, sets ``CURRENT_JOB``, enters the run folder and
+then calls ``getattr(job.function, "original", job.function)(*args, **kwargs)``. That call is the
+only place we intercept: :meth:`Cache.call` computes the digest of the *resolved* call, serves a
+cached :obj:`~jobflow.Response` on a hit (with its run-folder files linked back), or runs the
+function and records its result on a miss. Everything after the call (output stored in the
+JobStore and its additional stores, ``Response`` handling, ``prepare_replace``) is jobflow's own.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import glob
+import inspect
+import json
+import logging
+import re
+import time
+import types
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from jobflow import Flow, Job, Response
+from jobflow.managers.local import run_locally as _jobflow_run_locally
+from jobflow.utils.uid import suid
+from monty.json import MontyDecoder, MontyEncoder, jsanitize
+
+from jobflow_cache.entry import CacheEntry, package_versions
+from jobflow_cache.errors import (
+    CacheError,
+    CacheWarning,
+    CorruptEntryError,
+    FilesUnavailableError,
+    UnhashableInputError,
+)
+from jobflow_cache.files import ObjectArea, changed_files, snapshot
+from jobflow_cache.hashing import (
+    SCHEME,
+    CallDigest,
+    bind_arguments,
+    digest_bytes,
+    digest_call,
+    encode,
+    function_path,
+)
+from jobflow_cache.settings import CacheSettings, cache_disabled, get_settings
+from jobflow_cache.store import CacheStore, Outcome
+
+if TYPE_CHECKING:
+    from jobflow import JobStore
+
+__all__ = [
+    "META_KEY",
+    "Cache",
+    "CacheReport",
+    "JobOptions",
+    "current_cache",
+    "job_options",
+    "run_locally",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Key of ``Job.metadata`` used both for per-job options set by users (``enabled``,
+#: ``cache_version``, ``ignore``, ``files``) and for the record we write (``digest``, ``outcome``,
+#: ``source_uuid``, ``scheme``), which is stored with the job's output in the JobStore.
+META_KEY = "jobflow_cache"
+OPTION_KEYS = ("enabled", "cache_version", "ignore", "files")
+
+#: Functions never cached: jobflow's helper that only gathers a replaced flow's outputs (its
+#: arguments are unresolved references, and it is instantaneous).
+SKIP_FUNCTIONS = frozenset({"jobflow.core.job:store_inputs"})
+
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+FilesMode = Literal["link", "copy", "none"]
+
+_ACTIVE: contextvars.ContextVar[Cache | None] = contextvars.ContextVar(
+    "jobflow_cache_active", default=None
+)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Per-job cache options (from ``@cached_job(...)`` or ``metadata["jobflow_cache"]``)."""
+
+    enabled: bool = True
+    cache_version: str | None = None
+    ignore: tuple[str, ...] = ()
+    files: FilesMode | None = None
+
+    def merged(self, overrides: Mapping[str, Any]) -> JobOptions:
+        """These options updated by the option keys of ``overrides`` (metadata wins)."""
+        values = {k: overrides[k] for k in OPTION_KEYS if k in overrides}
+        if "ignore" in values:
+            values["ignore"] = tuple(values["ignore"] or ())
+        if "cache_version" in values and values["cache_version"] is not None:
+            values["cache_version"] = str(values["cache_version"])
+        return JobOptions(**{**self.__dict__, **values}) if values else self
+
+
+def job_options(job: Job, base: JobOptions | None = None) -> JobOptions:
+    """Options of ``job``: ``base`` (decorator) updated by ``job.metadata["jobflow_cache"]``.
+
+    Examples
+    --------
+    >>> from jobflow import job
+    >>> @job
+    ... def add(a, b):
+    ...     return a + b
+    >>> j = add(1, 2)
+    >>> j.update_metadata({"jobflow_cache": {"enabled": False}})
+    >>> job_options(j).enabled
+    False
+    """
+    meta = job.metadata.get(META_KEY) if job.metadata else None
+    base = base or JobOptions()
+    return base.merged(meta) if isinstance(meta, Mapping) else base
+
+
+@dataclass
+class CacheReport:
+    """What one cache session did: outcome counts, executed and served jobs, time saved."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    served: list[str] = field(default_factory=list)
+    executed: list[str] = field(default_factory=list)
+    time_saved: float = 0.0
+
+    @property
+    def hits(self) -> int:
+        """Number of jobs served from the cache."""
+        return self.outcomes[Outcome.HIT.value]
+
+    def summary(self) -> str:
+        """One line, e.g. ``"3 jobs: 2 served from cache, 1 executed; 4.1 s saved"``."""
+        total = len(self.served) + len(self.executed)
+        return (
+            f"{total} jobs: {len(self.served)} served from cache, {len(self.executed)} executed; "
+            f"{self.time_saved:.1f} s of compute saved"
+        )
+
+
+@dataclass
+class _Refs:
+    """Job uuids and run folders seen while hashing one call -> digest of their owner job."""
+
+    seen: dict[str, str] = field(default_factory=dict)
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, cls=MontyEncoder, separators=(",", ":"), allow_nan=True)
+
+
+def _path_pattern(old: str) -> re.Pattern[str]:
+    """Match ``old`` as a whole path (or path prefix) inside JSON text."""
+    escaped = re.escape(json.dumps(old)[1:-1])
+    return re.compile(rf"(?<![\w.\-/]){escaped}(?=/|[^\w.\-]|$)")
+
+
+def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, str]) -> str:
+    """Replace job uuids and run-folder paths inside serialized JSON ``text``.
+
+    Examples
+    --------
+    >>> rewrite_text('{"dir": "h:/a/b/x", "u": "/a/bc"}', {}, {"/a/b": "/n"})
+    '{"dir": "h:/n/x", "u": "/a/bc"}'
+    """
+    if uuids:
+
+        def new_uuid(match: re.Match[str]) -> str:
+            return uuids.get(match.group(0), match.group(0))
+
+        text = UUID_RE.sub(new_uuid, text)
+    for old, new in dirs.items():
+        if old and old != new:
+            # a function, so backslashes in the replacement are not read as group references
+            text = _path_pattern(old).sub(functools.partial(_constant, json.dumps(new)[1:-1]), text)
+    return text
+
+
+def _constant(value: str, _match: re.Match[str]) -> str:
+    return value
+
+
+def _created_uuids(node: Any, found: set[str]) -> set[str]:
+    """uuids of the Jobs and Flows serialized inside ``node`` (made by a dynamic job)."""
+    if isinstance(node, dict):
+        if node.get("@class") in {"Job", "Flow"} and isinstance(node.get("uuid"), str):
+            found.add(node["uuid"])
+        for value in node.values():
+            _created_uuids(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _created_uuids(value, found)
+    return found
+
+
+def _referenced_uuids(node: Any, found: set[str]) -> set[str]:
+    """uuids of the OutputReferences serialized inside ``node``."""
+    if isinstance(node, dict):
+        if node.get("@class") == "OutputReference" and isinstance(node.get("uuid"), str):
+            found.add(node["uuid"])
+        for value in node.values():
+            _referenced_uuids(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _referenced_uuids(value, found)
+    return found
+
+
+class Cache:
+    """A cache session: a :class:`.CacheStore`, its file object area, settings, and what this
+    process has learnt (which job uuid / run folder belongs to which digest).
+
+    Parameters
+    ----------
+    store
+        The cache store (default: the one configured by ``JOBFLOW_CACHE_*`` settings).
+    files
+        ``"link"``, ``"copy"`` or ``"none"``: how run-folder files are recorded and restored
+        (default: ``JOBFLOW_CACHE_FILES``, ``"link"``).
+    exclusive_dirs
+        True when every job runs in a folder of its own (``run_locally(create_folders=True)``,
+        FireWorks, jobflow-remote); only then are run-folder paths in inputs normalised to the
+        digest of the job that owns the folder.
+    settings
+        Settings to use (default: from the environment).
+    """
+
+    def __init__(
+        self,
+        store: CacheStore | None = None,
+        *,
+        files: FilesMode | None = None,
+        exclusive_dirs: bool = False,
+        settings: CacheSettings | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.store = store if store is not None else CacheStore.from_settings(self.settings)
+        self.files: FilesMode = files or self.settings.FILES
+        self.exclusive_dirs = exclusive_dirs
+        self.objects = ObjectArea(self.store.objects_dir)
+        self.report = CacheReport()
+        self.job_digests: dict[str, str] = {}  # job uuid -> digest (last index wins)
+        self.dir_digests: dict[str, str] = {}  # exclusive run folder -> digest
+        self._connected = False
+        self._broken: str | None = None
+        self._decoder = MontyDecoder()
+        self._exclude_cache: dict[str, list[str]] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def connect(self) -> bool:
+        """Connect the store once; on failure warn once and run everything uncached."""
+        if self._connected or self._broken:
+            return self._connected
+        try:
+            self.store.connect()
+        except Exception as err:  # any failure: the workflow must still run
+            self._fail(err)
+            return False
+        self._connected = True
+        return True
+
+    def close(self) -> None:
+        """Close the store."""
+        if self._connected:
+            self.store.close()
+            self._connected = False
+
+    def _fail(self, err: BaseException) -> None:
+        if self._broken is None:
+            self._broken = str(err)
+            warnings.warn(
+                f"jobflow-cache: the cache store {self.store.name} is unavailable ({err}); "
+                "jobs run uncached for the rest of this run",
+                CacheWarning,
+                stacklevel=4,
+            )
+
+    @contextmanager
+    def activate(self) -> Iterator[Cache]:
+        """Make this the cache used by ``@cached_job`` jobs run inside the ``with`` block."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    # -- hashing ----------------------------------------------------------------------------
+    def _normalizer(self, refs: _Refs) -> Callable[[str], tuple[str, Any] | None]:
+        job_digests, dir_digests = self.job_digests, self.dir_digests
+
+        def normalize(value: str) -> tuple[str, Any] | None:
+            if len(value) == 36 and value in job_digests:
+                digest = job_digests[value]
+                refs.seen[value] = digest
+                return ("job", digest)
+            if dir_digests and "/" in value:
+                host, sep, path = value.partition(":")
+                candidate = (path if sep and not host.startswith("/") else value).rstrip("/")
+                rest: list[str] = []
+                while candidate and candidate != "/":
+                    owner = dir_digests.get(candidate)
+                    if owner is not None:
+                        refs.seen[candidate] = owner
+                        return ("dir", [owner, "/".join(reversed(rest))])
+                    candidate, _, tail = candidate.rpartition("/")
+                    rest.append(tail)
+            return None
+
+        return normalize
+
+    def digest(
+        self,
+        function: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: JobOptions = JobOptions(),
+        refs: _Refs | None = None,
+    ) -> CallDigest:
+        """Digest of calling the (unbound) ``function`` with resolved ``args``/``kwargs``.
+
+        For a method, ``args[0]`` is the instance (e.g. the Maker), whose fields are hashed.
+        """
+        refs = refs if refs is not None else _Refs()
+        path = function_path(function)
+        arguments = bind_arguments(function, args, kwargs, ignore=options.ignore)
+        return digest_call(
+            path,
+            arguments,
+            cache_version=_script_version(path, function, options.cache_version),
+            normalize_str=self._normalizer(refs),
+        )
+
+    # -- the interception core --------------------------------------------------------------
+    def call(
+        self,
+        job: Job,
+        function: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: JobOptions,
+    ) -> Any:
+        """Run ``function(*args, **kwargs)`` for ``job`` through the cache.
+
+        ``function`` is the unbound job function; for a method ``args[0]`` is the instance.
+        Called inside ``Job.run`` (cwd is the run folder). Returns either the function's return
+        value wrapped in a :obj:`~jobflow.Response` (miss) or the cached Response (hit).
+        Cache problems never fail the job: they warn and the job runs uncached.
+        """
+        options = job_options(job, options)
+        if not options.enabled or cache_disabled():
+            return self._uncached(job, function, args, kwargs, Outcome.DISABLED, options)
+        if not self.connect():
+            return self._uncached(job, function, args, kwargs, Outcome.ERROR, options)
+        refs = _Refs()
+        try:
+            call_digest = self.digest(function, args, kwargs, options, refs)
+        except UnhashableInputError as err:
+            warnings.warn(
+                f"jobflow-cache: job {job.name!r} ({_safe_path(function)}) runs uncached: "
+                f"its input cannot be hashed: {err}",
+                CacheWarning,
+                stacklevel=2,
+            )
+            return self._uncached(job, function, args, kwargs, Outcome.UNCACHEABLE, options)
+        except TypeError:
+            # the arguments do not fit the signature: let the call itself raise jobflow's error
+            return function(*args, **kwargs)
+        if call_digest.function in SKIP_FUNCTIONS:
+            return self._uncached(job, function, args, kwargs, Outcome.DISABLED, options)
+
+        digest = call_digest.digest
+        try:
+            found = self.store.lookup(digest)
+        except CacheError as err:
+            self._fail(err)
+            return self._uncached(job, function, args, kwargs, Outcome.ERROR, options)
+
+        if found.outcome is Outcome.HIT and found.entry is not None:
+            try:
+                response = self._serve(job, found.entry, refs, options)
+            except (
+                CacheError,
+                ValueError,
+                TypeError,
+                KeyError,
+                AttributeError,
+                ImportError,
+            ) as err:
+                warnings.warn(
+                    f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} cannot be "
+                    f"served ({err}); running the job",
+                    CacheWarning,
+                    stacklevel=2,
+                )
+                outcome = Outcome.INVALID
+            else:
+                self._register(job, digest)
+                self._mark(job, options, digest, Outcome.HIT, found.entry.source_uuid)
+                self.report.outcomes[Outcome.HIT.value] += 1
+                self.report.served.append(job.name)
+                self.report.time_saved += found.entry.duration
+                try:
+                    self.store.record_hit(digest)
+                except Exception as err:  # bookkeeping only: never fail a served job
+                    logger.warning("could not record hit of %s: %s", digest[:12], err)
+                return response
+        elif found.outcome is Outcome.INVALID:
+            warnings.warn(
+                f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} is not used: "
+                f"{found.reason}; running the job",
+                CacheWarning,
+                stacklevel=2,
+            )
+            outcome = Outcome.INVALID
+        else:
+            outcome = Outcome.MISS
+        return self._run_and_record(
+            job, function, args, kwargs, options, call_digest, refs, outcome
+        )
+
+    def _uncached(
+        self,
+        job: Job,
+        function: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        outcome: Outcome,
+        options: JobOptions,
+    ) -> Any:
+        self.report.outcomes[outcome.value] += 1
+        self.report.executed.append(job.name)
+        if not cache_disabled():
+            self._mark(job, options, None, outcome, None)
+        return function(*args, **kwargs)
+
+    def _run_and_record(
+        self,
+        job: Job,
+        function: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: JobOptions,
+        call_digest: CallDigest,
+        refs: _Refs,
+        outcome: Outcome,
+    ) -> Any:
+        files_mode = options.files or self.files
+        cwd = Path.cwd()
+        before = snapshot(cwd, self._excludes(cwd)) if files_mode != "none" else None
+        started = time.perf_counter()
+        returned = function(*args, **kwargs)  # a failure propagates: nothing is recorded
+        duration = time.perf_counter() - started
+        # the same conversion jobflow applies right after this call (idempotent on a Response)
+        response: Response = Response.from_job_returns(returned, job.output_schema)
+        self.report.outcomes[outcome.value] += 1
+        self.report.executed.append(job.name)
+        self._register(job, call_digest.digest)
+        self._mark(job, options, call_digest.digest, outcome, None)
+        try:
+            entry = self._make_entry(job, call_digest, response, refs, cwd, duration)
+            if before is not None:
+                self._record_files(entry, cwd, before, files_mode)
+            self.store.put(entry)
+        except Exception as err:  # recording must never fail a job that succeeded
+            warnings.warn(
+                f"jobflow-cache: result of job {job.name!r} was not cached: {err}",
+                CacheWarning,
+                stacklevel=2,
+            )
+        return response
+
+    # -- recording --------------------------------------------------------------------------
+    def _make_entry(
+        self,
+        job: Job,
+        call_digest: CallDigest,
+        response: Response,
+        refs: _Refs,
+        cwd: Path,
+        duration: float,
+    ) -> CacheEntry:
+        output = jsanitize(response.output, strict=True, enum_values=True, allow_bson=True)
+        parts: dict[str, Any] = {}
+        for name in ("replace", "addition", "detour"):
+            value = getattr(response, name)
+            if value is not None:
+                parts[name] = value
+        dynamic = bool(parts)
+        for name in ("stop_children", "stop_jobflow"):
+            if getattr(response, name):
+                parts[name] = True
+        if response.stored_data is not None:
+            parts["stored_data"] = response.stored_data
+        response_text = _json_text(parts) if parts else ""
+        if dynamic:
+            self._check_replayable(job, response_text, refs)
+        canonical: dict[str, Any] | None = call_digest.canonical
+        if len(encode(canonical)) > self.settings.MAX_CANONICAL_INPUT:
+            canonical = None
+        return CacheEntry(
+            digest=call_digest.digest,
+            scheme=call_digest.scheme,
+            function=call_digest.function,
+            name=job.name,
+            cache_version=call_digest.cache_version,
+            output=_json_text(output),
+            response=response_text,
+            dynamic=dynamic,
+            source_uuid=job.uuid,
+            source_index=job.index,
+            source_dir=str(cwd),
+            input_refs=dict(refs.seen),
+            arg_digests=dict(call_digest.arg_digests),
+            canonical_input=canonical,
+            versions=package_versions(call_digest.function),
+            duration=duration,
+        )
+
+    @staticmethod
+    def _check_replayable(job: Job, response_text: str, refs: _Refs) -> None:
+        """A dynamic response may only reference jobs it made, the job itself, or known inputs."""
+        tree = json.loads(response_text)
+        known = _created_uuids(tree, set()) | {job.uuid} | set(refs.seen)
+        outside = _referenced_uuids(tree, set()) - known
+        if outside:
+            raise CacheError(
+                f"its new jobs reference jobs outside their own sub-flow ({sorted(outside)[:3]}), "
+                "which a fresh flow would not have"
+            )
+
+    def _excludes(self, cwd: Path) -> list[str]:
+        """Exclude patterns for ``cwd``: the settings' plus the cache's own files when the
+        object area or the SQLite store lies inside the run folder."""
+        patterns = self._exclude_cache.get(str(cwd))
+        if patterns is None:
+            patterns = list(self.settings.FILES_EXCLUDE)
+            own = [(Path(self.store.objects_dir), "")]
+            store_path = getattr(self.store.store, "path", None)
+            if store_path:
+                own.append((Path(store_path), "*"))  # the file and its -wal / -shm / -journal
+            root = cwd.resolve()
+            for path, suffix in own:
+                try:
+                    rel = path.resolve().relative_to(root)
+                except ValueError:
+                    continue
+                if rel.parts:
+                    patterns.append(glob.escape(rel.as_posix()) + suffix)
+            self._exclude_cache[str(cwd)] = patterns
+        return patterns
+
+    def _record_files(self, entry: CacheEntry, cwd: Path, before: Any, mode: FilesMode) -> None:
+        changed = changed_files(cwd, before, self._excludes(cwd))
+        limit = self.settings.MAX_FILE_SIZE
+        if limit:
+            changed = [p for p in changed if (cwd / p).stat().st_size <= limit]
+        if changed:
+            entry.files = self.objects.record(
+                cwd, changed, mode="copy" if mode == "copy" else "link"
+            )
+            entry.files_size = sum(f.size for f in entry.files)
+
+    # -- serving ----------------------------------------------------------------------------
+    def _serve(self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions) -> Response:
+        cwd = str(Path.cwd())
+        files_mode = options.files or self.files
+        if entry.files and files_mode != "none" and not self.objects.has_all(entry.files):
+            raise FilesUnavailableError("run-folder files of the entry are missing")
+        uuids: dict[str, str] = {}
+        dirs: dict[str, str] = {}
+        if entry.source_uuid and entry.source_uuid != job.uuid:
+            uuids[entry.source_uuid] = job.uuid
+        if entry.source_dir and entry.source_dir != cwd:
+            dirs[entry.source_dir] = cwd
+        current = {digest: literal for literal, digest in refs.seen.items()}
+        for old, digest in entry.input_refs.items():
+            new = current.get(digest)
+            if new is not None and new != old:
+                (uuids if UUID_RE.fullmatch(old) else dirs)[old] = new
+        parts: dict[str, Any] = {}
+        if entry.response:
+            text = entry.response
+            if entry.dynamic:
+                created = _created_uuids(json.loads(text), set()) - {entry.source_uuid}
+                uuids = {**uuids, **{old: suid() for old in created}}
+            parts = self._decode(rewrite_text(text, uuids, dirs))
+        output = self._decode(rewrite_text(entry.output, uuids, dirs))
+        if entry.files and files_mode != "none":
+            self.objects.materialize(entry.files, Path(cwd), mode=files_mode)
+        fields = ("replace", "addition", "detour", "stored_data", "stop_children", "stop_jobflow")
+        response = Response(output=output, **{k: parts[k] for k in fields if k in parts})
+        # the schema check jobflow applies to the function's return value
+        return Response.from_job_returns(response, job.output_schema)
+
+    def _decode(self, text: str) -> Any:
+        try:
+            return self._decoder.decode(text)
+        except (ValueError, TypeError, KeyError, AttributeError, ImportError) as err:
+            raise CorruptEntryError(f"cached value does not decode: {err}") from err
+
+    # -- book-keeping -----------------------------------------------------------------------
+    def _register(self, job: Job, digest: str) -> None:
+        self.job_digests[job.uuid] = digest
+        if self.exclusive_dirs:
+            self.dir_digests[str(Path.cwd())] = digest
+
+    @staticmethod
+    def _mark(
+        job: Job,
+        options: JobOptions,
+        digest: str | None,
+        outcome: Outcome,
+        source_uuid: str | None,
+    ) -> None:
+        """Record what the cache did in the job's metadata (stored with its output)."""
+        previous = job.metadata.get(META_KEY) if job.metadata else None
+        record: dict[str, Any] = {}
+        if isinstance(previous, Mapping):
+            record.update({k: previous[k] for k in OPTION_KEYS if k in previous})
+        record["outcome"] = outcome.value
+        if digest is not None:
+            record["digest"] = digest
+            record["scheme"] = SCHEME
+        if source_uuid is not None:
+            record["source_uuid"] = source_uuid
+        job.metadata[META_KEY] = record
+
+
+def _script_version(path: str, function: Callable[..., Any], version: str | None) -> str | None:
+    """``cache_version`` of a call; for a function of a script (``__main__``) its source too.
+
+    ``__main__:relax`` names a different function in every script, so two scripts with a job of
+    the same name would share digests: the function's source code tells them apart.
+    """
+    if not path.startswith("__main__:"):
+        return version
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        source = getattr(getattr(function, "__code__", None), "co_code", b"").hex()
+    tag = "source:" + digest_bytes(source.encode())
+    return tag if version is None else f"{version}|{tag}"
+
+
+def _safe_path(function: Callable[..., Any]) -> str:
+    try:
+        return function_path(function)
+    except CacheError:
+        return getattr(function, "__qualname__", repr(function))
+
+
+_default_cache: Cache | None = None
+
+
+def current_cache() -> Cache:
+    """The cache of the enclosing :func:`run_locally` (or ``Cache.activate()``), else a default
+    cache built from the settings (shared by every ``@cached_job`` call in this process)."""
+    global _default_cache
+    active = _ACTIVE.get()
+    if active is not None:
+        return active
+    settings = get_settings()
+    if _default_cache is None or _default_cache.settings is not settings:
+        _default_cache = Cache(settings=settings)
+    return _default_cache
+
+
+# -- running plain @job functions through the cache ----------------------------------------------
+def is_cached_function(function: Any) -> bool:
+    """True for functions made with ``@cached_job`` (they intercept themselves)."""
+    inner = getattr(function, "original", function)
+    return getattr(inner, "__jobflow_cache__", None) is not None
+
+
+class _Intercept:
+    """Stand-in for ``job.function`` during ``Job.run``: jobflow calls its ``.original``.
+
+    For a method (a Maker's ``make``) the unbound function is called with the instance first,
+    which is exactly the bound call, and lets the instance's fields enter the digest.
+    """
+
+    __slots__ = ("_cache", "_function", "_instance", "_job", "original")
+
+    def __init__(self, cache: Cache, job: Job, function: Any) -> None:
+        self._cache, self._job = cache, job
+        bound = getattr(function, "__self__", None)
+        self._function = getattr(function, "original", function)
+        self._instance = None if isinstance(bound, types.ModuleType) else bound
+        self.original = self._call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        if self._instance is not None:
+            args = (self._instance, *args)
+        return self._cache.call(self._job, self._function, args, kwargs, JobOptions())
+
+
+def run_locally(
+    flow: Flow | Job | list[Job],
+    log: bool | str = True,
+    store: JobStore | None = None,
+    create_folders: bool = False,
+    root_dir: str | Path | None = None,
+    ensure_success: bool = False,
+    allow_external_references: bool = False,
+    raise_immediately: bool = False,
+    *,
+    cache: Cache | CacheStore | bool | None = None,
+    files: FilesMode | None = None,
+) -> dict[str, dict[int, Response]]:
+    """Run a :obj:`~jobflow.Job` or :obj:`~jobflow.Flow` locally, serving cached jobs.
+
+    A drop-in replacement for :func:`jobflow.run_locally`: same arguments, same return value,
+    same JobStore contents. Every job is cached, including jobs of Makers that use plain
+    ``@job`` (atomate2): a job whose digest (function + resolved inputs) is in the cache is not
+    run; its cached output is stored instead and its run-folder files are linked back.
+
+    Parameters
+    ----------
+    flow, log, store, create_folders, root_dir, ensure_success, allow_external_references, \
+raise_immediately
+        As for :func:`jobflow.run_locally`.
+    cache
+        ``None``/``True``: the cache configured by the ``JOBFLOW_CACHE_*`` settings (embedded
+        SQLite store by default); a :class:`.CacheStore` or :class:`Cache`; ``False``: no cache
+        (exactly jobflow's ``run_locally``). ``JOBFLOW_CACHE_DISABLE=1`` also turns it off.
+    files
+        ``"link"`` (default), ``"copy"`` or ``"none"``: how run-folder files are restored.
+
+    Returns
+    -------
+    dict[str, dict[int, Response]]
+        The responses of the jobs, as a dict of ``{uuid: {index: response}}``.
+
+    Examples
+    --------
+    >>> from jobflow import job, Flow
+    >>> from jobflow_cache import CacheStore, run_locally
+    >>> from maggma.stores import MemoryStore
+    >>> @job
+    ... def add(a, b):
+    ...     return a + b
+    >>> cache = CacheStore(MemoryStore(), objects_dir=str(getfixture("tmp_path")))
+    >>> first = add(1, 2)
+    >>> out = run_locally(first, log=False, cache=cache)
+    >>> again = add(1, 2)  # a fresh job: new uuid, same inputs
+    >>> out = run_locally(again, log=False, cache=cache)
+    >>> out[again.uuid][1].output, again.metadata["jobflow_cache"]["outcome"]
+    (3, 'hit')
+    """
+    jobflow_kwargs = {
+        "log": log,
+        "store": store,
+        "create_folders": create_folders,
+        "root_dir": root_dir,
+        "ensure_success": ensure_success,
+        "allow_external_references": allow_external_references,
+        "raise_immediately": raise_immediately,
+    }
+    if cache is False or cache_disabled():
+        return _jobflow_run_locally(flow, **jobflow_kwargs)  # type: ignore[arg-type]
+    if isinstance(cache, Cache):
+        session = cache
+        if create_folders:
+            session.exclusive_dirs = True
+    else:
+        cache_store = cache if isinstance(cache, CacheStore) else None
+        session = Cache(cache_store, files=files, exclusive_dirs=create_folders)
+    if files is not None:
+        session.files = files
+    with session.activate(), _cached_job_runs(session):
+        return _jobflow_run_locally(flow, **jobflow_kwargs)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _cached_job_runs(cache: Cache) -> Iterator[None]:
+    """Route every ``Job.run`` made by jobflow's local manager through ``cache``.
+
+    jobflow's manager calls ``job.run(store=store)`` for each job, including jobs a dynamic
+    job creates on the fly, so the interception is installed on ``Job.run`` for the duration
+    of the call (restored afterwards, also on error).
+    """
+    original_run = Job.run
+
+    def run(self: Job, store: JobStore, job_dir: Path | None = None) -> Response:
+        folder = cast("Path", job_dir)  # jobflow annotates it as Path with default None
+        if is_cached_function(self.function):
+            return original_run(self, store, folder)
+        function = self.function
+        self.function = _Intercept(cache, self, function)
+        try:
+            return original_run(self, store, folder)
+        finally:
+            self.function = function
+
+    Job.run = run  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Job.run = original_run  # type: ignore[method-assign]

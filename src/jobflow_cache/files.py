@@ -1,0 +1,767 @@
+"""Run-folder manifests, content-addressed file objects, link/copy placement and verification."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import logging
+import os
+import re
+import stat
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Literal
+
+import pydantic
+import xxhash
+
+from jobflow_cache.errors import CacheError, FilesUnavailableError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator, Sequence
+    from io import FileIO
+
+__all__ = [
+    "CHUNK_SIZE",
+    "FileRecord",
+    "ObjectArea",
+    "Snapshot",
+    "changed_files",
+    "rewrite_prefix",
+    "snapshot",
+]
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+"""Bytes read at a time when hashing or copying (1 MiB)."""
+
+OBJECT_MODE = 0o444
+"""Permission bits of every object in an :class:`ObjectArea` (read-only for everyone)."""
+
+_TMP_PREFIX = ".jfc-tmp-"
+_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+_HEX_FANOUT = re.compile(r"[0-9a-f]{2}")
+_HEX_REST = re.compile(r"[0-9a-f]{30}")
+
+Snapshot = dict[str, tuple[int, int, int]]
+"""Relative POSIX path -> ``(st_mtime_ns, st_size, st_ino)`` of every regular file of a folder."""
+
+PlaceMode = Literal["link", "copy"]
+
+
+class FileRecord(pydantic.BaseModel):
+    """One file of a run folder, as kept in a cache entry's manifest.
+
+    Attributes
+    ----------
+    path
+        POSIX path relative to the run folder (never absolute, never containing ``..``).
+    size
+        Size of the content in bytes.
+    xxh3
+        ``xxh3_128`` hex digest of the content; this is the object id in an :class:`ObjectArea`.
+    mode
+        Permission bits of the original file (e.g. ``0o755`` for an executable script).
+    """
+
+    path: str
+    size: int
+    xxh3: str
+    mode: int
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_excluded(relpath: str, exclude: Sequence[str]) -> bool:
+    """Whether a relative POSIX path or its basename matches one of the glob patterns."""
+    if not exclude:
+        return False
+    name = relpath.rpartition("/")[2]
+    return any(
+        fnmatch.fnmatchcase(relpath, pattern) or fnmatch.fnmatchcase(name, pattern)
+        for pattern in exclude
+    )
+
+
+def _clean_relpath(relpath: str) -> str:
+    """Normalise a relative POSIX path; raise ``ValueError`` if absolute or escaping.
+
+    ``"./a//b"`` becomes ``"a/b"``; ``""``, ``"."``, ``"/a"`` and anything with a ``..``
+    component are refused.
+    """
+    pure = PurePosixPath(relpath)
+    if not relpath or pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise ValueError(f"not a safe relative path: {relpath!r}")
+    return pure.as_posix()
+
+
+def _tmp_name(directory: Path) -> Path:
+    """A fresh, unused-looking name for a temporary file in ``directory``."""
+    return directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+
+
+def _unlink_quietly(path: Path) -> None:
+    """Remove ``path`` if it exists, ignoring a missing file."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _hash_stream(src: FileIO, dst: IO[bytes] | None = None) -> tuple[str, int]:
+    """Hash a binary stream in :data:`CHUNK_SIZE` chunks, optionally copying it to ``dst``.
+
+    Returns
+    -------
+    tuple[str, int]
+        The ``xxh3_128`` hex digest and the number of bytes read.
+    """
+    hasher = xxhash.xxh3_128()
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    size = 0
+    while True:
+        n = src.readinto(view)
+        if not n:
+            break
+        chunk = view[:n]
+        hasher.update(chunk)
+        if dst is not None:
+            dst.write(chunk)
+        size += n
+    return hasher.hexdigest(), size
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    """``xxh3_128`` hex digest and size of a regular file (symlinks are not followed)."""
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW)
+    with open(fd, "rb", buffering=0) as stream:
+        return _hash_stream(stream)
+
+
+def _safe_file(folder: Path, relpath: str) -> Path:
+    """``folder / relpath`` after checking that no component below ``folder`` is a symlink.
+
+    Raises
+    ------
+    ValueError
+        If ``relpath`` is absolute or escapes ``folder``, or a component is a symlink or the
+        file is not a regular file.
+    """
+    clean = _clean_relpath(relpath)
+    current = Path(folder)
+    parts = clean.split("/")
+    for part in parts[:-1]:
+        current = current / part
+        st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"{current} is not a real directory (symlinks are not followed)")
+    target = current / parts[-1]
+    st = os.lstat(target)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{target} is not a regular file (symlinks are not followed)")
+    return target
+
+
+def _make_parents(dest: Path, relpath: str) -> Path:
+    """Create the directories of ``relpath`` below ``dest``; refuse to walk through symlinks."""
+    current = dest
+    parts = relpath.split("/")
+    for part in parts[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(current)
+            st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):
+            raise FilesUnavailableError(
+                f"cannot place {relpath!r}: {current} is not a real directory "
+                "(symlinks are not followed)"
+            )
+    return current / parts[-1]
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def snapshot(folder: Path, exclude: Sequence[str] = ()) -> Snapshot:
+    """Record the state of the regular files below ``folder`` before a job runs.
+
+    The walk is recursive; symlinks (to files or directories) are skipped and never followed.
+    A missing ``folder`` gives an empty snapshot, since a job may create its own folder.
+
+    Parameters
+    ----------
+    folder
+        The run folder.
+    exclude
+        ``fnmatch`` glob patterns matched (case-sensitively) against both the relative POSIX
+        path and the basename; a matching file is left out and a matching directory is not
+        descended into.
+
+    Returns
+    -------
+    Snapshot
+        ``{relpath: (st_mtime_ns, st_size, st_ino)}``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = (Path(tmp) / "INCAR").write_text("ENCUT = 520")
+    ...     _ = (Path(tmp) / "job.log").write_text("started")
+    ...     sorted(snapshot(Path(tmp), exclude=["*.log"]))
+    ['INCAR']
+    """
+    result: Snapshot = {}
+    pending: list[tuple[str, str]] = [(os.fspath(folder), "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as entries:
+                items = list(entries)
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            if not prefix:
+                raise
+            continue
+        except PermissionError:
+            logger.warning("snapshot: cannot read directory %s, skipped", directory)
+            continue
+        for entry in items:
+            relpath = prefix + entry.name
+            try:
+                if entry.is_symlink():
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if not _is_excluded(relpath, exclude):
+                        pending.append((entry.path, relpath + "/"))
+                    continue
+                if not entry.is_file(follow_symlinks=False) or _is_excluded(relpath, exclude):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # vanished during the walk
+                continue
+            result[relpath] = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return result
+
+
+def changed_files(folder: Path, before: Snapshot, exclude: Sequence[str] = ()) -> list[str]:
+    """List the files created or modified below ``folder`` since ``before`` was taken.
+
+    A file counts as changed when it is new or its mtime, size or inode differ. When several
+    jobs share one folder this yields only the files of the job that ran in between.
+
+    Parameters
+    ----------
+    folder
+        The run folder.
+    before
+        The :func:`snapshot` taken before the job ran.
+    exclude
+        Glob patterns, as for :func:`snapshot`.
+
+    Returns
+    -------
+    list[str]
+        Sorted relative POSIX paths.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     run = Path(tmp)
+    ...     _ = (run / "INCAR").write_text("ENCUT = 520")
+    ...     before = snapshot(run)
+    ...     _ = (run / "OUTCAR").write_text("energy = -1.0")
+    ...     changed_files(run, before)
+    ['OUTCAR']
+    """
+    after = snapshot(folder, exclude)
+    return sorted(path for path, state in after.items() if before.get(path) != state)
+
+
+# --------------------------------------------------------------------------- object area
+
+
+class ObjectArea:
+    """Content-addressed store of file objects at ``<root>/<xx>/<rest-of-hex>``.
+
+    Objects are named by the ``xxh3_128`` hex digest of their content, are read-only
+    (``0o444``) and are stored once per content. Every write goes to a temporary name in the
+    area and is published with a no-clobber hard link (or ``os.replace`` where the filesystem
+    has no hard links), so concurrent threads or processes ingesting the same content are safe
+    and no partial object ever appears under its final name. The root and its fan-out
+    directories are created on demand.
+
+    Parameters
+    ----------
+    root
+        Directory of the area.
+    fsync
+        Flush copied objects and placed copies to disk before publishing them.
+
+    Examples
+    --------
+    >>> import shutil, tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> run = tmp / "run"
+    >>> run.mkdir()
+    >>> _ = (run / "OUTCAR").write_text("energy = -1.0")
+    >>> area = ObjectArea(tmp / "objects")
+    >>> records = area.record(run, ["OUTCAR"], mode="copy")
+    >>> [(r.path, r.size) for r in records]
+    [('OUTCAR', 13)]
+    >>> placed = area.materialize(records, tmp / "new_run")
+    >>> placed[0].read_text()
+    'energy = -1.0'
+    >>> shutil.rmtree(tmp)
+    """
+
+    def __init__(self, root: str | Path, *, fsync: bool = False) -> None:
+        self.root: Path = Path(root)
+        self.fsync = fsync
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({os.fspath(self.root)!r})"
+
+    # ----------------------------------------------------------------- naming
+
+    def path_of(self, xxh3: str) -> Path:
+        """Return the path an object with digest ``xxh3`` has (or would have) in the area.
+
+        Raises
+        ------
+        ValueError
+            If ``xxh3`` is not 32 lowercase hex digits (guards against path injection from a
+            tampered manifest).
+        """
+        if not isinstance(xxh3, str) or not _HEX_ID.fullmatch(xxh3):
+            raise ValueError(f"not an xxh3_128 hex digest: {xxh3!r}")
+        return self.root / xxh3[:2] / xxh3[2:]
+
+    # ----------------------------------------------------------------- writing
+
+    def ingest(self, src: str | os.PathLike[str], mode: PlaceMode = "link") -> str:
+        """Store a file's content in the area and return its ``xxh3`` digest.
+
+        Parameters
+        ----------
+        src
+            A regular file; a symlink is refused, never followed.
+        mode
+            ``"link"``: hard-link ``src`` into the area (zero copy). The source then shares the
+            object's inode and so also becomes read-only, which protects the object from
+            in-place writes. Falls back to a copy when linking is impossible (other filesystem,
+            ``EPERM``, ``EMLINK``, ...) or the inode cannot be made read-only.
+            ``"copy"``: copy the bytes to a temporary file, then publish it.
+
+        Returns
+        -------
+        str
+            The ``xxh3_128`` hex digest of the bytes actually stored.
+
+        Raises
+        ------
+        CacheError
+            If ``src`` is not a regular file.
+        OSError
+            If reading ``src`` or writing the area fails.
+
+        Notes
+        -----
+        If an object with the same content already exists it is left untouched (dedup); in
+        link mode the source then keeps its own inode and permission bits. A process still
+        holding ``src`` open for writing can change a linked object after it was hashed;
+        :meth:`verify` detects that.
+        """
+        return self._ingest(Path(src), mode)[0]
+
+    def _ingest(self, src: Path, mode: PlaceMode) -> tuple[str, int]:
+        """Implement :meth:`ingest`; also return the number of bytes stored."""
+        if mode not in ("link", "copy"):
+            raise ValueError(f"mode must be 'link' or 'copy', not {mode!r}")
+        st = os.lstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise CacheError(f"{src} is not a regular file (symlinks are not followed)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if mode == "link":
+            linked = self._ingest_link(src)
+            if linked is not None:
+                return linked
+        return self._ingest_copy(src)
+
+    def _ingest_link(self, src: Path) -> tuple[str, int] | None:
+        """Hard-link ``src`` into the area; ``None`` when a copy is needed instead."""
+        tmp = _tmp_name(self.root)
+        try:
+            os.link(src, tmp, follow_symlinks=False)
+        except OSError as err:
+            logger.debug("cannot hard-link %s into %s (%s); copying", src, self.root, err)
+            return None
+        try:
+            if not stat.S_ISREG(os.lstat(tmp).st_mode):  # src swapped for a symlink meanwhile
+                raise CacheError(f"{src} is not a regular file (symlinks are not followed)")
+            digest, size = _hash_file(tmp)
+            final = self.path_of(digest)
+            if os.path.lexists(final):
+                return digest, size
+            try:
+                os.chmod(tmp, OBJECT_MODE, follow_symlinks=False)
+            except OSError as err:  # e.g. EPERM: the inode belongs to another user
+                logger.debug("cannot make %s read-only (%s); copying", src, err)
+                return None
+            self._publish(tmp, final)
+            return digest, size
+        finally:
+            _unlink_quietly(tmp)
+
+    def _ingest_copy(self, src: Path) -> tuple[str, int]:
+        """Copy ``src`` into the area, hashing the bytes as they are written."""
+        src_fd = os.open(src, os.O_RDONLY | _O_NOFOLLOW)
+        with open(src_fd, "rb", buffering=0) as source:
+            if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+                raise CacheError(f"{src} is not a regular file")
+            fd, name = tempfile.mkstemp(dir=self.root, prefix=_TMP_PREFIX)
+            tmp = Path(name)
+            try:
+                with open(fd, "wb") as target:
+                    digest, size = _hash_stream(source, target)
+                    target.flush()
+                    if self.fsync:
+                        os.fsync(target.fileno())
+                    os.fchmod(target.fileno(), OBJECT_MODE)
+                final = self.path_of(digest)
+                if not os.path.lexists(final):
+                    self._publish(tmp, final)
+                return digest, size
+            finally:
+                _unlink_quietly(tmp)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Give the finished temporary file ``tmp`` its final name without clobbering.
+
+        The caller removes ``tmp`` afterwards.
+        """
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(tmp, final, follow_symlinks=False)
+        except FileExistsError:
+            return  # someone else stored the same content first
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            # filesystem without hard links: replacing equal content is harmless
+            os.replace(tmp, final)
+
+    def record(
+        self, folder: Path, relpaths: Iterable[str], mode: PlaceMode = "link"
+    ) -> list[FileRecord]:
+        """Ingest files of a run folder and return their manifest.
+
+        Parameters
+        ----------
+        folder
+            The run folder.
+        relpaths
+            Relative POSIX paths below ``folder`` (e.g. from :func:`changed_files`); duplicates
+            and spellings such as ``"./a"`` are normalised.
+        mode
+            As for :meth:`ingest`.
+
+        Returns
+        -------
+        list[FileRecord]
+            One record per file, sorted by path.
+
+        Raises
+        ------
+        CacheError
+            Chained to the cause if any file cannot be stored (absolute or escaping path, path
+            through a symlink, not a regular file, I/O error). The caller then writes no cache
+            entry; objects already stored are left for garbage collection.
+        """
+        records: dict[str, FileRecord] = {}
+        for relpath in relpaths:
+            try:
+                clean = _clean_relpath(relpath)
+                if clean in records:
+                    continue
+                path = _safe_file(folder, clean)
+                file_mode = stat.S_IMODE(os.lstat(path).st_mode) & 0o777
+                digest, size = self._ingest(path, mode)
+            except (OSError, ValueError, CacheError) as err:
+                raise CacheError(f"cannot record {relpath!r} of {folder}: {err}") from err
+            records[clean] = FileRecord(path=clean, size=size, xxh3=digest, mode=file_mode)
+        return [records[key] for key in sorted(records)]
+
+    # ----------------------------------------------------------------- reading
+
+    def _present(self, record: FileRecord) -> bool:
+        """Whether the object of ``record`` exists as a regular file with the recorded size."""
+        try:
+            st = os.lstat(self.path_of(record.xxh3))
+        except (OSError, ValueError):
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == record.size
+
+    def has_all(self, records: Iterable[FileRecord]) -> bool:
+        """Whether every object exists with its recorded size (a ``stat`` each, no hashing)."""
+        return all(self._present(record) for record in records)
+
+    def materialize(
+        self, records: Sequence[FileRecord], dest: Path, mode: PlaceMode = "link"
+    ) -> list[Path]:
+        """Place the objects of a manifest into a run folder.
+
+        Parameters
+        ----------
+        records
+            The manifest.
+        dest
+            The new run folder; created if needed. Directories below it are created, but an
+            existing symlink below it is never walked through.
+        mode
+            ``"link"``: hard-link each object, so the placed file shares the object's inode and
+            is read-only like it (an in-place write cannot corrupt the cache). Where linking is
+            impossible (other filesystem, ``EPERM``, ``EMLINK``, ...) a copy is placed instead,
+            with the recorded permission bits, since a copy cannot harm the cache.
+            ``"copy"``: a writable copy with the recorded permission bits; the bytes are checked
+            against the recorded size and digest while copying.
+
+        Returns
+        -------
+        list[Path]
+            The placed files, in the order of ``records``.
+
+        Raises
+        ------
+        FilesUnavailableError
+            Before anything is written, if a record's path is absolute or escapes ``dest``, or
+            if objects are missing (the message names their paths). Later, chained to the
+            cause, if placing a file fails or a copied object does not match its record; files
+            placed before that stay in place.
+
+        Notes
+        -----
+        An existing file at a destination is replaced atomically (temporary name beside it,
+        then ``os.replace``).
+        """
+        if mode not in ("link", "copy"):
+            raise ValueError(f"mode must be 'link' or 'copy', not {mode!r}")
+        cleaned: list[str] = []
+        for record in records:
+            try:
+                cleaned.append(_clean_relpath(record.path))
+            except ValueError as err:
+                raise FilesUnavailableError(
+                    f"refusing to materialize {record.path!r}: absolute or outside {dest}"
+                ) from err
+        missing = [record.path for record in records if not self._present(record)]
+        if missing:
+            raise FilesUnavailableError(
+                f"{len(missing)} of {len(records)} objects missing from {self.root}: "
+                + ", ".join(missing)
+            )
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        placed: list[Path] = []
+        for record, relpath in zip(records, cleaned):
+            try:
+                target = _make_parents(dest, relpath)
+                if mode == "copy" or not self._place_link(record, target):
+                    self._place_copy(record, target)
+            except OSError as err:
+                raise FilesUnavailableError(
+                    f"cannot place {record.path!r} in {dest}: {err}"
+                ) from err
+            placed.append(target)
+        return placed
+
+    def _place_link(self, record: FileRecord, target: Path) -> bool:
+        """Hard-link the object to ``target``; ``False`` when a copy is needed instead."""
+        tmp = _tmp_name(target.parent)
+        try:
+            try:
+                os.link(self.path_of(record.xxh3), tmp, follow_symlinks=False)
+            except OSError as err:
+                logger.debug("cannot hard-link %s to %s (%s); copying", record.xxh3, target, err)
+                return False
+            os.replace(tmp, target)
+            return True
+        finally:
+            # rename() is a no-op when target already is the same inode: drop the extra name
+            _unlink_quietly(tmp)
+
+    def _place_copy(self, record: FileRecord, target: Path) -> None:
+        """Copy the object to ``target`` with the recorded mode, checking size and digest."""
+        src_fd = os.open(self.path_of(record.xxh3), os.O_RDONLY | _O_NOFOLLOW)
+        with open(src_fd, "rb", buffering=0) as source:
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=_TMP_PREFIX)
+            tmp = Path(name)
+            try:
+                with open(fd, "wb") as out:
+                    digest, size = _hash_stream(source, out)
+                    out.flush()
+                    if self.fsync:
+                        os.fsync(out.fileno())
+                    os.fchmod(out.fileno(), record.mode & 0o777)
+                if size != record.size or digest != record.xxh3:
+                    raise FilesUnavailableError(
+                        f"object {record.xxh3} for {record.path!r} is corrupt "
+                        f"(size {size}, xxh3 {digest})"
+                    )
+                os.replace(tmp, target)
+            finally:
+                _unlink_quietly(tmp)
+
+    def verify(self, record: FileRecord) -> str | None:
+        """Check one object against its record by re-hashing it.
+
+        Returns
+        -------
+        str or None
+            ``None`` if the object exists with the recorded size and digest, otherwise a short
+            problem: ``"invalid xxh3"``, ``"missing"``, ``"not a regular file"``,
+            ``"size <actual> != <recorded>"`` or ``"xxh3 mismatch"``.
+        """
+        try:
+            path = self.path_of(record.xxh3)
+        except ValueError:
+            return "invalid xxh3"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return "missing"
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_size != record.size:
+            return f"size {st.st_size} != {record.size}"
+        try:
+            digest, size = _hash_file(path)
+        except FileNotFoundError:
+            return "missing"
+        if size != record.size:
+            return f"size {size} != {record.size}"
+        if digest != record.xxh3:
+            return "xxh3 mismatch"
+        return None
+
+    def iter_objects(self) -> Iterator[tuple[str, int]]:
+        """Yield ``(xxh3, size)`` of every object, in digest order.
+
+        Temporary files and anything not named like an object are skipped.
+        """
+        try:
+            with os.scandir(self.root) as top:
+                fanouts = sorted(
+                    entry.name
+                    for entry in top
+                    if _HEX_FANOUT.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+                )
+        except FileNotFoundError:
+            return
+        for fanout in fanouts:
+            try:
+                with os.scandir(self.root / fanout) as entries:
+                    items = sorted(
+                        (entry for entry in entries if _HEX_REST.fullmatch(entry.name)),
+                        key=lambda entry: entry.name,
+                    )
+                    found = []
+                    for entry in items:
+                        try:
+                            if entry.is_file(follow_symlinks=False):
+                                size = entry.stat(follow_symlinks=False).st_size
+                                found.append((fanout + entry.name, size))
+                        except FileNotFoundError:
+                            continue
+            except FileNotFoundError:
+                continue
+            yield from found
+
+    def remove(self, xxh3: str) -> int:
+        """Delete one object.
+
+        Returns
+        -------
+        int
+            The object's size in bytes, or 0 if it was absent. Disk space is only released
+            once no run folder holds a hard link to the same inode any more.
+        """
+        path = self.path_of(xxh3)
+        try:
+            size = os.lstat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return 0
+        return size
+
+
+# --------------------------------------------------------------------------- path rewriting
+
+
+def _strip_prefix(value: str, old: str) -> str | None:
+    """The part of ``value`` after the directory prefix ``old`` ('' or '/...'), else ``None``."""
+    if value == old:
+        return ""
+    if old == "/":
+        return value if value.startswith("/") else None
+    if value.startswith(old + "/"):
+        return value[len(old) :]
+    return None
+
+
+def rewrite_prefix(value: str, old: str, new: str) -> str:
+    """Replace the directory prefix ``old`` of a path string by ``new``.
+
+    ``value`` is rewritten when it equals ``old``, starts with ``old + "/"``, or has the form
+    ``"host:" + old...`` that atomate2 uses for ``dir_name``. In the last case the host part
+    is replaced too, so the result is ``new + rest``; pass ``new`` with a host prefix to keep
+    one. Anything else, including paths that merely share characters with ``old``, is
+    returned unchanged. Trailing slashes of ``old`` and ``new`` are ignored.
+
+    Parameters
+    ----------
+    value
+        A string that may hold a path.
+    old
+        The old run folder.
+    new
+        The new run folder.
+
+    Returns
+    -------
+    str
+        The rewritten or the unchanged ``value``.
+
+    Examples
+    --------
+    >>> rewrite_prefix("/scratch/run1/OUTCAR", "/scratch/run1", "/scratch/run2")
+    '/scratch/run2/OUTCAR'
+    >>> rewrite_prefix("node7:/scratch/run1", "/scratch/run1/", "/scratch/run2")
+    '/scratch/run2'
+    >>> rewrite_prefix("/scratch/run10/OUTCAR", "/scratch/run1", "/scratch/run2")
+    '/scratch/run10/OUTCAR'
+    """
+    old_dir = old.rstrip("/") or old
+    if not old_dir:
+        return value
+    new_dir = new.rstrip("/")
+    rest = _strip_prefix(value, old_dir)
+    if rest is None:
+        host, colon, path = value.partition(":")
+        if not colon or not host or "/" in host:
+            return value
+        rest = _strip_prefix(path, old_dir)
+        if rest is None:
+            return value
+    if not rest:
+        return new_dir or new
+    return new_dir + rest

@@ -1,0 +1,123 @@
+"""Dynamic jobs (replace, addition, detour, nested replace, stop_*) replay from the cache."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from jobflow import Flow, JobStore
+from maggma.stores import MemoryStore
+
+from jobflow_cache import run_locally
+from tests import jobs
+from tests.conftest import run_python
+
+
+def shape(responses: dict) -> list[tuple[int, ...]]:
+    """The structure of a run_locally return value, independent of uuids."""
+    return sorted(tuple(sorted(by_index)) for by_index in responses.values())
+
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def all_outputs(store: JobStore) -> list:
+    """Every stored output; uuids inside (references gathered by a replace) made comparable."""
+    return sorted(
+        UUID.sub("<uuid>", json.dumps(d["output"], sort_keys=True)) for d in store.query({})
+    )
+
+
+FLOWS = {
+    "replace": lambda: (lambda r: Flow([r, jobs.total(r.output)]))(jobs.make_replace(4)),
+    "addition": lambda: Flow([jobs.make_addition(3)]),
+    "detour": lambda: (lambda d: Flow([d, jobs.add(d.output, 1)]))(jobs.make_detour(2)),
+    "nested_replace": lambda: (lambda n: Flow([n, jobs.add(n.output, 1)]))(jobs.nested_replace(3)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FLOWS))
+def test_dynamic_flow_warm_run_executes_nothing(kind, counts, cache_store, run_dir):
+    cold_store, warm_store = JobStore(MemoryStore()), JobStore(MemoryStore())
+    cold = run_locally(
+        FLOWS[kind](), store=cold_store, cache=cache_store, log=False, ensure_success=True
+    )
+    executed = counts.total()
+    assert executed > 0
+    warm = run_locally(
+        FLOWS[kind](), store=warm_store, cache=cache_store, log=False, ensure_success=True
+    )
+    assert counts.total() == executed, f"warm {kind} run executed jobs"
+    assert shape(warm) == shape(cold)
+    assert all_outputs(warm_store) == all_outputs(cold_store)
+    assert warm_store.count() == cold_store.count()
+
+
+def test_replaced_jobs_get_fresh_uuids(counts, cache_store, run_dir):
+    store = JobStore(MemoryStore())
+    run_locally(jobs.make_replace(2), store=store, cache=cache_store, log=False)
+    first_uuids = set(store.distinct("uuid"))
+    run_locally(jobs.make_replace(2), store=store, cache=cache_store, log=False)
+    assert len(set(store.distinct("uuid"))) == 2 * len(first_uuids), "no uuid reused"
+
+
+def test_stop_children_replays(counts, cache_store, run_dir):
+    def flow():
+        s = jobs.stop_children_job(1)
+        return Flow([s, jobs.add(s.output, 1)])
+
+    store = JobStore(MemoryStore())
+    cold = run_locally(flow(), store=store, cache=cache_store, log=False)
+    warm = run_locally(flow(), store=store, cache=cache_store, log=False)
+    assert counts() == {"stop_children_job": 1}, "the child never runs, warm or cold"
+    assert shape(cold) == shape(warm) == [(1,)]
+
+
+def test_stop_jobflow_replays(counts, cache_store, run_dir):
+    def flow():
+        s = jobs.stop_jobflow_job(1)
+        return Flow([s, jobs.add(5, 5)])
+
+    store = JobStore(MemoryStore())
+    cold = run_locally(flow(), store=store, cache=cache_store, log=False)
+    warm = run_locally(flow(), store=store, cache=cache_store, log=False)
+    assert counts() == {"stop_jobflow_job": 1}
+    assert len(cold) == len(warm) == 1
+
+
+SCRIPT = """
+import json
+import re
+from jobflow import Flow, JobStore
+from maggma.stores import MemoryStore
+from jobflow_cache import run_locally
+from tests import jobs
+
+r = jobs.make_replace(3)
+t = jobs.total(r.output)
+a = jobs.make_addition(t.output)
+d = jobs.make_detour(2)
+n = jobs.nested_replace(2)
+flow = Flow([r, t, a, d, jobs.add(d.output, 1), n, jobs.add(n.output, 2)])
+store = JobStore(MemoryStore())
+responses = run_locally(flow, store=store, log=False, ensure_success=True)
+print(json.dumps({
+    "outputs": sorted(re.sub(r"[0-9a-f-]{36}", "<uuid>", json.dumps(x["output"], sort_keys=True))
+                      for x in store.query({})),
+    "shape": sorted(tuple(sorted(v)) for v in responses.values()),
+}))
+"""
+
+
+def test_dynamic_flow_in_two_fresh_processes(counts, tmp_path):
+    """Acceptance 2: the second process executes nothing and its outputs are identical."""
+    work = tmp_path / "work"  # the run folder, apart from the execution counter
+    work.mkdir()
+    first = json.loads(run_python(SCRIPT, cwd=work))
+    executed = counts()
+    assert executed["make_replace"] == 1
+    assert executed["nested_replace"] == 3
+    second = json.loads(run_python(SCRIPT, cwd=work))
+    assert counts() == executed, "the second process must execute nothing"
+    assert second == first

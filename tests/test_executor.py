@@ -1,0 +1,357 @@
+"""The interception core through real flows, real JobStores and a real SQLite cache store."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+from jobflow import Flow, JobStore
+from jobflow import run_locally as jobflow_run_locally
+from maggma.stores import MemoryStore
+
+from jobflow_cache import (
+    Cache,
+    CacheStore,
+    CacheWarning,
+    Outcome,
+    SQLiteStore,
+    run_locally,
+)
+from jobflow_cache.executor import META_KEY
+from tests import jobs
+
+
+def outputs(store: JobStore, flow: Flow) -> list:
+    """Outputs of a flow's jobs in flow order (highest index of each uuid)."""
+    return [store.get_output(j.uuid, which="last", load=True) for j in flow]
+
+
+def meta(store: JobStore, uuid: str, index: int = 1) -> dict:
+    return store.query_one({"uuid": uuid, "index": index})["metadata"][META_KEY]
+
+
+def chain() -> Flow:
+    a = jobs.add(1, 2)
+    b = jobs.mul(a.output, 10)
+    c = jobs.add(b.output, a.output)
+    return Flow([a, b, c])
+
+
+def test_fresh_flow_instance_is_served_from_cache(counts, job_store, cache_store, run_dir):
+    first = chain()
+    run_locally(first, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    assert counts() == {"add": 2, "mul": 1}
+    cold = outputs(job_store, first)
+
+    second = chain()  # all-new uuids
+    assert {j.uuid for j in second}.isdisjoint({j.uuid for j in first})
+    run_locally(second, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    assert counts() == {"add": 2, "mul": 1}, "nothing may execute on the second run"
+    assert outputs(job_store, second) == cold == [3, 30, 33]
+    for j_old, j_new in zip(first, second):
+        assert meta(job_store, j_new.uuid)["outcome"] == "hit"
+        assert meta(job_store, j_new.uuid)["digest"] == meta(job_store, j_old.uuid)["digest"]
+        assert meta(job_store, j_new.uuid)["source_uuid"] == j_old.uuid
+    assert meta(job_store, first[0].uuid)["outcome"] == "miss"
+
+
+def test_different_inputs_miss(counts, job_store, cache_store, run_dir):
+    run_locally(jobs.add(1, 2), store=job_store, cache=cache_store, log=False)
+    run_locally(jobs.add(1, 3), store=job_store, cache=cache_store, log=False)
+    run_locally(jobs.add(1.0, 2), store=job_store, cache=cache_store, log=False)  # 1.0 is not 1
+    assert counts()["add"] == 3
+    # keyword, positional and default forms of one call are the same call
+    run_locally(jobs.add(a=1, b=2), store=job_store, cache=cache_store, log=False)
+    run_locally(jobs.add(3), store=job_store, cache=cache_store, log=False)
+    run_locally(jobs.add(3, b=0), store=job_store, cache=cache_store, log=False)
+    assert counts()["add"] == 4
+
+
+def test_identical_jobs_in_one_flow_run_once(counts, job_store, cache_store, run_dir):
+    a, b = jobs.add(5, 5), jobs.add(5, 5)
+    flow = Flow([a, b])
+    run_locally(flow, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    assert counts()["add"] == 1
+    assert outputs(job_store, flow) == [10, 10]
+    assert meta(job_store, b.uuid)["outcome"] == "hit"
+
+
+def test_maker_fields_enter_the_digest(counts, job_store, cache_store, run_dir):
+    run_locally(jobs.RelaxMaker(steps=10).make(1), store=job_store, cache=cache_store, log=False)
+    run_locally(jobs.RelaxMaker(steps=10).make(1), store=job_store, cache=cache_store, log=False)
+    assert counts()["relax"] == 1
+    run_locally(jobs.RelaxMaker(steps=11).make(1), store=job_store, cache=cache_store, log=False)
+    run_locally(
+        jobs.RelaxMaker(settings={"ENCUT": 520}).make(1),
+        store=job_store,
+        cache=cache_store,
+        log=False,
+    )
+    assert counts()["relax"] == 3
+
+
+def test_failed_job_is_not_recorded(counts, job_store, cache_store, run_dir, monkeypatch):
+    monkeypatch.setenv("JFC_FAIL", "relax")
+    run_locally(jobs.RelaxMaker().make(1), store=job_store, cache=cache_store, log=False)
+    cache_store.connect()
+    assert cache_store.count() == 0
+    monkeypatch.delenv("JFC_FAIL")
+    run_locally(jobs.RelaxMaker().make(1), store=job_store, cache=cache_store, log=False)
+    assert counts()["relax"] == 2
+    cache_store.connect()
+    assert cache_store.count() == 1
+
+
+def test_files_are_linked_into_the_new_run_folder(counts, job_store, cache_store, tmp_path):
+    root1, root2 = tmp_path / "run1", tmp_path / "run2"
+    w1 = jobs.write_files("x", size=3)
+    r1 = jobs.read_back(w1.output)
+    run_locally(
+        Flow([w1, r1]),
+        store=job_store,
+        cache=cache_store,
+        log=False,
+        create_folders=True,
+        root_dir=root1,
+        ensure_success=True,
+    )
+    w2 = jobs.write_files("x", size=3)
+    r2 = jobs.read_back(w2.output)
+    responses = run_locally(
+        Flow([w2, r2]),
+        store=job_store,
+        cache=cache_store,
+        log=False,
+        create_folders=True,
+        root_dir=root2,
+        ensure_success=True,
+    )
+    assert counts() == {"write_files": 1, "read_back": 1}, "both jobs must be served"
+
+    out = job_store.get_output(w2.uuid)
+    new_dir = Path(out["dir_name"])
+    assert new_dir.parent == root2, "paths into the old run folder are rewritten"
+    assert out["file"] == str(new_dir / "result.txt")
+    assert responses[w2.uuid][1].job_dir == new_dir
+    old_dir = Path(job_store.get_output(w1.uuid)["dir_name"])
+    for rel in ("result.txt", "sub/data.bin"):
+        old, new = old_dir / rel, new_dir / rel
+        assert new.read_bytes() == old.read_bytes()
+        assert new.stat().st_ino == old.stat().st_ino, "hard link to the same object"
+        assert new.stat().st_nlink >= 3  # old folder, object area, new folder
+        assert not new.stat().st_mode & 0o222, "linked files are read-only"
+    assert job_store.get_output(r2.uuid) == 3
+
+
+def test_copy_mode_gives_independent_files(counts, job_store, cache_store, tmp_path):
+    run_locally(
+        jobs.write_files("y"),
+        store=job_store,
+        cache=cache_store,
+        log=False,
+        create_folders=True,
+        root_dir=tmp_path / "a",
+    )
+    w = jobs.write_files("y")
+    run_locally(
+        w,
+        store=job_store,
+        cache=cache_store,
+        log=False,
+        create_folders=True,
+        root_dir=tmp_path / "b",
+        files="copy",
+    )
+    assert counts()["write_files"] == 1
+    new = Path(job_store.get_output(w.uuid)["dir_name"]) / "result.txt"
+    assert new.stat().st_nlink == 1
+    assert new.stat().st_mode & 0o200
+    assert new.read_text() == "y\n" * 10
+
+
+def test_upstream_uuid_in_inputs_is_normalised(counts, job_store, cache_store, run_dir):
+    def flow():
+        src = jobs.my_uuid()
+        use = jobs.uuid_consumer(src.output["uuid"], 5)
+        return Flow([src, use])
+
+    f1 = flow()
+    run_locally(f1, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    f2 = flow()
+    run_locally(f2, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    assert counts() == {"my_uuid": 1, "uuid_consumer": 1}
+    # the served outputs name the new jobs, not the ones of the first run
+    assert job_store.get_output(f2[0].uuid)["uuid"] == f2[0].uuid
+    assert job_store.get_output(f2[1].uuid)["from"] == f2[0].uuid
+
+
+def test_unhashable_input_warns_and_runs_uncached(counts, job_store, cache_store, run_dir):
+    # jobflow itself refuses non-serializable arguments (open files, locks) when a job is made;
+    # a lambda passes jobflow but has no canonical form
+    j = jobs.open_handle_job(lambda x: x)
+    with pytest.warns(CacheWarning, match=r"open_handle_job.*handle"):
+        run_locally(j, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    with pytest.warns(CacheWarning, match="cannot be hashed"):
+        run_locally(
+            jobs.open_handle_job(lambda x: x),
+            store=job_store,
+            cache=cache_store,
+            log=False,
+            ensure_success=True,
+        )
+    assert counts()["open_handle_job"] == 2
+    assert job_store.get_output(j.uuid) == 1
+    assert meta(job_store, j.uuid)["outcome"] == Outcome.UNCACHEABLE.value
+    cache_store.connect()
+    assert cache_store.count() == 0
+
+
+def test_corrupt_entry_is_never_served(counts, job_store, cache_store, run_dir):
+    run_locally(jobs.add(2, 2), store=job_store, cache=cache_store, log=False)
+    cache_store.connect()
+    doc = next(cache_store.find())
+    doc["output"] = "5"  # tampered output: the checksum no longer matches
+    cache_store.store.update(doc, key="digest")
+    j = jobs.add(2, 2)
+    with pytest.warns(CacheWarning, match="checksum"):
+        run_locally(j, store=job_store, cache=cache_store, log=False)
+    assert job_store.get_output(j.uuid) == 4
+    assert counts()["add"] == 2
+    # the bad entry was replaced by a sound one
+    run_locally(jobs.add(2, 2), store=job_store, cache=cache_store, log=False)
+    assert counts()["add"] == 2
+
+
+def test_entry_with_garbage_document_is_not_served(counts, job_store, cache_store, run_dir):
+    run_locally(jobs.add(2, 3), store=job_store, cache=cache_store, log=False)
+    cache_store.connect()
+    digest = next(cache_store.find())["digest"]
+    cache_store.store.update({"digest": digest, "output": {"not": "an entry"}}, key="digest")
+    j = jobs.add(2, 3)
+    with pytest.warns(CacheWarning, match="does not decode"):
+        run_locally(j, store=job_store, cache=cache_store, log=False)
+    assert job_store.get_output(j.uuid) == 5
+
+
+def test_missing_file_objects_rerun_the_job(counts, job_store, cache_store, tmp_path):
+    run_locally(
+        jobs.write_files("z"),
+        store=job_store,
+        cache=cache_store,
+        log=False,
+        create_folders=True,
+        root_dir=tmp_path / "a",
+    )
+    for obj in Path(cache_store.objects_dir).rglob("*"):
+        if obj.is_file():
+            obj.chmod(0o644)
+            obj.unlink()
+    w = jobs.write_files("z")
+    with pytest.warns(CacheWarning, match="missing"):
+        run_locally(
+            w,
+            store=job_store,
+            cache=cache_store,
+            log=False,
+            create_folders=True,
+            root_dir=tmp_path / "b",
+        )
+    assert counts()["write_files"] == 2
+    assert (Path(job_store.get_output(w.uuid)["dir_name"]) / "result.txt").read_text() == "z\n" * 10
+
+
+def test_unreachable_store_runs_everything_uncached(counts, job_store, tmp_path, run_dir):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    broken = CacheStore(SQLiteStore(blocker / "cache.sqlite", key="digest"), tmp_path / "o")
+    flow = chain()
+    with pytest.warns(CacheWarning, match="unavailable") as record:
+        run_locally(flow, store=job_store, cache=broken, log=False, ensure_success=True)
+    assert len([w for w in record if issubclass(w.category, CacheWarning)]) == 1, "warn once"
+    assert outputs(job_store, flow) == [3, 30, 33]
+    assert counts() == {"add": 2, "mul": 1}
+
+
+def test_disable_env_is_plain_jobflow(counts, tmp_path, monkeypatch, run_dir, isolated_cache):
+    monkeypatch.setenv("JOBFLOW_CACHE_DISABLE", "1")
+    ours_store = JobStore(MemoryStore())
+    flow = chain()
+    run_locally(flow, store=ours_store, log=False)
+    run_locally(chain(), store=ours_store, log=False)
+    assert counts() == {"add": 4, "mul": 2}
+    assert not isolated_cache.exists(), "nothing is created or written"
+    doc = ours_store.query_one({"uuid": flow[0].uuid})
+    assert META_KEY not in doc["metadata"]
+
+    plain_store = JobStore(MemoryStore())
+    ref = chain()
+    jobflow_run_locally(ref, store=plain_store, log=False)
+    assert outputs(ours_store, flow) == outputs(plain_store, ref)
+
+
+def test_per_job_opt_out_through_metadata(counts, job_store, cache_store, run_dir):
+    def flow():
+        f = chain()
+        f.update_metadata({META_KEY: {"enabled": False}}, function_filter=jobs.mul)
+        return f
+
+    run_locally(flow(), store=job_store, cache=cache_store, log=False)
+    f2 = flow()
+    run_locally(f2, store=job_store, cache=cache_store, log=False)
+    assert counts() == {"add": 2, "mul": 2}
+    assert meta(job_store, f2[1].uuid)["outcome"] == "disabled"
+    assert meta(job_store, f2[0].uuid)["outcome"] == "hit"
+
+
+def test_cache_version_in_metadata_separates_entries(counts, job_store, cache_store, run_dir):
+    j1 = jobs.add(1, 1)
+    run_locally(j1, store=job_store, cache=cache_store, log=False)
+    j2 = jobs.add(1, 1)
+    j2.update_metadata({META_KEY: {"cache_version": "2"}})
+    run_locally(j2, store=job_store, cache=cache_store, log=False)
+    assert counts()["add"] == 2
+    assert meta(job_store, j1.uuid)["digest"] != meta(job_store, j2.uuid)["digest"]
+
+
+def test_cache_session_report_counts_outcomes(counts, job_store, cache_store, run_dir):
+    run_locally(chain(), store=job_store, cache=cache_store, log=False)
+    session = Cache(cache_store)
+    run_locally(chain(), store=job_store, cache=session, log=False)
+    assert session.report.hits == 3
+    assert len(session.report.executed) == 0
+    assert "3 served from cache" in session.report.summary()
+
+
+def test_run_locally_restores_job_run(job_store, cache_store, run_dir):
+    from jobflow import Job
+
+    before = Job.run
+    with pytest.raises(RuntimeError):
+        run_locally(
+            jobs.fail_job(1), store=job_store, cache=cache_store, log=False, ensure_success=True
+        )
+    assert Job.run is before
+
+
+def test_cache_warnings_do_not_escape_as_errors_on_success(job_store, cache_store, run_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        run_locally(chain(), store=job_store, cache=cache_store, log=False)
+        run_locally(chain(), store=job_store, cache=cache_store, log=False)
+    assert os.path.exists(cache_store.store.path)
+
+
+def test_cache_inside_the_run_folder_is_never_recorded(counts, job_store, run_dir, monkeypatch):
+    """The embedded store and object area under the run folder are not files of the job."""
+    monkeypatch.setenv("JOBFLOW_CACHE_DIR", str(run_dir / "cache"))
+    run_locally(jobs.write_files("q"), store=job_store, log=False)
+    session = Cache()
+    w = jobs.write_files("q")
+    run_locally(w, store=job_store, cache=session, log=False)
+    assert counts()["write_files"] == 1
+    with session.store as store:
+        (entry,) = list(store.entries())
+    assert sorted(f.path for f in entry.files) == ["result.txt", "sub/data.bin"]
+    assert meta(job_store, w.uuid)["outcome"] == "hit"
