@@ -355,6 +355,11 @@ class Cache:
         value wrapped in a :obj:`~jobflow.Response` (miss) or the cached Response (hit).
         Cache problems never fail the job: they warn and the job runs uncached.
         """
+        if getattr(function, "__qualname__", "") == "store_inputs" and (
+            _safe_path(function) in SKIP_FUNCTIONS
+        ):
+            # jobflow's own book-keeping job: transparent (its metadata dict is the parent's)
+            return function(*args, **kwargs)
         options = job_options(job, options)
         if not options.enabled or cache_disabled():
             return self._uncached(job, function, args, kwargs, Outcome.DISABLED, options)
@@ -374,8 +379,6 @@ class Cache:
         except TypeError:
             # the arguments do not fit the signature: let the call itself raise jobflow's error
             return function(*args, **kwargs)
-        if call_digest.function in SKIP_FUNCTIONS:
-            return self._uncached(job, function, args, kwargs, Outcome.DISABLED, options)
 
         digest = call_digest.digest
         try:
