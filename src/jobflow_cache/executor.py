@@ -11,12 +11,10 @@ JobStore and its additional stores, ``Response`` handling, ``prepare_replace``) 
 from __future__ import annotations
 
 import contextvars
-import functools
 import glob
 import inspect
 import json
 import logging
-import re
 import time
 import types
 import warnings
@@ -30,13 +28,21 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from jobflow import Flow, Job, Response
 from jobflow.managers.local import run_locally as _jobflow_run_locally
 from jobflow.utils.uid import suid
-from monty.json import MontyDecoder, MontyEncoder, jsanitize
+from monty.json import jsanitize
 
+from jobflow_cache.codec import (
+    UUID_RE,
+    DirRewrite,
+    created_uuids,
+    dumps,
+    loads,
+    referenced_uuids,
+    rewrite_text,
+)
 from jobflow_cache.entry import CacheEntry, package_versions
 from jobflow_cache.errors import (
     CacheError,
     CacheWarning,
-    CorruptEntryError,
     FilesUnavailableError,
     UnhashableInputError,
 )
@@ -78,7 +84,6 @@ OPTION_KEYS = ("enabled", "cache_version", "ignore", "files")
 #: arguments are unresolved references, and it is instantaneous).
 SKIP_FUNCTIONS = frozenset({"jobflow.core.job:store_inputs"})
 
-UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 FilesMode = Literal["link", "copy", "none"]
 
 _ACTIVE: contextvars.ContextVar[Cache | None] = contextvars.ContextVar(
@@ -154,67 +159,6 @@ class _Refs:
     seen: dict[str, str] = field(default_factory=dict)
 
 
-def _json_text(obj: Any) -> str:
-    return json.dumps(obj, cls=MontyEncoder, separators=(",", ":"), allow_nan=True)
-
-
-def _path_pattern(old: str) -> re.Pattern[str]:
-    """Match ``old`` as a whole path (or path prefix) inside JSON text."""
-    escaped = re.escape(json.dumps(old)[1:-1])
-    return re.compile(rf"(?<![\w.\-/]){escaped}(?=/|[^\w.\-]|$)")
-
-
-def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, str]) -> str:
-    """Replace job uuids and run-folder paths inside serialized JSON ``text``.
-
-    Examples
-    --------
-    >>> rewrite_text('{"dir": "h:/a/b/x", "u": "/a/bc"}', {}, {"/a/b": "/n"})
-    '{"dir": "h:/n/x", "u": "/a/bc"}'
-    """
-    if uuids:
-
-        def new_uuid(match: re.Match[str]) -> str:
-            return uuids.get(match.group(0), match.group(0))
-
-        text = UUID_RE.sub(new_uuid, text)
-    for old, new in dirs.items():
-        if old and old != new:
-            # a function, so backslashes in the replacement are not read as group references
-            text = _path_pattern(old).sub(functools.partial(_constant, json.dumps(new)[1:-1]), text)
-    return text
-
-
-def _constant(value: str, _match: re.Match[str]) -> str:
-    return value
-
-
-def _created_uuids(node: Any, found: set[str]) -> set[str]:
-    """uuids of the Jobs and Flows serialized inside ``node`` (made by a dynamic job)."""
-    if isinstance(node, dict):
-        if node.get("@class") in {"Job", "Flow"} and isinstance(node.get("uuid"), str):
-            found.add(node["uuid"])
-        for value in node.values():
-            _created_uuids(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            _created_uuids(value, found)
-    return found
-
-
-def _referenced_uuids(node: Any, found: set[str]) -> set[str]:
-    """uuids of the OutputReferences serialized inside ``node``."""
-    if isinstance(node, dict):
-        if node.get("@class") == "OutputReference" and isinstance(node.get("uuid"), str):
-            found.add(node["uuid"])
-        for value in node.values():
-            _referenced_uuids(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            _referenced_uuids(value, found)
-    return found
-
-
 class Cache:
     """A cache session: a :class:`.CacheStore`, its file object area, settings, and what this
     process has learnt (which job uuid / run folder belongs to which digest).
@@ -252,7 +196,6 @@ class Cache:
         self.dir_digests: dict[str, str] = {}  # exclusive run folder -> digest
         self._connected = False
         self._broken: str | None = None
-        self._decoder = MontyDecoder()
         self._exclude_cache: dict[str, list[str]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -459,26 +402,35 @@ class Cache:
         files_mode = options.files or self.files
         cwd = Path.cwd()
         before = snapshot(cwd, self._excludes(cwd)) if files_mode != "none" else None
+        # registered before running: a child of a job that fails (OnMissing.PASS/NONE) still
+        # sees the same digest in place of its uuid on every run
+        self._register(job, call_digest.digest)
+        self.report.outcomes[outcome.value] += 1
+        self.report.executed.append(job.name)
+        self._mark(job, options, call_digest.digest, outcome, None)
         started = time.perf_counter()
         returned = function(*args, **kwargs)  # a failure propagates: nothing is recorded
         duration = time.perf_counter() - started
         # the same conversion jobflow applies right after this call (idempotent on a Response)
         response: Response = Response.from_job_returns(returned, job.output_schema)
-        self.report.outcomes[outcome.value] += 1
-        self.report.executed.append(job.name)
-        self._register(job, call_digest.digest)
-        self._mark(job, options, call_digest.digest, outcome, None)
         try:
             entry = self._make_entry(job, call_digest, response, refs, cwd, duration)
+        except (TypeError, ValueError, AttributeError) as err:
+            if _jobflow_rejects(response.output):
+                # jobflow fails this job right after we return: its error, not ours, is shown
+                logger.debug("output of %s is not serializable: %s", job.name, err)
+            else:
+                _warn_not_cached(job, err)
+            return response
+        except CacheError as err:
+            _warn_not_cached(job, err)
+            return response
+        try:
             if before is not None:
                 self._record_files(entry, cwd, before, files_mode)
             self.store.put(entry)
         except Exception as err:  # recording must never fail a job that succeeded
-            warnings.warn(
-                f"jobflow-cache: result of job {job.name!r} was not cached: {err}",
-                CacheWarning,
-                stacklevel=2,
-            )
+            _warn_not_cached(job, err)
         return response
 
     # -- recording --------------------------------------------------------------------------
@@ -491,7 +443,7 @@ class Cache:
         cwd: Path,
         duration: float,
     ) -> CacheEntry:
-        output = jsanitize(response.output, strict=True, enum_values=True, allow_bson=True)
+        output = dumps(response.output)
         parts: dict[str, Any] = {}
         for name in ("replace", "addition", "detour"):
             value = getattr(response, name)
@@ -503,7 +455,7 @@ class Cache:
                 parts[name] = True
         if response.stored_data is not None:
             parts["stored_data"] = response.stored_data
-        response_text = _json_text(parts) if parts else ""
+        response_text = dumps(parts) if parts else ""
         if dynamic:
             self._check_replayable(job, response_text, refs)
         canonical: dict[str, Any] | None = call_digest.canonical
@@ -515,7 +467,7 @@ class Cache:
             function=call_digest.function,
             name=job.name,
             cache_version=call_digest.cache_version,
-            output=_json_text(output),
+            output=output,
             response=response_text,
             dynamic=dynamic,
             source_uuid=job.uuid,
@@ -532,8 +484,8 @@ class Cache:
     def _check_replayable(job: Job, response_text: str, refs: _Refs) -> None:
         """A dynamic response may only reference jobs it made, the job itself, or known inputs."""
         tree = json.loads(response_text)
-        known = _created_uuids(tree, set()) | {job.uuid} | set(refs.seen)
-        outside = _referenced_uuids(tree, set()) - known
+        known = created_uuids(tree) | {job.uuid} | set(refs.seen)
+        outside = referenced_uuids(tree) - known
         if outside:
             raise CacheError(
                 f"its new jobs reference jobs outside their own sub-flow ({sorted(outside)[:3]}), "
@@ -579,36 +531,35 @@ class Cache:
         if entry.files and files_mode != "none" and not self.objects.has_all(entry.files):
             raise FilesUnavailableError("run-folder files of the entry are missing")
         uuids: dict[str, str] = {}
-        dirs: dict[str, str] = {}
+        dirs: dict[str, DirRewrite] = {}
         if entry.source_uuid and entry.source_uuid != job.uuid:
             uuids[entry.source_uuid] = job.uuid
         if entry.source_dir and entry.source_dir != cwd:
-            dirs[entry.source_dir] = cwd
+            # the folder itself and the files the job wrote; other paths that happen to lie in
+            # it (inputs, in a shared folder) are not the job's and keep pointing where they did
+            dirs[entry.source_dir] = DirRewrite(cwd, _manifest_paths(entry))
         current = {digest: literal for literal, digest in refs.seen.items()}
         for old, digest in entry.input_refs.items():
             new = current.get(digest)
             if new is not None and new != old:
-                (uuids if UUID_RE.fullmatch(old) else dirs)[old] = new
+                if UUID_RE.fullmatch(old):
+                    uuids[old] = new
+                else:  # an upstream job's exclusive folder: all of it moved
+                    dirs.setdefault(old, DirRewrite(new))
         parts: dict[str, Any] = {}
         if entry.response:
             text = entry.response
             if entry.dynamic:
-                created = _created_uuids(json.loads(text), set()) - {entry.source_uuid}
+                created = created_uuids(json.loads(text)) - {entry.source_uuid}
                 uuids = {**uuids, **{old: suid() for old in created}}
-            parts = self._decode(rewrite_text(text, uuids, dirs))
-        output = self._decode(rewrite_text(entry.output, uuids, dirs))
+            parts = loads(rewrite_text(text, uuids, dirs))
+        output = loads(rewrite_text(entry.output, uuids, dirs))
         if entry.files and files_mode != "none":
             self.objects.materialize(entry.files, Path(cwd), mode=files_mode)
         fields = ("replace", "addition", "detour", "stored_data", "stop_children", "stop_jobflow")
         response = Response(output=output, **{k: parts[k] for k in fields if k in parts})
         # the schema check jobflow applies to the function's return value
         return Response.from_job_returns(response, job.output_schema)
-
-    def _decode(self, text: str) -> Any:
-        try:
-            return self._decoder.decode(text)
-        except (ValueError, TypeError, KeyError, AttributeError, ImportError) as err:
-            raise CorruptEntryError(f"cached value does not decode: {err}") from err
 
     # -- book-keeping -----------------------------------------------------------------------
     def _register(self, job: Job, digest: str) -> None:
@@ -636,6 +587,32 @@ class Cache:
         if source_uuid is not None:
             record["source_uuid"] = source_uuid
         job.metadata[META_KEY] = record
+
+
+def _manifest_paths(entry: CacheEntry) -> frozenset[str]:
+    """Relative paths of the entry's files and of the folders holding them."""
+    paths: set[str] = set()
+    for record in entry.files:
+        parts = record.path.split("/")
+        paths.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    return frozenset(paths)
+
+
+def _jobflow_rejects(output: Any) -> bool:
+    """True when jobflow itself cannot store ``output`` (it then fails the job)."""
+    try:
+        jsanitize(output, strict=True, enum_values=True, allow_bson=True)
+    except (AttributeError, TypeError, ValueError):
+        return True
+    return False
+
+
+def _warn_not_cached(job: Job, err: BaseException) -> None:
+    warnings.warn(
+        f"jobflow-cache: result of job {job.name!r} was not cached: {err}",
+        CacheWarning,
+        stacklevel=3,
+    )
 
 
 def _script_version(path: str, function: Callable[..., Any], version: str | None) -> str | None:

@@ -1,0 +1,157 @@
+"""How a job's return value is kept in an entry, and how it is adapted when served to a new job.
+
+Values are JSON text written with monty's encoder (so MSON objects, datetimes, Enums and NaN are
+exact on every backend), plus tags for the Python containers JSON cannot hold (tuples, sets,
+dicts with non-str keys), so a served ``Response.output`` has the types a computed one has.
+Serving rewrites, in the text, the job uuids and run-folder paths of the run that recorded the
+entry into those of the run it is served to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from monty.json import MontyDecoder, MontyEncoder
+
+from jobflow_cache.errors import CorruptEntryError
+
+__all__ = [
+    "UUID_RE",
+    "DirRewrite",
+    "created_uuids",
+    "dumps",
+    "loads",
+    "referenced_uuids",
+    "rewrite_text",
+]
+
+logger = logging.getLogger(__name__)
+
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TAG = "@jfc"
+_CONTAINERS = {"tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def _tag(obj: Any) -> Any:
+    kind = type(obj)
+    if kind is dict:
+        if TAG not in obj and all(type(k) is str for k in obj):
+            return {k: _tag(v) for k, v in obj.items()}
+        return {TAG: "dict", "items": [[_tag(k), _tag(v)] for k, v in obj.items()]}
+    if kind is list:
+        return [_tag(v) for v in obj]
+    if kind is tuple or kind is set or kind is frozenset:
+        return {TAG: kind.__name__, "items": [_tag(v) for v in obj]}
+    return obj  # scalars and objects: monty's encoder
+
+
+def _untag(obj: Any) -> Any:
+    if type(obj) is list:
+        return [_untag(v) for v in obj]
+    if type(obj) is dict:
+        kind = obj.get(TAG)
+        if kind is None:
+            return {k: _untag(v) for k, v in obj.items()}
+        items = [_untag(v) for v in obj["items"]]
+        if kind == "dict":
+            return {_freeze(k): v for k, v in items}
+        return _CONTAINERS[kind](items)
+    return obj
+
+
+def _freeze(key: Any) -> Any:
+    return tuple(key) if type(key) is list else key
+
+
+def dumps(obj: Any) -> str:
+    """Exact JSON text of a job's return value (raises TypeError when not serializable).
+
+    Examples
+    --------
+    >>> loads(dumps({"a": (1, 2.5), 3: {"x"}, "n": float("nan")}))
+    {'a': (1, 2.5), 3: {'x'}, 'n': nan}
+    """
+    return json.dumps(_tag(obj), cls=MontyEncoder, separators=(",", ":"), allow_nan=True)
+
+
+def loads(text: str) -> Any:
+    """Decode :func:`dumps` text (MSON objects are rebuilt like jobflow does when it resolves
+    references: monty's decoder imports the classes named in the document; nothing is
+    unpickled)."""
+    try:
+        value = MontyDecoder().decode(text)
+        return _untag(value) if TAG in text else value
+    except (ValueError, TypeError, KeyError, AttributeError, ImportError, IndexError) as err:
+        raise CorruptEntryError(f"cached value does not decode: {err}") from err
+
+
+class DirRewrite(NamedTuple):
+    """Where an old run folder's paths go, and which of them (None: all of them)."""
+
+    new: str
+    only: frozenset[str] | None = None
+
+
+def _dir_pattern(old: str) -> re.Pattern[str]:
+    """``old`` as a whole path inside JSON text, with what follows it inside the same path."""
+    escaped = re.escape(json.dumps(old)[1:-1])
+    return re.compile(rf"(?<![\w.\-/]){escaped}(?P<rest>(?:/[^\"\s]*)?)(?![\w.\-])")
+
+
+def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewrite]) -> str:
+    """Replace job uuids and run-folder paths in JSON ``text``.
+
+    A path is rewritten when it is the old folder itself, or lies below it and its relative
+    path is in ``only`` (the files the job wrote, and their folders), or ``only`` is None.
+
+    Examples
+    --------
+    >>> moved = {"/a/b": DirRewrite("/n", frozenset({"x"}))}
+    >>> rewrite_text('["h:/a/b/x", "/a/bc", "/a/b/in.txt"]', {}, moved)
+    '["h:/n/x", "/a/bc", "/a/b/in.txt"]'
+    """
+    if uuids:
+
+        def new_uuid(match: re.Match[str]) -> str:
+            return uuids.get(match.group(0), match.group(0))
+
+        text = UUID_RE.sub(new_uuid, text)
+    for old, (new, only) in dirs.items():
+        if not old or old == new:
+            continue
+        replacement = json.dumps(new)[1:-1]
+
+        def new_path(match: re.Match[str], replacement: str = replacement, only: Any = only) -> str:
+            rest = match.group("rest")
+            if only is None or not rest.strip("/") or rest.strip("/") in only:
+                return replacement + rest
+            return match.group(0)
+
+        text = _dir_pattern(old).sub(new_path, text)
+    return text
+
+
+def _walk(node: Any, found: set[str], classes: frozenset[str]) -> set[str]:
+    if isinstance(node, dict):
+        if node.get("@class") in classes and isinstance(node.get("uuid"), str):
+            found.add(node["uuid"])
+        for value in node.values():
+            _walk(value, found, classes)
+    elif isinstance(node, list):
+        for value in node:
+            _walk(value, found, classes)
+    return found
+
+
+def created_uuids(tree: Any) -> set[str]:
+    """uuids of the Jobs and Flows serialized inside a decoded JSON ``tree``."""
+    return _walk(tree, set(), frozenset({"Job", "Flow"}))
+
+
+def referenced_uuids(tree: Any) -> set[str]:
+    """uuids of the OutputReferences serialized inside a decoded JSON ``tree``."""
+    return _walk(tree, set(), frozenset({"OutputReference"}))
