@@ -124,3 +124,13 @@ def test_cached_store_spec_through_settings(counts, run_dir, tmp_path, monkeypat
     with CacheStore.from_settings() as store:
         assert store.count() == 1
         assert "spec.sqlite" in store.name
+
+
+def test_disabled_decorated_job_touches_nothing(counts, run_dir, isolated_cache, monkeypatch):
+    monkeypatch.setenv("JOBFLOW_CACHE_DISABLE", "1")
+    j = jobs.cached_add(1, 1)
+    store = jf_run(j)
+    jf_run(jobs.cached_add(1, 1))
+    assert counts()["cached_add"] == 2
+    assert not isolated_cache.exists(), "no store or object area is created"
+    assert META_KEY not in store.query_one({"uuid": j.uuid})["metadata"]

@@ -13,6 +13,7 @@ from jobflow import job as jobflow_job
 
 from jobflow_cache.executor import FilesMode, JobOptions, current_cache
 from jobflow_cache.hashing import CallDigest, bind_arguments, function_path
+from jobflow_cache.settings import cache_disabled
 
 __all__ = ["cached_job"]
 
@@ -23,7 +24,9 @@ def _make_caching_call(func: Callable[..., Any], options: JobOptions) -> Callabl
     @functools.wraps(func)
     def caching_call(*args: Any, **kwargs: Any) -> Any:
         job = CURRENT_JOB.job
-        if job is None:  # called directly (``f.original(...)``), not by Job.run: no cache
+        if job is None or cache_disabled():
+            # called directly (``f.original(...)``), or caching is off: the plain function,
+            # no digest computed, no store opened
             return func(*args, **kwargs)
         return current_cache().call(job, func, args, kwargs, options)
 
