@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own embedded cache under tmp_path (never the user's cache)."""
+    for name in [n for n in os.environ if n.startswith("JOBFLOW_CACHE_")]:
+        monkeypatch.delenv(name)
     cache_dir = tmp_path / "jfc-cache"
     monkeypatch.setenv("JOBFLOW_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("JOBFLOW_CACHE_CONFIG_FILE", str(tmp_path / "no-config.yaml"))
-    monkeypatch.delenv("JOBFLOW_CACHE_DISABLE", raising=False)
-    monkeypatch.delenv("JOBFLOW_CACHE_STORE", raising=False)
     monkeypatch.delenv("JFC_FAIL", raising=False)
     return cache_dir
 

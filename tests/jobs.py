@@ -191,3 +191,38 @@ class CachedMaker(Maker):
     def make(self, x):
         executed(self.name)
         return x * self.factor
+
+
+@job
+def producer():
+    """Records its own uuid and folder in its output (like an atomate2 TaskDoc)."""
+    from jobflow import CURRENT_JOB
+
+    executed("producer")
+    return {"uuid": CURRENT_JOB.job.uuid, "dir": os.getcwd()}
+
+
+@job
+def consumer(info: dict):
+    executed("consumer")
+    return dict(info)
+
+
+@job
+def relax_child(structure):
+    executed("relax_child")
+    return structure.volume
+
+
+@job
+def deform_parent(strain: float):
+    """A dynamic job whose child gets a deformed pymatgen Structure (floats that are not
+    bit-identical after a JSON round trip)."""
+    from pymatgen.analysis.elasticity import Deformation
+    from pymatgen.core import Lattice, Structure
+
+    executed("deform_parent")
+    lattice = Lattice([[3.1, 0.2, 0], [0.3, 2.9, 0.1], [0, 0.4, 3.3]])
+    s = Structure(lattice, ["Cu"], [[0.1234567, 0.7654321, 0.1111111]])
+    deformed = Deformation([[1 + strain, 0, 0], [0, 1, 0], [0, 0, 1]]).apply_to_structure(s)
+    return Response(replace=relax_child(deformed))

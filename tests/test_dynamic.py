@@ -121,3 +121,20 @@ def test_dynamic_flow_in_two_fresh_processes(counts, tmp_path):
     second = json.loads(run_python(SCRIPT, cwd=work))
     assert counts() == executed, "the second process must execute nothing"
     assert second == first
+
+
+def test_new_jobs_of_a_dynamic_miss_hit_on_the_next_run(counts, cache_store, run_dir):
+    """The children a dynamic job makes are hashed as they will be replayed (decoded), so the
+    second run serves them (a live pymatgen Structure is not bit-identical to its replay)."""
+    pytest.importorskip("pymatgen")
+    outcomes = []
+    for _ in range(2):
+        store = JobStore(MemoryStore())
+        run_locally(
+            jobs.deform_parent(0.01), store=store, cache=cache_store, log=False, ensure_success=True
+        )
+        outcomes.append(
+            sorted((d["name"], d["metadata"]["jobflow_cache"]["outcome"]) for d in store.query({}))
+        )
+    assert outcomes[1] == [("deform_parent", "hit"), ("relax_child", "hit")]
+    assert counts() == {"deform_parent": 1, "relax_child": 1}

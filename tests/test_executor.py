@@ -355,3 +355,34 @@ def test_cache_inside_the_run_folder_is_never_recorded(counts, job_store, run_di
         (entry,) = list(store.entries())
     assert sorted(f.path for f in entry.files) == ["result.txt", "sub/data.bin"]
     assert meta(job_store, w.uuid)["outcome"] == "hit"
+
+
+def test_upstream_uuid_and_folder_are_rewritten_apart(counts, job_store, cache_store, tmp_path):
+    """A job's uuid and folder share its digest; served outputs must keep them apart."""
+
+    def flow():
+        p = jobs.producer()
+        return Flow([p, jobs.consumer(p.output)])
+
+    run_locally(
+        flow(),
+        store=job_store,
+        cache=cache_store,
+        log=False,
+        create_folders=True,
+        root_dir=tmp_path / "r1",
+    )
+    f = flow()
+    run_locally(
+        f,
+        store=job_store,
+        cache=cache_store,
+        log=False,
+        create_folders=True,
+        root_dir=tmp_path / "r2",
+    )
+    assert counts() == {"producer": 1, "consumer": 1}
+    served = job_store.get_output(f[1].uuid)
+    assert served["uuid"] == f[0].uuid
+    assert Path(served["dir"]).parent == tmp_path / "r2"
+    assert served == job_store.get_output(f[0].uuid)

@@ -425,6 +425,11 @@ class Cache:
         except CacheError as err:
             _warn_not_cached(job, err)
             return response
+        if entry.dynamic:
+            # the new jobs jobflow runs are the decoded ones, exactly as a hit replays them:
+            # objects such as pymatgen Structures are not bit-identical after a JSON round trip,
+            # so live objects would give the new jobs other digests than their replays
+            response = _replayed(response, loads(entry.response))
         try:
             if before is not None:
                 self._record_files(entry, cwd, before, files_mode)
@@ -538,13 +543,19 @@ class Cache:
             # the folder itself and the files the job wrote; other paths that happen to lie in
             # it (inputs, in a shared folder) are not the job's and keep pointing where they did
             dirs[entry.source_dir] = DirRewrite(cwd, _manifest_paths(entry))
-        current = {digest: literal for literal, digest in refs.seen.items()}
+        # a job's uuid and its folder map to the same digest: keep the two kinds apart
+        now_uuid: dict[str, str] = {}
+        now_dir: dict[str, str] = {}
+        for literal, digest in refs.seen.items():
+            (now_uuid if UUID_RE.fullmatch(literal) else now_dir)[digest] = literal
         for old, digest in entry.input_refs.items():
-            new = current.get(digest)
-            if new is not None and new != old:
-                if UUID_RE.fullmatch(old):
+            if UUID_RE.fullmatch(old):
+                new = now_uuid.get(digest)
+                if new is not None and new != old:
                     uuids[old] = new
-                else:  # an upstream job's exclusive folder: all of it moved
+            else:  # an upstream job's exclusive folder: all of it moved
+                new = now_dir.get(digest)
+                if new is not None and new != old:
                     dirs.setdefault(old, DirRewrite(new))
         parts: dict[str, Any] = {}
         if entry.response:
@@ -556,10 +567,10 @@ class Cache:
         output = loads(rewrite_text(entry.output, uuids, dirs))
         if entry.files and files_mode != "none":
             self.objects.materialize(entry.files, Path(cwd), mode=files_mode)
-        fields = ("replace", "addition", "detour", "stored_data", "stop_children", "stop_jobflow")
-        response = Response(output=output, **{k: parts[k] for k in fields if k in parts})
         # the schema check jobflow applies to the function's return value
-        return Response.from_job_returns(response, job.output_schema)
+        return Response.from_job_returns(
+            _replayed(Response(output=output), parts), job.output_schema
+        )
 
     # -- book-keeping -----------------------------------------------------------------------
     def _register(self, job: Job, digest: str) -> None:
@@ -587,6 +598,15 @@ class Cache:
         if source_uuid is not None:
             record["source_uuid"] = source_uuid
         job.metadata[META_KEY] = record
+
+
+_RESPONSE_PARTS = ("replace", "addition", "detour", "stored_data", "stop_children", "stop_jobflow")
+
+
+def _replayed(response: Response, parts: Mapping[str, Any]) -> Response:
+    """A Response with ``response``'s output and the other fields taken from ``parts``."""
+    kept = {k: parts[k] for k in _RESPONSE_PARTS if k in parts}
+    return Response(output=response.output, job_dir=response.job_dir, **kept)
 
 
 def _manifest_paths(entry: CacheEntry) -> frozenset[str]:
