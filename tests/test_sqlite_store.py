@@ -15,16 +15,19 @@ import subprocess
 import sys
 import threading
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from maggma.core import Sort, StoreError
 from maggma.stores import MemoryStore
 from monty.json import MontyDecoder
 
 from jobflow_cache.errors import StoreUnavailableError
-from jobflow_cache.sqlite_store import SQLiteStore
+from jobflow_cache.sqlite_store import SQLiteStore, _dumps, _encode, _loads, _sanitize
 
 T0 = datetime(2024, 1, 1)
 DAY = timedelta(days=1)
@@ -491,6 +494,80 @@ def test_round_trip_of_values(store: SQLiteStore) -> None:
     assert back["7"] == "numeric field name"
 
 
+JSON_LIKE = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+    | st.datetimes(),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(
+            st.text(max_size=5).filter(lambda k: not k.startswith("$")) | st.integers(0, 9),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_LIKE)
+def test_encoding_skips_jsanitize_only_when_it_changes_nothing(value: Any) -> None:
+    doc = {"task_id": "k", "value": value}
+    arrays_fast: set[str] = set()
+    arrays_slow: set[str] = set()
+    assert _dumps(doc, arrays_fast) == _encode(_sanitize(doc), arrays_slow)
+    assert arrays_fast == arrays_slow
+    back = _loads(_dumps(doc))
+    assert _dumps(back) == _dumps(doc)  # decoding then encoding is stable
+
+
+def test_non_plain_values_are_sanitised_like_mongo_store(store: SQLiteStore) -> None:
+    import numpy as np
+
+    class Colour(Enum):
+        RED = "red"
+
+    doc = {
+        "task_id": "odd",
+        1: "int key",
+        "np": np.float64(2.5),
+        "path": Path("/x/y"),
+        "colour": Colour.RED,
+        "store": MemoryStore("inner"),
+        "set": {3},
+    }
+    store.update(doc)
+    back = store.query_one({"task_id": "odd"})
+    assert back == {**_sanitize(doc), "task_id": "odd"}
+    assert back["1"] == "int key"
+    assert back["np"] == 2.5
+    assert back["store"]["@class"] == "MemoryStore"
+
+
+def test_validator(tmp_path: Path) -> None:
+    from jsonschema import ValidationError
+    from maggma.validators import JSONSchemaValidator
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    lenient = new_store(tmp_path / "v.db", validator=JSONSchemaValidator(schema))
+    lenient.update([{"task_id": 1, "n": 1}, {"task_id": 2, "n": "not an int"}])
+    assert ids(lenient.query()) == [1]
+    assert not lenient.insert_if_absent({"task_id": 3})
+    strict = new_store(tmp_path / "v.db", validator=JSONSchemaValidator(schema, strict=True))
+    with pytest.raises(ValidationError):  # what a strict validator raises in MongoStore too
+        strict.update({"task_id": 4, "n": 1.5})
+    assert strict.count() == 1
+    assert SQLiteStore.from_dict(strict.as_dict()).validator.strict
+    lenient.close()
+    strict.close()
+
+
 def test_keys_keep_their_type(tmp_path: Path) -> None:
     store = new_store(tmp_path / "keys.db")
     store.update([{"task_id": 1, "v": "int"}, {"task_id": "1", "v": "str"}])
@@ -591,19 +668,12 @@ def test_ensure_index_is_used_and_unique_is_enforced(store: SQLiteStore) -> None
     assert store.ensure_index("lu")
     conn = store._collection
     names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert {"cache:nested.v", "cache:nested:type", "cache:lu"} <= names
+    assert {"cache:nested.v", "cache:lu"} <= names
 
-    def plan(criteria: dict | None = None, sort: dict | None = None) -> str:
-        compiled = store._compile(criteria)
-        order = store._order_by(list((sort or {}).items()))
-        sql = f'SELECT doc FROM "cache" WHERE {compiled.where}{order}'
-        rows = conn.execute("EXPLAIN QUERY PLAN " + sql, compiled.params).fetchall()
-        return " | ".join(row[-1] for row in rows)
-
-    assert "USING INDEX cache:nested.v" in plan({"nested.v": 20})
-    assert "USING INDEX cache:lu" in plan({"lu": {"$gt": T0}})
-    assert "USING INDEX cache:lu" in plan(sort={"lu": -1})
-    assert "sqlite_autoindex_cache_1" in plan({"task_id": "a"})
+    assert "USING INDEX cache:nested.v (<expr>=? AND <expr>=?)" in plan(store, {"nested.v": 20})
+    assert "USING INDEX cache:lu (<expr>=? AND <expr>>?)" in plan(store, {"lu": {"$gt": T0}})
+    assert "USING INDEX cache:lu" in plan(store, sort={"lu": -1})
+    assert "sqlite_autoindex_cache_1" in plan(store, {"task_id": "a"})
     assert store.query_one({"nested.v": 20})["task_id"] == "b"
 
     assert not store.ensure_index("group", unique=True)  # duplicates already stored
@@ -612,6 +682,66 @@ def test_ensure_index_is_used_and_unique_is_enforced(store: SQLiteStore) -> None
         store.update([{"task_id": "new", "s": "fresh"}, {"task_id": "dup", "s": "apple"}])
     assert store.count({"task_id": {"$in": ["new", "dup"]}}) == 0  # the batch rolled back
     assert not store.ensure_index("items.0.k")  # not addressable in SQL
+    assert store.ensure_index("nested.v")  # already there (and statistics are kept)
+    stat_tables = "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"
+    assert conn.execute(stat_tables).fetchone()[0] == 0  # too small to need statistics
+
+
+def test_statistics_follow_the_table_size(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "stats.db")
+    assert store.ensure_index("lu")
+    store.update([{"task_id": i, "lu": T0 + i * DAY} for i in range(1200)])
+    assert store.ensure_index("n")  # a new index on a big table: analyzed at once
+    conn = store._collection
+    stats = dict(conn.execute("SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'cache'"))
+    assert stats["cache:lu"].split()[0] == "1200"
+    assert "USING INDEX cache:lu" in plan(store, {"lu": {"$gte": T0}}, sort={"lu": 1})
+    store.close()
+
+
+def plan(store: SQLiteStore, criteria: dict | None = None, sort: dict | None = None) -> str:
+    """SQLite's query plan for a query, as one line."""
+    conn = store._collection
+    compiled = store._compile(criteria, store._probe(conn))
+    order = store._order_by(list((sort or {}).items()))
+    sql = f'SELECT doc FROM "cache" WHERE {compiled.where}{order}'
+    rows = conn.execute("EXPLAIN QUERY PLAN " + sql, compiled.params).fetchall()
+    return " | ".join(row[-1] for row in rows)
+
+
+def test_array_paths_are_recorded_and_honoured(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "arrays.db")
+    store.update([{"task_id": i, "name": f"n{i}", "meta": {"kind": i % 3}} for i in range(20)])
+    assert store.ensure_index("name")
+    assert store.ensure_index("meta.kind")
+    # no document ever held an array there: plain SQL, served by the index
+    assert (
+        plan(store, {"name": "n3"}) == "SEARCH cache USING INDEX cache:name (<expr>=? AND <expr>=?)"
+    )
+    store.update({"task_id": "list", "name": ["n3", "other"], "meta": [{"kind": 1}]})
+    assert set(ids(store.query({"name": "n3"}))) == {3, "list"}
+    assert set(ids(store.query({"meta.kind": 1}))) == {1, 4, 7, 10, 13, 16, 19, "list"}
+    assert "MULTI-INDEX OR" in plan(store, {"name": "n3"})  # arrays: the matcher joins in
+    store.remove_docs({"task_id": "list"})
+    assert store.count({"name": "n3"}) == 1
+    # recorded in the file: a fresh store (as in another process) sees them too
+    with SQLiteStore(tmp_path / "arrays.db") as fresh:
+        assert "MULTI-INDEX OR" in plan(fresh, {"name": "n3"})
+        assert plan(fresh, {"task_id": 3}).startswith("SEARCH cache USING INDEX sqlite_autoindex")
+    store.close()
+
+
+def test_plan_is_rebuilt_when_another_writer_adds_arrays(tmp_path: Path) -> None:
+    reader = new_store(tmp_path / "race.db")
+    writer = new_store(tmp_path / "race.db")  # separate connections, as another process
+    reader.update([{"task_id": i, "tag": "x" if i % 2 else "y"} for i in range(10)])
+    pending = reader.query({"tag": "x"})  # planned now: no arrays anywhere yet
+    counted = reader.count({"tag": "x"})
+    writer.update({"task_id": "late", "tag": ["x", "z"]})  # commits before the read runs
+    assert counted == 5
+    assert set(ids(pending)) == {1, 3, 5, 7, 9, "late"}
+    reader.close()
+    writer.close()
 
 
 def test_increment(store: SQLiteStore) -> None:
@@ -626,6 +756,8 @@ def test_increment(store: SQLiteStore) -> None:
     assert doc["tags"] == ["red", "blue"]  # the rest is untouched
     assert store.increment(6, {"stats.hits": 1})
     assert store.query_one({"task_id": 6})["stats"] == {"hits": 1}
+    assert store.increment("b", {}, set_fields={"tags": ["new"], "note": "set only"})
+    assert store.query_one({"tags": "new"})["note"] == "set only"
     assert not store.increment("missing", {"hits": 1})
     assert store.count({"task_id": "missing"}) == 0
     with pytest.raises(TypeError, match="not a number"):
@@ -654,6 +786,8 @@ def test_fallback_errors_are_reported(store: SQLiteStore) -> None:
         list(store.query({"n": {"$bogus": 1}}))
     with pytest.raises(ValueError, match="non-empty"):
         store.count({"$or": []})
+    with pytest.raises(ValueError, match="cannot evaluate"):
+        store.count({"s": {"$regex": "(unclosed"}})
     with pytest.raises(TypeError):
         list(store.query(["not", "a", "dict"]))  # type: ignore[arg-type]
 

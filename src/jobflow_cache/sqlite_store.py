@@ -62,6 +62,7 @@ __all__ = ["SQLiteStore"]
 logger = logging.getLogger(__name__)
 
 _META_TABLE = "jobflow_cache_collections"
+_ARRAYS_TABLE = "jobflow_cache_array_paths"
 _FORMAT_VERSION = 1
 
 _DATE = "$date"
@@ -119,38 +120,75 @@ def _parse_datetime(text: str) -> datetime:
     return datetime.fromisoformat(text[:-1] if text.endswith("Z") else text)
 
 
-def _to_storable(obj: Any) -> Any:
-    """Replace values JSON cannot hold by their tagged encodings (see module docstring)."""
-    if isinstance(obj, dict):
+class _NotPlainError(Exception):
+    """Raised by the strict walk on a value jsanitize would have to convert."""
+
+
+_PLAIN_SCALARS = (str, int, bool, type(None))
+
+
+def _to_storable(
+    obj: Any, arrays: set[str] | None = None, path: str = "", strict: bool = False
+) -> Any:
+    """Replace values JSON cannot hold by their tagged encodings (see module docstring).
+
+    The dotted paths holding a list (list indexes left out) are added to ``arrays``.
+    With ``strict``, raise :class:`_NotPlainError` on any value that is not of a type
+    ``jsanitize(allow_bson=True)`` returns unchanged (exact dict with str keys, list,
+    tuple, str, int, float, bool, None, datetime, bytes): such documents need no
+    sanitising, which is most of the cost of a write.
+    """
+    kind = type(obj)
+    if kind in _PLAIN_SCALARS:
+        return obj
+    if kind is dict or (not strict and isinstance(obj, dict)):
         out = {}
         for key, value in obj.items():
             if key in _RESERVED_KEYS:
                 raise ValueError(f"the key {key!r} is reserved by SQLiteStore's encoding")
-            out[key] = _to_storable(value)
+            if strict and type(key) is not str:
+                raise _NotPlainError
+            out[key] = _to_storable(value, arrays, f"{path}.{key}" if path else str(key), strict)
         return out
-    if isinstance(obj, list | tuple):
-        return [_to_storable(value) for value in obj]
-    if isinstance(obj, float):
+    if kind is list or kind is tuple or (not strict and isinstance(obj, list | tuple)):
+        if arrays is not None:
+            arrays.add(path)
+        return [_to_storable(value, arrays, path, strict) for value in obj]
+    if kind is float or (not strict and isinstance(obj, float)):
         if math.isfinite(obj):
             return obj
         return {_DOUBLE: "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")}
-    if isinstance(obj, datetime):
+    if kind is datetime or (not strict and isinstance(obj, datetime)):
         return {_DATE: _format_datetime(obj)}
-    if isinstance(obj, bytes | bytearray):
+    if kind is bytes or (not strict and isinstance(obj, bytes | bytearray)):
         return {_BINARY: base64.b64encode(bytes(obj)).decode("ascii")}
+    if strict:
+        raise _NotPlainError
     return obj
 
 
 def _orjson_default(obj: Any) -> Any:
     """Serialise the BSON types jsanitize(allow_bson=True) leaves in place (ObjectId...)."""
-    if type(obj).__name__ in {"ObjectId", "Decimal128", "Int64"}:
-        return str(obj) if type(obj).__name__ == "ObjectId" else int(str(obj))
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+    name = type(obj).__name__
+    if name == "ObjectId":
+        return str(obj)
+    if name == "Decimal128":
+        return float(obj.to_decimal())
+    raise TypeError(f"{name} is not JSON serialisable")
 
 
-def _dumps(obj: Any) -> str:
-    """Encode a sanitised document (or value) to the JSON text stored in SQLite."""
-    return orjson.dumps(_to_storable(obj), default=_orjson_default).decode("utf-8")
+def _encode(obj: Any, arrays: set[str] | None = None, path: str = "") -> str:
+    """Encode a sanitised document (or value at ``path``) to the JSON text stored."""
+    return orjson.dumps(_to_storable(obj, arrays, path), default=_orjson_default).decode("utf-8")
+
+
+def _dumps(obj: Any, arrays: set[str] | None = None, path: str = "") -> str:
+    """Sanitise (as maggma's MongoStore does) and encode a document or value."""
+    try:
+        storable = _to_storable(obj, arrays, path, strict=True)
+    except _NotPlainError:
+        storable = _to_storable(_sanitize(obj), arrays, path)
+    return orjson.dumps(storable, default=_orjson_default).decode("utf-8")
 
 
 def _from_storable(obj: Any) -> Any:
@@ -364,10 +402,18 @@ def _sql_match(doc: str, token: int) -> int:
 class _Compiled:
     """A translated WHERE clause, its parameters and the matchers it relies on."""
 
-    def __init__(self, where: str, params: list[Any], matchers: list[_Matcher]) -> None:
+    def __init__(
+        self,
+        where: str,
+        params: list[Any],
+        matchers: list[_Matcher],
+        pinned: dict[str, int] | None = None,
+    ) -> None:
         self.where = where
         self.params = params
         self.matchers = matchers  # strong references keep the tokens alive
+        # fields whose type class every matching document shares (see _Translator.pinned)
+        self.pinned = pinned or {}
 
     def check(self) -> None:
         """Raise the first error the Python fallback met while matching."""
@@ -378,21 +424,75 @@ class _Compiled:
                 ) from matcher.error
 
 
+class _ArrayProbe:
+    """Answers "has a document of the collection ever held an array at this path?".
+
+    Paths are recorded in the array-path table by every write, in the same transaction,
+    and never removed, so a positive answer stays true. Negative answers are re-checked
+    by :meth:`stale` once a statement has started, inside that statement's snapshot.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, collection: str, known: set[str]) -> None:
+        self.conn = conn
+        self.collection = collection
+        self.known = known  # the process's cache of paths known to hold arrays
+        self.answers: dict[str, bool] = {}
+
+    def __call__(self, path: str) -> bool:
+        if path in self.known:
+            return True
+        if path not in self.answers:
+            row = self.conn.execute(
+                f"SELECT 1 FROM {_ARRAYS_TABLE} WHERE collection = ? AND path = ?",
+                (self.collection, path),
+            ).fetchone()
+            self.answers[path] = row is not None
+            if row is not None:
+                self.known.add(path)
+        return self.answers[path]
+
+    def stale(self) -> bool:
+        """Whether a path answered "no arrays" now has some (another process wrote)."""
+        negatives = [path for path, answer in self.answers.items() if not answer]
+        if not negatives:
+            return False
+        marks = ", ".join("?" * len(negatives))
+        row = self.conn.execute(
+            f"SELECT 1 FROM {_ARRAYS_TABLE} WHERE collection = ? AND path IN ({marks}) LIMIT 1",
+            [self.collection, *negatives],
+        ).fetchone()
+        return row is not None
+
+
+_Plan = tuple[str, list[Any], "_Compiled"]
+
+
 class _Translator:
     """Translate Mongo criteria to SQL over ``json_extract`` (see ``SQLiteStore.query``).
 
-    A positive condition on path ``a.b`` becomes ``S OR (a is array AND m) OR (a.b is
-    array AND m)`` where ``S`` is exact SQL for documents without arrays on the path and
-    ``m`` mongomock's matcher: each term can use an expression index (SQLite's
-    multi-index OR), and documents with arrays still get Mongo's array semantics.
+    A positive condition on path ``a.b`` becomes exact SQL ``S`` for documents without
+    arrays on the path, an expression an index on the field serves. Only if some
+    document has ever held an array at ``a`` or ``a.b`` (``has_arrays``, recorded at
+    write time) is it widened to ``S OR (a is array AND m) OR (a.b is array AND m)``,
+    ``m`` being mongomock's matcher, so documents with arrays get Mongo's semantics.
     Negative operators are ``NOT`` of the exact positive form.
     """
 
     _COMPARISONS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 
-    def __init__(self, key_field: str) -> None:
+    def __init__(self, key_field: str, has_arrays: Callable[[str], bool]) -> None:
         self.key_field = key_field
+        self.has_arrays = has_arrays
         self.matchers: list[_Matcher] = []
+        # path -> the one type class a top-level AND condition allows. Sorting on such a
+        # path can skip its type-class term, which lets SQLite read the order from the
+        # (type class, value) index instead of sorting (it misses that on its own).
+        self.pinned: dict[str, int] = {}
+
+    def _array_depths(self, parts: list[str], strict: bool = False) -> list[int]:
+        """The prefix lengths of a path at which some document holds an array."""
+        stop = len(parts) if strict else len(parts) + 1
+        return [d for d in range(1, stop) if self.has_arrays(".".join(parts[:d]))]
 
     def compile(self, criteria: Mapping[str, Any] | None) -> _Compiled:
         """Translate criteria into a :class:`_Compiled` WHERE clause."""
@@ -400,8 +500,8 @@ class _Translator:
             criteria = {}
         if not isinstance(criteria, Mapping):
             raise TypeError(f"criteria must be a dict, not {type(criteria).__name__}")
-        where, params = self._document(criteria)
-        return _Compiled(where, params, self.matchers)
+        where, params = self._document(criteria, top=True)
+        return _Compiled(where, params, self.matchers, self.pinned)
 
     def _python(self, criteria: dict[str, Any]) -> _Fragment:
         matcher = _Matcher(criteria)
@@ -410,16 +510,16 @@ class _Translator:
         self.matchers.append(matcher)
         return "jfc_match(doc, ?)", [token]
 
-    def _document(self, criteria: Mapping[str, Any]) -> _Fragment:
-        return _and([self._item(key, value) for key, value in criteria.items()])
+    def _document(self, criteria: Mapping[str, Any], top: bool = False) -> _Fragment:
+        return _and([self._item(key, value, top) for key, value in criteria.items()])
 
-    def _item(self, key: str, value: Any) -> _Fragment:
+    def _item(self, key: str, value: Any, top: bool = False) -> _Fragment:
         if key in ("$and", "$or", "$nor"):
             if not isinstance(value, list | tuple) or not value:
                 raise ValueError(f"{key} needs a non-empty list of criteria")
             if not all(isinstance(sub, Mapping) for sub in value):
                 raise ValueError(f"every entry of {key} must be a dict")
-            subs = [self._document(sub) for sub in value]
+            subs = [self._document(sub, top and key == "$and") for sub in value]
             if key == "$and":
                 return _and(subs)
             return _or(subs) if key == "$or" else _not(_or(subs))
@@ -437,11 +537,11 @@ class _Translator:
         else:
             ops = {"$eq": value}
         if key == self.key_field:
-            return self._key_field(key, parts, ops)
-        return self._field(key, parts, ops)
+            return self._key_field(key, parts, ops, top)
+        return self._field(key, parts, ops, top)
 
     # -- the store key: the indexed ``key`` column answers equality exactly
-    def _key_field(self, path: str, parts: list[str], ops: dict[str, Any]) -> _Fragment:
+    def _key_field(self, path: str, parts: list[str], ops: dict[str, Any], top: bool) -> _Fragment:
         fragments = []
         rest: dict[str, Any] = {}
         for op, value in ops.items():
@@ -464,11 +564,11 @@ class _Translator:
             else:
                 rest[op] = value
         if rest:
-            fragments.append(self._field(path, parts, rest))
+            fragments.append(self._field(path, parts, rest, top))
         return _and(fragments)
 
     # -- any other field
-    def _field(self, path: str, parts: list[str], ops: dict[str, Any]) -> _Fragment:
+    def _field(self, path: str, parts: list[str], ops: dict[str, Any], top: bool) -> _Fragment:
         fragments: list[_Fragment] = []
         scalars: list[_Fragment] = []
         positive: dict[str, Any] = {}
@@ -495,6 +595,10 @@ class _Translator:
                 scalars.append(scalar)
         if scalars:
             fragments.append(self._guarded(path, parts, scalars, positive))
+            classes = {_op_class(op, value) for op, value in positive.items()} - {0}
+            pinned = classes.pop() if len(classes) == 1 else None
+            if top and pinned is not None and not self._array_depths(parts):
+                self.pinned[path] = pinned
         if python:
             fragments.append(self._python({path: python}))
         return _and(fragments)
@@ -534,12 +638,17 @@ class _Translator:
         self, path: str, parts: list[str], scalars: list[_Fragment], ops: dict[str, Any]
     ) -> _Fragment:
         """Combine exact scalar SQL with the Python matcher for documents holding arrays."""
+        depths = self._array_depths(parts)
+        if not depths:
+            return _and(scalars)
         sql, params = self._python({path: ops})
         token = params[0]
         terms = [_and(scalars)]
-        for depth in range(1, len(parts)):
-            terms.append((f"({_t(parts[:depth])} = 'array' AND {sql})", [token]))
-        terms.append((f"({_b(parts)} = {_ARRAY} AND {sql})", [token]))
+        for depth in depths:
+            if depth == len(parts):
+                terms.append((f"({_b(parts)} = {_ARRAY} AND {sql})", [token]))
+            else:
+                terms.append((f"({_t(parts[:depth])} = 'array' AND {sql})", [token]))
         return _or(terms)
 
     def _scalar(self, parts: list[str], op: str, value: Any, options: Any) -> _Fragment | None:
@@ -565,6 +674,10 @@ class _Translator:
             pattern = _regex_pattern(value, options)
             if pattern is None:
                 return None
+            try:
+                _compile_regex(pattern)
+            except re.error:
+                return None  # the fallback reports the error clearly
             return f"({_b(parts)} = {_STRING} AND {_x(parts)} REGEXP ?)", [pattern]
         return None
 
@@ -576,7 +689,7 @@ class _Translator:
         if type_class == _NULL:
             # missing or null, unless an array on the way leaves it to the matcher
             # IS, not =: a missing parent gives NULL, and NOT NULL would drop the row
-            prefixes = [f"{_t(parts[:depth])} IS 'array'" for depth in range(1, len(parts))]
+            prefixes = [f"{_t(parts[:d])} IS 'array'" for d in self._array_depths(parts, True)]
             no_arrays = f" AND NOT ({' OR '.join(prefixes)})" if prefixes else ""
             return f"({_b(parts)} = {_NULL}{no_arrays})", []
         return f"({_b(parts)} = {type_class} AND {_x(parts)} = ?)", [sql_value]
@@ -600,6 +713,17 @@ class _Translator:
                 (f"({_b(parts)} = {type_class} AND {_x(parts)} IN ({marks}))", sql_values)
             )
         return alternatives
+
+
+def _op_class(op: str, value: Any) -> int | None:
+    """The type class a natively translated operator requires (0: any, None: unknown)."""
+    if op in ("$exists", "$options"):
+        return 0
+    if op == "$regex":
+        return _STRING
+    values = value if op == "$in" else [value]
+    classes = {scalar[0] if scalar else None for scalar in map(_sql_scalar, values)}
+    return classes.pop() if len(classes) == 1 else None
 
 
 def _key_literal(value: Any) -> str | None:
@@ -713,6 +837,7 @@ class _ProcessState:
         self.local = threading.local()
         self.readers: weakref.WeakSet[sqlite3.Connection] = weakref.WeakSet()
         self.writes = 0  # write transactions since the statistics were last checked
+        self.known_arrays: set[str] = set()  # paths known to hold arrays in some document
 
     def close(self) -> None:
         with self.lock:
@@ -738,10 +863,19 @@ class SQLiteStore(Store):
     Queries take MongoDB criteria. Translated to SQL (indexable with
     :meth:`ensure_index`): equality (dotted paths, ``None`` = null or missing),
     ``$eq $ne $gt $gte $lt $lte $in $nin $exists $regex $not $and $or $nor``, with
-    Mongo's type bracketing (``1`` never equals ``True``). Everything else (``$elemMatch``,
-    ``$size``, ``$all``, ``$type``, ``$expr``, equality with a sub-document, numeric path
-    components, ...) and documents holding arrays along a queried path are matched by
-    mongomock in Python inside the same statement: exact, just slower.
+    Mongo's type bracketing (``1`` never equals ``True``, strings never compare with
+    numbers). Everything else (``$elemMatch``, ``$size``, ``$all``, ``$type``, ``$expr``,
+    equality with a sub-document or list, numeric path components, ...) is matched by
+    mongomock in Python inside the same statement: exact, just slower. Every write
+    records the paths at which documents hold arrays; conditions on such a path also ask
+    mongomock about documents with an array there, so ``{"tags": "red"}`` matches
+    ``{"tags": ["red", "blue"]}`` as in MongoDB, while array-free paths stay pure SQL.
+
+    Differences from MongoStore: documents have no ``_id``; one document per key value
+    (the key must be a str or int); datetimes keep microseconds; sorting on a field that
+    holds arrays or sub-documents orders them after scalars by their JSON text rather
+    than by element; a unique index lets several documents lack the field. Planner
+    statistics are refreshed (``ANALYZE``) whenever a table has doubled in size.
 
     Parameters
     ----------
@@ -785,7 +919,10 @@ class SQLiteStore(Store):
             raise ValueError(f"SQLiteStore needs a file path, got {path!r}")
         if not isinstance(collection_name, str) or not collection_name:
             raise ValueError("collection_name must be a non-empty string")
-        if collection_name.lower().startswith("sqlite_") or collection_name == _META_TABLE:
+        if collection_name.lower().startswith("sqlite_") or collection_name in (
+            _META_TABLE,
+            _ARRAYS_TABLE,
+        ):
             raise ValueError(f"collection_name {collection_name!r} is reserved")
         if timeout < 0:
             raise ValueError("timeout must be >= 0")
@@ -934,6 +1071,10 @@ class SQLiteStore(Store):
                 "analyzed_rows INTEGER NOT NULL DEFAULT 0)"
             )
             conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {_ARRAYS_TABLE} (collection TEXT NOT NULL, "
+                "path TEXT NOT NULL, PRIMARY KEY (collection, path)) WITHOUT ROWID"
+            )
+            conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._table} "
                 "(key TEXT PRIMARY KEY, doc TEXT NOT NULL)"
             )
@@ -1048,8 +1189,23 @@ class SQLiteStore(Store):
         except sqlite3.Error as err:  # statistics only speed queries up: never fail on them
             logger.warning("could not update the query statistics of %s: %s", self.name, err)
 
-    def _compile(self, criteria: Mapping[str, Any] | None) -> _Compiled:
-        return _Translator(self.key).compile(criteria)
+    def _probe(self, conn: sqlite3.Connection) -> _ArrayProbe:
+        return _ArrayProbe(conn, self.collection_name, self._state_or_raise().known_arrays)
+
+    def _compile(
+        self, criteria: Mapping[str, Any] | None, probe: Callable[[str], bool]
+    ) -> _Compiled:
+        return _Translator(self.key, probe).compile(criteria)
+
+    def _record_arrays(self, conn: sqlite3.Connection, paths: set[str]) -> set[str]:
+        """Record array paths in the current write transaction; return the new ones."""
+        new = paths - self._state_or_raise().known_arrays
+        if new:
+            conn.executemany(
+                f"INSERT INTO {_ARRAYS_TABLE} VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(self.collection_name, path) for path in sorted(new)],
+            )
+        return new
 
     # ---------------------------------------------------------------- reading
 
@@ -1093,20 +1249,45 @@ class SQLiteStore(Store):
         ...     [d["task_id"] for d in store.query({"n": {"$ne": 0}}, sort={"n": -1})]
         [2, 5, 1, 4]
         """
-        compiled = self._compile(criteria)
         projection = _projection(properties)
         items = _sort_items(sort)
         if skip < 0 or limit < 0:
             raise ValueError("skip and limit must be >= 0")
-        self._state_or_raise()
         if all(_split_path(field) is not None for field, _ in items):
-            order = self._order_by(items)
-            sql = f"SELECT doc FROM {self._table} WHERE {compiled.where}{order} LIMIT ? OFFSET ?"
-            params = [*compiled.params, limit or -1, skip]
-            return self._stream(sql, params, compiled, projection)
-        return self._python_sorted(compiled, projection, items, skip, limit)
 
-    def _order_by(self, items: list[tuple[str, int]]) -> str:
+            def build(probe: _ArrayProbe) -> _Plan:
+                compiled = self._compile(criteria, probe)
+                order = self._order_by(items, compiled.pinned)
+                sql = (
+                    f"SELECT doc FROM {self._table} WHERE {compiled.where}{order} LIMIT ? OFFSET ?"
+                )
+                return sql, [*compiled.params, limit or -1, skip], compiled
+
+            return self._stream(self._read(build), projection)
+        return self._python_sorted(criteria, projection, items, skip, limit)
+
+    def query_one(
+        self,
+        criteria: dict | None = None,
+        properties: dict | list | None = None,
+        sort: dict[str, Sort | int] | None = None,
+    ) -> dict | None:
+        """Return the first matching document, or None.
+
+        Same result as :meth:`maggma.core.Store.query_one`, but asks SQLite for one row,
+        so a sorted lookup reads one index entry instead of sorting every match.
+        """
+        docs = self.query(criteria=criteria, properties=properties, sort=sort, limit=1)
+        try:
+            return next(docs, None)
+        finally:
+            close = getattr(docs, "close", None)
+            if close is not None:
+                close()
+
+    @staticmethod
+    def _order_by(items: list[tuple[str, int]], pinned: Mapping[str, int] | None = None) -> str:
+        """ORDER BY type class then value per field; ties in insertion order."""
         if not items:
             return ""
         terms = []
@@ -1114,16 +1295,43 @@ class SQLiteStore(Store):
             parts = _split_path(field)
             assert parts is not None
             word = "ASC" if direction > 0 else "DESC"
-            terms += [f"{_b(parts)} {word}", f"{_x(parts)} {word}"]
+            if not pinned or field not in pinned:
+                terms.append(f"{_b(parts)} {word}")
+            terms.append(f"{_x(parts)} {word}")
         return " ORDER BY " + ", ".join([*terms, "rowid ASC"])
 
-    def _rows(
-        self, sql: str, params: list[Any], compiled: _Compiled
-    ) -> Generator[tuple, None, None]:
-        """Stream raw rows from the calling thread's reader connection."""
+    def _read(self, build: Callable[[_ArrayProbe], _Plan]) -> Generator[tuple, None, None]:
+        """Plan a read now (so bad criteria raise at once) and stream its rows later."""
         conn = self._reader()
+        probe = self._probe(conn)
         with self._errors():
-            cursor = conn.execute(sql, params)
+            plan = build(probe)
+        return self._rows(conn, build, probe, plan)
+
+    def _rows(
+        self,
+        conn: sqlite3.Connection,
+        build: Callable[[_ArrayProbe], _Plan],
+        probe: _ArrayProbe,
+        plan: _Plan,
+    ) -> Generator[tuple, None, None]:
+        """Run a planned statement on a reader connection and stream its rows.
+
+        Once the statement has started, its snapshot is fixed; the array paths the plan
+        relied on are re-checked in that snapshot and the plan rebuilt if another
+        process has since stored an array where none was.
+        """
+        while True:
+            sql, params, compiled = plan
+            with self._errors():
+                cursor = conn.execute(sql, params)
+                stale = probe.stale()
+            if not stale:
+                break
+            cursor.close()
+            probe = self._probe(conn)
+            with self._errors():
+                plan = build(probe)
         try:
             while True:
                 with self._errors():
@@ -1135,38 +1343,52 @@ class SQLiteStore(Store):
         finally:
             cursor.close()
 
+    @staticmethod
     def _stream(
-        self,
-        sql: str,
-        params: list[Any],
-        compiled: _Compiled,
-        projection: tuple[dict, bool] | None,
-    ) -> Iterator[dict]:
-        for (text,) in self._rows(sql, params, compiled):
+        rows: Iterator[tuple], projection: tuple[dict, bool] | None
+    ) -> Generator[dict, None, None]:
+        for (text,) in rows:
             doc = _loads(text)
             yield doc if projection is None else _project(doc, *projection)
 
     def _python_sorted(
         self,
-        compiled: _Compiled,
+        criteria: dict | None,
         projection: tuple[dict, bool] | None,
         items: list[tuple[str, int]],
         skip: int,
         limit: int,
     ) -> Iterator[dict]:
         """Sort in Python (mongomock's sort keys) when a sort path is not SQL-addressable."""
-        sql = f"SELECT doc FROM {self._table} WHERE {compiled.where} ORDER BY rowid"
-        docs = list(self._stream(sql, compiled.params, compiled, None))
-        for field, direction in reversed(items):
-            docs.sort(key=_sort_key_function(field), reverse=direction < 0)
-        docs = docs[skip : skip + limit if limit else None]
-        yield from (docs if projection is None else (_project(d, *projection) for d in docs))
+
+        def build(probe: _ArrayProbe) -> _Plan:
+            compiled = self._compile(criteria, probe)
+            sql = f"SELECT doc FROM {self._table} WHERE {compiled.where} ORDER BY rowid"
+            return sql, compiled.params, compiled
+
+        rows = self._read(build)
+
+        def sorted_docs() -> Iterator[dict]:
+            docs = list(self._stream(rows, None))
+            for field, direction in reversed(items):
+                docs.sort(key=_sort_key_function(field), reverse=direction < 0)
+            docs = docs[skip : skip + limit if limit else None]
+            yield from (docs if projection is None else (_project(d, *projection) for d in docs))
+
+        return sorted_docs()
 
     def count(self, criteria: dict | None = None, hint: dict | None = None) -> int:
         """Count the documents matching Mongo criteria (``hint`` is accepted and ignored)."""
-        compiled = self._compile(criteria)
-        sql = f"SELECT count(*) FROM {self._table} WHERE {compiled.where}"
-        rows = self._rows(sql, compiled.params, compiled)
+
+        def build(probe: _ArrayProbe) -> _Plan:
+            compiled = self._compile(criteria, probe)
+            return (
+                f"SELECT count(*) FROM {self._table} WHERE {compiled.where}",
+                compiled.params,
+                compiled,
+            )
+
+        rows = self._read(build)
         try:
             return int(next(rows)[0])
         finally:
@@ -1187,41 +1409,51 @@ class SQLiteStore(Store):
         Returns
         -------
         list
-            The values (``None`` included when a document holds null), first-seen order.
+            The values, ``None`` included when a document holds null; like MongoDB's,
+            in no particular order (but 1 and 1.0 count once, True and 1 twice).
         """
-        compiled = self._compile(criteria)
         parts = _split_path(field)
+        table = self._table
+
+        def build(probe: _ArrayProbe) -> _Plan:
+            compiled = self._compile(criteria, probe)
+            where, params = compiled.where, compiled.params
+            if field == self.key:
+                sql = f"SELECT 0, 'key', key FROM {table} WHERE {where} ORDER BY rowid"
+                return sql, params, compiled
+            if parts is None:  # numeric components etc.: resolve every document in Python
+                return f"SELECT 1, NULL, doc FROM {table} WHERE {where}", params, compiled
+            in_sql = (
+                f"SELECT 0, {_t(parts)}, {_x(parts)} FROM {table} WHERE ({where}) "
+                f"AND {_t(parts)} IS NOT NULL"
+            )
+            depths = [d for d in range(1, len(parts)) if probe(".".join(parts[:d]))]
+            if not depths:
+                return f"{in_sql} GROUP BY 2, 3", params, compiled
+            # documents with an array above the field: resolve them in Python
+            arrays = " OR ".join(f"{_t(parts[:d])} IS 'array'" for d in depths)
+            sql = (
+                f"{in_sql} AND NOT ({arrays}) GROUP BY 2, 3 "
+                f"UNION ALL SELECT 1, NULL, doc FROM {table} WHERE ({where}) AND ({arrays})"
+            )
+            return sql, [*params, *params], compiled
+
         seen: set[Any] = set()
         values: list[Any] = []
-
-        def add(value: Any) -> None:
-            for item in value if isinstance(value, list) else [value]:
-                marker = _distinct_marker(item)
-                if marker not in seen:
-                    seen.add(marker)
-                    values.append(item)
-
-        if field == self.key:
-            sql = f"SELECT key FROM {self._table} WHERE {compiled.where} ORDER BY rowid"
-            return [orjson.loads(key) for (key,) in self._rows(sql, compiled.params, compiled)]
-        if parts is None:
-            prefix_arrays = "1"
-        else:
-            prefix_arrays = " OR ".join(
-                [f"{_t(parts[:depth])} IS 'array'" for depth in range(1, len(parts))] or ["0"]
-            )
-            sql = (
-                f"SELECT {_t(parts)}, {_x(parts)}, min(rowid) AS first FROM {self._table} "
-                f"WHERE ({compiled.where}) AND {_t(parts)} IS NOT NULL "
-                f"AND NOT ({prefix_arrays}) GROUP BY 1, 2 ORDER BY first"
-            )
-            for json_type, raw, _ in self._rows(sql, compiled.params, compiled):
-                add(_from_sql(json_type, raw))
-        sql = f"SELECT doc FROM {self._table} WHERE ({compiled.where}) AND ({prefix_arrays})"
-        for (text,) in self._rows(sql, compiled.params, compiled):
-            for value in iter_key_candidates(field, _loads(text)):
-                if value is not NOTHING:
-                    add(value)
+        for in_python, json_type, raw in self._read(build):
+            if json_type == "key":
+                values.append(orjson.loads(raw))
+                continue
+            if in_python:
+                found = [v for v in iter_key_candidates(field, _loads(raw)) if v is not NOTHING]
+            else:
+                found = [_from_sql(json_type, raw)]
+            for value in found:
+                for item in value if isinstance(value, list) else [value]:
+                    marker = _distinct_marker(item)
+                    if marker not in seen:
+                        seen.add(marker)
+                        values.append(item)
         return values
 
     def groupby(
@@ -1304,14 +1536,37 @@ class SQLiteStore(Store):
             raise TypeError(f"the key field {self.key!r} must hold a str or an int, not {value!r}")
         return literal
 
-    def _prepare(self, doc: Any) -> tuple[str, str, dict] | None:
-        """Sanitise and validate one document: ``(row key, JSON text, document)``."""
+    def _prepare(
+        self, doc: Any, arrays: set[str], sanitized: bool = False
+    ) -> tuple[str, str, dict] | None:
+        """Sanitise and validate one document: ``(row key, JSON text, document)``.
+
+        The paths at which it holds arrays are added to ``arrays``. Unless a validator
+        needs to see it (or ``sanitized`` is asked for), the sanitised document is only
+        built when the document holds something ``jsanitize`` would change.
+        """
+        if self.validator is None and not sanitized and type(doc) is dict:
+            try:
+                storable = _to_storable(doc, arrays, strict=True)
+            except _NotPlainError:
+                pass  # something to sanitise: take the full path
+            else:  # jsanitize would return an equal document: skip it
+                text = orjson.dumps(storable, default=_orjson_default).decode("utf-8")
+                return self._row_key(doc), text, doc
         doc = _sanitize(doc)
         if not isinstance(doc, dict):
             raise TypeError(f"documents must be dicts, not {type(doc).__name__}")
         if not self._validate(doc):
             return None
-        return self._row_key(doc), _dumps(doc), doc
+        return self._row_key(doc), _encode(doc, arrays), doc
+
+    @contextmanager
+    def _writing(self, arrays: set[str]) -> Iterator[sqlite3.Connection]:
+        """A write transaction that also records the array paths of what it writes."""
+        with self._transaction() as conn:
+            new = self._record_arrays(conn, arrays)
+            yield conn
+        self._state_or_raise().known_arrays.update(new)  # only once committed
 
     def update(self, docs: list[dict] | dict, key: list | str | None = None) -> None:
         """Insert or replace documents, all in one transaction.
@@ -1339,21 +1594,24 @@ class SQLiteStore(Store):
             docs = [docs]
         fields = list(key) if isinstance(key, list | tuple) else [key or self.key]
         simple = fields == [self.key]
-        prepared = [p for p in map(self._prepare, docs) if p is not None]
+        arrays: set[str] = set()
+        prepared = [
+            p for p in (self._prepare(d, arrays, not simple) for d in docs) if p is not None
+        ]
         if not prepared:
             return
         upsert = (
             f"INSERT INTO {self._table} (key, doc) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET doc = excluded.doc"
         )
-        matches = (
-            [] if simple else [self._compile({f: d[f] for f in fields}) for _, _, d in prepared]
-        )
-        with self._transaction() as conn:
+        searches = [] if simple else [{f: d[f] for f in fields} for _, _, d in prepared]
+        with self._writing(arrays) as conn:
             if simple:
                 conn.executemany(upsert, [(row_key, text) for row_key, text, _ in prepared])
                 return
-            for (row_key, text, _), match in zip(prepared, matches):
+            probe = self._probe(conn)  # inside the write lock: answers cannot go stale
+            for (row_key, text, _), search in zip(prepared, searches):
+                match = self._compile(search, probe)
                 found = conn.execute(
                     f"SELECT rowid, key FROM {self._table} WHERE {match.where} "
                     "ORDER BY rowid LIMIT 1",
@@ -1386,16 +1644,18 @@ class SQLiteStore(Store):
         ...         {"task_id": "x", "v": 2}), store.query_one()["v"]
         (True, False, 1)
         """
-        prepared = self._prepare(doc)
+        arrays: set[str] = set()
+        prepared = self._prepare(doc, arrays)
         if prepared is None:
             return False
         row_key, text, _ = prepared
-        with self._transaction() as conn:
+        with self._writing(arrays) as conn:
             cursor = conn.execute(
                 f"INSERT INTO {self._table} (key, doc) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
                 (row_key, text),
             )
-            return cursor.rowcount == 1
+            inserted = cursor.rowcount == 1
+        return inserted
 
     def increment(
         self,
@@ -1462,7 +1722,8 @@ class SQLiteStore(Store):
                     raise ValueError(f"fields {path!r} and {other!r} overlap")
         if not paths:
             return self.count({self.key: key_value}) == 1
-        set_texts = {path: _dumps(_sanitize(value)) for path, value in set_fields.items()}
+        arrays: set[str] = set()
+        set_texts = {path: _dumps(value, arrays, path) for path, value in set_fields.items()}
 
         checks: list[str] = []
         for path in paths:
@@ -1470,9 +1731,13 @@ class SQLiteStore(Store):
             checks += [_t(parts[:depth]) for depth in range(1, len(parts))]
             checks.append(_t(parts))
         number_paths = [_json_path(parsed[path]) for path in fields]
-        raw = f"json_extract(doc, {', '.join([*number_paths, *number_paths])})"
+        # with two or more paths json_extract returns a JSON array of the numbers' own
+        # text, so floats are read back exactly (a REAL would be rounded to 15 digits)
+        raw = (
+            f"json_extract(doc, {', '.join([*number_paths, *number_paths])})" if fields else "'[]'"
+        )
         select = f"SELECT {', '.join([*checks, raw])} FROM {self._table} WHERE key = ?"
-        with self._transaction() as conn:
+        with self._writing(arrays) as conn:
             row = conn.execute(select, (row_key,)).fetchone()
             if row is None:
                 return False
@@ -1503,8 +1768,8 @@ class SQLiteStore(Store):
 
     def remove_docs(self, criteria: dict) -> None:
         """Delete every document matching Mongo criteria (``{}`` deletes all)."""
-        compiled = self._compile(criteria)
         with self._transaction() as conn:
+            compiled = self._compile(criteria, self._probe(conn))
             conn.execute(f"DELETE FROM {self._table} WHERE {compiled.where}", compiled.params)
             compiled.check()
 
@@ -1545,21 +1810,13 @@ class SQLiteStore(Store):
             ).fetchone()
         if exists:
             return True
-        statements = [
+        statement = (
             f"CREATE {'UNIQUE ' if unique else ''}INDEX IF NOT EXISTS {_quote_identifier(name)} "
             f"ON {self._table} ({_b(parts)}, {_x(parts)})"
-        ]
-        for depth in range(1, len(parts)):
-            parent = ".".join(parts[:depth])
-            statements.append(
-                f"CREATE INDEX IF NOT EXISTS "
-                f"{_quote_identifier(f'{self.collection_name}:{parent}:type')} "
-                f"ON {self._table} ({_t(parts[:depth])})"
-            )
+        )
         try:
             with self._transaction() as conn:
-                for statement in statements:
-                    conn.execute(statement)
+                conn.execute(statement)
         except sqlite3.Error as err:
             logger.warning("could not create the index on %r: %s", key, err)
             return False
