@@ -386,3 +386,57 @@ def test_upstream_uuid_and_folder_are_rewritten_apart(counts, job_store, cache_s
     assert served["uuid"] == f[0].uuid
     assert Path(served["dir"]).parent == tmp_path / "r2"
     assert served == job_store.get_output(f[0].uuid)
+
+
+def test_concurrent_runs_in_threads_use_their_own_caches(counts, tmp_path):
+    """run_locally in two threads at once (and plain jobflow in a third) do not mix."""
+    import threading
+
+    from jobflow import Job
+
+    caches = [
+        CacheStore(SQLiteStore(tmp_path / f"c{i}.sqlite", key="digest"), tmp_path / "o")
+        for i in range(2)
+    ]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def ours(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(5):
+                run_locally(
+                    chain(),
+                    store=JobStore(MemoryStore()),
+                    cache=caches[i],
+                    log=False,
+                    ensure_success=True,
+                )
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    def plain() -> None:
+        try:
+            barrier.wait()
+            for _ in range(5):
+                store = JobStore(MemoryStore())
+                f = chain()
+                jobflow_run_locally(f, store=store, log=False, ensure_success=True)
+                assert all(META_KEY not in d["metadata"] for d in store.query({}))
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    before = Job.run
+    threads = [threading.Thread(target=ours, args=(i,)) for i in range(2)]
+    threads.append(threading.Thread(target=plain))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert Job.run is before
+    for cache in caches:
+        cache.connect()
+        assert cache.count() == 3, "each thread's entries land in its own cache"
+    # 2 cached threads x 3 jobs once each, plus the plain thread's 5 x 3 executions
+    assert counts() == {"add": 2 * 2 + 5 * 2, "mul": 2 + 5}

@@ -15,6 +15,7 @@ import glob
 import inspect
 import json
 import logging
+import threading
 import time
 import types
 import warnings
@@ -73,6 +74,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: Hits and recordings are reported on a child of jobflow's logger, so they show wherever
+#: jobflow's own "Starting job" lines do (``run_locally(log=True)``), in the same format.
+progress = logging.getLogger("jobflow.cache")
 
 #: Key of ``Job.metadata`` used both for per-job options set by users (``enabled``,
 #: ``cache_version``, ``ignore``, ``files``) and for the record we write (``digest``, ``outcome``,
@@ -354,6 +358,13 @@ class Cache:
                 self.report.outcomes[Outcome.HIT.value] += 1
                 self.report.served.append(job.name)
                 self.report.time_saved += found.entry.duration
+                progress.info(
+                    "Served from cache - %s (%s) <- %s, %.1f s saved",
+                    job.name,
+                    job.uuid,
+                    digest[:12],
+                    found.entry.duration,
+                )
                 try:
                     self.store.record_hit(digest)
                 except Exception as err:  # bookkeeping only: never fail a served job
@@ -436,6 +447,8 @@ class Cache:
             self.store.put(entry)
         except Exception as err:  # recording must never fail a job that succeeded
             _warn_not_cached(job, err)
+        else:
+            progress.debug("Cached - %s (%s) as %s", job.name, job.uuid, call_digest.digest[:12])
         return response
 
     # -- recording --------------------------------------------------------------------------
@@ -645,10 +658,19 @@ def _script_version(path: str, function: Callable[..., Any], version: str | None
         return version
     try:
         source = inspect.getsource(function)
-    except (OSError, TypeError):
-        source = getattr(getattr(function, "__code__", None), "co_code", b"").hex()
+    except (OSError, TypeError):  # no source file (python -c, notebooks): the compiled code
+        code = getattr(function, "__code__", None)
+        source = _code_fingerprint(code) if isinstance(code, types.CodeType) else repr(function)
     tag = "source:" + digest_bytes(source.encode())
     return tag if version is None else f"{version}|{tag}"
+
+
+def _code_fingerprint(code: types.CodeType) -> str:
+    """Bytecode, names and constants of ``code`` (nested code objects included, addresses not)."""
+    consts = [
+        _code_fingerprint(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts
+    ]
+    return repr((code.co_code.hex(), code.co_names, code.co_varnames, consts))
 
 
 def _safe_path(function: Callable[..., Any]) -> str:
@@ -783,29 +805,52 @@ raise_immediately
         return _jobflow_run_locally(flow, **jobflow_kwargs)  # type: ignore[arg-type]
 
 
+_INTERCEPT: contextvars.ContextVar[Cache | None] = contextvars.ContextVar(
+    "jobflow_cache_intercept", default=None
+)
+_install_lock = threading.Lock()
+_installed = 0
+_jobflow_run = Job.run
+
+
+def _intercepting_run(self: Job, store: JobStore, job_dir: Path | None = None) -> Response:
+    """``Job.run`` while a :func:`run_locally` is active: the call goes through its cache.
+
+    Only the context (thread) that runs our ``run_locally`` is intercepted; any other
+    ``Job.run`` in the process behaves exactly as jobflow's.
+    """
+    folder = cast("Path", job_dir)  # jobflow annotates it as Path with default None
+    cache = _INTERCEPT.get()
+    if cache is None or is_cached_function(self.function):
+        return _jobflow_run(self, store, folder)
+    function = self.function
+    self.function = _Intercept(cache, self, function)
+    try:
+        return _jobflow_run(self, store, folder)
+    finally:
+        self.function = function
+
+
 @contextmanager
 def _cached_job_runs(cache: Cache) -> Iterator[None]:
-    """Route every ``Job.run`` made by jobflow's local manager through ``cache``.
+    """Route every ``Job.run`` made by jobflow's local manager in this context through ``cache``.
 
     jobflow's manager calls ``job.run(store=store)`` for each job, including jobs a dynamic
-    job creates on the fly, so the interception is installed on ``Job.run`` for the duration
-    of the call (restored afterwards, also on error).
+    job creates on the fly. ``Job.run`` is swapped for :func:`_intercepting_run` while at least
+    one ``run_locally`` is running (reference-counted, so concurrent runs in several threads
+    are safe), and a context variable says which cache this context uses.
     """
-    original_run = Job.run
-
-    def run(self: Job, store: JobStore, job_dir: Path | None = None) -> Response:
-        folder = cast("Path", job_dir)  # jobflow annotates it as Path with default None
-        if is_cached_function(self.function):
-            return original_run(self, store, folder)
-        function = self.function
-        self.function = _Intercept(cache, self, function)
-        try:
-            return original_run(self, store, folder)
-        finally:
-            self.function = function
-
-    Job.run = run  # type: ignore[method-assign]
+    global _installed
+    with _install_lock:
+        if _installed == 0:
+            Job.run = _intercepting_run  # type: ignore[method-assign]
+        _installed += 1
+    token = _INTERCEPT.set(cache)
     try:
         yield
     finally:
-        Job.run = original_run  # type: ignore[method-assign]
+        _INTERCEPT.reset(token)
+        with _install_lock:
+            _installed -= 1
+            if _installed == 0:
+                Job.run = _jobflow_run  # type: ignore[method-assign]
