@@ -32,6 +32,19 @@ def meta(store: JobStore, uuid: str, index: int = 1) -> dict:
     return store.query_one({"uuid": uuid, "index": index})["metadata"][META_KEY]
 
 
+def run_in(root, flow, job_store, cache_store, **kwargs):
+    """run_locally with one folder per job under ``root``."""
+    return run_locally(
+        flow,
+        store=job_store,
+        cache=cache_store,
+        log=False,
+        create_folders=True,
+        root_dir=root,
+        **kwargs,
+    )
+
+
 def chain() -> Flow:
     a = jobs.add(1, 2)
     b = jobs.mul(a.output, 10)
@@ -108,26 +121,10 @@ def test_files_are_linked_into_the_new_run_folder(counts, job_store, cache_store
     root1, root2 = tmp_path / "run1", tmp_path / "run2"
     w1 = jobs.write_files("x", size=3)
     r1 = jobs.read_back(w1.output)
-    run_locally(
-        Flow([w1, r1]),
-        store=job_store,
-        cache=cache_store,
-        log=False,
-        create_folders=True,
-        root_dir=root1,
-        ensure_success=True,
-    )
+    run_in(root1, Flow([w1, r1]), job_store, cache_store, ensure_success=True)
     w2 = jobs.write_files("x", size=3)
     r2 = jobs.read_back(w2.output)
-    responses = run_locally(
-        Flow([w2, r2]),
-        store=job_store,
-        cache=cache_store,
-        log=False,
-        create_folders=True,
-        root_dir=root2,
-        ensure_success=True,
-    )
+    responses = run_in(root2, Flow([w2, r2]), job_store, cache_store, ensure_success=True)
     assert counts() == {"write_files": 1, "read_back": 1}, "both jobs must be served"
 
     out = job_store.get_output(w2.uuid)
@@ -146,24 +143,9 @@ def test_files_are_linked_into_the_new_run_folder(counts, job_store, cache_store
 
 
 def test_copy_mode_gives_independent_files(counts, job_store, cache_store, tmp_path):
-    run_locally(
-        jobs.write_files("y"),
-        store=job_store,
-        cache=cache_store,
-        log=False,
-        create_folders=True,
-        root_dir=tmp_path / "a",
-    )
+    run_in(tmp_path / "a", jobs.write_files("y"), job_store, cache_store)
     w = jobs.write_files("y")
-    run_locally(
-        w,
-        store=job_store,
-        cache=cache_store,
-        log=False,
-        create_folders=True,
-        root_dir=tmp_path / "b",
-        files="copy",
-    )
+    run_in(tmp_path / "b", w, job_store, cache_store, files="copy")
     assert counts()["write_files"] == 1
     new = Path(job_store.get_output(w.uuid)["dir_name"]) / "result.txt"
     assert new.stat().st_nlink == 1
@@ -236,28 +218,14 @@ def test_entry_with_garbage_document_is_not_served(counts, job_store, cache_stor
 
 
 def test_missing_file_objects_rerun_the_job(counts, job_store, cache_store, tmp_path):
-    run_locally(
-        jobs.write_files("z"),
-        store=job_store,
-        cache=cache_store,
-        log=False,
-        create_folders=True,
-        root_dir=tmp_path / "a",
-    )
+    run_in(tmp_path / "a", jobs.write_files("z"), job_store, cache_store)
     for obj in Path(cache_store.objects_dir).rglob("*"):
         if obj.is_file():
             obj.chmod(0o644)
             obj.unlink()
     w = jobs.write_files("z")
     with pytest.warns(CacheWarning, match="missing"):
-        run_locally(
-            w,
-            store=job_store,
-            cache=cache_store,
-            log=False,
-            create_folders=True,
-            root_dir=tmp_path / "b",
-        )
+        run_in(tmp_path / "b", w, job_store, cache_store)
     assert counts()["write_files"] == 2
     assert (Path(job_store.get_output(w.uuid)["dir_name"]) / "result.txt").read_text() == "z\n" * 10
 
@@ -364,23 +332,9 @@ def test_upstream_uuid_and_folder_are_rewritten_apart(counts, job_store, cache_s
         p = jobs.producer()
         return Flow([p, jobs.consumer(p.output)])
 
-    run_locally(
-        flow(),
-        store=job_store,
-        cache=cache_store,
-        log=False,
-        create_folders=True,
-        root_dir=tmp_path / "r1",
-    )
+    run_in(tmp_path / "r1", flow(), job_store, cache_store)
     f = flow()
-    run_locally(
-        f,
-        store=job_store,
-        cache=cache_store,
-        log=False,
-        create_folders=True,
-        root_dir=tmp_path / "r2",
-    )
+    run_in(tmp_path / "r2", f, job_store, cache_store)
     assert counts() == {"producer": 1, "consumer": 1}
     served = job_store.get_output(f[1].uuid)
     assert served["uuid"] == f[0].uuid

@@ -393,10 +393,8 @@ class Cache:
         outcome: Outcome,
         options: JobOptions,
     ) -> Any:
-        self.report.outcomes[outcome.value] += 1
-        self.report.executed.append(job.name)
-        if not cache_disabled():
-            self._mark(job, options, None, outcome, None)
+        # JOBFLOW_CACHE_DISABLE: jobflow's behaviour exactly, metadata untouched
+        self._executing(job, options, None, outcome, mark=not cache_disabled())
         return function(*args, **kwargs)
 
     def _run_and_record(
@@ -416,9 +414,7 @@ class Cache:
         # registered before running: a child of a job that fails (OnMissing.PASS/NONE) still
         # sees the same digest in place of its uuid on every run
         self._register(job, call_digest.digest)
-        self.report.outcomes[outcome.value] += 1
-        self.report.executed.append(job.name)
-        self._mark(job, options, call_digest.digest, outcome, None)
+        self._executing(job, options, call_digest.digest, outcome)
         started = time.perf_counter()
         returned = function(*args, **kwargs)  # a failure propagates: nothing is recorded
         duration = time.perf_counter() - started
@@ -586,6 +582,21 @@ class Cache:
         )
 
     # -- book-keeping -----------------------------------------------------------------------
+    def _executing(
+        self,
+        job: Job,
+        options: JobOptions,
+        digest: str | None,
+        outcome: Outcome,
+        *,
+        mark: bool = True,
+    ) -> None:
+        """Count a job that is about to run and (``mark``) record why in its metadata."""
+        self.report.outcomes[outcome.value] += 1
+        self.report.executed.append(job.name)
+        if mark:
+            self._mark(job, options, digest, outcome, None)
+
     def _register(self, job: Job, digest: str) -> None:
         self.job_digests[job.uuid] = digest
         if self.exclusive_dirs:

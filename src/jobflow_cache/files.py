@@ -428,21 +428,32 @@ class ObjectArea:
         with open(src_fd, "rb", buffering=0) as source:
             if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
                 raise CacheError(f"{src} is not a regular file")
-            fd, name = tempfile.mkstemp(dir=self.root, prefix=_TMP_PREFIX)
-            tmp = Path(name)
+            tmp, digest, size = self._copy_hashed(source, self.root, OBJECT_MODE)
             try:
-                with open(fd, "wb") as target:
-                    digest, size = _hash_stream(source, target)
-                    target.flush()
-                    if self.fsync:
-                        os.fsync(target.fileno())
-                    os.fchmod(target.fileno(), OBJECT_MODE)
                 final = self.path_of(digest)
                 if not os.path.lexists(final):
                     self._publish(tmp, final)
                 return digest, size
             finally:
                 _unlink_quietly(tmp)
+
+    def _copy_hashed(self, source: FileIO, folder: Path, mode: int) -> tuple[Path, str, int]:
+        """Copy ``source`` to a new temporary file in ``folder`` with ``mode``, hashing the
+        bytes as they are written; return (temporary path, xxh3, size). The caller renames or
+        removes the temporary file."""
+        fd, name = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX)
+        tmp = Path(name)
+        try:
+            with open(fd, "wb") as out:
+                digest, size = _hash_stream(source, out)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+                os.fchmod(out.fileno(), mode)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp, digest, size
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Give the finished temporary file ``tmp`` its final name without clobbering.
@@ -603,15 +614,8 @@ class ObjectArea:
         """Copy the object to ``target`` with the recorded mode, checking size and digest."""
         src_fd = os.open(self.path_of(record.xxh3), os.O_RDONLY | _O_NOFOLLOW)
         with open(src_fd, "rb", buffering=0) as source:
-            fd, name = tempfile.mkstemp(dir=target.parent, prefix=_TMP_PREFIX)
-            tmp = Path(name)
+            tmp, digest, size = self._copy_hashed(source, target.parent, record.mode & 0o777)
             try:
-                with open(fd, "wb") as out:
-                    digest, size = _hash_stream(source, out)
-                    out.flush()
-                    if self.fsync:
-                        os.fsync(out.fileno())
-                    os.fchmod(out.fileno(), record.mode & 0o777)
                 if size != record.size or digest != record.xxh3:
                     raise FilesUnavailableError(
                         f"object {record.xxh3} for {record.path!r} is corrupt "
