@@ -226,3 +226,9 @@ def deform_parent(strain: float):
     s = Structure(lattice, ["Cu"], [[0.1234567, 0.7654321, 0.1111111]])
     deformed = Deformation([[1 + strain, 0, 0], [0, 1, 0], [0, 0, 1]]).apply_to_structure(s)
     return Response(replace=relax_child(deformed))
+
+
+@job
+def takes_anything(value, n=1):
+    executed("takes_anything")
+    return n

@@ -394,3 +394,73 @@ def test_concurrent_runs_in_threads_use_their_own_caches(counts, tmp_path):
         assert cache.count() == 3, "each thread's entries land in its own cache"
     # 2 cached threads x 3 jobs once each, plus the plain thread's 5 x 3 executions
     assert counts() == {"add": 2 * 2 + 5 * 2, "mul": 2 + 5}
+
+
+def test_a_failure_inside_hashing_runs_the_job_uncached(
+    counts, job_store, cache_store, run_dir, monkeypatch
+):
+    # jobflow serializes every argument itself before a job runs, so an input whose as_dict()
+    # fails never reaches us; what can happen is an unforeseen error in our own hasher, which
+    # is injected here
+    from jobflow_cache import executor
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("hasher bug")
+
+    monkeypatch.setattr(executor, "digest_call", broken)
+    j = jobs.takes_anything(None, n=5)
+    with pytest.warns(CacheWarning, match=r"takes_anything.*hashing its input failed.*hasher bug"):
+        run_locally(j, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    assert job_store.get_output(j.uuid) == 5
+    assert counts()["takes_anything"] == 1
+    assert meta(job_store, j.uuid)["outcome"] == "uncacheable"
+
+
+def test_wrong_arguments_fail_exactly_like_jobflow(job_store, cache_store, run_dir):
+    from jobflow import Job
+
+    def bad():
+        return Job(jobs.takes_anything, function_args=(1, 2, 3))
+
+    with pytest.raises(TypeError) as ours:
+        run_locally(bad(), store=job_store, cache=cache_store, log=False, raise_immediately=True)
+    with pytest.raises(TypeError) as theirs:
+        jobflow_run_locally(bad(), store=JobStore(MemoryStore()), log=False, raise_immediately=True)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_unlistable_run_folder_runs_the_job_and_records_nothing(
+    counts, job_store, cache_store, run_dir, monkeypatch
+):
+    # a folder that cannot be listed cannot be made as root (permission bits are ignored),
+    # so the listing failure is simulated by replacing the snapshot function
+    from jobflow_cache import executor
+
+    def unlistable(folder, exclude=()):
+        raise PermissionError(f"cannot list {folder}")
+
+    monkeypatch.setattr(executor, "snapshot", unlistable)
+    w = jobs.write_files("u")
+    with pytest.warns(CacheWarning, match="could not be listed"):
+        run_locally(w, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    assert job_store.get_output(w.uuid)["tag"] == "u"
+    cache_store.connect()
+    assert cache_store.count() == 0, "an entry without its files would be served incomplete"
+
+
+def test_any_failure_while_serving_runs_the_job(
+    counts, job_store, cache_store, run_dir, monkeypatch
+):
+    from jobflow_cache import executor
+
+    run_locally(jobs.add(6, 6), store=job_store, cache=cache_store, log=False)
+
+    def broken_loads(text):
+        raise RecursionError("unexpected")
+
+    monkeypatch.setattr(executor, "loads", broken_loads)  # an unforeseen decoder failure
+    j = jobs.add(6, 6)
+    with pytest.warns(CacheWarning, match="cannot be served"):
+        run_locally(j, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    assert job_store.get_output(j.uuid) == 12
+    assert counts()["add"] == 2

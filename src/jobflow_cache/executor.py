@@ -278,7 +278,10 @@ class Cache:
         """
         refs = refs if refs is not None else _Refs()
         path = function_path(function)
-        arguments = bind_arguments(function, args, kwargs, ignore=options.ignore)
+        try:
+            arguments = bind_arguments(function, args, kwargs, ignore=options.ignore)
+        except TypeError as err:
+            raise _CallMismatchError(str(err)) from err
         return digest_call(
             path,
             arguments,
@@ -315,17 +318,22 @@ class Cache:
         refs = _Refs()
         try:
             call_digest = self.digest(function, args, kwargs, options, refs)
-        except UnhashableInputError as err:
+        except _CallMismatchError:
+            # the arguments do not fit the signature: the call itself raises jobflow's error
+            return function(*args, **kwargs)
+        except Exception as err:  # unhashable input, or an object whose as_dict() fails
+            reason = (
+                "its input cannot be hashed"
+                if isinstance(err, UnhashableInputError)
+                else (f"hashing its input failed ({type(err).__name__})")
+            )
             warnings.warn(
                 f"jobflow-cache: job {job.name!r} ({_safe_path(function)}) runs uncached: "
-                f"its input cannot be hashed: {err}",
+                f"{reason}: {err}",
                 CacheWarning,
                 stacklevel=2,
             )
             return self._uncached(job, function, args, kwargs, Outcome.UNCACHEABLE, options)
-        except TypeError:
-            # the arguments do not fit the signature: let the call itself raise jobflow's error
-            return function(*args, **kwargs)
 
         digest = call_digest.digest
         try:
@@ -337,14 +345,7 @@ class Cache:
         if found.outcome is Outcome.HIT and found.entry is not None:
             try:
                 response = self._serve(job, found.entry, refs, options)
-            except (
-                CacheError,
-                ValueError,
-                TypeError,
-                KeyError,
-                AttributeError,
-                ImportError,
-            ) as err:
+            except Exception as err:  # whatever goes wrong, the job runs instead
                 warnings.warn(
                     f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} cannot be "
                     f"served ({err}); running the job",
@@ -410,7 +411,15 @@ class Cache:
     ) -> Any:
         files_mode = options.files or self.files
         cwd = Path.cwd()
-        before = snapshot(cwd, self._excludes(cwd)) if files_mode != "none" else None
+        before = None
+        unrecordable: BaseException | None = None
+        if files_mode != "none":
+            try:
+                before = snapshot(cwd, self._excludes(cwd))
+            except Exception as err:
+                # without a snapshot the job's files cannot be told apart: run, record nothing
+                # (an entry without its files would later be served incomplete)
+                unrecordable = err
         # registered before running: a child of a job that fails (OnMissing.PASS/NONE) still
         # sees the same digest in place of its uuid on every run
         self._register(job, call_digest.digest)
@@ -420,17 +429,17 @@ class Cache:
         duration = time.perf_counter() - started
         # the same conversion jobflow applies right after this call (idempotent on a Response)
         response: Response = Response.from_job_returns(returned, job.output_schema)
+        if unrecordable is not None:
+            _warn_not_cached(job, f"its run folder could not be listed: {unrecordable}")
+            return response
         try:
             entry = self._make_entry(job, call_digest, response, refs, cwd, duration)
-        except (TypeError, ValueError, AttributeError) as err:
-            if _jobflow_rejects(response.output):
+        except Exception as err:
+            if not isinstance(err, CacheError) and _jobflow_rejects(response.output):
                 # jobflow fails this job right after we return: its error, not ours, is shown
                 logger.debug("output of %s is not serializable: %s", job.name, err)
             else:
                 _warn_not_cached(job, err)
-            return response
-        except CacheError as err:
-            _warn_not_cached(job, err)
             return response
         if entry.dynamic:
             # the new jobs jobflow runs are the decoded ones, exactly as a hit replays them:
@@ -651,7 +660,7 @@ def _jobflow_rejects(output: Any) -> bool:
     return False
 
 
-def _warn_not_cached(job: Job, err: BaseException) -> None:
+def _warn_not_cached(job: Job, err: BaseException | str) -> None:
     warnings.warn(
         f"jobflow-cache: result of job {job.name!r} was not cached: {err}",
         CacheWarning,
@@ -712,6 +721,10 @@ def is_cached_function(function: Any) -> bool:
     """True for functions made with ``@cached_job`` (they intercept themselves)."""
     inner = getattr(function, "original", function)
     return getattr(inner, "__jobflow_cache__", None) is not None
+
+
+class _CallMismatchError(TypeError):
+    """The arguments do not fit the job function's signature (the call would raise)."""
 
 
 class _Intercept:
