@@ -464,3 +464,30 @@ def test_any_failure_while_serving_runs_the_job(
         run_locally(j, store=job_store, cache=cache_store, log=False, ensure_success=True)
     assert job_store.get_output(j.uuid) == 12
     assert counts()["add"] == 2
+
+
+def test_deleted_original_run_folder_still_serves_its_files(
+    counts, job_store, cache_store, tmp_path
+):
+    """Files live in the object area: removing the first run's folders loses nothing."""
+    import shutil
+
+    run_in(tmp_path / "first", jobs.write_files("d"), job_store, cache_store)
+    shutil.rmtree(tmp_path / "first")
+    w = jobs.write_files("d")
+    run_in(tmp_path / "second", w, job_store, cache_store)
+    assert counts()["write_files"] == 1
+    folder = Path(job_store.get_output(w.uuid)["dir_name"])
+    assert (folder / "result.txt").read_text() == "d\n" * 10
+    assert (folder / "sub" / "data.bin").read_bytes() == b"d" * 10
+
+
+def test_files_none_serves_the_output_without_files(counts, job_store, cache_store, tmp_path):
+    run_in(tmp_path / "a", jobs.write_files("n"), job_store, cache_store)
+    w = jobs.write_files("n")
+    w.update_metadata({META_KEY: {"files": "none"}})
+    run_in(tmp_path / "b", w, job_store, cache_store)
+    assert counts()["write_files"] == 1
+    assert meta(job_store, w.uuid)["outcome"] == "hit"
+    folder = next((tmp_path / "b").iterdir())
+    assert list(folder.iterdir()) == []

@@ -163,3 +163,16 @@ def test_entry_document_round_trip():
     e = entry(files_size=3).seal()
     doc = e.to_document()
     assert CacheEntry.from_document({**doc, "_id": "x"}) == e
+
+
+def test_store_spec_from_a_file(tmp_path):
+    spec = tmp_path / "store.yaml"
+    spec.write_text(f"type: SQLiteStore\npath: {tmp_path / 'f.sqlite'}\nkey: digest\n")
+    store = store_from_spec(str(spec))
+    assert isinstance(store, SQLiteStore)
+    assert Path(store.path) == tmp_path / "f.sqlite"
+    with pytest.raises(StoreUnavailableError, match="does not exist"):
+        store_from_spec(str(tmp_path / "missing.yaml"))
+    with CacheStore.from_settings(CacheSettings(STORE=str(spec), DIR=tmp_path)) as cache:
+        cache.put(entry())
+    assert (tmp_path / "f.sqlite").exists()

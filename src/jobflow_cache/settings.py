@@ -55,11 +55,12 @@ class CacheSettings(BaseSettings):
         default_factory=default_cache_dir,
         description="Folder of the embedded default store (cache.sqlite) and of file objects.",
     )
-    STORE: dict[str, Any] | None = Field(
+    STORE: dict[str, Any] | str | None = Field(
         None,
-        description="A maggma store spec used instead of the embedded default, in the same form "
-        "as jobflow's JOB_STORE: a serialized store ({'@module', '@class', ...}) or "
-        "{'type': 'MongoStore', 'database': ..., 'collection_name': ...}.",
+        description="A maggma store spec used instead of the embedded default, in the same forms "
+        "as jobflow's JOB_STORE: a serialized store ({'@module', '@class', ...}), "
+        "{'type': 'MongoStore', 'database': ..., 'collection_name': ...}, or the path of a "
+        "YAML/JSON file holding either.",
     )
     OBJECTS_DIR: Path | None = Field(
         None, description="Folder of the content-addressed file objects (default DIR/objects)."

@@ -81,11 +81,23 @@ def _store_class(name: str) -> type[Store]:
     raise StoreUnavailableError(f"unknown store type {name!r} in store spec")
 
 
-def store_from_spec(spec: dict[str, Any] | Store) -> Store:
+def _load_spec_file(path: Path) -> Any:
+    from monty.serialization import loadfn
+
+    try:
+        return loadfn(path)
+    except FileNotFoundError as err:
+        raise StoreUnavailableError(f"store spec file {path} does not exist") from err
+    except Exception as err:
+        raise StoreUnavailableError(f"cannot read store spec file {path}: {err}") from err
+
+
+def store_from_spec(spec: dict[str, Any] | str | Path | Store) -> Store:
     """Build a maggma Store from a spec, in the same forms jobflow accepts for ``JOB_STORE``.
 
-    Either a serialized store (``{"@module": ..., "@class": ..., ...}``) or
-    ``{"type": "MongoStore", "database": ..., "collection_name": ...}``.
+    A serialized store (``{"@module": ..., "@class": ..., ...}``),
+    ``{"type": "MongoStore", "database": ..., "collection_name": ...}``, or the path of a YAML or
+    JSON file holding either.
 
     Examples
     --------
@@ -94,6 +106,8 @@ def store_from_spec(spec: dict[str, Any] | Store) -> Store:
     """
     if isinstance(spec, Store):
         return spec
+    if isinstance(spec, (str, Path)):
+        spec = _load_spec_file(Path(spec).expanduser())
     if not isinstance(spec, dict):
         raise StoreUnavailableError(f"a store spec must be a mapping, not {type(spec).__name__}")
     try:
