@@ -232,3 +232,11 @@ def deform_parent(strain: float):
 def takes_anything(value, n=1):
     executed("takes_anything")
     return n
+
+
+@job
+def write_then_fail(tag: str):
+    """Writes a partial result, then fails."""
+    Path("partial.txt").write_text(tag)
+    executed("write_then_fail")
+    return tag

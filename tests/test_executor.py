@@ -491,3 +491,19 @@ def test_files_none_serves_the_output_without_files(counts, job_store, cache_sto
     assert meta(job_store, w.uuid)["outcome"] == "hit"
     folder = next((tmp_path / "b").iterdir())
     assert list(folder.iterdir()) == []
+
+
+def test_partial_files_of_a_failed_job_are_never_recorded(
+    counts, job_store, cache_store, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("JFC_FAIL", "write_then_fail")
+    run_in(tmp_path / "a", jobs.write_then_fail("p"), job_store, cache_store)
+    assert len(list((tmp_path / "a").glob("*/partial.txt"))) == 1, "the job did write"
+    cache_store.connect()
+    assert cache_store.count() == 0
+    objects = Path(cache_store.objects_dir)
+    assert not objects.exists() or not [p for p in objects.rglob("*") if p.is_file()]
+    monkeypatch.delenv("JFC_FAIL")
+    j = jobs.write_then_fail("p")
+    run_in(tmp_path / "b", j, job_store, cache_store)
+    assert meta(job_store, j.uuid)["outcome"] == "miss", "nothing was served from the failure"
