@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import logging
 import platform
@@ -50,9 +51,20 @@ def package_versions(function: str = "") -> dict[str, str]:
 
     The top-level package of ``function`` (``"atomate2.ase.jobs:..."`` -> atomate2) is included.
     Versions are recorded, never hashed: an upgrade does not invalidate the cache by itself.
+
+    Examples
+    --------
+    >>> sorted(package_versions("jobflow.core.job:store_inputs"))[:2]
+    ['jobflow', 'jobflow-cache']
     """
+    return dict(_versions(function.split(":", 1)[0].split(".", 1)[0]))
+
+
+@functools.lru_cache(maxsize=256)
+def _versions(top: str) -> tuple[tuple[str, str], ...]:
+    # reading package metadata costs ~1 ms a package: once per process and top-level package
+    # (an upgrade needs a new process anyway)
     names = {"jobflow", "jobflow-cache", "maggma", "monty", "pymatgen"}
-    top = function.split(":", 1)[0].split(".", 1)[0]
     if top:
         names.add(top)
     versions = {"python": platform.python_version()}
@@ -61,7 +73,7 @@ def package_versions(function: str = "") -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(versions.items())
 
 
 def _host() -> str:
