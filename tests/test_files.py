@@ -20,7 +20,6 @@ from jobflow_cache.files import (
     FileRecord,
     ObjectArea,
     changed_files,
-    rewrite_prefix,
     snapshot,
 )
 
@@ -579,34 +578,6 @@ def test_concurrent_ingest_of_same_content(tmp_path: Path) -> None:
     assert perms(area.path_of(expected)) == 0o444
     assert leftover_temps(root) == []
     assert [p for p in root.rglob("*") if p.is_file()] == [area.path_of(expected)]
-
-
-# --------------------------------------------------------------------------- rewrite_prefix
-
-
-@pytest.mark.parametrize(
-    ("value", "old", "new", "expected"),
-    [
-        ("/a/b", "/a/b", "/x/y", "/x/y"),
-        ("/a/b/c/OUTCAR", "/a/b", "/x", "/x/c/OUTCAR"),
-        ("/a/b/", "/a/b", "/x", "/x/"),
-        ("/a/b/c", "/a/b/", "/x/", "/x/c"),
-        ("host:/a/b", "/a/b", "/x", "/x"),
-        ("node01.cluster.org:/a/b/c", "/a/b", "/x", "/x/c"),
-        ("host:/a/b/c", "/a/b", "newhost:/x", "newhost:/x/c"),
-        ("/a/bc", "/a/b", "/x", "/a/bc"),
-        ("/a/bc/d", "/a/b", "/x", "/a/bc/d"),
-        ("host:/a/bc", "/a/b", "/x", "host:/a/bc"),
-        ("/z/a/b", "/a/b", "/x", "/z/a/b"),
-        ("see /a/b/OUTCAR", "/a/b", "/x", "see /a/b/OUTCAR"),
-        ("http://a/b", "/a/b", "/x", "http://a/b"),
-        ("a/b", "/a/b", "/x", "a/b"),
-        ("", "/a/b", "/x", ""),
-        ("/a/b", "", "/x", "/a/b"),
-    ],
-)
-def test_rewrite_prefix(value: str, old: str, new: str, expected: str) -> None:
-    assert rewrite_prefix(value, old, new) == expected
 
 
 def test_module_doctests() -> None:

@@ -9,6 +9,7 @@ entry into those of the run it is served to.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -90,16 +91,24 @@ def loads(text: str) -> Any:
 
 
 class DirRewrite(NamedTuple):
-    """Where an old run folder's paths go, and which of them (None: all of them)."""
+    """Where an old run folder's paths go, and which of them (None: all of them).
+
+    ``hosts`` is (old host, new host): atomate2 writes ``dir_name`` as ``"host:/path"``, and a
+    served path names the host the files are on now.
+    """
 
     new: str
     only: frozenset[str] | None = None
+    hosts: tuple[str, str] | None = None
 
 
 def _dir_pattern(old: str) -> re.Pattern[str]:
-    """``old`` as a whole path inside JSON text, with what follows it inside the same path."""
-    escaped = re.escape(json.dumps(old)[1:-1])
-    return re.compile(rf"(?<![\w.\-/]){escaped}(?P<rest>(?:/[^\"\s]*)?)(?![\w.\-])")
+    """``old`` as a whole path inside JSON text (optionally behind ``host:``), with what
+    follows it inside the same path."""
+    escaped = re.escape(json.dumps(old.rstrip("/") or old)[1:-1])
+    return re.compile(
+        rf"(?<![\w.\-/:])(?:(?P<host>[\w.\-]+):)?{escaped}(?P<rest>(?:/[^\"\s]*)?)(?![\w.\-])"
+    )
 
 
 def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewrite]) -> str:
@@ -110,9 +119,9 @@ def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewr
 
     Examples
     --------
-    >>> moved = {"/a/b": DirRewrite("/n", frozenset({"x"}))}
+    >>> moved = {"/a/b": DirRewrite("/n", frozenset({"x"}), hosts=("h", "k"))}
     >>> rewrite_text('["h:/a/b/x", "/a/bc", "/a/b/in.txt"]', {}, moved)
-    '["h:/n/x", "/a/bc", "/a/b/in.txt"]'
+    '["k:/n/x", "/a/bc", "/a/b/in.txt"]'
     """
     if uuids:
 
@@ -120,19 +129,21 @@ def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewr
             return uuids.get(match.group(0), match.group(0))
 
         text = UUID_RE.sub(new_uuid, text)
-    for old, (new, only) in dirs.items():
-        if not old or old == new:
+    for old, move in dirs.items():
+        if not old or old == move.new:
             continue
-        replacement = json.dumps(new)[1:-1]
-
-        def new_path(match: re.Match[str], replacement: str = replacement, only: Any = only) -> str:
-            rest = match.group("rest")
-            if only is None or not rest.strip("/") or rest.strip("/") in only:
-                return replacement + rest
-            return match.group(0)
-
-        text = _dir_pattern(old).sub(new_path, text)
+        text = _dir_pattern(old).sub(functools.partial(_new_path, move), text)
     return text
+
+
+def _new_path(move: DirRewrite, match: re.Match[str]) -> str:
+    rest, host = match.group("rest"), match.group("host")
+    if move.only is not None and rest.strip("/") and rest.strip("/") not in move.only:
+        return match.group(0)  # a path in the old folder that is not the job's: untouched
+    if host is not None and move.hosts is not None and host == move.hosts[0]:
+        host = move.hosts[1]
+    prefix = f"{host}:" if host is not None else ""
+    return prefix + json.dumps(move.new.rstrip("/") or move.new)[1:-1] + rest
 
 
 def _walk(node: Any, found: set[str], classes: frozenset[str]) -> set[str]:

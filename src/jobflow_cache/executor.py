@@ -15,6 +15,7 @@ import glob
 import inspect
 import json
 import logging
+import socket
 import threading
 import time
 import types
@@ -557,10 +558,11 @@ class Cache:
         dirs: dict[str, DirRewrite] = {}
         if entry.source_uuid and entry.source_uuid != job.uuid:
             uuids[entry.source_uuid] = job.uuid
+        hosts = (entry.host.rpartition("@")[2], socket.gethostname())
         if entry.source_dir and entry.source_dir != cwd:
             # the folder itself and the files the job wrote; other paths that happen to lie in
             # it (inputs, in a shared folder) are not the job's and keep pointing where they did
-            dirs[entry.source_dir] = DirRewrite(cwd, _manifest_paths(entry))
+            dirs[entry.source_dir] = DirRewrite(cwd, _manifest_paths(entry), hosts)
         # a job's uuid and its folder map to the same digest: keep the two kinds apart
         now_uuid: dict[str, str] = {}
         now_dir: dict[str, str] = {}
@@ -574,7 +576,7 @@ class Cache:
             else:  # an upstream job's exclusive folder: all of it moved
                 new = now_dir.get(digest)
                 if new is not None and new != old:
-                    dirs.setdefault(old, DirRewrite(new))
+                    dirs.setdefault(old, DirRewrite(new, None, hosts))
         parts: dict[str, Any] = {}
         if entry.response:
             text = entry.response

@@ -29,7 +29,6 @@ __all__ = [
     "ObjectArea",
     "Snapshot",
     "changed_files",
-    "rewrite_prefix",
     "snapshot",
 ]
 
@@ -706,66 +705,3 @@ class ObjectArea:
         except FileNotFoundError:
             return 0
         return size
-
-
-# --------------------------------------------------------------------------- path rewriting
-
-
-def _strip_prefix(value: str, old: str) -> str | None:
-    """The part of ``value`` after the directory prefix ``old`` ('' or '/...'), else ``None``."""
-    if value == old:
-        return ""
-    if old == "/":
-        return value if value.startswith("/") else None
-    if value.startswith(old + "/"):
-        return value[len(old) :]
-    return None
-
-
-def rewrite_prefix(value: str, old: str, new: str) -> str:
-    """Replace the directory prefix ``old`` of a path string by ``new``.
-
-    ``value`` is rewritten when it equals ``old``, starts with ``old + "/"``, or has the form
-    ``"host:" + old...`` that atomate2 uses for ``dir_name``. In the last case the host part
-    is replaced too, so the result is ``new + rest``; pass ``new`` with a host prefix to keep
-    one. Anything else, including paths that merely share characters with ``old``, is
-    returned unchanged. Trailing slashes of ``old`` and ``new`` are ignored.
-
-    Parameters
-    ----------
-    value
-        A string that may hold a path.
-    old
-        The old run folder.
-    new
-        The new run folder.
-
-    Returns
-    -------
-    str
-        The rewritten or the unchanged ``value``.
-
-    Examples
-    --------
-    >>> rewrite_prefix("/scratch/run1/OUTCAR", "/scratch/run1", "/scratch/run2")
-    '/scratch/run2/OUTCAR'
-    >>> rewrite_prefix("node7:/scratch/run1", "/scratch/run1/", "/scratch/run2")
-    '/scratch/run2'
-    >>> rewrite_prefix("/scratch/run10/OUTCAR", "/scratch/run1", "/scratch/run2")
-    '/scratch/run10/OUTCAR'
-    """
-    old_dir = old.rstrip("/") or old
-    if not old_dir:
-        return value
-    new_dir = new.rstrip("/")
-    rest = _strip_prefix(value, old_dir)
-    if rest is None:
-        host, colon, path = value.partition(":")
-        if not colon or not host or "/" in host:
-            return value
-        rest = _strip_prefix(path, old_dir)
-        if rest is None:
-            return value
-    if not rest:
-        return new_dir or new
-    return new_dir + rest
