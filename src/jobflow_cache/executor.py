@@ -88,6 +88,7 @@ OPTION_KEYS = ("enabled", "cache_version", "ignore", "files")
 #: Functions never cached: jobflow's helper that only gathers a replaced flow's outputs (its
 #: arguments are unresolved references, and it is instantaneous).
 SKIP_FUNCTIONS = frozenset({"jobflow.core.job:store_inputs"})
+_SKIP_QUALNAMES = frozenset(path.rpartition(":")[2] for path in SKIP_FUNCTIONS)  # cheap pre-check
 
 FilesMode = Literal["link", "copy", "none"]
 
@@ -306,7 +307,7 @@ class Cache:
         value wrapped in a :obj:`~jobflow.Response` (miss) or the cached Response (hit).
         Cache problems never fail the job: they warn and the job runs uncached.
         """
-        if getattr(function, "__qualname__", "") == "store_inputs" and (
+        if getattr(function, "__qualname__", "") in _SKIP_QUALNAMES and (
             _safe_path(function) in SKIP_FUNCTIONS
         ):
             # jobflow's own book-keeping job: transparent (its metadata dict is the parent's)
@@ -468,17 +469,13 @@ class Cache:
         duration: float,
     ) -> CacheEntry:
         output = dumps(response.output)
-        parts: dict[str, Any] = {}
-        for name in ("replace", "addition", "detour"):
-            value = getattr(response, name)
-            if value is not None:
-                parts[name] = value
-        dynamic = bool(parts)
-        for name in ("stop_children", "stop_jobflow"):
-            if getattr(response, name):
-                parts[name] = True
-        if response.stored_data is not None:
-            parts["stored_data"] = response.stored_data
+        # None and False (the defaults) are left out: a plain return keeps an empty response
+        parts = {
+            name: value
+            for name in _RESPONSE_PARTS
+            if (value := getattr(response, name)) is not None and value is not False
+        }
+        dynamic = any(name in parts for name in _DYNAMIC_PARTS)
         response_text = dumps(parts) if parts else ""
         if dynamic:
             self._check_replayable(job, response_text, refs)
@@ -635,7 +632,9 @@ class Cache:
         job.metadata[META_KEY] = record
 
 
-_RESPONSE_PARTS = ("replace", "addition", "detour", "stored_data", "stop_children", "stop_jobflow")
+#: The Response fields besides ``output`` that an entry keeps; the first three make new jobs.
+_DYNAMIC_PARTS = ("replace", "addition", "detour")
+_RESPONSE_PARTS = (*_DYNAMIC_PARTS, "stored_data", "stop_children", "stop_jobflow")
 
 
 def _replayed(response: Response, parts: Mapping[str, Any]) -> Response:
