@@ -507,3 +507,21 @@ def test_partial_files_of_a_failed_job_are_never_recorded(
     j = jobs.write_then_fail("p")
     run_in(tmp_path / "b", j, job_store, cache_store)
     assert meta(job_store, j.uuid)["outcome"] == "miss", "nothing was served from the failure"
+
+
+def test_files_over_max_file_size_are_skipped_and_listed(
+    counts, job_store, cache_store, tmp_path, monkeypatch
+):
+    # result.txt holds 50 bytes, sub/data.bin 40: a 45-byte limit keeps only the latter
+    monkeypatch.setenv("JOBFLOW_CACHE_MAX_FILE_SIZE", "45")
+    w1 = jobs.write_files("abcd", size=10)
+    run_in(tmp_path / "run1", w1, job_store, cache_store, ensure_success=True)
+    (entry,) = cache_store.entries()
+    assert [f.path for f in entry.files] == ["sub/data.bin"]
+    assert entry.files_skipped == {"result.txt": 50}
+    w2 = jobs.write_files("abcd", size=10)
+    run_in(tmp_path / "run2", w2, job_store, cache_store, ensure_success=True)
+    assert counts() == {"write_files": 1}
+    new_dir = Path(job_store.get_output(w2.uuid)["dir_name"])
+    assert (new_dir / "sub/data.bin").read_bytes() == b"abcd" * 10
+    assert not (new_dir / "result.txt").exists(), "a skipped file is not restored"

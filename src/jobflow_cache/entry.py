@@ -111,6 +111,11 @@ class CacheEntry(BaseModel):
     dynamic: bool = Field(False, description="True when the job returned new jobs/flows.")
     files: list[FileRecord] = Field(default_factory=list, description="Run-folder manifest.")
     files_size: int = Field(0, description="Total size of the manifest's files in bytes.")
+    files_skipped: dict[str, int] = Field(
+        default_factory=dict,
+        description="Run-folder files the job wrote but the cache did not keep (larger than "
+        "MAX_FILE_SIZE): relative path -> size in bytes. A hit's folder lacks them.",
+    )
     source_uuid: str = Field("", description="uuid of the job that recorded the entry.")
     source_index: int = Field(1, description="index of the job that recorded the entry.")
     source_dir: str | None = Field(None, description="Run folder the job ran in.")

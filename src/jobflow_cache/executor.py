@@ -538,7 +538,9 @@ class Cache:
         changed = changed_files(cwd, before, self._excludes(cwd))
         limit = self.settings.MAX_FILE_SIZE
         if limit:
-            changed = [p for p in changed if (cwd / p).stat().st_size <= limit]
+            sizes = {path: (cwd / path).stat().st_size for path in changed}
+            entry.files_skipped = {path: size for path, size in sizes.items() if size > limit}
+            changed = [path for path in changed if path not in entry.files_skipped]
         if changed:
             entry.files = self.objects.record(
                 cwd, changed, mode="copy" if mode == "copy" else "link"
