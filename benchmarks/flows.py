@@ -1,0 +1,168 @@
+"""Job functions and flow shapes of the benchmarks, importable by path in any process.
+
+Every job takes a distinct ``tag`` so that no two jobs of one flow share a digest: a cold run is
+then all misses and a warm run all hits. ``work`` seconds of sleep stand for a job's real work
+(0 for the trivial jobs that measure pure executor and cache overhead).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from jobflow import Flow, Job, Response, job
+
+__all__ = ["SHAPES", "build", "final_output"]
+
+logger = logging.getLogger(__name__)
+
+#: Tag offset of the jobs a dynamic job adds, so they never collide with the chain's own tags.
+_ADDED = 10_000_000
+
+
+def _flow(jobs: Sequence[Job], output: Any = None) -> Flow:
+    items: list[Flow | Job] = list(jobs)
+    return Flow(items, output=output)
+
+
+def _work(seconds: float) -> None:
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+@job
+def step(x: int, tag: int, work: float = 0.0) -> int:
+    """One unit of work: ``x + 1``."""
+    _work(work)
+    return x + 1
+
+
+@job
+def gather(values: list[Any], tag: int = 0) -> int:
+    """Sum the outputs of a fan-out (nested lists are flattened)."""
+    total = 0
+    for value in values:
+        total += sum(value) if isinstance(value, list) else value
+    return total
+
+
+@job
+def join(a: int, b: int, tag: int) -> int:
+    """Join two branches: ``max(a, b) + 1``."""
+    return max(a, b) + 1
+
+
+@job
+def generate(n: int, offset: int = 0, work: float = 0.0) -> Response:
+    """Replace itself with ``n`` independent jobs whose outputs form a list."""
+    jobs = [step(offset + i, offset + i, work) for i in range(n)]
+    return Response(replace=_flow(jobs, output=[j.output for j in jobs]))
+
+
+@job
+def generate_nested(outer: int, inner: int, work: float = 0.0) -> Response:
+    """Replace itself with ``outer`` jobs that each replace themselves with ``inner`` jobs."""
+    jobs = [generate(inner, offset=k * inner, work=work) for k in range(outer)]
+    return Response(replace=_flow(jobs, output=[j.output for j in jobs]))
+
+
+@job
+def add_step(x: int, tag: int, work: float = 0.0) -> Response:
+    """A chain link that adds one extra job to the flow (``Response.addition``)."""
+    _work(work)
+    return Response(output=x + 1, addition=Flow([step(x, _ADDED + tag, work)]))
+
+
+@job
+def detour_step(x: int, tag: int, work: float = 0.0) -> Response:
+    """A chain link that detours through one extra job before its children run."""
+    _work(work)
+    return Response(output=x + 1, detour=Flow([step(x, _ADDED + tag, work)]))
+
+
+def _chain(n: int, work: float) -> tuple[Flow, Job]:
+    jobs = [step(0, 0, work)]
+    for i in range(1, n):
+        jobs.append(step(jobs[-1].output, i, work))
+    return _flow(jobs), jobs[-1]
+
+
+def _fanout(n: int, work: float) -> tuple[Flow, Job]:
+    source = step(0, 0, work)
+    middle = [step(source.output, i, work) for i in range(1, max(n - 1, 2))]
+    last = gather([j.output for j in middle])
+    return Flow([source, *middle, last]), last
+
+
+def _diamond(n: int, work: float) -> tuple[Flow, Job]:
+    top = step(0, 0, work)
+    jobs = [top]
+    for k in range(max(n // 3, 1)):
+        left = step(top.output, 3 * k + 1, work)
+        right = step(top.output, 3 * k + 2, work)
+        top = join(left.output, right.output, 3 * k + 3)
+        jobs += [left, right, top]
+    return _flow(jobs), top
+
+
+def _replace(n: int, work: float) -> tuple[Flow, Job]:
+    gen = generate(n, 0, work)
+    last = gather(gen.output)
+    return Flow([gen, last]), last
+
+
+def _nested(n: int, work: float) -> tuple[Flow, Job]:
+    outer = max(round(math.sqrt(n)), 1)
+    gen = generate_nested(outer, max(n // outer, 1), work)
+    last = gather(gen.output)
+    return Flow([gen, last]), last
+
+
+def _linked(link: Any, n: int, work: float) -> tuple[Flow, Job]:
+    jobs = [link(0, 0, work)]
+    for i in range(1, max(n // 2, 1)):
+        jobs.append(link(jobs[-1].output, i, work))
+    return _flow(jobs), jobs[-1]
+
+
+def _addition(n: int, work: float) -> tuple[Flow, Job]:
+    return _linked(add_step, n, work)
+
+
+def _detour(n: int, work: float) -> tuple[Flow, Job]:
+    return _linked(detour_step, n, work)
+
+
+#: shape name -> (builder, one-line description); every shape runs about ``n`` jobs.
+SHAPES: dict[str, tuple[Any, str]] = {
+    "chain": (_chain, "n jobs, each uses the previous one's output"),
+    "fanout": (_fanout, "1 source -> n-2 parallel jobs -> 1 gather"),
+    "diamond": (_diamond, "n/3 diamonds in series: split into 2, join"),
+    "replace": (_replace, "dynamic: one job replaces itself with n jobs (Response.replace)"),
+    "nested": (_nested, "dynamic: sqrt(n) replaces, each replaced by sqrt(n) jobs"),
+    "addition": (_addition, "dynamic: n/2-job chain, each link adds a job (Response.addition)"),
+    "detour": (_detour, "dynamic: n/2-job chain, each link detours via a job (Response.detour)"),
+}
+
+
+def build(shape: str, n: int, work: float = 0.0) -> tuple[Flow, Job]:
+    """A fresh flow instance of ``shape`` with about ``n`` jobs, and the job whose output ends it.
+
+    Examples
+    --------
+    >>> flow, last = build("chain", 3)
+    >>> len(flow.jobs), last is flow.jobs[-1]
+    (3, True)
+    """
+    return SHAPES[shape][0](n, work)
+
+
+def final_output(responses: dict[str, dict[int, Response]], last: Job) -> Any:
+    """The output of ``last`` in the responses of a run (its highest index, after replaces)."""
+    runs = responses.get(last.uuid) or {}
+    if not runs:
+        return None
+    return runs[max(runs)].output

@@ -1,0 +1,270 @@
+"""The issue's performance targets, each judged PASS / FAIL from this run's measurements.
+
+``INCONCLUSIVE`` means only a lower bound is known and it is below the target (a baseline hit
+its time limit). ``NOT MEASURED`` means the benchmark it needs did not run or crashed. In quick
+mode the flow targets are judged at the quick sizes and are only indicative.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, TypeGuard
+
+from benchmarks.bench_flows import find, memory_size
+from benchmarks.common import Mode, table
+
+__all__ = ["evaluate", "targets_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def _target(
+    name: str,
+    value: float | None,
+    limit: float,
+    *,
+    higher_is_better: bool,
+    lower_bound: bool = False,
+    unit: str = "x",
+    detail: str = "",
+    invalid: str = "",
+) -> dict[str, Any]:
+    if value is None:
+        status = "NOT MEASURED"
+    elif invalid:
+        status = "INVALID"
+    else:
+        ok = value >= limit if higher_is_better else value <= limit
+        status = "PASS" if ok else ("INCONCLUSIVE" if lower_bound else "FAIL")
+    return {
+        "target": name,
+        "value": value,
+        "lower_bound": lower_bound,
+        "limit": limit,
+        "op": ">=" if higher_is_better else "<=",
+        "unit": unit,
+        "status": status,
+        "detail": invalid or detail,
+    }
+
+
+def _ok(run: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
+    return run is not None and run.get("status") == "ok"
+
+
+def _checked(*runs: dict[str, Any] | None) -> str:
+    return "; ".join(f"{r['executor']}: {r['check']}" for r in runs if r and r.get("check"))
+
+
+def _flow_targets(flows: list[dict[str, Any]], mode: Mode) -> list[dict[str, Any]]:
+    out = []
+    big = 300 if mode.quick else 5000
+    small, large = (100, 300) if mode.quick else (1000, 10000)
+    for shape, label in (("chain", "chain"), ("replace", "dynamic fan-out (replace)")):
+        base = find(flows, shape, big, "jobflow")
+        for executor in ("cold", "uncached"):
+            ours = find(flows, shape, big, executor)
+            value = None
+            if _ok(ours) and base is not None:
+                value = base["seconds"] / ours["seconds"]
+            cache = "cache on, all misses" if executor == "cold" else "cache=False"
+            out.append(
+                _target(
+                    f"{big}-job {label}: jobflow.run_locally / ours ({cache})",
+                    value,
+                    10,
+                    higher_is_better=True,
+                    lower_bound=bool(base and base.get("lower_bound")),
+                    detail=f"jobflow {base['seconds']:.1f} s" if base else "",
+                    invalid=_checked(base, ours),
+                )
+            )
+        limit = 12 if not mode.quick else (large / small) ** math.log10(12)
+        for executor in ("uncached", "cold", "warm"):
+            a, b = find(flows, shape, small, executor), find(flows, shape, large, executor)
+            value = b["seconds"] / a["seconds"] if _ok(a) and _ok(b) else None
+            out.append(
+                _target(
+                    f"{label}, ours {executor}: time({large})/time({small})",
+                    value,
+                    round(limit, 2),
+                    higher_is_better=False,
+                    invalid=_checked(a, b),
+                    detail="" if _ok(b) else f"{large} jobs: {b.get('status') if b else 'not run'}",
+                )
+            )
+    for shape in ("chain", "replace"):
+        uncached, cold = find(flows, shape, large, "uncached"), find(flows, shape, large, "cold")
+        value = cold["seconds"] / uncached["seconds"] if _ok(cold) and _ok(uncached) else None
+        out.append(
+            _target(
+                f"{large}-job {shape}: cold (all misses recorded) / uncached",
+                value,
+                1.3,
+                higher_is_better=False,
+                invalid=_checked(uncached, cold),
+            )
+        )
+    uncached, warm = (
+        find(flows, "replace", large, "uncached"),
+        find(flows, "replace", large, "warm"),
+    )
+    value = None
+    if _ok(uncached) and _ok(warm):
+        value = (warm["seconds"] - uncached["seconds"]) / large * 1e3
+    out.append(
+        _target(
+            f"{large}-job dynamic flow, warm (all hits): cache overhead per job",
+            value,
+            0.5,
+            higher_is_better=False,
+            unit=" ms",
+            detail="(warm - uncached) / jobs",
+            invalid=_checked(uncached, warm),
+        )
+    )
+    return out
+
+
+def evaluate(results: dict[str, Any], mode: Mode) -> list[dict[str, Any]]:
+    """All targets that this run's measurements can judge."""
+    out: list[dict[str, Any]] = []
+    flows = results.get("flows") or []
+    if flows:
+        out += _flow_targets(flows, mode)
+    toggle = results.get("toggle")
+    if toggle:
+        value = toggle["disabled"] / toggle["uncached"] if toggle.get("status") == "ok" else None
+        out.append(
+            _target(
+                f"JOBFLOW_CACHE_DISABLE=1 / cache=False, {toggle['n']}-job chain (medians)",
+                value,
+                1.05,
+                higher_is_better=False,
+            )
+        )
+    work = results.get("work") or []
+    if work:
+        n = work[0]["n"]
+        recompute, warm = (
+            find(work, "replace", n, "uncached", 0.01),
+            find(work, "replace", n, "warm", 0.01),
+        )
+        value = recompute["seconds"] / warm["seconds"] if _ok(recompute) and _ok(warm) else None
+        out.append(
+            _target(
+                f"{n}-job dynamic flow, 10 ms jobs: recompute (uncached) / warm",
+                value,
+                20,
+                higher_is_better=True,
+                invalid=_checked(recompute, warm),
+            )
+        )
+    hashing = results.get("hashing") or []
+    if hashing:
+        out += _hashing_targets(hashing)
+    files = results.get("files") or []
+    big = [row for row in files if row["bytes"] >= 2**26]
+    if big:
+        row = big[-1]
+        out.append(
+            _target(
+                f"hard-linked hit of a {row['bytes'] / 2**30:.2g} GB run folder: copy / link",
+                row["copy_over_link"],
+                50,
+                higher_is_better=True,
+                detail="" if row["bytes"] >= 2**30 else "(quick: smaller folder)",
+                invalid="" if row["hard_linked"] else "files were copied, not linked",
+            )
+        )
+    memory = results.get("memory") or flows
+    if memory:
+        n = memory_size(mode)
+        uncached, warm = find(memory, "replace", n, "uncached"), find(memory, "replace", n, "warm")
+        value = None
+        if _ok(uncached) and _ok(warm):
+            value = warm["rss_peak_mb"] / uncached["rss_peak_mb"]
+        out.append(
+            _target(
+                f"{n}-job dynamic flow: peak RSS warm / uncached",
+                value,
+                1.5,
+                higher_is_better=False,
+            )
+        )
+    store = results.get("store")
+    if store and store.get("levels"):
+        levels = store["levels"]
+        first, last = levels[0], levels[-1]
+        value = last["lookup_hit"]["median"] / first["lookup_hit"]["median"]
+        limit = math.log(last["size"]) / math.log(first["size"])
+        out.append(
+            _target(
+                f"store lookup at {last['size']:,} / at {first['size']:,} entries (<= log n ratio)",
+                value,
+                round(limit, 2),
+                higher_is_better=False,
+            )
+        )
+    return out
+
+
+def _hashing_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def median(name: str, method: str) -> float | None:
+        for row in rows:
+            if row["input"] == name and row["method"] == method:
+                return float(row["median"])
+        return None
+
+    out = []
+    name = "Structure 100 sites (dict)"
+    ours, joblib, floor = median(name, "ours"), median(name, "joblib"), median(name, "orjson+xxh3")
+    out.append(
+        _target(
+            "hash a 100-site Structure dict: joblib.hash / ours",
+            joblib / ours if joblib and ours else None,
+            20,
+            higher_is_better=True,
+        )
+    )
+    out.append(
+        _target(
+            "hash a 100-site Structure dict: ours / (sorted orjson + xxh3)",
+            ours / floor if ours and floor else None,
+            3,
+            higher_is_better=False,
+        )
+    )
+    name = "float64 array, 1e6 elements"
+    ours, raw = median(name, "ours"), median(name, "xxh3 raw")
+    out.append(
+        _target(
+            "hash a 1e6-element float64 array: ours / xxh3 of its bytes",
+            ours / raw if ours and raw else None,
+            2,
+            higher_is_better=False,
+        )
+    )
+    return out
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    """Targets with their measured value and verdict."""
+    rows = []
+    for t in targets:
+        value = (
+            "-"
+            if t["value"] is None
+            else f"{'>= ' if t['lower_bound'] else ''}{t['value']:.3g}{t['unit']}"
+        )
+        rows.append(
+            [
+                t["status"],
+                t["target"],
+                value,
+                f"{t['op']} {t['limit']:g}{t['unit']}",
+                t["detail"][:60],
+            ]
+        )
+    return table("Targets", ["status", "target", "measured", "target", "note"], rows)

@@ -1,0 +1,262 @@
+"""Benchmark worker: runs measurement tasks in a fresh process and prints one JSON line each.
+
+Run as ``python -m benchmarks.worker TASKS.json`` (or with the JSON list of tasks on stdin).
+Each result is printed as soon as it is ready, on a line starting with ``common.MARK``, so a
+parent that kills a worker at its time limit still gets the results of the tasks that finished.
+
+Task kinds
+----------
+``flow``
+    Run one flow shape with one executor ``repeats`` times (fresh flow instance each time).
+``toggle``
+    Alternate our executor with ``cache=False`` and with ``JOBFLOW_CACHE_DISABLE=1`` in one
+    process, so the two are compared under identical conditions.
+``writer``
+    Put entries into a cache store from this process, starting at a given wall-clock time
+    (two of these run at once to measure concurrent writers).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from typing import Any
+
+import jobflow
+from jobflow import JobStore
+from maggma.stores import MemoryStore
+
+import jobflow_cache
+from benchmarks.common import MARK
+from benchmarks.entries import cache_store, sealed_entry
+from benchmarks.flows import build, final_output
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_ENV = ("JOBFLOW_CACHE_DIR", "JOBFLOW_CACHE_DISABLE")
+
+
+# --------------------------------------------------------------------------- memory
+def _status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def rss_mb() -> float:
+    """Current resident set size in MB."""
+    kb = _status_kb("VmRSS")
+    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size in MB since the last :func:`reset_peak_rss` (or process start)."""
+    kb = _status_kb("VmHWM")
+    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+# --------------------------------------------------------------------------- warnings
+class _WarningCounter:
+    """Counts warnings by category (and keeps the first few cache warnings' text)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def __call__(self, message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        self.counts[category.__name__] += 1
+        if category.__name__ == "CacheWarning" and len(self.examples) < 3:
+            self.examples.append(str(message)[:300])
+
+
+# --------------------------------------------------------------------------- flows
+def _set_env(executor: str, cache_dir: str | None) -> None:
+    for name in _CACHE_ENV:
+        os.environ.pop(name, None)
+    if cache_dir:
+        os.environ["JOBFLOW_CACHE_DIR"] = cache_dir
+    if executor == "disabled":
+        os.environ["JOBFLOW_CACHE_DISABLE"] = "1"
+
+
+def _execute(executor: str, flow: Any, store: Any) -> Any:
+    if executor == "jobflow":
+        return jobflow.run_locally(flow, store=store, log=False)
+    if executor == "uncached":
+        return jobflow_cache.run_locally(flow, store=store, log=False, cache=False)
+    # disabled (env set), cold and warm (default embedded store under JOBFLOW_CACHE_DIR)
+    return jobflow_cache.run_locally(flow, store=store, log=False)
+
+
+def _outcomes(store: Any) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for doc in store.query({}, properties=["metadata"]):
+        info = (doc.get("metadata") or {}).get("jobflow_cache") or {}
+        counts[str(info.get("outcome", "none"))] += 1
+    return dict(counts)
+
+
+def run_flow_once(shape: str, n: int, executor: str, work: float, cache_dir: str | None) -> dict:
+    """Build a fresh flow, run it with ``executor``; time, memory and what happened."""
+    _set_env(executor, cache_dir)
+    t0 = time.perf_counter()
+    flow, last = build(shape, n, work)
+    build_s = time.perf_counter() - t0
+    store = JobStore(MemoryStore())
+    store.connect()
+    gc.collect()
+    base = rss_mb()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    responses = _execute(executor, flow, store)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    result = {
+        "seconds": seconds,
+        "build_s": build_s,
+        "rss_base_mb": round(base, 1),
+        "rss_peak_mb": round(peak, 1),
+        "responses": sum(len(runs) for runs in responses.values()),
+        "output": final_output(responses, last),
+        "outcomes": _outcomes(store),
+    }
+    _set_env("", None)
+    return result
+
+
+def warm_up(executor: str, workdir: str) -> None:
+    """Run a 5-job chain once (twice with a cache: miss then hit) on a scratch cache.
+
+    The first run in a process pays one-off costs (lazy imports, first store connection);
+    warming up keeps them out of the per-job numbers of the measured run.
+    """
+    scratch = os.path.join(workdir, f"warm-up-{os.getpid()}")
+    passes = 2 if executor in ("cold", "warm") else 1
+    for _ in range(passes):
+        run_flow_once("chain", 5, executor, 0.0, scratch)
+
+
+def task_flow(task: dict) -> dict:
+    """Run a ``flow`` task: ``repeats`` fresh flow instances; the median time is reported."""
+    if task.get("warm_up", True):
+        warm_up(task["executor"], task["workdir"])
+    runs = []
+    for r in range(int(task.get("repeats", 1))):
+        cache_dir = task.get("cache_dir")
+        if cache_dir and task["executor"] == "cold" and r > 0:
+            cache_dir = f"{cache_dir}-r{r}"  # every cold repeat starts from an empty cache
+        runs.append(
+            run_flow_once(task["shape"], task["n"], task["executor"], task["work"], cache_dir)
+        )
+    times = [run["seconds"] for run in runs]
+    first = runs[0]
+    return {
+        **first,
+        "seconds": statistics.median(times),
+        "times": times,
+        "rss_peak_mb": max(run["rss_peak_mb"] for run in runs),
+    }
+
+
+def task_toggle(task: dict) -> dict:
+    """Alternate ``cache=False`` and ``JOBFLOW_CACHE_DISABLE=1`` runs of the same flow shape."""
+    times: dict[str, list[float]] = {"uncached": [], "disabled": []}
+    warm_up("uncached", task["workdir"])
+    warm_up("disabled", task["workdir"])
+    for _ in range(int(task["repeats"])):
+        for executor in ("uncached", "disabled"):
+            run = run_flow_once(task["shape"], task["n"], executor, 0.0, task.get("cache_dir"))
+            times[executor].append(run["seconds"])
+    return {
+        "times": times,
+        "uncached": statistics.median(times["uncached"]),
+        "disabled": statistics.median(times["disabled"]),
+    }
+
+
+# --------------------------------------------------------------------------- writers
+def task_writer(task: dict) -> dict:
+    """Put ``count`` entries into the store under ``cache_dir`` once ``go_file`` exists.
+
+    The worker connects and prepares its entries first, then creates ``ready_file``; the parent
+    creates ``go_file`` when every writer is ready, so the writers start together.
+    """
+    with cache_store(task["cache_dir"]) as cache:
+        entries = [sealed_entry(f"{task['prefix']}-{i}") for i in range(int(task["count"]))]
+        if task.get("ready_file"):
+            with open(task["ready_file"], "w"):
+                pass
+            deadline = time.time() + 120
+            while not os.path.exists(task["go_file"]) and time.time() < deadline:
+                time.sleep(0.001)
+        started = time.time()
+        latencies = []
+        t_all = time.perf_counter()
+        for entry in entries:
+            t0 = time.perf_counter()
+            cache.put(entry)
+            latencies.append(time.perf_counter() - t0)
+        total = time.perf_counter() - t_all
+    return {"started": started, "seconds": total, "latencies": latencies}
+
+
+TASKS = {"flow": task_flow, "toggle": task_toggle, "writer": task_writer}
+
+
+def main() -> int:
+    """Run the tasks of the JSON file named on the command line (or stdin), one result line each."""
+    counter = _WarningCounter()
+    warnings.simplefilter("default")
+    warnings.showwarning = counter
+    logging.getLogger("jobflow").setLevel(logging.WARNING)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1]) as fh:
+            tasks = json.load(fh)
+    else:
+        tasks = json.loads(sys.stdin.read())
+    os.chdir(tasks[0].get("workdir", os.getcwd()) if tasks else os.getcwd())
+    for task in tasks:
+        counter.counts.clear()
+        counter.examples.clear()
+        try:
+            result = TASKS[task["kind"]](task)
+            result["ok"] = True
+        except Exception as err:  # reported to the parent, which marks the benchmark crashed
+            result = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+            result["traceback"] = traceback.format_exc()[-3000:]
+        result["warnings"] = dict(counter.counts)
+        if counter.examples:
+            result["cache_warnings"] = list(counter.examples)
+        result["id"] = task.get("id")
+        print(MARK + json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
