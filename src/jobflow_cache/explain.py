@@ -1,0 +1,334 @@
+"""Why did a job miss? Its inputs compared field by field with the nearest cached entries.
+
+Every entry keeps its per-argument sub-digests and, up to ``MAX_CANONICAL_INPUT`` bytes, the
+canonical tree of each argument (see :mod:`jobflow_cache.hashing`). Two calls of one function
+miss each other exactly where a sub-digest differs; the canonical trees then say which key or
+index differs, and how. Tagged nodes are shown readably: ``nan``, ``ndarray(float64, (3, 3),
+xxh3 1a2b3c4d)``, ``<uuid of job 3f2c1a9b>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from jobflow_cache.hashing import encode
+from jobflow_cache.store import CacheStore
+
+__all__ = ["MISSING", "Comparison", "Difference", "Inputs", "compare", "diff", "nearest", "render"]
+
+logger = logging.getLogger(__name__)
+
+NEAREST_SCAN = 10_000
+"""How many of a function's most recent entries :func:`nearest` ranks."""
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+MISSING: Any = _Missing()
+"""Stands for a key, index or argument one side of a :class:`Difference` lacks."""
+
+_IDENTIFIER = re.compile(r"[A-Za-z_@][A-Za-z0-9_@]*")
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _tag_of(node: Any) -> str | None:
+    if isinstance(node, dict) and len(node) == 1:
+        (key,) = node
+        if isinstance(key, str) and key[:1] == "\x00" and key[1:2] != "\x00":
+            return key[1:]
+    return None
+
+
+def _key(key: str) -> str:
+    return key[1:] if key.startswith("\x00\x00") else key  # an escaped user key
+
+
+def _render_tag(tag: str, payload: Any) -> str:
+    if tag == "float":
+        return str(payload)
+    if tag == "int":
+        return str(int(payload, 16))
+    if tag == "bytes":
+        return f"bytes({len(payload) // 2} B, {payload[:16]})"
+    if tag == "str":
+        return f"str(with surrogates, {payload[:16]})"
+    if tag == "complex":
+        return f"complex({_plain(payload[0])}, {_plain(payload[1])})"
+    if tag == "set":
+        return "{" + ", ".join(map(_plain, payload)) + "}" if payload else "set()"
+    if tag == "dict":
+        return "{" + ", ".join(f"{_plain(k)}: {_plain(v)}" for k, v in payload) + "}"
+    if tag == "ndarray":
+        dtype, shape, digest = payload
+        return f"ndarray({dtype}, {tuple(shape)}, xxh3 {digest[:8]})"
+    if tag == "ndarray_items":
+        dtype, shape, items = payload
+        return f"ndarray({_plain(dtype)}, {tuple(shape)}, {_plain(items)})"
+    if tag == "ndarray_sub":
+        return f"{payload[0]}({_plain(payload[1])})"
+    if tag == "partial":
+        return f"partial({_plain(payload[0])}, {_plain(payload[1])}, {_plain(payload[2])})"
+    if tag == "hook" and isinstance(payload, list) and len(payload) == 2:
+        kind, value = payload
+        if kind == "job" and isinstance(value, str):
+            return f"<uuid of job {value[:8]}>"
+        if kind == "dir" and isinstance(value, list) and len(value) == 2:
+            rest = f"/{value[1]}" if value[1] else ""
+            return f"<run folder of job {str(value[0])[:8]}>{rest}"
+        return f"<{kind} {_plain(value)}>"
+    return f"<{tag} {_plain(payload)}>"
+
+
+def _plain(node: Any) -> str:
+    tag = _tag_of(node)
+    if tag is not None:
+        return _render_tag(tag, node["\x00" + tag])
+    if isinstance(node, dict):
+        if "@class" in node and "@module" in node:
+            fields = [f"{_key(k)}={_plain(v)}" for k, v in node.items() if not k.startswith("@")]
+            return f"{node['@class']}({', '.join(fields)})"
+        return "{" + ", ".join(f"{_key(k)!r}: {_plain(v)}" for k, v in node.items()) + "}"
+    if isinstance(node, list):
+        return "[" + ", ".join(map(_plain, node)) + "]"
+    return repr(node)
+
+
+def render(node: Any, width: int = 100) -> str:
+    """A readable one-line form of a canonical node, cut at ``width`` characters.
+
+    Examples
+    --------
+    >>> render({"\\x00float": "nan"}), render({"\\x00hook": ["job", "3f2c1a9b5e"]})
+    ('nan', '<uuid of job 3f2c1a9b>')
+    >>> render({"@module": "m", "@class": "RelaxMaker", "steps": 10})
+    'RelaxMaker(steps=10)'
+    """
+    if node is MISSING:
+        return "(absent)"
+    text = _plain(node)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# --------------------------------------------------------------------------- differences
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """One differing field: where (``self.steps``, ``structure.sites[3].xyz[0]``), cached and
+    now (canonical nodes, or :data:`MISSING`)."""
+
+    path: str
+    cached: Any
+    now: Any
+
+    def describe(self, width: int = 60) -> str:
+        """``path: cached -> now``."""
+        return f"{self.path}: {render(self.cached, width)} -> {render(self.now, width)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (values rendered)."""
+        return {"path": self.path, "cached": render(self.cached), "now": render(self.now)}
+
+
+def _join(path: str, key: str) -> str:
+    key = _key(key)
+    return f"{path}.{key}" if _IDENTIFIER.fullmatch(key) else f"{path}[{key!r}]"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+        return type(a) is type(b) and encode(a) == encode(b)
+    return type(a) is type(b) and a == b
+
+
+def _walk(a: Any, b: Any, path: str, out: list[Difference]) -> None:
+    if _same(a, b):
+        return
+    if isinstance(a, dict) and isinstance(b, dict) and _tag_of(a) is None and _tag_of(b) is None:
+        for key in sorted(set(a) | set(b)):
+            _walk(a.get(key, MISSING), b.get(key, MISSING), _join(path, key), out)
+        return
+    if isinstance(a, list) and isinstance(b, list):
+        for i in range(max(len(a), len(b))):
+            left = a[i] if i < len(a) else MISSING
+            right = b[i] if i < len(b) else MISSING
+            _walk(left, right, f"{path}[{i}]", out)
+        return
+    out.append(Difference(path, a, b))
+
+
+def diff(cached: Any, now: Any, path: str = "") -> list[Difference]:
+    """Field-level differences between two canonical trees (leaves that differ).
+
+    Examples
+    --------
+    >>> old = {"@module": "m", "@class": "Relax", "steps": 10, "kpts": [4, 4, 4]}
+    >>> new = {"@module": "m", "@class": "Relax", "steps": 20, "kpts": [4, 4, 6]}
+    >>> [d.describe() for d in diff(old, new, "self")]
+    ['self.kpts[2]: 4 -> 6', 'self.steps: 10 -> 20']
+    >>> [d.describe() for d in diff(1, 1.0, "a")]  # 1 and 1.0 hash differently
+    ['a: 1 -> 1.0']
+    """
+    out: list[Difference] = []
+    _walk(cached, now, path, out)
+    return out
+
+
+# --------------------------------------------------------------------------- comparing calls
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a call hashed: function, cache version, sub-digest and canonical tree per argument.
+
+    ``unresolved`` names arguments still holding output references (their values are unknown)
+    with a description of each reference.
+    """
+
+    function: str
+    cache_version: str | None = None
+    arg_digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    canonical: Mapping[str, Any] | None = None
+    digest: str | None = None
+    name: str = ""
+    created: datetime | None = None
+    unresolved: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> Inputs:
+        """The inputs recorded in a cache entry document."""
+        canonical = doc.get("canonical_input")
+        arg_digests = doc.get("arg_digests")
+        created = doc.get("created")
+        return cls(
+            function=str(doc.get("function", "")),
+            cache_version=doc.get("cache_version"),
+            arg_digests=arg_digests if isinstance(arg_digests, dict) else {},
+            canonical=canonical if isinstance(canonical, dict) else None,
+            digest=doc.get("digest"),
+            name=str(doc.get("name", "")),
+            created=created if isinstance(created, datetime) else None,
+        )
+
+
+@dataclasses.dataclass
+class Comparison:
+    """How a cached entry's inputs differ from a call's (see :func:`compare`)."""
+
+    digest: str | None
+    name: str
+    created: datetime | None
+    equal: list[str] = dataclasses.field(default_factory=list)
+    changed: list[str] = dataclasses.field(default_factory=list)
+    only_now: list[str] = dataclasses.field(default_factory=list)
+    only_cached: list[str] = dataclasses.field(default_factory=list)
+    unresolved: list[str] = dataclasses.field(default_factory=list)
+    cache_version: tuple[str | None, str | None] | None = None
+    differences: list[Difference] = dataclasses.field(default_factory=list)
+    not_kept: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        data = dataclasses.asdict(self)
+        data["created"] = self.created.isoformat() if self.created else None
+        data["differences"] = [d.to_dict() for d in self.differences]
+        return data
+
+
+def compare(now: Inputs, cached: Inputs) -> Comparison:
+    """Compare a call's inputs with a cached entry's, argument by argument, then field by field.
+
+    Examples
+    --------
+    >>> cached = Inputs("m:f", arg_digests={"a": "1", "b": "2"}, canonical={"a": 1, "b": [1]})
+    >>> now = Inputs("m:f", arg_digests={"a": "1", "b": "3"}, canonical={"a": 1, "b": [2]})
+    >>> c = compare(now, cached)
+    >>> c.equal, c.changed, [d.describe() for d in c.differences]
+    (['a'], ['b'], ['b[0]: 1 -> 2'])
+    """
+    result = Comparison(cached.digest, cached.name, cached.created)
+    if now.cache_version != cached.cache_version:
+        result.cache_version = (cached.cache_version, now.cache_version)
+    names = sorted(set(now.arg_digests) | set(cached.arg_digests) | set(now.unresolved))
+    for name in names:
+        if name in now.unresolved:
+            result.unresolved.append(name)
+            continue
+        old, new = cached.arg_digests.get(name), now.arg_digests.get(name)
+        if old is None:
+            result.only_now.append(name)
+        elif new is None:
+            result.only_cached.append(name)
+        elif old == new:
+            result.equal.append(name)
+        else:
+            result.changed.append(name)
+            now_tree = (now.canonical or {}).get(name, MISSING)
+            cached_tree = (cached.canonical or {}).get(name, MISSING)
+            if now_tree is MISSING or cached_tree is MISSING:
+                result.not_kept.append(name)
+            else:
+                result.differences.extend(diff(cached_tree, now_tree, name))
+    return result
+
+
+def nearest(
+    cache: CacheStore,
+    now: Inputs,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    count: int = 3,
+    scan: int = NEAREST_SCAN,
+) -> tuple[list[Comparison], int]:
+    """The cached entries of ``now.function`` closest to ``now``, compared with it.
+
+    Entries are ranked by the number of arguments with equal sub-digests, then by equal cache
+    version, then by recency; only the ``scan`` most recent entries of the function are ranked.
+
+    Returns
+    -------
+    tuple[list[Comparison], int]
+        Up to ``count`` comparisons, best first, and how many entries were ranked.
+    """
+    scored: list[tuple[int, int, int, str]] = []
+    ranked = 0
+    docs = cache.find(
+        {"function": now.function},
+        properties=["digest", "arg_digests", "cache_version"],
+        sort={"created": -1},
+        limit=scan,
+    )
+    for position, doc in enumerate(docs):
+        digest = doc.get("digest")
+        if not isinstance(digest, str) or digest in exclude:
+            continue
+        ranked += 1
+        recorded = doc.get("arg_digests")
+        recorded = recorded if isinstance(recorded, dict) else {}
+        equal = sum(recorded.get(k) == v for k, v in now.arg_digests.items())
+        version = int(doc.get("cache_version") == now.cache_version)
+        scored.append((-equal, -version, position, digest))
+    comparisons = []
+    for *_, digest in heapq.nsmallest(count, scored):
+        for doc in cache.find({"digest": digest}, limit=1):
+            comparisons.append(compare(now, Inputs.from_document(doc)))
+    return comparisons, ranked
+
+
+def describe_reference(reference: Any) -> str:
+    """``output of job <uuid>["key"]`` for a jobflow ``OutputReference`` (duck-typed)."""
+    parts = []
+    for kind, value in getattr(reference, "attributes", ()):
+        parts.append(f".{value}" if kind == "a" else f"[{value!r}]")
+    return f"output of job {reference.uuid}{''.join(parts)}"

@@ -1,0 +1,443 @@
+"""Selecting cache entries without the command line: filters, listings, digest prefixes, stats.
+
+Everything here streams documents from the store: a cache of a million entries is never held in
+memory. Selections are plain maggma (Mongo) criteria, built by :class:`Filters`; digest prefixes
+are anchored ``$regex`` queries, which MongoDB and :class:`.SQLiteStore` answer from the unique
+digest index. Checking entries is in :mod:`jobflow_cache.verify`, removing them in
+:mod:`jobflow_cache.purge`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from maggma.core import Sort
+
+from jobflow_cache.errors import CacheError
+from jobflow_cache.files import ObjectArea
+from jobflow_cache.store import CacheStore
+
+__all__ = [
+    "MIN_PREFIX",
+    "SHORT_LENGTH",
+    "SORT_FIELDS",
+    "AmbiguousDigestError",
+    "EntryRow",
+    "Filters",
+    "Stats",
+    "UnknownDigestError",
+    "glob_regex",
+    "iter_rows",
+    "parse_age",
+    "resolve_prefix",
+    "short_digest",
+    "stats",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_PREFIX = 4
+"""Shortest digest prefix accepted by :func:`resolve_prefix`."""
+
+SHORT_LENGTH = 8
+"""Shortest prefix :func:`short_digest` shows (longer where needed to stay unique)."""
+
+MAX_CANDIDATES = 10
+"""Candidates named by :class:`AmbiguousDigestError`."""
+
+_HEX = re.compile(r"[0-9a-f]+")
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w|y)", re.IGNORECASE)
+_AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31557600}
+
+#: Fields of an entry that a listing shows.
+ROW_FIELDS = [
+    "digest",
+    "name",
+    "function",
+    "created",
+    "last_hit",
+    "hits",
+    "files",
+    "files_size",
+    "valid",
+    "invalid_reason",
+]
+
+#: ``--sort`` keys and the entry fields they sort on (all but hits and size are indexed).
+SORT_FIELDS = {
+    "created": "created",
+    "last-hit": "last_hit",
+    "hits": "hits",
+    "name": "name",
+    "function": "function",
+    "size": "files_size",
+}
+
+
+class UnknownDigestError(CacheError):
+    """No entry has a digest starting with the given prefix."""
+
+
+class AmbiguousDigestError(CacheError):
+    """Several entries have a digest starting with the given prefix.
+
+    Attributes
+    ----------
+    candidates
+        ``(digest, name)`` of up to :data:`MAX_CANDIDATES` of them.
+    """
+
+    def __init__(self, prefix: str, candidates: list[tuple[str, str]]) -> None:
+        self.prefix = prefix
+        self.candidates = candidates
+        shown = ", ".join(f"{digest} ({name})" for digest, name in candidates[:MAX_CANDIDATES])
+        more = ", ..." if len(candidates) > MAX_CANDIDATES else ""
+        super().__init__(f"digest prefix {prefix!r} is ambiguous: {shown}{more}")
+
+
+# --------------------------------------------------------------------------- selecting
+
+
+def glob_regex(pattern: str) -> str:
+    """An anchored regular expression (Python and MongoDB) for a shell glob (``*``, ``?``).
+
+    Examples
+    --------
+    >>> glob_regex("relax*")
+    '^relax.*$'
+    >>> bool(re.search(glob_regex("relax?"), "relax2")), bool(re.search(glob_regex("a.b"), "axb"))
+    (True, False)
+    """
+    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return f"^{body}$"
+
+
+def parse_age(text: str) -> timedelta:
+    """A duration such as ``30d``, ``12h``, ``2w``, ``1d12h`` or ``90s``.
+
+    Examples
+    --------
+    >>> parse_age("30d")
+    datetime.timedelta(days=30)
+    >>> parse_age("1d12h").total_seconds()
+    129600.0
+    """
+    text = text.strip()
+    pos, seconds = 0, 0.0
+    for match in _AGE.finditer(text):
+        if match.start() != pos and text[pos : match.start()].strip():
+            break
+        seconds += float(match.group(1)) * _AGE_UNITS[match.group(2).lower()]
+        pos = match.end()
+    if not text or text[pos:].strip():
+        raise ValueError(f"not a duration: {text!r} (e.g. 30d, 12h, 2w, 90s)")
+    return timedelta(seconds=seconds)
+
+
+def _utc(value: datetime) -> datetime:
+    """Aware UTC datetime (naive datetimes are taken as local time)."""
+    return value.astimezone(timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Filters:
+    """A selection of entries, turned into maggma criteria by :meth:`criteria`.
+
+    Parameters
+    ----------
+    name
+        Job name, a glob (``relax*``) or an exact name.
+    function
+        Function path ``module:qualname``, a glob or exact.
+    since, before
+        Created at or after ``since``, before ``before`` (naive datetimes are local time).
+    invalid
+        ``True``: only entries marked invalid; ``False``: only valid ones; ``None``: both.
+    unused_since
+        Entries not served since then (never-served entries count from their creation).
+    digests
+        Full digests.
+
+    Examples
+    --------
+    >>> Filters(name="relax*", invalid=True).criteria()
+    {'name': {'$regex': '^relax.*$'}, 'valid': False}
+    """
+
+    name: str | None = None
+    function: str | None = None
+    since: datetime | None = None
+    before: datetime | None = None
+    invalid: bool | None = None
+    unused_since: datetime | None = None
+    digests: tuple[str, ...] = ()
+
+    def criteria(self) -> dict[str, Any]:
+        """The maggma criteria of this selection (``{}`` selects everything)."""
+        criteria: dict[str, Any] = {}
+        for field, value in (("name", self.name), ("function", self.function)):
+            if value is not None:
+                glob = any(c in value for c in "*?")
+                criteria[field] = {"$regex": glob_regex(value)} if glob else value
+        created: dict[str, Any] = {}
+        if self.since is not None:
+            created["$gte"] = _utc(self.since)
+        if self.before is not None:
+            created["$lt"] = _utc(self.before)
+        if created:
+            criteria["created"] = created
+        if self.invalid is not None:
+            criteria["valid"] = not self.invalid
+        if self.unused_since is not None:
+            cutoff = _utc(self.unused_since)
+            criteria["$or"] = [
+                {"last_hit": {"$lt": cutoff}},
+                {"last_hit": None, "created": {"$lt": cutoff}},
+            ]
+        if self.digests:
+            criteria["digest"] = {"$in": list(self.digests)}
+        return criteria
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) not in (None, ()) for f in dataclasses.fields(self))
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryRow:
+    """The summary of one entry that ``cachetool ls`` shows."""
+
+    digest: str
+    name: str
+    function: str
+    created: datetime | None
+    last_hit: datetime | None
+    hits: int
+    files: int
+    files_size: int
+    valid: bool
+    invalid_reason: str | None = None
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> EntryRow:
+        """Summarise a (possibly malformed) store document without failing."""
+
+        def when(value: Any) -> datetime | None:
+            if isinstance(value, datetime):
+                return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            return None
+
+        files = doc.get("files")
+        return cls(
+            digest=str(doc.get("digest", "?")),
+            name=str(doc.get("name", "")),
+            function=str(doc.get("function", "?")),
+            created=when(doc.get("created")),
+            last_hit=when(doc.get("last_hit")),
+            hits=int(doc.get("hits") or 0),
+            files=len(files) if isinstance(files, list) else 0,
+            files_size=int(doc.get("files_size") or 0),
+            valid=bool(doc.get("valid", True)),
+            invalid_reason=doc.get("invalid_reason"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (datetimes as ISO 8601 UTC)."""
+        data = dataclasses.asdict(self)
+        for key in ("created", "last_hit"):
+            data[key] = data[key].isoformat() if data[key] else None
+        return data
+
+
+def iter_rows(
+    cache: CacheStore,
+    criteria: dict[str, Any] | None = None,
+    sort: str = "created",
+    descending: bool = True,
+    limit: int = 0,
+) -> Iterator[EntryRow]:
+    """Stream entry summaries matching ``criteria``, sorted by one of :data:`SORT_FIELDS`.
+
+    With a limit and an indexed sort key this is one indexed query, whatever the cache size.
+    """
+    field = SORT_FIELDS[sort]
+    order: dict[str, Sort | int] = {field: -1 if descending else 1}
+    for doc in cache.find(criteria, properties=ROW_FIELDS, sort=order, limit=limit):
+        yield EntryRow.from_document(doc)
+
+
+def _common(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _prefix_criteria(prefix: str) -> dict[str, Any]:
+    return {"digest": {"$regex": "^" + re.escape(prefix)}}
+
+
+def short_digest(cache: CacheStore, digest: str, min_length: int = SHORT_LENGTH) -> str:
+    """The shortest prefix of ``digest`` (at least ``min_length``) no other entry shares.
+
+    Git-style: usually one query of at most two documents on the digest index.
+    """
+    length = min(min_length, len(digest))
+    while length < len(digest):
+        others = [
+            doc["digest"]
+            for doc in cache.find(_prefix_criteria(digest[:length]), ["digest"], limit=2)
+            if doc.get("digest") != digest and isinstance(doc.get("digest"), str)
+        ]
+        if not others:
+            break
+        length = max(length + 1, _common(digest, others[0]) + 1)
+    return digest[:length]
+
+
+def resolve_prefix(cache: CacheStore, prefix: str) -> str:
+    """The full digest of the one entry whose digest starts with ``prefix``.
+
+    Raises
+    ------
+    ValueError
+        If ``prefix`` is not :data:`MIN_PREFIX` to 32 hex digits.
+    UnknownDigestError
+        If no entry matches.
+    AmbiguousDigestError
+        If several do (it names them).
+    """
+    prefix = prefix.strip().lower()
+    if not _HEX.fullmatch(prefix) or not MIN_PREFIX <= len(prefix) <= 32:
+        raise ValueError(f"{prefix!r} is not a digest prefix ({MIN_PREFIX} to 32 hex digits)")
+    docs = list(cache.find(_prefix_criteria(prefix), ["digest", "name"], limit=MAX_CANDIDATES + 1))
+    if not docs:
+        raise UnknownDigestError(f"no cache entry has a digest starting with {prefix!r}")
+    if len(docs) > 1:
+        raise AmbiguousDigestError(prefix, [(d["digest"], str(d.get("name", ""))) for d in docs])
+    return str(docs[0]["digest"])
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclasses.dataclass
+class Stats:
+    """Numbers describing a cache (see :func:`stats`)."""
+
+    entries: int = 0
+    invalid: int = 0
+    hits: int = 0
+    time_saved: float = 0.0
+    files_bytes: int = 0
+    objects: int = 0
+    objects_bytes: int = 0
+    functions: dict[str, int] = dataclasses.field(default_factory=dict)
+    oldest: datetime | None = None
+    newest: datetime | None = None
+
+    @property
+    def dedup_ratio(self) -> float:
+        """Bytes the manifests name per byte stored in the object area (1.0: no sharing)."""
+        return self.files_bytes / self.objects_bytes if self.objects_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        data = dataclasses.asdict(self)
+        data["dedup_ratio"] = round(self.dedup_ratio, 3)
+        for key in ("oldest", "newest"):
+            data[key] = data[key].isoformat() if data[key] else None
+        return data
+
+
+_STATS_FIELDS = ["function", "hits", "duration", "files_size", "valid", "created"]
+
+
+def stats(cache: CacheStore, criteria: dict[str, Any] | None = None) -> Stats:
+    """Count entries, hits, time saved, file bytes, object-area bytes and entries per function.
+
+    On a :class:`.SQLiteStore` the sums are one SQL scan and the counts per function come from
+    the function index; on other stores every matching entry is streamed once (a few fields
+    each). Then the object area is listed.
+    """
+    totals = getattr(cache.store, "totals", None)
+    counts = getattr(cache.store, "value_counts", None)
+    if callable(totals) and callable(counts):
+        result = _stats_in_store(cache, criteria or {}, totals, counts)
+    else:
+        result = _stats_streamed(cache, criteria)
+    for _, size in ObjectArea(cache.objects_dir).iter_objects():
+        result.objects += 1
+        result.objects_bytes += size
+    return result
+
+
+def _stats_in_store(cache: CacheStore, criteria: dict[str, Any], totals: Any, counts: Any) -> Stats:
+    sums = totals(
+        {
+            "entries": [],
+            "valid": ["valid"],
+            "hits": ["hits"],
+            "saved": ["hits", "duration"],
+            "files_bytes": ["files_size"],
+        },
+        criteria,
+    )
+    result = Stats(
+        entries=int(sums["entries"]),
+        invalid=int(sums["entries"] - sums["valid"]),
+        hits=int(sums["hits"]),
+        time_saved=sums["saved"],
+        files_bytes=int(sums["files_bytes"]),
+    )
+    result.functions = {str(value): n for value, n in counts("function", criteria)}
+    for direction in (1, -1):
+        for doc in cache.find(criteria, ["created"], sort={"created": direction}, limit=1):
+            created = _aware(doc.get("created"))
+            if direction == 1:
+                result.oldest = created
+            else:
+                result.newest = created
+    return result
+
+
+def _aware(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _stats_streamed(cache: CacheStore, criteria: dict[str, Any] | None) -> Stats:
+    result = Stats()
+    functions: Counter[str] = Counter()
+    for doc in cache.find(criteria, properties=_STATS_FIELDS):
+        result.entries += 1
+        hits = doc.get("hits")
+        hits = hits if isinstance(hits, int) else 0
+        result.hits += hits
+        duration = doc.get("duration")
+        if isinstance(duration, (int, float)):
+            result.time_saved += hits * duration
+        size = doc.get("files_size")
+        result.files_bytes += size if isinstance(size, int) else 0
+        if doc.get("valid") is False:
+            result.invalid += 1
+        functions[str(doc.get("function", "?"))] += 1
+        created = _aware(doc.get("created"))
+        if created is not None:
+            if result.oldest is None or created < result.oldest:
+                result.oldest = created
+            if result.newest is None or created > result.newest:
+                result.newest = created
+    result.functions = dict(functions.most_common())
+    return result

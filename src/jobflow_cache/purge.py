@@ -1,0 +1,204 @@
+"""Removing cache entries and collecting the file objects no entry references any more.
+
+Entries are removed in batches while their file objects are noted; then only those objects are
+checked against the remaining entries (streamed, a few fields each), so memory grows with the
+objects of the purged entries, never with the cache. An object still referenced by any remaining
+entry, including one marked invalid, is never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from jobflow_cache.files import ObjectArea
+from jobflow_cache.store import CacheStore
+
+__all__ = ["GCReport", "PurgeReport", "collect_garbage", "purge"]
+
+logger = logging.getLogger(__name__)
+
+_BATCH = 500
+
+
+@dataclasses.dataclass
+class GCReport:
+    """What :func:`collect_garbage` removed (or would remove, in a dry run).
+
+    ``bytes_freed`` counts objects no run folder links to; ``bytes_linked`` those whose space
+    is released only once the run folders holding hard links to them are deleted.
+    """
+
+    objects: int = 0
+    bytes_freed: int = 0
+    bytes_linked: int = 0
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class PurgeReport:
+    """What :func:`purge` removed (or would remove, in a dry run)."""
+
+    entries: int = 0
+    digests: list[str] = dataclasses.field(default_factory=list)
+    gc: GCReport = dataclasses.field(default_factory=GCReport)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def _object_ids(doc: Mapping[str, Any]) -> Iterator[str]:
+    files = doc.get("files")
+    if isinstance(files, list):
+        for record in files:
+            if isinstance(record, Mapping) and isinstance(record.get("xxh3"), str):
+                yield record["xxh3"]
+
+
+def collect_garbage(
+    cache: CacheStore, candidates: set[str] | None = None, *, dry_run: bool = False
+) -> GCReport:
+    """Delete the file objects no entry references (entries marked invalid still do).
+
+    Parameters
+    ----------
+    cache
+        The (connected) cache store.
+    candidates
+        Only consider these objects (e.g. those of just-purged entries); default: every object
+        in the area. Memory grows with the number of candidates, never with the entries.
+    dry_run
+        Only count.
+
+    Notes
+    -----
+    An object created or linked while the entries are scanned (a job recording right now) is
+    kept. A job that stores an entry reusing an existing object while a collection deletes it
+    leaves an entry with a missing file: it is never served, the job just runs again.
+    """
+    area = ObjectArea(cache.objects_dir)
+    started = time.time()
+    if candidates is None:
+        candidates = {xxh3 for xxh3, _ in area.iter_objects()}
+    report = GCReport(dry_run=dry_run)
+    unreferenced = set(candidates)
+    if unreferenced:
+        for doc in cache.find({}, properties=["files"]):
+            unreferenced.difference_update(_object_ids(doc))
+            if not unreferenced:
+                break
+    for xxh3 in sorted(unreferenced):
+        try:
+            st = os.lstat(area.path_of(xxh3))
+        except (OSError, ValueError):
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_ctime >= started:
+            continue
+        if not dry_run:
+            area.remove(xxh3)
+        report.objects += 1
+        if st.st_nlink > 1:
+            report.bytes_linked += st.st_size
+        else:
+            report.bytes_freed += st.st_size
+    return report
+
+
+def purge(
+    cache: CacheStore,
+    criteria: dict[str, Any],
+    *,
+    dry_run: bool = False,
+    gc: bool = True,
+    keep_digests: int = 1000,
+) -> PurgeReport:
+    """Remove the matching entries, then the file objects only they referenced.
+
+    Entries are streamed and removed in batches; ``criteria`` of ``{}`` removes everything.
+    Objects still referenced by any remaining entry are never deleted.
+
+    Parameters
+    ----------
+    cache
+        The (connected) cache store.
+    criteria
+        Which entries (see :class:`Filters`).
+    dry_run
+        Remove nothing, report what would go.
+    gc
+        Also delete the file objects no remaining entry references.
+    keep_digests
+        How many of the removed digests the report lists.
+    """
+    report = PurgeReport(dry_run=dry_run)
+    candidates: set[str] = set()
+
+    def take(docs: list[dict[str, Any]]) -> list[str]:
+        digests = [d["digest"] for d in docs if isinstance(d.get("digest"), str)]
+        for doc in docs:
+            candidates.update(_object_ids(doc))
+        report.entries += len(digests)
+        room = keep_digests - len(report.digests)
+        report.digests.extend(digests[: max(room, 0)])
+        return digests
+
+    if dry_run:
+        batch: list[dict[str, Any]] = []
+        for doc in cache.find(criteria, properties=["digest", "files"]):
+            batch.append(doc)
+            if len(batch) >= _BATCH:
+                take(batch)
+                batch = []
+        take(batch)
+    else:
+        # re-query after each removal: safe on every backend (no cursor outlives a delete)
+        previous: set[str] = set()
+        while True:
+            docs = list(cache.find(criteria, properties=["digest", "files"], limit=_BATCH))
+            digests = {d.get("digest") for d in docs}
+            if not docs or digests & previous:
+                if docs:
+                    logger.warning("purge: %d matching entries could not be removed", len(docs))
+                break
+            cache.remove(take(docs))
+            previous = {d for d in digests if isinstance(d, str)}
+    if gc and candidates:
+        if dry_run:
+            report.gc = _dry_gc(cache, candidates, criteria)
+        else:
+            report.gc = collect_garbage(cache, candidates)
+    return report
+
+
+def _dry_gc(cache: CacheStore, candidates: set[str], purged: dict[str, Any]) -> GCReport:
+    """Objects a purge of ``purged`` would free: referenced by no entry outside it."""
+    rest: dict[str, Any] = {"$nor": [purged]} if purged else {"digest": {"$exists": False}}
+    area = ObjectArea(cache.objects_dir)
+    unreferenced = set(candidates)
+    for doc in cache.find(rest, properties=["files"]):
+        unreferenced.difference_update(_object_ids(doc))
+        if not unreferenced:
+            break
+    report = GCReport(dry_run=True)
+    for xxh3 in unreferenced:
+        try:
+            st = os.lstat(area.path_of(xxh3))
+        except (OSError, ValueError):
+            continue
+        report.objects += 1
+        if st.st_nlink > 1:
+            report.bytes_linked += st.st_size
+        else:
+            report.bytes_freed += st.st_size
+    return report
