@@ -42,8 +42,10 @@ prefixing one more NUL, so a user dict can never contain a key of the form
 Rules
 -----
 * str, bool, None, finite float and 64-bit int are themselves. Every str value (not dict keys) is
-  first passed to the ``normalize_str`` hook. orjson writes every float with a ``.`` or an exponent,
-  so ``1``, ``1.0`` and ``true`` are three different encodings; ``bool`` is tested before ``int``.
+  first passed to the ``normalize_str`` hook (which must be a pure function of the str; a
+  :class:`Normalizer` is only asked about the strings it names). orjson writes every float with a
+  ``.`` or an exponent, so ``1``, ``1.0`` and ``true`` are three different encodings; ``bool`` is
+  tested before ``int``.
 * ``-0.0`` is kept distinct from ``0.0`` (different bits; results such as ``atan2`` can differ).
   All NaNs are one value; infinities are tagged.
 * list and tuple have the **same** encoding, a JSON list. This is deliberate: jobflow/monty
@@ -83,6 +85,25 @@ numpy string arrays; it does see the str objects in object arrays).
 The call digest is the digest of ``["call", SCHEME, function, cache_version, [[name, sub_digest],
 ...]]`` with the pairs sorted by name, where each ``sub_digest`` is the digest of one argument's
 canonical encoding.
+
+Accelerator
+-----------
+Most inputs are already canonical: exact str (with a UTF-8 form), finite float, int in the signed
+64-bit range, bool, None, and lists, tuples and str-keyed dicts of them. Their canonical tree is
+the value itself (a tuple encodes like a list), so walking them in Python, about 10x the cost of
+orjson's own encoding, buys nothing. The optional C extension ``jobflow_cache._speedups``
+(``_speedups.c``, built by ``setup.py`` with ``optional=True``) walks a value once, keeps every
+part that is already canonical as it is, drops the ``"@version"`` of monty dicts, and hands every
+other node (subclasses, enums, numpy, sets, NaN and infinities, big ints, lone surrogates, dicts
+with non-str or NUL-prefixed keys, monty numpy dicts, nesting beyond :data:`MAX_DEPTH`, str values
+the hook may replace) to the pure-Python rules above, whose result takes the node's place in a copy
+of its containers. The bytes hashed are therefore the same either way; the Python path is the
+reference, ``tests/test_speedups.py`` checks that both give identical encodings, errors and hook
+calls. Without a C compiler the package installs and runs without the extension; setting
+``JOBFLOW_CACHE_SPEEDUPS=0`` (read at import) turns it off.
+
+A hook called for every str value would cost a Python call each; a :class:`Normalizer` names the
+strings it may replace (an exact set and substrings), and only those reach it.
 """
 
 from __future__ import annotations
@@ -93,9 +114,10 @@ import importlib
 import inspect
 import logging
 import math
+import os
 import sys
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -105,7 +127,7 @@ import xxhash
 from jobflow_cache.errors import UnhashableInputError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Sequence
 
     from monty.json import MontyEncoder
 
@@ -114,6 +136,7 @@ __all__ = [
     "SCHEME",
     "CallDigest",
     "NormalizeStr",
+    "Normalizer",
     "bind_arguments",
     "canonicalize",
     "digest_bytes",
@@ -165,6 +188,15 @@ _ORJSON_OPTIONS = (
 # Numpy kinds whose raw buffer *is* the value (no pointers, no padding).
 _RAW_KINDS = frozenset("biufcmMSUV")
 
+# The optional C accelerator (see "Accelerator" in the module docstring); None: pure Python.
+_speedups: types.ModuleType | None
+try:
+    from jobflow_cache import _speedups
+except ImportError:  # not compiled (no compiler at install time): the pure-Python path
+    _speedups = None
+if os.environ.get("JOBFLOW_CACHE_SPEEDUPS", "1").strip() == "0":
+    _speedups = None
+
 
 class _UnhashableError(Exception):
     """Internal error; path segments are collected while unwinding, innermost first.
@@ -178,9 +210,61 @@ class _UnhashableError(Exception):
         self.segments: list[str] = []
 
 
+if _speedups is not None:
+    _speedups.configure(_UnhashableError)
+
+
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
+
+
+class Normalizer:
+    """A ``normalize_str`` hook that names the strings it may replace.
+
+    ``func`` must return None for every str that is not in ``exact`` and contains none of
+    ``markers``. Hashing then calls it only for the strings that are (a set lookup and a
+    substring search per str value instead of a Python call), which gives the same digests.
+    A plain callable hook is called for every str value.
+
+    Parameters
+    ----------
+    func
+        The hook, see :data:`NormalizeStr`.
+    exact
+        Strings ``func`` may replace (any container; a live dict may grow between calls).
+    markers
+        Substrings: a str containing one of them may be replaced.
+
+    Examples
+    --------
+    >>> hook = Normalizer(lambda s: ("job", 1) if s == "u1" else None, exact={"u1"})
+    >>> digest_value(["u1", "x"], normalize_str=hook) == digest_value(
+    ...     ["u1", "x"], normalize_str=lambda s: ("job", 1) if s == "u1" else None
+    ... )
+    True
+    """
+
+    __slots__ = ("exact", "func", "markers")
+
+    def __init__(
+        self,
+        func: NormalizeStr,
+        *,
+        exact: Collection[str] = (),
+        markers: Iterable[str] = (),
+    ) -> None:
+        self.func = func
+        self.exact = exact
+        self.markers = tuple(markers)
+        if not all(type(m) is str and m for m in self.markers):
+            raise TypeError(f"markers must be non-empty str, not {self.markers!r}")
+
+    def __call__(self, value: str) -> tuple[str, Any] | None:
+        return self.func(value)
+
+    def __repr__(self) -> str:
+        return f"Normalizer({self.func!r}, markers={self.markers!r})"
 
 
 def canonicalize(obj: Any, *, normalize_str: NormalizeStr | None = None, path: str = "") -> Any:
@@ -198,7 +282,8 @@ def canonicalize(obj: Any, *, normalize_str: NormalizeStr | None = None, path: s
     Returns
     -------
     Any
-        A tree of dicts with str keys, lists, str, int, finite float, bool and None.
+        A tree of dicts with str keys, lists, str, int, finite float, bool and None (the order
+        of dict keys is unspecified: :func:`encode` sorts them).
 
     Raises
     ------
@@ -207,19 +292,18 @@ def canonicalize(obj: Any, *, normalize_str: NormalizeStr | None = None, path: s
 
     Examples
     --------
-    >>> canonicalize({"b": (1, 2.0), "a": {3}})
-    {'b': [1, 2.0], 'a': {'\\x00set': [3]}}
+    >>> canonicalize({"a": {3}, "b": (1, 2.0)})
+    {'a': {'\\x00set': [3]}, 'b': [1, 2.0]}
     >>> canonicalize(float("nan"))
     {'\\x00float': 'nan'}
     >>> canonicalize({1: "x"})
     {'\\x00dict': [[1, 'x']]}
     """
-    try:
-        return _canon(obj, normalize_str, 0)
-    except _UnhashableError as err:
-        raise UnhashableInputError(err.message, _join_path(path, err.segments)) from err.__cause__
-    except RecursionError as err:  # an as_dict() or a hook recursing without end
-        raise UnhashableInputError("value is nested too deeply to canonicalize", path) from err
+    tree = _encodable(obj, normalize_str, path)
+    if _speedups is None:
+        return tree
+    # The accelerated tree may hold tuples and share parts with obj: return a fresh copy.
+    return orjson.loads(encode(tree))
 
 
 def encode(canon: Any) -> bytes:
@@ -267,7 +351,7 @@ def digest_value(obj: Any, *, normalize_str: NormalizeStr | None = None) -> str:
     >>> len({digest_value(True), digest_value(1), digest_value(1.0)})
     3
     """
-    return digest_bytes(encode(canonicalize(obj, normalize_str=normalize_str)))
+    return xxhash.xxh3_128_hexdigest(_encode_value(obj, normalize_str, ""))
 
 
 def function_path(func: Callable[..., Any]) -> str:
@@ -344,27 +428,18 @@ def bind_arguments(
     """
     if isinstance(func, types.MethodType):
         signature = _signature(func.__func__)
-        bound = signature.bind(func.__self__, *args, **kwargs)
+        args = (func.__self__, *args)
     else:
         signature = _signature(func)
-        bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
+    result = _bind(signature, args, kwargs)
 
-    ignored = set(ignore)
-    unknown = ignored.difference(signature.parameters)
-    if unknown:
-        raise ValueError(f"ignored names {sorted(unknown)} are not parameters of {func!r}")
-
-    result: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        if name in ignored:
-            continue
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            value = list(value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            value = dict(value)
-        result[name] = value
+    if ignore:
+        ignored = set(ignore)
+        unknown = ignored.difference(signature.parameters)
+        if unknown:
+            raise ValueError(f"ignored names {sorted(unknown)} are not parameters of {func!r}")
+        for name in ignored:
+            del result[name]
     return result
 
 
@@ -384,8 +459,8 @@ class CallDigest:
         The user's cache version of the function, if any.
     arg_digests
         Per-argument sub-digest, to explain a miss.
-    canonical
-        Per-argument canonical tree (JSON-native).
+    encodings
+        Per-argument canonical encoding (the bytes each sub-digest is the digest of).
     """
 
     digest: str
@@ -393,7 +468,12 @@ class CallDigest:
     function: str
     cache_version: str | None
     arg_digests: dict[str, str]
-    canonical: dict[str, Any]
+    encodings: dict[str, bytes]
+
+    @functools.cached_property
+    def canonical(self) -> dict[str, Any]:
+        """Per-argument canonical tree (JSON-native), decoded from :attr:`encodings` when read."""
+        return {name: orjson.loads(data) for name, data in self.encodings.items()}
 
 
 def digest_call(
@@ -437,14 +517,14 @@ def digest_call(
         raise TypeError(f"function must be a str path, not {type(function).__name__}")
     if cache_version is not None and type(cache_version) is not str:
         raise TypeError(f"cache_version must be a str or None, not {type(cache_version).__name__}")
-    canonical: dict[str, Any] = {}
+    encodings: dict[str, bytes] = {}
     arg_digests: dict[str, str] = {}
     for name, value in arguments.items():
         if type(name) is not str:
             raise TypeError(f"argument names must be str, not {name!r}")
-        canon = canonicalize(value, normalize_str=normalize_str, path=name)
-        canonical[name] = canon
-        arg_digests[name] = digest_bytes(encode(canon))
+        data = _encode_value(value, normalize_str, name)
+        encodings[name] = data
+        arg_digests[name] = xxhash.xxh3_128_hexdigest(data)
     pairs = [[name, arg_digests[name]] for name in sorted(arg_digests)]
     digest = digest_bytes(encode(["call", SCHEME, function, cache_version, pairs]))
     logger.debug("digest %s for %s (version %r)", digest, function, cache_version)
@@ -454,7 +534,7 @@ def digest_call(
         function=function,
         cache_version=cache_version,
         arg_digests=arg_digests,
-        canonical=canonical,
+        encodings=encodings,
     )
 
 
@@ -470,6 +550,49 @@ def digest_call(
 # tag because keys starting with NUL are escaped by one more NUL (an injective renaming). Each
 # tag's payload is in turn an injective encoding of its type. Sets and non-str-keyed dicts are
 # sorted by encoded bytes, which depend only on the value, never on hashing or insertion order.
+
+
+def _encodable(obj: Any, hook: NormalizeStr | None, path: str) -> Any:
+    # A tree whose encoding is the canonical encoding of obj (with the accelerator it may hold
+    # tuples and share parts with obj, see _tree), errors reported as UnhashableInputError.
+    try:
+        return _tree(obj, hook, 0)
+    except _UnhashableError as err:
+        raise UnhashableInputError(err.message, _join_path(path, err.segments)) from err.__cause__
+    except RecursionError as err:  # an as_dict() or a hook recursing without end
+        raise UnhashableInputError("value is nested too deeply to canonicalize", path) from err
+
+
+def _encode_value(obj: Any, hook: NormalizeStr | None, path: str) -> bytes:
+    # encode(_encodable(obj, hook, path)) with the common case (accelerator, no hook) inlined:
+    # it is the whole cost of hashing small values.
+    speedups = _speedups
+    if speedups is None or hook is not None:
+        return encode(_encodable(obj, hook, path))
+    try:
+        tree = speedups.tree(obj, 0, MAX_DEPTH, _canon, None, None, None)
+    except _UnhashableError as err:
+        raise UnhashableInputError(err.message, _join_path(path, err.segments)) from err.__cause__
+    except RecursionError as err:
+        raise UnhashableInputError("value is nested too deeply to canonicalize", path) from err
+    try:
+        return orjson.dumps(tree, option=_ORJSON_OPTIONS, default=_reject)
+    except orjson.JSONEncodeError:
+        return encode(tree)  # raises
+
+
+def _tree(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
+    # _canon(obj, hook, depth), or the accelerator's equivalent: the parts of obj that are already
+    # canonical are kept as they are (tuples included, which encode like lists), the rest is
+    # handed to _canon. Only the encoding of the result is the same: use it only to encode.
+    speedups = _speedups
+    if speedups is None:
+        return _canon(obj, hook, depth)
+    if hook is None:
+        return speedups.tree(obj, depth, MAX_DEPTH, _canon, None, None, None)
+    if type(hook) is Normalizer:
+        return speedups.tree(obj, depth, MAX_DEPTH, _canon, hook, hook.exact, hook.markers)
+    return speedups.tree(obj, depth, MAX_DEPTH, _canon, hook, None, None)
 
 
 def _canon(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
@@ -580,7 +703,9 @@ def _canon_dict(d: Mapping[Any, Any], hook: NormalizeStr | None, depth: int) -> 
     if depth >= MAX_DEPTH:
         raise _too_deep()
     depth += 1
-    if d.get("@class") == "array" and d.get("@module") == "numpy":
+    cls, module = d.get("@class"), d.get("@module")
+    # isinstance first: `==` of an array (or any odd object) with a str may raise
+    if isinstance(cls, str) and cls == "array" and isinstance(module, str) and module == "numpy":
         array = _decode_numpy_dict(d)
         if array is not None:
             return _canon_ndarray(array, hook, depth)
@@ -718,7 +843,7 @@ def _canon_via_monty(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
         ) from err
     if form is obj:
         raise _UnhashableError(f"{type(obj).__qualname__} object encodes to itself")
-    return _canon(form, hook, depth)
+    return _tree(form, hook, depth)
 
 
 def _qualified_name(obj: Any) -> tuple[str, str]:
@@ -809,8 +934,9 @@ def _canon_ndarray(arr: Any, hook: NormalizeStr | None, depth: int) -> Any:
             data = data.astype(dtype.newbyteorder("<"))
         if kind in "fc":
             floats = data.reshape(-1).view(f"<f{component_size}")
-            nans = np.isnan(floats)
-            if nans.any():  # one bit pattern for every NaN, as for Python floats
+            # min() propagates NaN without allocating: a cheap test before the exact one.
+            if floats.size and np.isnan(floats.min()):
+                nans = np.isnan(floats)  # one bit pattern for every NaN, as for Python floats
                 floats = floats.copy()
                 floats[nans] = np.nan
                 data = floats
@@ -825,7 +951,8 @@ def _canon_ndarray(arr: Any, hook: NormalizeStr | None, depth: int) -> Any:
         try:
             items = _canon_seq(arr.reshape(-1).tolist(), item_hook, depth)
         except _UnhashableError as err:
-            err.segments[-1] = f".flat{err.segments[-1]}"
+            if err.segments:  # else the array itself is nested too deeply
+                err.segments[-1] = f".flat{err.segments[-1]}"
             raise
     return {_T_NDARRAY_ITEMS: [_dtype_key(dtype), shape, items]}
 
@@ -880,6 +1007,81 @@ def _join_path(prefix: str, segments: list[str]) -> str:
     if not prefix and rest.startswith("."):
         return rest[1:]
     return prefix + rest
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_EMPTY = inspect.Parameter.empty
+
+
+def _bind(
+    signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    # Signature.bind + apply_defaults, without their cost (~10 us a call) in the common case:
+    # any call this loop does not bind cleanly goes to Signature.bind, which raises the TypeError.
+    result: dict[str, Any] = {}
+    consumed = 0  # kwargs bound to named parameters
+    var_keyword = None
+    n_args = len(args)
+    i = 0
+    for param in signature.parameters.values():
+        name, kind = param.name, param.kind
+        if kind in _POSITIONAL:
+            from_keyword = kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and name in kwargs
+            if i < n_args:
+                if from_keyword:
+                    break  # multiple values
+                result[name] = args[i]
+                i += 1
+                continue
+            if from_keyword:
+                result[name] = kwargs[name]
+                consumed += 1
+            elif param.default is not _EMPTY:
+                result[name] = param.default
+            else:
+                break  # missing
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            result[name] = list(args[i:])
+            i = n_args
+        elif kind is inspect.Parameter.KEYWORD_ONLY:
+            if name in kwargs:
+                result[name] = kwargs[name]
+                consumed += 1
+            elif param.default is not _EMPTY:
+                result[name] = param.default
+            else:
+                break  # missing
+        else:
+            var_keyword = name
+            result[name] = {}  # filled below, keeps its place in signature order
+    else:
+        if i == n_args:
+            if consumed == len(kwargs):
+                return result
+            if var_keyword is not None:
+                params = signature.parameters
+                extra = {key: value for key, value in kwargs.items() if key not in params}
+                if consumed + len(extra) == len(kwargs):
+                    result[var_keyword] = extra
+                    return result
+                # else a keyword named like a positional-only or var parameter: rare, slow
+    return _slow_bind(signature, args, kwargs)
+
+
+def _slow_bind(
+    signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    result: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            value = list(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            value = dict(value)
+        result[name] = value
+    return result
 
 
 @functools.lru_cache(maxsize=4096)
