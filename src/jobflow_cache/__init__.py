@@ -25,11 +25,12 @@ from jobflow_cache.errors import (
 )
 
 # layer 3: execution
-from jobflow_cache.executor import Cache, CacheReport, JobOptions, current_cache, run_locally
+from jobflow_cache.executor import Cache, CacheReport, JobOptions, current_cache
 from jobflow_cache.files import FileRecord, ObjectArea
 
 # layer 1: hashing and files (pure)
 from jobflow_cache.hashing import SCHEME, CallDigest, digest_call, digest_value
+from jobflow_cache.local import run_locally
 from jobflow_cache.settings import CacheSettings, get_settings
 from jobflow_cache.sqlite_store import SQLiteStore
 from jobflow_cache.store import MISS, CacheStore, Lookup, Outcome, store_from_spec

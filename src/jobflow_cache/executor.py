@@ -1,4 +1,4 @@
-"""The one interception core (:class:`Cache`) and the drop-in :func:`run_locally`.
+"""The one interception core, :class:`Cache` (the drop-in ``run_locally`` is in :mod:`.local`).
 
 jobflow's ``Job.run`` resolves a job's references, sets ``CURRENT_JOB``, enters the run folder and
 then calls ``getattr(job.function, "original", job.function)(*args, **kwargs)``. That call is the
@@ -16,7 +16,6 @@ import inspect
 import json
 import logging
 import socket
-import threading
 import time
 import types
 import warnings
@@ -25,10 +24,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal
 
-from jobflow import Flow, Job, Response
-from jobflow.managers.local import run_locally as _jobflow_run_locally
+from jobflow import Job, Response
 from jobflow.utils.uid import suid
 from monty.json import jsanitize
 
@@ -61,9 +59,6 @@ from jobflow_cache.hashing import (
 from jobflow_cache.settings import CacheSettings, cache_disabled, get_settings
 from jobflow_cache.store import CacheStore, Outcome
 
-if TYPE_CHECKING:
-    from jobflow import JobStore
-
 __all__ = [
     "META_KEY",
     "Cache",
@@ -71,7 +66,6 @@ __all__ = [
     "JobOptions",
     "current_cache",
     "job_options",
-    "run_locally",
 ]
 
 logger = logging.getLogger(__name__)
@@ -754,130 +748,3 @@ class _Intercept:
             args = (self._instance, *args)
         return self._cache.call(self._job, self._function, args, kwargs, JobOptions())
 
-
-def run_locally(
-    flow: Flow | Job | list[Job],
-    log: bool | str = True,
-    store: JobStore | None = None,
-    create_folders: bool = False,
-    root_dir: str | Path | None = None,
-    ensure_success: bool = False,
-    allow_external_references: bool = False,
-    raise_immediately: bool = False,
-    *,
-    cache: Cache | CacheStore | bool | None = None,
-    files: FilesMode | None = None,
-) -> dict[str, dict[int, Response]]:
-    """Run a :obj:`~jobflow.Job` or :obj:`~jobflow.Flow` locally, serving cached jobs.
-
-    A drop-in replacement for :func:`jobflow.run_locally`: same arguments, same return value,
-    same JobStore contents. Every job is cached, including jobs of Makers that use plain
-    ``@job`` (atomate2): a job whose digest (function + resolved inputs) is in the cache is not
-    run; its cached output is stored instead and its run-folder files are linked back.
-
-    Parameters
-    ----------
-    flow, log, store, create_folders, root_dir, ensure_success, allow_external_references, \
-raise_immediately
-        As for :func:`jobflow.run_locally`.
-    cache
-        ``None``/``True``: the cache configured by the ``JOBFLOW_CACHE_*`` settings (embedded
-        SQLite store by default); a :class:`.CacheStore` or :class:`Cache`; ``False``: no cache
-        (exactly jobflow's ``run_locally``). ``JOBFLOW_CACHE_DISABLE=1`` also turns it off.
-    files
-        ``"link"`` (default), ``"copy"`` or ``"none"``: how run-folder files are restored.
-
-    Returns
-    -------
-    dict[str, dict[int, Response]]
-        The responses of the jobs, as a dict of ``{uuid: {index: response}}``.
-
-    Examples
-    --------
-    >>> from jobflow import job, Flow
-    >>> from jobflow_cache import CacheStore, run_locally
-    >>> from maggma.stores import MemoryStore
-    >>> @job
-    ... def add(a, b):
-    ...     return a + b
-    >>> cache = CacheStore(MemoryStore(), objects_dir=str(getfixture("tmp_path")))
-    >>> first = add(1, 2)
-    >>> out = run_locally(first, log=False, cache=cache)
-    >>> again = add(1, 2)  # a fresh job: new uuid, same inputs
-    >>> out = run_locally(again, log=False, cache=cache)
-    >>> out[again.uuid][1].output, again.metadata["jobflow_cache"]["outcome"]
-    (3, 'hit')
-    """
-    jobflow_kwargs = {
-        "log": log,
-        "store": store,
-        "create_folders": create_folders,
-        "root_dir": root_dir,
-        "ensure_success": ensure_success,
-        "allow_external_references": allow_external_references,
-        "raise_immediately": raise_immediately,
-    }
-    if cache is False or cache_disabled():
-        return _jobflow_run_locally(flow, **jobflow_kwargs)  # type: ignore[arg-type]
-    if isinstance(cache, Cache):
-        session = cache
-        if create_folders:
-            session.exclusive_dirs = True
-    else:
-        cache_store = cache if isinstance(cache, CacheStore) else None
-        session = Cache(cache_store, files=files, exclusive_dirs=create_folders)
-    if files is not None:
-        session.files = files
-    with session.activate(), _cached_job_runs(session):
-        return _jobflow_run_locally(flow, **jobflow_kwargs)  # type: ignore[arg-type]
-
-
-_INTERCEPT: contextvars.ContextVar[Cache | None] = contextvars.ContextVar(
-    "jobflow_cache_intercept", default=None
-)
-_install_lock = threading.Lock()
-_installed = 0
-_jobflow_run = Job.run
-
-
-def _intercepting_run(self: Job, store: JobStore, job_dir: Path | None = None) -> Response:
-    """``Job.run`` while a :func:`run_locally` is active: the call goes through its cache.
-
-    Only the context (thread) that runs our ``run_locally`` is intercepted; any other
-    ``Job.run`` in the process behaves exactly as jobflow's.
-    """
-    folder = cast("Path", job_dir)  # jobflow annotates it as Path with default None
-    cache = _INTERCEPT.get()
-    if cache is None or is_cached_function(self.function):
-        return _jobflow_run(self, store, folder)
-    function = self.function
-    self.function = _Intercept(cache, self, function)
-    try:
-        return _jobflow_run(self, store, folder)
-    finally:
-        self.function = function
-
-
-@contextmanager
-def _cached_job_runs(cache: Cache) -> Iterator[None]:
-    """Route every ``Job.run`` made by jobflow's local manager in this context through ``cache``.
-
-    jobflow's manager calls ``job.run(store=store)`` for each job, including jobs a dynamic
-    job creates on the fly. ``Job.run`` is swapped for :func:`_intercepting_run` while at least
-    one ``run_locally`` is running (reference-counted, so concurrent runs in several threads
-    are safe), and a context variable says which cache this context uses.
-    """
-    global _installed
-    with _install_lock:
-        if _installed == 0:
-            Job.run = _intercepting_run  # type: ignore[method-assign]
-        _installed += 1
-    token = _INTERCEPT.set(cache)
-    try:
-        yield
-    finally:
-        _INTERCEPT.reset(token)
-        with _install_lock:
-            _installed -= 1
-            if _installed == 0:
-                Job.run = _jobflow_run  # type: ignore[method-assign]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from jobflow import CURRENT_JOB, Flow, Maker, Response, job
+from jobflow import CURRENT_JOB, Flow, JobConfig, Maker, Response, job
 from monty.json import MSONable
 from pydantic import BaseModel
 
@@ -262,3 +262,45 @@ class ScaleMaker(Maker):
     def make(self, x):
         executed(self.name)
         return x * self.factor
+
+
+# -- large and dynamic flows ----------------------------------------------------------------------
+@job
+def fan_replace(n, tag="f"):
+    """Replace itself with ``n`` independent jobs (a dynamic fan-out) gathered into a list."""
+    executed("fan_replace")
+    jobs = [append_end(f"{tag}{i}") for i in range(n)]
+    return Response(replace=Flow(jobs, output=[j.output for j in jobs]))
+
+
+@job
+def nested_fan(k, m):
+    """Replace itself with ``k`` jobs that each replace themselves with ``m`` jobs."""
+    executed("nested_fan")
+    jobs = [fan_replace(m, tag=f"n{i}-") for i in range(k)]
+    return Response(replace=Flow(jobs, output=[j.output for j in jobs]))
+
+
+@job
+def precise_times():
+    """Datetimes that mongomock stores at millisecond precision and without time zone."""
+    executed("precise_times")
+    return {
+        "naive": datetime(2020, 1, 2, 3, 4, 5, 678901),
+        "aware": datetime(2020, 1, 2, 3, 4, 5, 123456, tzinfo=timezone(timedelta(hours=2))),
+        "nested": [{"t": datetime(2021, 5, 6, 7, 8, 9, 999999)}],
+    }
+
+
+@job(config=JobConfig(expose_store=True))
+def read_store(value, uuid):
+    """Reads an upstream job's documents through ``CURRENT_JOB.store`` (``expose_store``)."""
+    executed("read_store")
+    store = CURRENT_JOB.store
+    doc = store.query_one({"uuid": uuid}, properties=["index", "name"], sort={"index": -1})
+    return {
+        "value": value,
+        "output": store.get_output(uuid),
+        "count": store.count({"uuid": uuid}),
+        "doc": {"index": doc["index"], "name": doc["name"]},
+    }

@@ -196,6 +196,50 @@ def _maker() -> Flow:
     return Flow([first, other, chained], chained.output)
 
 
+def _chain(n: int) -> Flow:
+    jobs = [dj.append_end("c")]
+    for _ in range(n - 1):
+        jobs.append(dj.append_end(jobs[-1].output))
+    return Flow(jobs, jobs[-1].output)
+
+
+def _fanout(n: int) -> Flow:
+    source = dj.returns_dict()
+    children = [dj.echo({"i": i, "v": source.output["nested"]}) for i in range(n)]
+    return Flow([source, *children])
+
+
+def _dynamic(fan: Job) -> Flow:
+    """A dynamic job, and a job that gathers its outputs (through its replaced output)."""
+    return Flow([fan, dj.echo(fan.output)])
+
+
+def _datetimes(n: int) -> Flow:
+    source = dj.precise_times()
+    children = [dj.echo({"i": i, "t": source.output}) for i in range(n)]
+    return Flow([source, *children, dj.echo(source.output["aware"])])
+
+
+def _data_store(n: int) -> Flow:
+    jobs = []
+    for i in range(n):
+        data = dj.big_list(i + 1)
+        jobs += [data, dj.echo({"i": i, "data": data.output})]
+    return Flow(jobs)
+
+
+def _diversions(n: int) -> Flow:
+    jobs = [dj.sum_with_addition(i, 1000) for i in range(n)]
+    jobs += [dj.sum_with_detour(i, 5000) for i in range(n)]
+    jobs += [dj.sum_replace_with_flow(i, 9000) for i in range(n)]
+    return Flow(jobs)
+
+
+def _external_many(prior: Callable[[Any], Any], n: int) -> Flow:
+    upstream = prior(dj.returns_dict())
+    return Flow([dj.echo({"i": i, "v": upstream.output["a"]}) for i in range(n)])
+
+
 ENSURE = {"ensure_success": True}
 RAISE = {"raise_immediately": True}
 
@@ -292,6 +336,20 @@ SCENARIOS: dict[str, Scenario] = {
     "int_keys_output": Scenario(lambda _: dj.returns_int_keys()),
     "schema_and_data": Scenario(lambda _: _schema_and_data()),
     "maker": Scenario(lambda _: _maker()),
+    # large flows, compared document by document (jobflow_cache.local indexes the MemoryStore)
+    "large_chain": Scenario(lambda _: _chain(300)),
+    "large_fanout": Scenario(lambda _: _fanout(300)),
+    "large_dynamic": Scenario(lambda _: _dynamic(dj.fan_replace(300))),
+    "large_nested_dynamic": Scenario(lambda _: _dynamic(dj.nested_fan(10, 30))),
+    "large_diversions": Scenario(lambda _: _diversions(40)),
+    "large_datetimes": Scenario(lambda _: _datetimes(50)),
+    "large_data_store": Scenario(lambda _: _data_store(50)),
+    "expose_store": Scenario(
+        lambda _: (lambda s: Flow([s, dj.read_store(s.output, s.uuid)]))(dj.returns_dict())
+    ),
+    "large_external": Scenario(
+        lambda prior: _external_many(prior, 100), {"allow_external_references": True}
+    ),
 }
 
 
