@@ -6,11 +6,25 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from jobflow import Flow, JobStore
+from monty.serialization import dumpfn
 
-from jobflow_cache import __version__, run_locally
+from jobflow_cache import (
+    CacheEntry,
+    CacheStore,
+    CacheWarning,
+    ObjectArea,
+    StoreUnavailableError,
+    __version__,
+    run_locally,
+)
 from jobflow_cache.cli import cli
 from tests import jobs
 
@@ -52,3 +66,347 @@ def test_unreachable_store_is_one_line_exit_1(tmp_path, monkeypatch):
     assert proc.returncode == 1
     assert proc.stderr.startswith("Error: ")
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- the full CLI
+# A cache built by two runs of a real flow: the second changes the relaxation's input, so the
+# relaxation and the job using its output miss, and write_files is served from the cache.
+
+
+def flow(value: float) -> Flow:
+    relax = jobs.RelaxMaker(name="relax").make(value)
+    shift = jobs.add(relax.output["value"], 1)
+    return Flow([relax, shift, jobs.write_files("t", 5)])
+
+
+@pytest.fixture
+def built(isolated_cache, tmp_path, counts):
+    root = tmp_path / "runs"
+    root.mkdir()
+    docs = {"type": "SQLiteStore", "path": str(tmp_path / "jobs.sqlite")}
+    spec = {"docs_store": {**docs, "collection_name": "outputs", "key": "uuid"}}
+    job_store = JobStore.from_dict_spec(spec)
+    flows = [flow(1.0), flow(2.0)]
+    dumpfn(flows[1], tmp_path / "flow.json")  # as submitted: inputs hold output references
+    for each in flows:
+        run_locally(each, store=job_store, create_folders=True, root_dir=root, log=False)
+    assert counts() == {"relax": 2, "add": 2, "write_files": 1}
+    return SimpleNamespace(flows=flows, jobstore=json.dumps(spec), root=root, tmp=tmp_path)
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+def ok(*args: str, input: str | None = None):
+    result = invoke(*args, input=input)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def as_json(*args: str):
+    return json.loads(ok(*args, "--json").stdout)
+
+
+def entries() -> list[dict]:
+    return as_json("ls", "--limit", "0")
+
+
+def digest_of(name: str, which: int = 0) -> str:
+    """Full digest of the ``which``-th newest entry called ``name``."""
+    return [e["digest"] for e in entries() if e["name"] == name][which]
+
+
+def one_line_error(result, exit_code: int = 1) -> str:
+    assert result.exit_code == exit_code, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_help_everywhere_has_examples():
+    for command in [[], *([name] for name in cli.commands)]:
+        result = ok(*command, "--help")
+        assert "Examples:" in result.stdout, command
+        assert ok(*command, "-h").stdout == result.stdout
+
+
+def test_ls_table_filters_sort_and_json(built):
+    table = ok("ls").stdout.splitlines()
+    assert table[0].split() == [
+        "DIGEST", "NAME", "FUNCTION", "CREATED", "LAST", "HIT", "HITS", "FILES", "VALID"
+    ]  # fmt: skip
+    assert len(table) == 6
+    rows = entries()
+    assert [r["name"] for r in rows] == ["add", "relax", "write_files", "add", "relax"]
+    assert all(len(r["short"]) == 8 and r["digest"].startswith(r["short"]) for r in rows)
+    assert {r["short"] for r in rows} == {line.split()[0] for line in table[1:]}
+    files = next(r for r in rows if r["name"] == "write_files")
+    assert (files["files"], files["files_size"], files["hits"]) == (2, 15, 1)
+    assert next(line for line in table if "write_files" in line).split()[-2:] == ["B)", "yes"]
+
+    assert [r["name"] for r in as_json("ls", "--name", "rel*")] == ["relax", "relax"]
+    assert len(as_json("ls", "--function", "tests.jobs:add")) == 2
+    assert [r["name"] for r in as_json("ls", "--sort", "hits", "--limit", "1")] == ["write_files"]
+    assert [r["name"] for r in as_json("ls", "-r", "-n", "1")] == ["relax"]  # oldest first
+    assert len(as_json("ls", "--since", "1h")) == 5
+    assert as_json("ls", "--before", "2000-01-01") == []
+    assert as_json("ls", "--invalid") == []
+    empty = ok("ls", "--before", "1h")
+    assert (empty.stdout, empty.stderr) == ("", "No entries.\n")
+    limited = ok("ls", "-n", "2")
+    assert len(limited.stdout.splitlines()) == 3
+    assert "--limit 0" in limited.stderr
+    assert invoke("ls", "--sort", "bogus").exit_code == 2
+    assert invoke("ls", "--since", "someday").exit_code == 2
+
+
+def test_show_text_json_and_prefix_errors(built):
+    relax = built.flows[1][0]
+    digest = digest_of("relax")
+    text = ok("show", digest[:6]).stdout
+    for expected in (
+        f"digest         {digest}",
+        "function       tests.jobs:RelaxMaker.make",
+        "status         served on a hit",
+        "RelaxMaker(name='relax', settings={}, steps=10)",
+        "value  ",
+        '{"value":4.0,"steps":10,"dir_name":',
+        "OUTCAR",
+        f"source job   {relax.uuid} (index 1)",
+        "scheme       jfc1",
+    ):
+        assert expected in text, expected
+    data = as_json("show", digest[:6].upper())
+    assert (data["digest"], data["name"], data["status"]) == (digest, "relax", "served on a hit")
+    assert data["canonical_input"]["value"] == 2.0
+    assert json.loads(data["output"])["value"] == 4.0
+
+    with CacheStore.from_settings() as cache:
+        for tail in ("0" * 26, "1" * 26):
+            cache.put(CacheEntry(digest="abc123" + tail, scheme="jfc1", function="m:f", name="t"))
+    error = one_line_error(invoke("show", "abc1"))
+    assert error.startswith("Error: digest prefix 'abc1' is ambiguous: ")
+    assert "abc123" + "0" * 26 in error
+    assert "abc123" + "1" * 26 in error
+    assert "no cache entry" in one_line_error(invoke("show", "ffff0000"))
+    usage = invoke("show", "xyz")
+    assert (usage.exit_code, usage.stdout) == (2, "")
+    assert usage.stderr.splitlines()[-1] == (
+        "Error: Invalid value for 'DIGEST': 'xyz' is not a digest prefix (4 to 32 hex digits)"
+    )
+
+
+def test_invalidate_keeps_the_entry_but_it_is_never_served(built, counts, tmp_path):
+    digest = digest_of("write_files")
+    result = ok("invalidate", digest[:8], "--reason", "bad potcar")
+    assert result.stdout == f"invalidated {digest[:8]}: bad potcar\n"
+    (row,) = as_json("ls", "--invalid")
+    assert (row["digest"], row["valid"], row["invalid_reason"]) == (digest, False, "bad potcar")
+    assert "not served: marked invalid: bad potcar" in ok("show", digest[:8]).stdout
+    with pytest.warns(CacheWarning, match="bad potcar"):
+        run_locally(jobs.write_files("t", 5), log=False, create_folders=True, root_dir=tmp_path)
+    assert counts()["write_files"] == 2
+
+
+def objects_on_disk(cache_dir: Path) -> list[str]:
+    return sorted(xxh3 for xxh3, _ in ObjectArea(cache_dir / "objects").iter_objects())
+
+
+def test_purge_asks_and_dry_run_deletes_nothing(built, isolated_cache):
+    before = objects_on_disk(isolated_cache)
+    assert len(before) == 4  # two OUTCARs, result.txt, sub/data.bin
+    assert invoke("purge").exit_code == 2
+    assert invoke("purge", "--all", "--name", "x").exit_code == 2
+
+    dry = ok("purge", "--all", "--dry-run")
+    assert "Would remove 5 entries; would remove 4 file objects" in dry.stdout
+    assert "dry run: nothing deleted" in dry.stdout
+    data = as_json("purge", "--all", "--dry-run")
+    assert (data["entries"], data["gc"]["objects"], data["dry_run"]) == (5, 4, True)
+    refused = invoke("purge", "--name", "relax", input="n\n")
+    assert refused.exit_code == 1
+    assert "Remove 2 entries? [y/N]" in refused.stderr
+    assert len(entries()) == 5
+    assert objects_on_disk(isolated_cache) == before
+
+    done = ok("purge", "--name", "relax", input="y\n")
+    assert "Removed 2 entries; removed 2 file objects" in done.stdout
+    assert [e["name"] for e in entries()] == ["add", "write_files", "add"]
+    assert len(objects_on_disk(isolated_cache)) == 2
+    assert ok("verify").exit_code == 0
+
+
+def test_purge_by_digest_age_and_use(built):
+    digest = digest_of("add", 1)
+    data = as_json("purge", "--digest", digest[:8], "--yes")
+    assert (data["entries"], data["digests"], data["gc"]["objects"]) == (1, [digest], 0)
+    assert as_json("purge", "--older-than", "30d", "--yes")["entries"] == 0
+    with CacheStore.from_settings() as cache:
+        doc = dict(next(cache.find({"name": "relax"}, sort={"created": 1})))
+        doc["created"] = datetime.now(timezone.utc) - timedelta(days=45)
+        cache.store.update(doc, key="digest")
+    assert as_json("purge", "--unused-for", "60d", "--yes")["entries"] == 0
+    assert as_json("purge", "--unused-for", "30d", "--yes")["digests"] == [doc["digest"]]
+    assert [e["name"] for e in entries()] == ["add", "relax", "write_files"]
+    assert ok("purge", "--since", "1h", "--function", "tests.jobs:add", "-y").exit_code == 0
+    assert [e["name"] for e in entries()] == ["relax", "write_files"]
+
+
+def test_gc_collects_unreferenced_objects_only(built, isolated_cache, tmp_path):
+    orphan = tmp_path / "orphan"
+    orphan.write_text("nobody uses me")
+    xxh3 = ObjectArea(isolated_cache / "objects").ingest(orphan, mode="copy")
+    os.utime(ObjectArea(isolated_cache / "objects").path_of(xxh3), (0, 0))
+    assert as_json("gc", "--dry-run")["objects"] == 1
+    assert xxh3 in objects_on_disk(isolated_cache)
+    assert ok("gc", "--yes").stdout == "Deleted 1 file objects, 14 B freed\n"
+    assert xxh3 not in objects_on_disk(isolated_cache)
+    assert len(objects_on_disk(isolated_cache)) == 4
+    assert ok("gc", "--yes").stdout.startswith("Deleted 0 file objects")
+
+
+def test_verify_reports_by_kind_and_fixes(built, isolated_cache):
+    sound = ok("verify")
+    assert sound.stdout == "Checked 5 entries: all sound.\n"
+    area = ObjectArea(isolated_cache / "objects")
+    with CacheStore.from_settings() as cache:
+        entry = CacheEntry.from_document(next(cache.find({"name": "write_files"})))
+        doc = dict(next(cache.find({"name": "add"})))
+        doc["output"] = "999"
+        cache.store.update(doc, key="digest")
+    area.path_of(entry.files[0].xxh3).unlink()
+
+    result = invoke("verify")
+    assert result.exit_code == 1
+    assert "checksum (1):" in result.stdout
+    assert "file-missing (1):" in result.stdout
+    assert f"  {entry.digest[:12]}  {entry.files[0].path}: missing" in result.stdout
+    assert result.stdout.endswith("Checked 5 entries: 2 problems in 2 entries.\n")
+    report = json.loads(invoke("verify", "--json").stdout)
+    assert report["sound"] is False
+    assert {(p["kind"], p["digest"]) for p in report["problems"]} == {
+        ("checksum", doc["digest"]),
+        ("file-missing", entry.digest),
+    }
+    assert json.loads(invoke("verify", "--json", "--name", "add").stdout)["checked"] == 2
+    assert invoke("verify", "--function", "tests.jobs:RelaxMaker.make").exit_code == 0
+
+    fixed = invoke("verify", "--fix")
+    assert fixed.exit_code == 1
+    assert "[invalidated]" in fixed.stdout
+    assert ok("verify").stdout == "Checked 5 entries: all sound.\n"
+    assert {e["name"] for e in as_json("ls", "--invalid")} == {"add", "write_files"}
+
+
+def test_stats(built):
+    data = as_json("stats")
+    assert (data["entries"], data["invalid"], data["hits"]) == (5, 0, 1)
+    assert data["functions"] == {
+        "tests.jobs:RelaxMaker.make": 2,
+        "tests.jobs:add": 2,
+        "tests.jobs:write_files": 1,
+    }
+    assert data["objects"] == 4
+    assert data["files_bytes"] == data["objects_bytes"]
+    text = ok("stats", "--top", "1").stdout
+    assert "entries        5 (0 invalid)" in text
+    assert "  ... 2 more (--top 0 lists all)" in text
+
+
+def test_explain_an_entry_a_job_uuid_and_a_job_file(built):
+    relax_now = digest_of("relax", 0)
+    data = as_json("explain", relax_now[:8])
+    best = data["nearest"][0]
+    assert (best["equal"], best["changed"]) == (["self"], ["value"])
+    assert best["differences"] == [{"path": "value", "cached": "1.0", "now": "2.0"}]
+    text = ok("explain", relax_now[:8]).stdout
+    assert "     value: 1.0 -> 2.0" in text
+
+    second = built.flows[1]
+    missed = ok("explain", second[1].uuid, "--jobstore", built.jobstore).stdout
+    assert f"Job add ({second[1].uuid}): miss (digest {digest_of('add', 0)})." in missed
+    assert "     a: 2.0 -> 4.0" in missed
+    served = ok("explain", second[2].uuid, "--jobstore", built.jobstore).stdout
+    assert f"was served from entry {digest_of('write_files')}" in served
+    assert f"recorded by job {built.flows[0][2].uuid}" in served
+
+    path = built.tmp / "flow.json"
+    result = invoke("explain", "--job", str(path))
+    assert "holds 3 jobs, choose one with --uuid" in one_line_error(result)
+    args = ["explain", "--job", str(path), "--uuid", second[1].uuid]
+    unresolved = ok(*args).stdout
+    assert "digest unknown, some inputs are output references (see --jobstore):" in unresolved
+    assert f"  a: output of job {second[0].uuid}['value']" in unresolved
+    assert "same: b" in unresolved
+    resolved = as_json(*args, "--jobstore", built.jobstore)
+    assert resolved["job"]["digest"] == digest_of("add", 0)
+    assert "would be served from the cache" in resolved["summary"][0]
+
+    fresh = flow(3.0)
+    dumpfn(fresh, path)
+    data = as_json(
+        "explain", "--job", str(path), "--uuid", fresh[1].uuid, "--jobstore", built.jobstore
+    )
+    assert "not found in the JobStore" in data["summary"][0]
+    assert data["job"]["unresolved"] == {"a": f"output of job {fresh[0].uuid}['value']"}
+    data = as_json("explain", "--job", str(path), "--uuid", fresh[0].uuid)
+    assert "not cached" in data["summary"][0]
+    assert [c["differences"][0]["now"] for c in data["nearest"]] == ["3.0", "3.0"]
+    assert invoke("explain").exit_code == 2
+
+
+def test_store_option_spec_forms_and_errors(built, isolated_cache, tmp_path):
+    spec = {
+        "type": "SQLiteStore",
+        "path": str(isolated_cache / "cache.sqlite"),
+        "collection_name": "entries",
+        "key": "digest",
+    }
+    assert len(as_json("--store", json.dumps(spec), "ls")) == 5
+    yaml_file = tmp_path / "store.yaml"
+    yaml_file.write_text("".join(f"{k}: {v}\n" for k, v in spec.items()))
+    assert as_json("--store", str(yaml_file), "stats")["entries"] == 5
+    assert "malformed store spec" in one_line_error(invoke("--store", "{oops", "ls"))
+    error = one_line_error(invoke("--store", str(tmp_path / "none.yaml"), "ls"))
+    assert "does not exist" in error
+    error = one_line_error(invoke("--store", '{"type": "NoSuchStore"}', "ls"))
+    assert "unknown store type 'NoSuchStore'" in error
+    debug = invoke("--debug", "--store", "{oops", "ls")
+    assert debug.exit_code == 1
+    assert isinstance(debug.exception, StoreUnavailableError)
+
+
+def console_script() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "cachetool")
+    if not os.path.exists(exe):
+        pytest.skip("the cachetool console script is not installed in this environment")
+    return exe
+
+
+def test_console_script_ls_show_and_errors(built):
+    exe = console_script()
+    proc = subprocess.run([exe, "ls", "--json"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 5
+    proc = subprocess.run([exe, "show", rows[0]["short"]], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert rows[0]["digest"] in proc.stdout
+    proc = subprocess.run([exe, "show", "ffff0000"], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == "Error: no cache entry has a digest starting with 'ffff0000'\n"
+    proc = subprocess.run([exe, "ls", "--sort", "bogus"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Invalid value for '--sort'" in proc.stderr
+    proc = subprocess.run([exe, "purge", "--all"], capture_output=True, text=True, input="")
+    assert proc.returncode == 1
+    assert proc.stderr.rstrip().endswith("Aborted!")
+    proc = subprocess.run(
+        [exe, "--debug", "--store", "{oops", "ls"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr
+    assert len(json.loads(subprocess.check_output([exe, "ls", "--json"], text=True))) == 5

@@ -1,5 +1,9 @@
 """Why did a job miss? Its inputs compared field by field with the nearest cached entries.
 
+The inputs come from a cache entry, from a job's record in a JobStore (its ``jobflow_cache``
+metadata names its digest and outcome), or from a serialized job, whose digest is computed here
+as the executor computes it (so this module sits beside the CLI, after the executor).
+
 Every entry keeps its per-argument sub-digests and, up to ``MAX_CANONICAL_INPUT`` bytes, the
 canonical tree of each argument (see :mod:`jobflow_cache.hashing`). Two calls of one function
 miss each other exactly where a sub-digest differs; the canonical trees then say which key or
@@ -11,16 +15,43 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import json
 import logging
 import re
+import types
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from jobflow_cache.hashing import encode
-from jobflow_cache.store import CacheStore
+from jobflow import SETTINGS, Flow, Job, JobStore
+from jobflow.core.reference import (
+    OnMissing,
+    find_and_get_references,
+    find_and_resolve_references,
+)
+from monty.json import MontyDecoder, MontyEncoder
+from monty.serialization import loadfn
 
-__all__ = ["MISSING", "Comparison", "Difference", "Inputs", "compare", "diff", "nearest", "render"]
+from jobflow_cache.codec import UUID_RE
+from jobflow_cache.errors import CacheError, StoreUnavailableError
+from jobflow_cache.executor import META_KEY, Cache, JobOptions, job_options
+from jobflow_cache.hashing import bind_arguments, encode
+from jobflow_cache.store import CacheStore, Outcome, store_from_spec
+
+__all__ = [
+    "MISSING",
+    "Comparison",
+    "Difference",
+    "Inputs",
+    "compare",
+    "diff",
+    "job_from_file",
+    "job_inputs",
+    "job_outcome",
+    "nearest",
+    "open_job_store",
+    "render",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -294,18 +325,19 @@ def nearest(
     """The cached entries of ``now.function`` closest to ``now``, compared with it.
 
     Entries are ranked by the number of arguments with equal sub-digests, then by equal cache
-    version, then by recency; only the ``scan`` most recent entries of the function are ranked.
+    version, then by equal job name, then by recency; only the ``scan`` most recent entries of
+    the function are ranked.
 
     Returns
     -------
     tuple[list[Comparison], int]
         Up to ``count`` comparisons, best first, and how many entries were ranked.
     """
-    scored: list[tuple[int, int, int, str]] = []
+    scored: list[tuple[int, int, int, int, str]] = []
     ranked = 0
     docs = cache.find(
         {"function": now.function},
-        properties=["digest", "arg_digests", "cache_version"],
+        properties=["digest", "arg_digests", "cache_version", "name"],
         sort={"created": -1},
         limit=scan,
     )
@@ -318,7 +350,8 @@ def nearest(
         recorded = recorded if isinstance(recorded, dict) else {}
         equal = sum(recorded.get(k) == v for k, v in now.arg_digests.items())
         version = int(doc.get("cache_version") == now.cache_version)
-        scored.append((-equal, -version, position, digest))
+        same_name = int(bool(now.name) and doc.get("name") == now.name)
+        scored.append((-equal, -version, -same_name, position, digest))
     comparisons = []
     for *_, digest in heapq.nsmallest(count, scored):
         for doc in cache.find({"digest": digest}, limit=1):
@@ -326,9 +359,165 @@ def nearest(
     return comparisons, ranked
 
 
-def describe_reference(reference: Any) -> str:
-    """``output of job <uuid>["key"]`` for a jobflow ``OutputReference`` (duck-typed)."""
+# --------------------------------------------------------------------------- jobs
+
+
+def open_job_store(spec: Any = None) -> JobStore:
+    """A connected JobStore from a loaded spec: jobflow's ``JOB_STORE`` forms (``docs_store`` +
+    ``additional_stores``, a serialized JobStore) or a maggma store spec for the docs alone;
+    ``None``: jobflow's configured ``JOB_STORE``.
+    """
+    try:
+        if spec is None:
+            store = SETTINGS.JOB_STORE
+        elif isinstance(spec, JobStore):
+            store = spec
+        elif isinstance(spec, dict) and "docs_store" in spec:
+            store = JobStore.from_dict_spec(spec)
+        elif isinstance(spec, dict) and spec.get("@class") == "JobStore":
+            store = MontyDecoder().process_decoded(spec)
+        else:
+            store = JobStore(store_from_spec(spec))
+        store.connect()
+    except CacheError:
+        raise
+    except Exception as err:
+        raise StoreUnavailableError(f"cannot open the JobStore: {err}") from err
+    return store
+
+
+def job_from_file(path: str, uuid: str | None = None) -> Job:
+    """The job of a serialized Job or Flow file (JSON or YAML); ``uuid`` picks one of a flow.
+
+    Raises
+    ------
+    CacheError
+        If the file holds no job, not that uuid, or several jobs and no ``uuid``.
+    """
+    try:
+        loaded = loadfn(path)
+    except Exception as err:
+        raise CacheError(f"cannot read job file {path}: {err}") from err
+    if isinstance(loaded, Job):
+        jobs = [loaded]
+    elif isinstance(loaded, Flow):
+        jobs = [job for job, _ in loaded.iterflow()]
+    else:
+        raise CacheError(f"{path} holds a {type(loaded).__name__}, not a serialized Job or Flow")
+    if uuid is not None:
+        jobs = [job for job in jobs if job.uuid == uuid]
+        if not jobs:
+            raise CacheError(f"no job {uuid} in {path}")
+    if len(jobs) > 1:
+        names = ", ".join(f"{job.uuid} ({job.name})" for job in jobs[:10])
+        raise CacheError(f"{path} holds {len(jobs)} jobs, choose one with --uuid: {names}")
+    return jobs[0]
+
+
+def job_inputs(job: Job, cache: CacheStore, job_store: JobStore | None = None) -> Inputs:
+    """What a job's call hashes, computed as the executor does.
+
+    With ``job_store``, output references in the inputs are resolved from it, and upstream job
+    uuids in the inputs are replaced by their jobs' digests (from their ``jobflow_cache``
+    metadata), as they were in the run. Arguments that still hold references are listed in
+    ``unresolved`` and left out; the digest is then unknown (``None``).
+    """
+    args = list(job.function_args)
+    kwargs = dict(job.function_kwargs)
+    if job_store is not None:  # what Job.run does; references to absent outputs stay
+        found: dict[str, Any] = {}
+        args = [_resolve(value, job_store, found) for value in args]
+        kwargs = {key: _resolve(value, job_store, found) for key, value in kwargs.items()}
+    function = job.function
+    instance = getattr(function, "__self__", None)
+    inner = getattr(function, "original", function)
+    base = getattr(inner, "__jobflow_cache__", None)
+    if isinstance(base, JobOptions):  # @cached_job: its options and the undecorated function
+        inner = getattr(inner, "__wrapped__", inner)
+    options = job_options(job, base if isinstance(base, JobOptions) else None)
+    if instance is not None and not isinstance(instance, types.ModuleType):
+        args.insert(0, instance)
+    session = Cache(cache, files="none")
+    if job_store is not None:
+        uuids = sorted(set(UUID_RE.findall(json.dumps([args, kwargs], cls=MontyEncoder))))
+        for doc in job_store.query({"uuid": {"$in": uuids}}, properties=["uuid", "metadata"]):
+            meta = (doc.get("metadata") or {}).get(META_KEY) or {}
+            if meta.get("digest"):
+                session.job_digests[doc["uuid"]] = meta["digest"]
+    bound = bind_arguments(inner, args, kwargs, ignore=options.ignore)
+    unresolved = {
+        name: "; ".join(_describe_reference(ref) for ref in refs)
+        for name, value in bound.items()
+        if (refs := find_and_get_references(value))
+    }
+    # a reference's value is unknown: hash None in its place, then leave that argument out
+    args = [None if find_and_get_references(value) else value for value in args]
+    kwargs = {k: None if find_and_get_references(v) else v for k, v in kwargs.items()}
+    call = session.digest(inner, args, kwargs, options)
+    keep = [name for name in call.arg_digests if name not in unresolved]
+    return Inputs(
+        call.function,
+        call.cache_version,
+        {name: call.arg_digests[name] for name in keep},
+        {name: call.canonical[name] for name in keep},
+        None if unresolved else call.digest,
+        job.name,
+        unresolved=unresolved,
+    )
+
+
+def _resolve(value: Any, job_store: JobStore, found: dict[str, Any]) -> Any:
+    return find_and_resolve_references(value, job_store, cache=found, on_missing=OnMissing.PASS)
+
+
+def _describe_reference(reference: Any) -> str:
+    """``output of job <uuid>['key']`` for a jobflow ``OutputReference``."""
     parts = []
     for kind, value in getattr(reference, "attributes", ()):
         parts.append(f".{value}" if kind == "a" else f"[{value!r}]")
     return f"output of job {reference.uuid}{''.join(parts)}"
+
+
+def job_outcome(
+    uuid: str, cache: CacheStore, job_store: JobStore
+) -> tuple[list[str], dict[str, Any] | None]:
+    """What the cache did for a job, from its JobStore record, and the entry to explain.
+
+    Returns
+    -------
+    tuple[list[str], dict | None]
+        Lines saying what happened, and the cache entry document the job recorded after it
+        ran (a miss, or an entry that could not be served), if there is one.
+    """
+    doc = job_store.query_one(
+        {"uuid": uuid}, properties=["uuid", "index", "name", "metadata"], sort={"index": -1}
+    )
+    if doc is None:
+        raise CacheError(f"no job {uuid} in the JobStore")
+    meta = (doc.get("metadata") or {}).get(META_KEY)
+    head = f"Job {doc.get('name', '')} ({uuid})"
+    if not isinstance(meta, dict) or "outcome" not in meta:
+        return [f"{head} ran without jobflow-cache (no {META_KEY} metadata)."], None
+    outcome, digest = meta["outcome"], meta.get("digest")
+    said = {
+        Outcome.HIT.value: f"was served from entry {digest} (recorded by job "
+        f"{meta.get('source_uuid', '?')}).",
+        Outcome.DISABLED.value: "ran uncached: caching was turned off for it.",
+        Outcome.UNCACHEABLE.value: "ran uncached: an input could not be hashed (the run's "
+        "CacheWarning names it).",
+        Outcome.ERROR.value: "ran uncached: the cache store was unavailable.",
+    }
+    if outcome in said or not digest:
+        return [f"{head} {said.get(outcome, 'ran uncached.')}"], None
+    lines = [f"{head}: {outcome} (digest {digest})."]
+    if outcome == Outcome.INVALID.value:
+        lines.append("An entry with its digest existed but could not be served.")
+    entry = next(iter(cache.find({"digest": digest}, limit=1)), None)
+    if entry is None:
+        lines.append(
+            "No entry has its digest now: the job failed, its result could not be cached, "
+            "or the entry was purged."
+        )
+    else:
+        lines.append("It was recorded after it ran; compared with the other entries:")
+    return lines, entry
