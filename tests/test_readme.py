@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -42,3 +45,29 @@ def test_readme_decorator_example_defines_a_cached_job(tmp_path):
         "\nprint(relax.cache_digest('Si', ncores=8).digest == relax.cache_digest('Si').digest)"
     )
     assert run_python(code, cwd=tmp_path).strip() == "True", "ncores is ignored by the digest"
+
+
+@pytest.mark.slow
+def test_readme_demo_reports_a_second_run_served_from_the_cache(tmp_path):
+    """The set-up command's demo: run 2 executes nothing, and the report says so."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBFLOW_CACHE_")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py")],
+        env={**env, "TMPDIR": str(tmp_path)},  # the demo's cache and run folders
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = dict(re.findall(r"^(run \d)\s+(\d+\s+\d+\s+\d+)\s", proc.stdout, re.M))
+    assert {run: counts.split() for run, counts in rows.items()} == {
+        "run 1": ["9", "9", "0"],  # jobs, executed, served
+        "run 2": ["9", "0", "9"],
+    }
+    assert "the same in both runs" in proc.stdout
+    assert "7 OUTCAR files: 7 are hard links" in proc.stdout
+    assert re.search(r"store +sqlite:///.*cache\.sqlite/entries +\(9 entries\)", proc.stdout)
+    cache_dirs = list(tmp_path.glob("jobflow-cache-demo-*/cache"))
+    assert len(cache_dirs) == 1
+    assert (cache_dirs[0] / "cache.sqlite").is_file(), "the embedded default store"
