@@ -45,6 +45,9 @@ DOCS = ROOT / "docs"
 HOME = "/home/me"  # how a page shows its folder
 TIMEOUT = 900
 
+#: Modules of the ``docs`` extra the Sphinx build needs.
+DOCS_PACKAGES = ("sphinx", "myst_parser", "furo", "sphinx_click")
+
 #: At most this many blocks may be skipped across all pages (each needs a reason).
 MAX_SKIPPED = 8
 
@@ -233,6 +236,27 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
 def test_skipped_example(block: Block) -> None:
     """Listed by ``pytest -ra``: which examples do not run here, and why."""
     pytest.skip(f"{block.where} not run: {block.skip}")
+
+
+@pytest.mark.slow
+def test_sphinx_build_passes_offline_with_warnings_as_errors(tmp_path: Path) -> None:
+    """The site builds with ``-W`` (``.ci/run`` builds it too, with the ``docs`` extra)."""
+    missing = [m for m in DOCS_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the docs extra is not installed (missing {', '.join(missing)})")
+    out = tmp_path / "html"
+    build = ["-W", "-q", "-b", "html", "-d", str(tmp_path / "doctrees"), str(DOCS), str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sphinx", *build],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "howto" / "resume.html").is_file()
+    settings = (out / "reference" / "settings.html").read_text()
+    assert "JOBFLOW_CACHE_MAX_FILE_SIZE" in settings, "the settings table is generated"
 
 
 def test_skipped_examples_are_few_and_explained() -> None:

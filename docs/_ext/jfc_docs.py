@@ -157,8 +157,16 @@ def _drop_missing_optional_pages(app: Sphinx, docname: str, source: list[str]) -
             source[0] = re.sub(rf"(?m)^{re.escape(page)}\n", "", source[0])
 
 
+def _reread_root(
+    app: Sphinx, env: Any, added: set[str], changed: set[str], removed: set[str]
+) -> list[str]:
+    """Read the root page on every build: whether an optional page exists may have changed."""
+    return [app.config.root_doc]
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     """Register the directive and the toctree filter."""
     app.add_directive("pydantic-fields", PydanticFields)
     app.connect("source-read", _drop_missing_optional_pages)
+    app.connect("env-get-outdated", _reread_root)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
