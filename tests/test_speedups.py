@@ -507,7 +507,10 @@ def test_the_extension_is_built() -> None:
     # `pip install -e .` compiles it wherever gcc and the Python headers exist (CI has both);
     # JOBFLOW_CACHE_SPEEDUPS=0 turns it off on purpose.
     if SPEEDUPS is None:
-        assert TURNED_OFF
+        assert TURNED_OFF, (
+            "jobflow_cache._speedups is not compiled (hashing works, about 10x slower): "
+            "reinstall with gcc and the Python headers, or set JOBFLOW_CACHE_SPEEDUPS=0"
+        )
     else:
         assert SPEEDUPS.__file__.endswith((".so", ".pyd"))
 
