@@ -773,6 +773,57 @@ def test_increment(store: SQLiteStore) -> None:
     assert store.query_one({"task_id": "a"})["hits"] == 3
 
 
+def test_increment_many_is_one_transaction_of_increments(store: SQLiteStore) -> None:
+    before = {d["task_id"]: d for d in store.query()}
+    found = store.increment_many(
+        [
+            ("a", {"hits": 1}, {"lu": T_LAST}),
+            ("a", {"hits": 2}, None),  # the same document twice: both count
+            (6, {"stats.hits": 1}, None),
+            ("missing", {"hits": 1}, None),
+            ("b", {}, {"note": "set only"}),
+            ("c", {}, None),  # nothing to change: only whether it exists
+        ]
+    )
+    assert found == [True, True, True, False, True, True]
+    assert store.query_one({"task_id": "a"})["hits"] == before["a"].get("hits", 0) + 3
+    assert store.query_one({"task_id": "a"})["lu"] == T_LAST
+    assert store.query_one({"task_id": 6})["stats"] == {"hits": 1}
+    assert store.query_one({"task_id": "b"})["note"] == "set only"
+    assert store.count({"task_id": "missing"}) == 0
+    # one bad update: nothing of the batch is written
+    with pytest.raises(TypeError, match="not a number"):
+        store.increment_many([("a", {"hits": 1}, None), ("a", {"s": 1}, None)])
+    assert store.query_one({"task_id": "a"})["hits"] == before["a"].get("hits", 0) + 3
+    with pytest.raises(ValueError):
+        store.increment_many([("a", {"task_id": 1}, None)])
+
+
+def test_increment_statements_are_reused_for_the_same_fields(store: SQLiteStore) -> None:
+    for _ in range(3):
+        store.increment("a", {"hits": 1}, {"lu": T_LAST})
+    store.increment("a", {"n": 1})
+    assert len(store._increment_statements) == 2
+    assert store.query_one({"task_id": "a"})["hits"] == DOCS[0].get("hits", 0) + 3
+
+
+def test_query_key_reads_one_document_by_key(store: SQLiteStore) -> None:
+    for doc in store.query():
+        assert store.query_key(doc["task_id"]) == doc
+    full = store.query_one({"task_id": "a"})
+    assert store.query_key("a", leave_out=["tags", "nested", "absent"]) == {
+        k: v for k, v in full.items() if k not in ("tags", "nested")
+    }
+    assert store.query_key("missing") is None
+    assert store.query_key("6") is None  # the int key 6 is not the str "6"
+    exact = {"task_id": "x", "f": 0.1 + 0.2, "big": 2**62, "neg": -0.0, "s": "é\u2028"}
+    store.update({**exact, "drop": {"deep": [1.5, float("nan")]}})
+    got = store.query_key("x", leave_out=["drop"])
+    assert got == exact
+    assert math.copysign(1, got["neg"]) == -1
+    assert math.isnan(store.query_key("x")["drop"]["deep"][1])
+
+
 def test_insert_if_absent(store: SQLiteStore) -> None:
     assert store.insert_if_absent({"task_id": "new", "v": 1})
     assert not store.insert_if_absent({"task_id": "new", "v": 2})

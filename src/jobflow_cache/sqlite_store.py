@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from maggma.core import Sort, Store, StoreError
@@ -141,6 +141,8 @@ def _to_storable(
     kind = type(obj)
     if kind in _PLAIN_SCALARS:
         return obj
+    # values that stay as they are (plain scalars, finite floats) are taken without a call:
+    # this walk is most of the Python cost of a write
     if kind is dict or (not strict and isinstance(obj, dict)):
         out = {}
         for key, value in obj.items():
@@ -148,12 +150,23 @@ def _to_storable(
                 raise ValueError(f"the key {key!r} is reserved by SQLiteStore's encoding")
             if strict and type(key) is not str:
                 raise _NotPlainError
-            out[key] = _to_storable(value, arrays, f"{path}.{key}" if path else str(key), strict)
+            kind = type(value)
+            if kind in _PLAIN_SCALARS or (kind is float and -math.inf < value < math.inf):
+                out[key] = value
+            else:
+                child = f"{path}.{key}" if path else str(key)
+                out[key] = _to_storable(value, arrays, child, strict)
         return out
     if kind is list or kind is tuple or (not strict and isinstance(obj, list | tuple)):
         if arrays is not None:
             arrays.add(path)
-        return [_to_storable(value, arrays, path, strict) for value in obj]
+        return [
+            value
+            if type(value) in _PLAIN_SCALARS
+            or (type(value) is float and -math.inf < value < math.inf)
+            else _to_storable(value, arrays, path, strict)
+            for value in obj
+        ]
     if kind is float or (not strict and isinstance(obj, float)):
         if math.isfinite(obj):
             return obj
@@ -822,6 +835,26 @@ class _Connection(sqlite3.Connection):
     """A SQLite connection that can be weakly referenced."""
 
 
+class _IncrementSQL(NamedTuple):
+    """The statements of an increment, for given field names (incremented, then set)."""
+
+    paths: tuple[str, ...]
+    depths: tuple[int, ...]  # number of components of each path
+    increments: int  # the first this many paths are incremented, the others set
+    select: str  # json_type of each path and its parents, then the current numbers
+    update: str  # json_set of every path
+
+
+class _IncrementPlan(NamedTuple):
+    """A checked :meth:`SQLiteStore.increment`: its row, values and SQL, ready to apply."""
+
+    row_key: str
+    amounts: list[int | float]
+    set_texts: list[str]
+    sql: _IncrementSQL
+    arrays: set[str]
+
+
 class _ProcessState:
     """The connections of one process: a locked writer and one reader per thread.
 
@@ -931,6 +964,7 @@ class SQLiteStore(Store):
         self.timeout = float(timeout)
         self.kwargs = kwargs
         self._state: _ProcessState | None = None
+        self._increment_statements: dict[tuple[tuple[str, ...], ...], _IncrementSQL] = {}
         super().__init__(key=key, last_updated_field=last_updated_field, **kwargs)
 
     # ---------------------------------------------------------------- identity
@@ -1515,6 +1549,33 @@ class SQLiteStore(Store):
                 set_(id_doc, key, value)
             yield id_doc, list(members)
 
+    def query_key(self, value: str | int, leave_out: Iterable[str] = ()) -> dict | None:
+        """The document whose key field is ``value``, or None: one primary-key read.
+
+        The same document as ``query_one({key: value})``, without planning a query.
+        ``leave_out`` names top-level fields not to read (they are dropped in SQL, so a
+        large field costs neither reading nor decoding).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.db") as store:
+        ...     store.update({"task_id": "x", "big": [1, 2], "n": 1})
+        ...     store.query_key("x", leave_out=["big"]), store.query_key("y")
+        ({'task_id': 'x', 'n': 1}, None)
+        """
+        row_key = _key_literal(value)
+        if row_key is None or not isinstance(value, str | int):
+            return None
+        dropped = [_json_path([name]) for name in leave_out if _split_path(name) == [name]]
+        column = f"json_remove(doc, {', '.join(dropped)})" if dropped else "doc"
+        conn = self._reader()
+        with self._errors():
+            row = conn.execute(
+                f"SELECT {column} FROM {self._table} WHERE key = ?", (row_key,)
+            ).fetchone()
+        return None if row is None else _loads(row[0])
+
     # ---------------------------------------------------------------- writing
 
     def _validate(self, doc: dict) -> bool:
@@ -1700,13 +1761,96 @@ class SQLiteStore(Store):
         (True, False)
         {'hits': 2}
         """
-        set_fields = dict(set_fields or {})
+        plan = self._plan_increment(key_value, fields, set_fields)
+        if plan is None:
+            return self.count({self.key: key_value}) == 1
+        with self._writing(plan.arrays) as conn:
+            return self._apply_increment(conn, plan)
+
+    def increment_many(
+        self,
+        updates: Iterable[tuple[str | int, Mapping[str, int | float], Mapping[str, Any] | None]],
+    ) -> list[bool]:
+        """Apply several :meth:`increment` calls in one write transaction.
+
+        One commit for the whole batch instead of one per document (a commit costs a few
+        tenths of a millisecond): this is how hit counters are written in bulk.
+
+        Parameters
+        ----------
+        updates
+            ``(key value, fields, set_fields)`` triples, as the arguments of
+            :meth:`increment`.
+
+        Returns
+        -------
+        list[bool]
+            For each update, True if its document exists (and was updated).
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`increment`; nothing of the batch is written then.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.db") as store:
+        ...     store.update([{"task_id": "x"}, {"task_id": "y", "hits": 4}])
+        ...     store.increment_many([("x", {"hits": 2}, None), ("y", {"hits": 1}, None),
+        ...                           ("z", {"hits": 1}, None)])
+        ...     [d.get("hits") for d in store.query(sort={"task_id": 1})]
+        [True, True, False]
+        [2, 5]
+        """
+        updates = list(updates)
+        plans = [self._plan_increment(key, fields, extra) for key, fields, extra in updates]
+        arrays: set[str] = set()
+        for plan in plans:
+            if plan is not None:
+                arrays |= plan.arrays
+        with self._writing(arrays) as conn:
+            found: list[bool] = []
+            for plan, (key, _, _) in zip(plans, updates):
+                if plan is None:  # nothing to change: only whether the document exists
+                    row_key = _key_literal(key)
+                    exists = conn.execute(
+                        f"SELECT 1 FROM {self._table} WHERE key = ?", (row_key,)
+                    ).fetchone()
+                    found.append(exists is not None)
+                else:
+                    found.append(self._apply_increment(conn, plan))
+            return found
+
+    def _plan_increment(
+        self,
+        key_value: str | int,
+        fields: Mapping[str, int | float],
+        set_fields: Mapping[str, Any] | None,
+    ) -> _IncrementPlan | None:
+        """Check the arguments of :meth:`increment` and build its SQL (None: no fields)."""
+        set_fields = set_fields or {}
         row_key = _key_literal(key_value)
         if row_key is None or not isinstance(key_value, str | int):
             raise TypeError(f"key values are str or int, not {key_value!r}")
         for amount in fields.values():
             if isinstance(amount, bool) or not isinstance(amount, int | float):
                 raise TypeError(f"increments must be numbers, not {amount!r}")
+        sql = self._increment_sql(tuple(fields), tuple(set_fields))
+        if sql is None:
+            return None
+        arrays: set[str] = set()
+        set_texts = [_dumps(value, arrays, path) for path, value in set_fields.items()]
+        return _IncrementPlan(row_key, list(fields.values()), set_texts, sql, arrays)
+
+    def _increment_sql(
+        self, fields: tuple[str, ...], set_fields: tuple[str, ...]
+    ) -> _IncrementSQL | None:
+        """The statements of an increment of these fields (made once per field names)."""
+        names = (fields, set_fields)
+        cached = self._increment_statements.get(names)
+        if cached is not None:
+            return cached
         paths = {**dict.fromkeys(fields), **dict.fromkeys(set_fields)}
         if len(paths) != len(fields) + len(set_fields):
             raise ValueError("a field cannot be both incremented and set")
@@ -1721,13 +1865,9 @@ class SQLiteStore(Store):
                 if other != path and other.startswith(path + "."):
                     raise ValueError(f"fields {path!r} and {other!r} overlap")
         if not paths:
-            return self.count({self.key: key_value}) == 1
-        arrays: set[str] = set()
-        set_texts = {path: _dumps(value, arrays, path) for path, value in set_fields.items()}
-
+            return None
         checks: list[str] = []
-        for path in paths:
-            parts = parsed[path]
+        for parts in parsed.values():
             checks += [_t(parts[:depth]) for depth in range(1, len(parts))]
             checks.append(_t(parts))
         number_paths = [_json_path(parsed[path]) for path in fields]
@@ -1736,35 +1876,40 @@ class SQLiteStore(Store):
         raw = (
             f"json_extract(doc, {', '.join([*number_paths, *number_paths])})" if fields else "'[]'"
         )
-        select = f"SELECT {', '.join([*checks, raw])} FROM {self._table} WHERE key = ?"
-        with self._writing(arrays) as conn:
-            row = conn.execute(select, (row_key,)).fetchone()
-            if row is None:
-                return False
-            types = iter(row[:-1])
-            for path in paths:
-                depth = len(parsed[path])
-                parents = [next(types) for _ in range(depth - 1)]
-                if any(kind not in (None, "object") for kind in parents):
-                    raise TypeError(f"cannot set {path!r}: a parent is not an object")
-                kind = next(types)
-                if path in fields and kind not in (None, "integer", "real"):
-                    raise TypeError(f"cannot increment {path!r}: it holds a {kind}, not a number")
-            current = orjson.loads(row[-1])[: len(fields)]
-            assignments: list[str] = []
-            params: list[Any] = []
-            for (path, amount), old in zip(fields.items(), current):
-                assignments.append(f"{_json_path(parsed[path])}, json(?)")
-                params.append(orjson.dumps((old or 0) + amount).decode("utf-8"))
-            for path, text in set_texts.items():
-                assignments.append(f"{_json_path(parsed[path])}, json(?)")
-                params.append(text)
-            conn.execute(
-                f"UPDATE {self._table} SET doc = json_set(doc, {', '.join(assignments)}) "
-                "WHERE key = ?",
-                [*params, row_key],
-            )
-            return True
+        assignments = ", ".join(f"{_json_path(parts)}, json(?)" for parts in parsed.values())
+        sql = _IncrementSQL(
+            paths=tuple(paths),
+            depths=tuple(len(parts) for parts in parsed.values()),
+            increments=len(fields),
+            select=f"SELECT {', '.join([*checks, raw])} FROM {self._table} WHERE key = ?",
+            update=f"UPDATE {self._table} SET doc = json_set(doc, {assignments}) WHERE key = ?",
+        )
+        if len(self._increment_statements) < 64:
+            self._increment_statements[names] = sql
+        return sql
+
+    @staticmethod
+    def _apply_increment(conn: sqlite3.Connection, plan: _IncrementPlan) -> bool:
+        """Run a planned increment inside the current write transaction."""
+        sql = plan.sql
+        row = conn.execute(sql.select, (plan.row_key,)).fetchone()
+        if row is None:
+            return False
+        types = iter(row[:-1])
+        for index, (path, depth) in enumerate(zip(sql.paths, sql.depths)):
+            parents = [next(types) for _ in range(depth - 1)]
+            if any(kind not in (None, "object") for kind in parents):
+                raise TypeError(f"cannot set {path!r}: a parent is not an object")
+            kind = next(types)
+            if index < sql.increments and kind not in (None, "integer", "real"):
+                raise TypeError(f"cannot increment {path!r}: it holds a {kind}, not a number")
+        current = orjson.loads(row[-1])[: sql.increments]
+        params: list[Any] = [
+            orjson.dumps((old or 0) + amount).decode("utf-8")
+            for amount, old in zip(plan.amounts, current)
+        ]
+        conn.execute(sql.update, [*params, *plan.set_texts, plan.row_key])
+        return True
 
     def remove_docs(self, criteria: dict) -> None:
         """Delete every document matching Mongo criteria (``{}`` deletes all)."""
