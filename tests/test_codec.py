@@ -10,8 +10,9 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from monty.json import MontyDecoder, MontyEncoder
 
-from jobflow_cache.codec import DirRewrite, created_uuids, dumps, loads, rewrite_text
+from jobflow_cache.codec import DirRewrite, _tag, created_uuids, dumps, loads, rewrite_text
 from jobflow_cache.errors import CorruptEntryError
 
 
@@ -146,3 +147,19 @@ def test_created_uuids_are_jobs_and_flows_only():
         "jobs": [{"@class": "Job", "uuid": "j"}, {"@class": "OutputReference", "uuid": "r"}],
     }
     assert created_uuids(tree) == {"f", "j"}
+
+
+@pytest.mark.parametrize(
+    "text", ["1", "-0.0", "NaN", "Infinity", "null", "true", '"x"', '[1, [2.5, "a"], []]', "[]"]
+)
+def test_loads_without_objects_is_monty_s_decode(text: str) -> None:
+    """Text without a JSON object skips monty's decoder: the same value comes out."""
+    got, expected = loads(text), MontyDecoder().decode(text)
+    assert json.dumps(got) == json.dumps(expected)
+    assert type(got) is type(expected)
+
+
+@given(values)
+def test_dumps_is_json_dumps_with_montys_encoder(value) -> None:
+    expected = json.dumps(_tag(value), cls=MontyEncoder, separators=(",", ":"), allow_nan=True)
+    assert dumps(value) == expected

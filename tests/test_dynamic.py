@@ -9,7 +9,7 @@ import pytest
 from jobflow import Flow, JobStore
 from maggma.stores import MemoryStore
 
-from jobflow_cache import run_locally
+from jobflow_cache import CacheStore, SQLiteStore, run_locally
 from tests import jobs
 from tests.conftest import run_python
 
@@ -138,3 +138,20 @@ def test_new_jobs_of_a_dynamic_miss_hit_on_the_next_run(counts, cache_store, run
         )
     assert outcomes[1] == [("deform_parent", "hit"), ("relax_child", "hit")]
     assert counts() == {"deform_parent": 1, "relax_child": 1}
+
+
+def test_large_replace_records_and_counts_every_generated_job(counts, cache_store, run_dir):
+    """Entries of the generated jobs are written behind during the run and all on disk after
+    it; the warm run serves every one of them and counts its hit."""
+    n = 60
+    cold_store, warm_store = JobStore(MemoryStore()), JobStore(MemoryStore())
+    run_locally(jobs.make_replace(n), store=cold_store, cache=cache_store, log=False)
+    assert counts() == {"make_replace": 1, "add": n}
+    on_disk = CacheStore(SQLiteStore(cache_store.store.path, key="digest"), run_dir / "objects")
+    with on_disk:
+        assert on_disk.count() == n + 1  # the dynamic job and its n new jobs
+    run_locally(jobs.make_replace(n), store=warm_store, cache=cache_store, log=False)
+    assert counts() == {"make_replace": 1, "add": n}
+    assert all_outputs(warm_store) == all_outputs(cold_store)
+    with on_disk:
+        assert sorted(e.hits for e in on_disk.entries()) == [1] * (n + 1)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from jobflow_cache import (
     SQLiteStore,
     run_locally,
 )
-from jobflow_cache.executor import META_KEY
+from jobflow_cache.executor import LARGE_FOLDER, META_KEY
 from tests import jobs
 
 
@@ -525,3 +528,114 @@ def test_files_over_max_file_size_are_skipped_and_listed(
     new_dir = Path(job_store.get_output(w2.uuid)["dir_name"])
     assert (new_dir / "sub/data.bin").read_bytes() == b"abcd" * 10
     assert not (new_dir / "result.txt").exists(), "a skipped file is not restored"
+
+
+# -- entries and hit counts written behind, in batches, during a run -------------------------------
+def on_disk(cache_store: CacheStore) -> CacheStore:
+    """A second connection to the same SQLite file: sees only what was committed."""
+    return CacheStore(SQLiteStore(cache_store.store.path, key="digest"), cache_store.objects_dir)
+
+
+def fan(n: int, offset: int = 0) -> Flow:
+    return Flow([jobs.add(i + offset, 1) for i in range(n)])
+
+
+def test_entries_and_hits_are_on_disk_when_run_locally_returns(
+    counts, job_store, cache_store, run_dir
+):
+    run_locally(fan(40), store=job_store, cache=cache_store, log=False, ensure_success=True)
+    with on_disk(cache_store) as other:
+        assert other.count() == 40
+        assert all(e.hits == 0 for e in other.entries())
+    warm = fan(40)
+    run_locally(warm, store=job_store, cache=cache_store, log=False, ensure_success=True)
+    assert counts() == {"add": 40}
+    assert {meta(job_store, j.uuid)["outcome"] for j in warm} == {"hit"}
+    with on_disk(cache_store) as other:
+        assert sorted(e.hits for e in other.entries()) == [1] * 40
+        assert all(e.last_hit is not None for e in other.entries())
+
+
+def test_entries_are_on_disk_when_the_run_raises(counts, job_store, cache_store, run_dir):
+    a = jobs.add(1, 2)
+    b = jobs.add(a.output, 3)
+    flow = Flow([a, b, jobs.fail_job(b.output)])
+    with pytest.raises(ValueError, match="always fails"):
+        run_locally(flow, store=job_store, cache=cache_store, log=False, raise_immediately=True)
+    with on_disk(cache_store) as other:
+        assert other.count() == 2, "the two jobs that succeeded are recorded"
+        assert {e.name for e in other.entries()} == {"add"}
+
+
+def test_a_call_repeated_in_one_run_is_served_from_the_queue(
+    counts, job_store, cache_store, run_dir
+):
+    first, again = jobs.add(5, 6), jobs.add(5, 6)
+    run_locally(Flow([first, again]), store=job_store, cache=cache_store, log=False)
+    assert counts() == {"add": 1}
+    assert meta(job_store, again.uuid)["outcome"] == "hit"
+    assert job_store.get_output(again.uuid) == 11
+    with on_disk(cache_store) as other:
+        (entry,) = other.entries()
+        assert entry.hits == 1
+
+
+def test_outside_a_run_entries_are_written_at_once(counts, job_store, run_dir):
+    """@cached_job under another manager: the default cache writes each entry as it goes."""
+    jobflow_run_locally(jobs.cached_add(2, 3), store=job_store, log=False)
+    with CacheStore() as cache:
+        assert cache.count() == 1, "written before the job returned, with no run to flush it"
+
+
+def test_the_writer_ends_with_the_run(counts, job_store, cache_store, run_dir):
+    session = Cache(cache_store)
+    with session.activate():
+        pass  # nothing queued: leaving writes nothing and raises nothing
+    run_locally(jobs.add(7, 1), store=job_store, cache=session, log=False)
+    assert session._writer is None
+    with on_disk(cache_store) as other:
+        assert other.count() == 1
+
+
+KILLED_RUN = """
+import os, signal, time
+from jobflow import Flow, job
+from jobflow_cache import run_locally
+from tests import jobs
+
+@job
+def die(value):
+    time.sleep(3)  # the entries of the jobs before are due meanwhile
+    os.kill(os.getpid(), signal.SIGKILL)
+
+a = jobs.add(1, 1)
+b = jobs.add(a.output, 1)
+run_locally(Flow([a, b, die(b.output)]), log=False)
+"""
+
+
+def test_sigkill_during_a_run_keeps_the_entries_written_behind(counts, tmp_path):
+    """Entries queued more than a moment before the process is killed are on disk, whole."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN], env=env, cwd=tmp_path, timeout=600, check=False
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert counts() == {"add": 2}
+    with CacheStore() as cache:
+        entries = list(cache.entries())
+        assert sorted(e.output for e in entries) == ["2", "3"]
+        assert all(cache.lookup(e.digest).outcome is Outcome.HIT for e in entries)
+
+
+def test_a_large_shared_run_folder_warns_once(counts, job_store, cache_store, run_dir):
+    for i in range(LARGE_FOLDER):
+        (run_dir / f"data{i}.txt").write_text("x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_locally(fan(3), store=job_store, cache=cache_store, log=False, ensure_success=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(messages) == 1
+    assert f"holds {LARGE_FOLDER} files" in messages[0]
+    assert counts() == {"add": 3}
+    assert cache_store.count() == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import fnmatch
 import multiprocessing
 import os
 import random
@@ -143,6 +144,52 @@ def test_snapshot_exclude_patterns(run: Path) -> None:
     write(run / "scratch" / "CHGCAR", b"c")
     write(run / "result.json", b"{}")
     assert changed_files(run, before, exclude) == ["result.json"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "FW.json",
+        "d/FW.json",
+        "x.lock",
+        "a/b.lock",
+        "jfremote_1",
+        "a/bx",
+        "a/dx",
+        "xzy",
+        "x/y",
+        "bq",
+        "aq",
+        "sub/t.log",
+        "sub/d/t.log",
+        "q/z",
+        "z",
+        "a\nb.lock",
+        "FW.jsonx",
+        "[x]",
+        ".h",
+    ],
+)
+def test_exclusion_matches_fnmatchcase_of_path_or_basename(path: str) -> None:
+    """One compiled regex for all patterns: the same answer as fnmatchcase pattern by pattern."""
+    patterns = [
+        "FW.json",
+        "*.lock",
+        "jfremote_*",
+        "a/[bc]*",
+        "x?y",
+        "[!a]q",
+        "sub/*.log",
+        "z",
+        "[[]x]",
+        ".*",
+    ]
+    expected = any(
+        fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path.rpartition("/")[2], p)
+        for p in patterns
+    )
+    assert files._is_excluded(path, patterns) is expected
+    assert files._is_excluded(path, []) is False
 
 
 def test_snapshot_skips_symlinks(run: Path, tmp_path: Path) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from maggma.stores import MemoryStore
+from maggma.stores import JSONStore, MemoryStore
 from monty.json import MontyDecoder
 
 from jobflow_cache import (
@@ -20,6 +22,7 @@ from jobflow_cache import (
     StoreUnavailableError,
     store_from_spec,
 )
+from jobflow_cache.store import WriteBehind
 
 
 def entry(digest: str = "a" * 32, output: str = '{"x": 1}', **kw) -> CacheEntry:
@@ -176,3 +179,149 @@ def test_store_spec_from_a_file(tmp_path):
     with CacheStore.from_settings(CacheSettings(STORE=str(spec), DIR=tmp_path)) as cache:
         cache.put(entry())
     assert (tmp_path / "f.sqlite").exists()
+
+
+# -- reading an entry to serve it ------------------------------------------------------------------
+def test_serving_lookup_leaves_out_what_only_explains_a_miss(store):
+    store.put(entry(arg_digests={"x": "1" * 32}, canonical_input={"x": ["int", 1]}))
+    served = store.lookup("a" * 32, serving=True)
+    assert served.outcome is Outcome.HIT
+    assert served.entry is not None
+    assert served.entry.arg_digests == {}
+    assert served.entry.canonical_input is None
+    assert served.entry.output == '{"x": 1}'
+    full = store.lookup("a" * 32)
+    assert full.entry is not None
+    assert full.entry.arg_digests == {"x": "1" * 32}
+    assert full.entry.canonical_input == {"x": ["int", 1]}
+
+
+@pytest.mark.parametrize("serving", [False, True])
+def test_raw_checksum_never_serves_an_altered_entry(store, serving):
+    """The checksum of the fields as stored decides only when it matches; any change to a
+    served field (output, files, source) is still caught."""
+    store.put(entry(input_refs={"u": "d" * 32}))
+    for field, value in (
+        ("output", '{"x": 2}'),
+        ("source_dir", "/elsewhere"),
+        ("input_refs", {"u": "e" * 32}),
+        ("files", [{"path": "a", "size": 1, "xxh3": "0" * 32, "mode": 420}]),
+    ):
+        doc = store.store.query_one({"digest": "a" * 32})
+        doc.pop("_id", None)
+        kept = doc[field]
+        doc[field] = value
+        store.store.update(doc, key="digest")
+        found = store.lookup("a" * 32, serving=serving)
+        assert found.outcome is Outcome.INVALID, field
+        assert "checksum" in found.reason
+        doc[field] = kept
+        store.store.update(doc, key="digest")
+        assert store.lookup("a" * 32, serving=serving).outcome is Outcome.HIT
+
+
+def test_entry_stored_in_another_number_form_is_still_checked_by_its_fields(tmp_path):
+    """A backend may give 1.0 for 1: the raw checksum then differs, and the decoded entry's
+    checksum decides, as before."""
+    with CacheStore(MemoryStore(), objects_dir=tmp_path / "o") as cache:
+        cache.put(entry(source_index=1))
+        doc = cache.store.query_one({"digest": "a" * 32})
+        doc.pop("_id")
+        doc["source_index"] = 1.0
+        cache.store.update(doc, key="digest")
+        found = cache.lookup("a" * 32)
+        assert found.outcome is Outcome.HIT
+        assert found.entry is not None
+        assert found.entry.source_index == 1
+
+
+def test_sealed_document_checksum_is_compute_checksum():
+    rich = entry(
+        output='{"e": -1.5}',
+        response='{"stop_children":true}',
+        files=[{"path": "sub/OUTCAR", "size": 3, "xxh3": "f" * 32, "mode": 0o644}],
+        source_uuid="u" * 36,
+        source_index=2,
+        source_dir="/run",
+        input_refs={"x" * 36: "d" * 32},
+        cache_version="2",
+    )
+    doc = rich.sealed_document()
+    assert doc["checksum"] == rich.checksum == rich.compute_checksum()
+    assert CacheEntry.from_document(doc).compute_checksum() == rich.checksum
+
+
+# -- writing in batches ----------------------------------------------------------------------------
+def test_put_many_and_record_hits(store):
+    entries = [entry(f"{i:032x}", output=str(i)) for i in range(5)]
+    store.put_many(entries)
+    assert store.count() == 5
+    when = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    store.record_hits({f"{0:032x}": (3, when), f"{4:032x}": (1, when), "f" * 32: (1, when)})
+    hits = {d["digest"]: d.get("hits") for d in store.find(properties=["digest", "hits"])}
+    assert hits == {f"{i:032x}": {0: 3, 4: 1}.get(i, 0) for i in range(5)}
+    found = store.get(f"{0:032x}")
+    assert found.last_hit.replace(tzinfo=timezone.utc) == when
+    assert all(store.lookup(e.digest).outcome is Outcome.HIT for e in entries)
+
+
+def test_write_behind_queues_then_writes_on_flush(store):
+    writer = WriteBehind(store, delay=3600)  # nothing is due: only flush writes
+    writer.put(entry("b" * 32))
+    writer.hit("b" * 32)  # counted on the queued entry itself
+    store.put(entry("c" * 32))
+    writer.hit("c" * 32)
+    writer.hit("c" * 32)
+    assert store.count() == 1
+    assert writer.pending("b" * 32) is not None
+    assert writer.pending("c" * 32) is None  # written: not this writer's
+    writer.flush()
+    assert writer.pending("b" * 32) is None
+    assert store.get("b" * 32).hits == 1
+    assert store.get("c" * 32).hits == 2
+    writer.close()
+    assert writer.take_errors() == []
+
+
+def test_write_behind_writes_by_itself_when_due(store):
+    writer = WriteBehind(store, delay=0.01)
+    writer.put(entry("b" * 32))
+    writer.put(entry("c" * 32))  # the caller writes once the oldest item is due ...
+    deadline = time.monotonic() + 30
+    while store.count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # ... else the watchdog does
+    assert store.count() == 2
+    writer.close()
+
+
+def test_write_behind_writes_a_full_batch_at_once(store):
+    writer = WriteBehind(store, delay=3600, max_batch=3)
+    for i in range(3):
+        writer.put(entry(f"{i:032x}"))
+    assert store.count() == 3
+    assert all(writer.pending(f"{i:032x}") is None for i in range(3))
+    writer.close()
+
+
+def test_write_behind_reports_entries_it_could_not_write(tmp_path):
+    cache = CacheStore(SQLiteStore(tmp_path / "c.sqlite"), objects_dir=tmp_path / "o")
+    cache.connect()
+    writer = WriteBehind(cache, delay=3600)
+    writer.put(entry("b" * 32))
+    bad = entry("c" * 32)
+    bad.canonical_input = {"$date": "not a date"}  # a key SQLiteStore refuses to store
+    writer.put(bad)
+    writer.flush()
+    errors = writer.take_errors()
+    assert [digests for digests, _ in errors] == [["c" * 32]]
+    assert "reserved" in str(errors[0][1])
+    assert cache.get("b" * 32) is not MISS  # one bad entry does not lose the others
+    assert writer.take_errors() == []
+    writer.close()
+    cache.close()
+
+
+def test_write_behind_only_for_stores_safe_across_threads(tmp_path):
+    assert WriteBehind.supports(CacheStore(SQLiteStore(tmp_path / "c.sqlite"), tmp_path))
+    assert WriteBehind.supports(CacheStore(MemoryStore(), tmp_path))
+    assert not WriteBehind.supports(CacheStore(JSONStore(str(tmp_path / "s.json")), tmp_path))

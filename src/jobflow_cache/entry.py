@@ -8,6 +8,7 @@ import logging
 import platform
 import socket
 import sys
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from jobflow_cache.files import FileRecord
 
-__all__ = ["CHECKSUM_FIELDS", "CacheEntry", "package_versions", "utcnow"]
+__all__ = ["CHECKSUM_FIELDS", "CacheEntry", "document_checksum", "package_versions", "utcnow"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,38 @@ def _versions(top: str) -> tuple[tuple[str, str], ...]:
     return tuple(versions.items())
 
 
+@functools.cache
 def _host() -> str:
+    # once per process: getpass.getuser() alone costs ~15 us, on every recorded job
     try:
         return f"{getpass.getuser()}@{socket.gethostname()}"
     except Exception:  # getuser fails in some containers without a passwd entry
         return socket.gethostname()
+
+
+def document_checksum(doc: Mapping[str, Any]) -> str | None:
+    """The checksum of a stored entry document's served fields as they are stored, or None
+    when a field is missing or not JSON.
+
+    An entry is sealed with the checksum of ``model_dump(mode="json")`` of those fields,
+    which is the form they are stored in. When this checksum of the raw fields equals the
+    stored one, the fields are exactly those that were sealed, and validating them gives
+    the sealed entry back: :meth:`CacheEntry.compute_checksum` would agree. When it differs
+    (a document written by another backend with other number types, say), the entry must
+    be checked with :meth:`CacheEntry.compute_checksum`, which decides.
+
+    Examples
+    --------
+    >>> e = CacheEntry(digest="d", scheme="jfc1", function="m:f", output="1").seal()
+    >>> document_checksum(e.to_document()) == e.checksum
+    True
+    """
+    try:
+        data = {name: doc[name] for name in CHECKSUM_FIELDS}
+        raw = orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except (KeyError, TypeError):
+        return None
+    return xxhash.xxh3_128(raw).hexdigest()
 
 
 class CacheEntry(BaseModel):
@@ -158,6 +186,23 @@ class CacheEntry(BaseModel):
         """Set the checksum (call once the entry is complete) and return self."""
         self.checksum = self.compute_checksum()
         return self
+
+    def sealed_document(self) -> dict[str, Any]:
+        """Seal the entry and return :meth:`to_document` (one ``model_dump`` for both).
+
+        The checksum is :func:`document_checksum` of the document, which holds the served
+        fields in exactly the form :meth:`compute_checksum` hashes.
+
+        Examples
+        --------
+        >>> e = CacheEntry(digest="d", scheme="jfc1", function="m:f", output='{"a": 1}')
+        >>> e.sealed_document()["checksum"] == e.checksum == e.compute_checksum()
+        True
+        """
+        doc = self.to_document()
+        checksum = document_checksum(doc) or self.compute_checksum()
+        self.checksum = doc["checksum"] = checksum
+        return doc
 
     def to_document(self) -> dict[str, Any]:
         """The document written to the maggma store (JSON-native except datetimes)."""

@@ -6,22 +6,31 @@ only place we intercept: :meth:`Cache.call` computes the digest of the *resolved
 cached :obj:`~jobflow.Response` on a hit (with its run-folder files linked back), or runs the
 function and records its result on a miss. Everything after the call (output stored in the
 JobStore and its additional stores, ``Response`` handling, ``prepare_replace``) is jobflow's own.
+
+While a cache is activated (inside ``run_locally``), new entries and hit counts are written
+behind, in batches (:class:`.WriteBehind`): a crash or ``SIGKILL`` loses at most the entries of
+the last ~0.1 s, never a part of one, and never leaves an entry whose files are missing (files
+are stored before the entry is queued). Everything is written before the run returns or raises.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import glob
 import inspect
 import json
 import logging
+import os
 import socket
+import threading
 import time
 import types
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,11 +62,10 @@ from jobflow_cache.hashing import (
     bind_arguments,
     digest_bytes,
     digest_call,
-    encode,
     function_path,
 )
 from jobflow_cache.settings import CacheSettings, cache_disabled, get_settings
-from jobflow_cache.store import CacheStore, Outcome
+from jobflow_cache.store import CacheStore, Lookup, Outcome, WriteBehind
 
 __all__ = [
     "META_KEY",
@@ -85,6 +93,10 @@ SKIP_FUNCTIONS = frozenset({"jobflow.core.job:store_inputs"})
 _SKIP_QUALNAMES = frozenset(path.rpartition(":")[2] for path in SKIP_FUNCTIONS)  # cheap pre-check
 
 FilesMode = Literal["link", "copy", "none"]
+
+#: Files in a run folder from which on a recorded job warns (once per folder) that listing the
+#: folder before and after every job costs time (~10 ms per 1,000 files on a slow disk).
+LARGE_FOLDER = 2_000
 
 _ACTIVE: contextvars.ContextVar[Cache | None] = contextvars.ContextVar(
     "jobflow_cache_active", default=None
@@ -197,6 +209,13 @@ class Cache:
         self._connected = False
         self._broken: str | None = None
         self._exclude_cache: dict[str, list[str]] = {}
+        self._base_excludes = list(self.settings.FILES_EXCLUDE)
+        self._own_paths: list[tuple[str, str]] | None = None  # object area, SQLite file
+        self._large_folders: set[str] = set()
+        # while activated (a run): new entries and hit counts are written behind, in batches
+        self._lock = threading.Lock()
+        self._active = 0
+        self._writer: WriteBehind | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def connect(self) -> bool:
@@ -212,7 +231,8 @@ class Cache:
         return True
 
     def close(self) -> None:
-        """Close the store."""
+        """Write what is still queued, then close the store."""
+        self._stop_writer()
         if self._connected:
             self.store.close()
             self._connected = False
@@ -229,12 +249,87 @@ class Cache:
 
     @contextmanager
     def activate(self) -> Iterator[Cache]:
-        """Make this the cache used by ``@cached_job`` jobs run inside the ``with`` block."""
+        """Make this the cache used by ``@cached_job`` jobs run inside the ``with`` block.
+
+        Inside the block, new entries and hit counts are written behind, in batches (see
+        :class:`.WriteBehind`); everything is written before the block is left, also when it
+        raises.
+        """
         token = _ACTIVE.set(self)
+        with self._lock:
+            self._active += 1
         try:
             yield self
         finally:
             _ACTIVE.reset(token)
+            with self._lock:
+                self._active -= 1
+                last = self._active == 0
+            if last:
+                self._stop_writer()
+            elif self._writer is not None:
+                self._writer.flush()
+                self._report_write_errors()
+
+    def flush(self) -> None:
+        """Write the entries and hit counts still queued (a no-op when none are)."""
+        if self._writer is not None:
+            self._writer.flush()
+        self._report_write_errors()
+
+    def _stop_writer(self) -> None:
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            self._report_errors_of(writer)
+
+    def _report_write_errors(self) -> None:
+        if self._writer is not None:
+            self._report_errors_of(self._writer)
+
+    @staticmethod
+    def _report_errors_of(writer: WriteBehind) -> None:
+        for digests, err in writer.take_errors():
+            warnings.warn(
+                f"jobflow-cache: {len(digests)} job result(s) were not cached "
+                f"({', '.join(d[:12] for d in digests[:3])}): {err}",
+                CacheWarning,
+                stacklevel=4,
+            )
+
+    # -- reading and writing the store ------------------------------------------------------
+    def _lookup(self, digest: str) -> Lookup:
+        writer = self._writer
+        if writer is not None:
+            queued = writer.pending(digest)
+            if queued is not None:  # made by this process, not yet written: sound as it is
+                return Lookup(Outcome.HIT, queued)
+        return self.store.lookup(digest, serving=True)
+
+    def _writer_of_run(self) -> WriteBehind | None:
+        """The writer of the active run (made on first use), or None outside a run."""
+        writer = self._writer
+        if writer is None and self._active and WriteBehind.supports(self.store):
+            with self._lock:
+                if self._active and self._writer is None:
+                    self._writer = WriteBehind(self.store)
+                writer = self._writer
+        return writer
+
+    def _put(self, entry: CacheEntry) -> None:
+        writer = self._writer_of_run()
+        if writer is not None:
+            writer.put(entry)
+        else:
+            self.store.put(entry)
+
+    def _record_hit(self, digest: str) -> None:
+        writer = self._writer_of_run()
+        if writer is not None:
+            writer.hit(digest)
+        else:
+            self.store.record_hit(digest)
 
     # -- hashing ----------------------------------------------------------------------------
     def _normalizer(self, refs: _Refs) -> Callable[[str], tuple[str, Any] | None]:
@@ -311,6 +406,7 @@ class Cache:
             return self._uncached(job, function, args, kwargs, Outcome.DISABLED, options)
         if not self.connect():
             return self._uncached(job, function, args, kwargs, Outcome.ERROR, options)
+        self._report_write_errors()
         refs = _Refs()
         try:
             call_digest = self.digest(function, args, kwargs, options, refs)
@@ -333,7 +429,7 @@ class Cache:
 
         digest = call_digest.digest
         try:
-            found = self.store.lookup(digest)
+            found = self._lookup(digest)
         except CacheError as err:
             self._fail(err)
             return self._uncached(job, function, args, kwargs, Outcome.ERROR, options)
@@ -363,7 +459,7 @@ class Cache:
                     found.entry.duration,
                 )
                 try:
-                    self.store.record_hit(digest)
+                    self._record_hit(digest)
                 except Exception as err:  # bookkeeping only: never fail a served job
                     logger.warning("could not record hit of %s: %s", digest[:12], err)
                 return response
@@ -406,7 +502,7 @@ class Cache:
         outcome: Outcome,
     ) -> Any:
         files_mode = options.files or self.files
-        cwd = Path.cwd()
+        cwd = os.getcwd()  # the physical path (no symlinks), as Path.cwd() gives it
         before = None
         unrecordable: BaseException | None = None
         if files_mode != "none":
@@ -416,6 +512,8 @@ class Cache:
                 # without a snapshot the job's files cannot be told apart: run, record nothing
                 # (an entry without its files would later be served incomplete)
                 unrecordable = err
+            else:
+                self._check_folder_size(cwd, len(before))
         # registered before running: a child of a job that fails (OnMissing.PASS/NONE) still
         # sees the same digest in place of its uuid on every run
         self._register(job, call_digest.digest)
@@ -445,7 +543,7 @@ class Cache:
         try:
             if before is not None:
                 self._record_files(entry, cwd, before, files_mode)
-            self.store.put(entry)
+            self._put(entry)  # last: its files are safely stored
         except Exception as err:  # recording must never fail a job that succeeded
             _warn_not_cached(job, err)
         else:
@@ -459,7 +557,7 @@ class Cache:
         call_digest: CallDigest,
         response: Response,
         refs: _Refs,
-        cwd: Path,
+        cwd: str,
         duration: float,
     ) -> CacheEntry:
         output = dumps(response.output)
@@ -473,9 +571,10 @@ class Cache:
         response_text = dumps(parts) if parts else ""
         if dynamic:
             self._check_replayable(job, response_text, refs)
-        canonical: dict[str, Any] | None = call_digest.canonical
-        if len(encode(canonical)) > self.settings.MAX_CANONICAL_INPUT:
-            canonical = None
+        # the canonical input is only decoded when it is kept
+        canonical: dict[str, Any] | None = None
+        if _encoded_size(call_digest.encodings) <= self.settings.MAX_CANONICAL_INPUT:
+            canonical = call_digest.canonical
         return CacheEntry(
             digest=call_digest.digest,
             scheme=call_digest.scheme,
@@ -487,7 +586,7 @@ class Cache:
             dynamic=dynamic,
             source_uuid=job.uuid,
             source_index=job.index,
-            source_dir=str(cwd),
+            source_dir=cwd,
             input_refs=dict(refs.seen),
             arg_digests=dict(call_digest.arg_digests),
             canonical_input=canonical,
@@ -507,43 +606,59 @@ class Cache:
                 "which a fresh flow would not have"
             )
 
-    def _excludes(self, cwd: Path) -> list[str]:
-        """Exclude patterns for ``cwd``: the settings' plus the cache's own files when the
-        object area or the SQLite store lies inside the run folder."""
-        patterns = self._exclude_cache.get(str(cwd))
+    def _excludes(self, cwd: str) -> list[str]:
+        """Exclude patterns for the run folder ``cwd`` (a physical path, as ``os.getcwd()``
+        gives it): the settings' plus the cache's own files when the object area or the SQLite
+        store lies inside it."""
+        patterns = self._exclude_cache.get(cwd)
         if patterns is None:
-            patterns = list(self.settings.FILES_EXCLUDE)
-            own = [(Path(self.store.objects_dir), "")]
-            store_path = getattr(self.store.store, "path", None)
-            if store_path:
-                own.append((Path(store_path), "*"))  # the file and its -wal / -shm / -journal
-            root = cwd.resolve()
-            for path, suffix in own:
-                try:
-                    rel = path.resolve().relative_to(root)
-                except ValueError:
-                    continue
-                if rel.parts:
-                    patterns.append(glob.escape(rel.as_posix()) + suffix)
-            self._exclude_cache[str(cwd)] = patterns
+            if self._own_paths is None:  # resolved once: a fresh run folder costs no syscalls
+                own = [(Path(self.store.objects_dir).resolve().as_posix(), "")]
+                store_path = getattr(self.store.store, "path", None)
+                if store_path:  # the file and its -wal / -shm / -journal
+                    own.append((Path(store_path).expanduser().resolve().as_posix(), "*"))
+                self._own_paths = own
+            patterns = self._base_excludes
+            prefix = cwd.rstrip("/") + "/"
+            for path, suffix in self._own_paths:
+                if path.startswith(prefix) and len(path) > len(prefix):
+                    patterns = [*patterns, glob.escape(path[len(prefix) :]) + suffix]
+            if len(self._exclude_cache) < 10_000:  # a run with create_folders: one per job
+                self._exclude_cache[cwd] = patterns
         return patterns
 
-    def _record_files(self, entry: CacheEntry, cwd: Path, before: Any, mode: FilesMode) -> None:
+    def _check_folder_size(self, cwd: str, files: int) -> None:
+        """Warn once per folder when a shared run folder is large enough to slow every job."""
+        if files < LARGE_FOLDER or cwd in self._large_folders:
+            return
+        self._large_folders.add(cwd)
+        warnings.warn(
+            f"jobflow-cache: the run folder {cwd} holds {files} files; every recorded job lists "
+            "them all twice to find the files it writes. Give each job a folder of its own "
+            "(run_locally(create_folders=True)) or set JOBFLOW_CACHE_FILES=none",
+            CacheWarning,
+            stacklevel=4,
+        )
+
+    def _record_files(self, entry: CacheEntry, cwd: str, before: Any, mode: FilesMode) -> None:
         changed = changed_files(cwd, before, self._excludes(cwd))
+        if not changed:
+            return
+        folder = Path(cwd)
         limit = self.settings.MAX_FILE_SIZE
         if limit:
-            sizes = {path: (cwd / path).stat().st_size for path in changed}
+            sizes = {path: (folder / path).stat().st_size for path in changed}
             entry.files_skipped = {path: size for path, size in sizes.items() if size > limit}
             changed = [path for path in changed if path not in entry.files_skipped]
         if changed:
             entry.files = self.objects.record(
-                cwd, changed, mode="copy" if mode == "copy" else "link"
+                folder, changed, mode="copy" if mode == "copy" else "link"
             )
             entry.files_size = sum(f.size for f in entry.files)
 
     # -- serving ----------------------------------------------------------------------------
     def _serve(self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions) -> Response:
-        cwd = str(Path.cwd())
+        cwd = os.getcwd()
         files_mode = options.files or self.files
         if entry.files and files_mode != "none" and not self.objects.has_all(entry.files):
             raise FilesUnavailableError("run-folder files of the entry are missing")
@@ -551,7 +666,7 @@ class Cache:
         dirs: dict[str, DirRewrite] = {}
         if entry.source_uuid and entry.source_uuid != job.uuid:
             uuids[entry.source_uuid] = job.uuid
-        hosts = (entry.host.rpartition("@")[2], socket.gethostname())
+        hosts = (entry.host.rpartition("@")[2], _this_host())
         if entry.source_dir and entry.source_dir != cwd:
             # the folder itself and the files the job wrote; other paths that happen to lie in
             # it (inputs, in a shared folder) are not the job's and keep pointing where they did
@@ -604,7 +719,7 @@ class Cache:
     def _register(self, job: Job, digest: str) -> None:
         self.job_digests[job.uuid] = digest
         if self.exclusive_dirs:
-            self.dir_digests[str(Path.cwd())] = digest
+            self.dir_digests[os.getcwd()] = digest
 
     @staticmethod
     def _mark(
@@ -637,6 +752,18 @@ def _replayed(response: Response, parts: Mapping[str, Any]) -> Response:
     """A Response with ``response``'s output and the other fields taken from ``parts``."""
     kept = {k: parts[k] for k in _RESPONSE_PARTS if k in parts}
     return Response(output=response.output, job_dir=response.job_dir, **kept)
+
+
+@functools.cache
+def _this_host() -> str:
+    return socket.gethostname()
+
+
+def _encoded_size(encodings: Mapping[str, bytes]) -> int:
+    """Length of ``encode(canonical)`` of the canonical input, from its per-argument bytes:
+    ``{"name":<bytes>,...}``."""
+    commas = max(len(encodings) - 1, 0)
+    return 2 + commas + sum(len(name.encode()) + 3 + len(data) for name, data in encodings.items())
 
 
 def _manifest_paths(entry: CacheEntry) -> frozenset[str]:
@@ -674,12 +801,27 @@ def _script_version(path: str, function: Callable[..., Any], version: str | None
     if not path.startswith("__main__:"):
         return version
     try:
+        tag = _SOURCE_TAGS.get(function)
+    except TypeError:  # not weakly referenceable
+        tag = None
+    if tag is None:
+        tag = _source_tag(function)
+        with suppress(TypeError):
+            _SOURCE_TAGS[function] = tag
+    return tag if version is None else f"{version}|{tag}"
+
+
+#: Source tag of each script function seen (reading the source costs ~0.1 ms a call).
+_SOURCE_TAGS: weakref.WeakKeyDictionary[Callable[..., Any], str] = weakref.WeakKeyDictionary()
+
+
+def _source_tag(function: Callable[..., Any]) -> str:
+    try:
         source = inspect.getsource(function)
     except (OSError, TypeError):  # no source file (python -c, notebooks): the compiled code
         code = getattr(function, "__code__", None)
         source = _code_fingerprint(code) if isinstance(code, types.CodeType) else repr(function)
-    tag = "source:" + digest_bytes(source.encode())
-    return tag if version is None else f"{version}|{tag}"
+    return "source:" + digest_bytes(source.encode())
 
 
 def _code_fingerprint(code: types.CodeType) -> str:
@@ -747,4 +889,3 @@ class _Intercept:
         if self._instance is not None:
             args = (self._instance, *args)
         return self._cache.call(self._job, self._function, args, kwargs, JobOptions())
-

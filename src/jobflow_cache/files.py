@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import functools
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ import xxhash
 from jobflow_cache.errors import CacheError, FilesUnavailableError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
     from io import FileIO
 
 __all__ = [
@@ -78,13 +79,21 @@ class FileRecord(pydantic.BaseModel):
 
 def _is_excluded(relpath: str, exclude: Sequence[str]) -> bool:
     """Whether a relative POSIX path or its basename matches one of the glob patterns."""
-    if not exclude:
-        return False
-    name = relpath.rpartition("/")[2]
-    return any(
-        fnmatch.fnmatchcase(relpath, pattern) or fnmatch.fnmatchcase(name, pattern)
-        for pattern in exclude
-    )
+    return _excluder(tuple(exclude))(relpath)
+
+
+@functools.lru_cache(maxsize=64)
+def _excluder(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """:func:`_is_excluded` for fixed ``patterns``, with one compiled regex matching what any
+    of them matches with ``fnmatchcase`` (a snapshot tests every file of a run folder)."""
+    if not patterns:
+        return lambda relpath: False
+    match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+
+    def excluded(relpath: str) -> bool:
+        return match(relpath) is not None or match(relpath.rpartition("/")[2]) is not None
+
+    return excluded
 
 
 def _clean_relpath(relpath: str) -> str:
@@ -188,7 +197,7 @@ def _make_parents(dest: Path, relpath: str) -> Path:
 # --------------------------------------------------------------------------- snapshots
 
 
-def snapshot(folder: Path, exclude: Sequence[str] = ()) -> Snapshot:
+def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Snapshot:
     """Record the state of the regular files below ``folder`` before a job runs.
 
     The walk is recursive; symlinks (to files or directories) are skipped and never followed.
@@ -218,6 +227,7 @@ def snapshot(folder: Path, exclude: Sequence[str] = ()) -> Snapshot:
     ['INCAR']
     """
     result: Snapshot = {}
+    excluded = _excluder(tuple(exclude))
     pending: list[tuple[str, str]] = [(os.fspath(folder), "")]
     while pending:
         directory, prefix = pending.pop()
@@ -239,10 +249,10 @@ def snapshot(folder: Path, exclude: Sequence[str] = ()) -> Snapshot:
                 if entry.is_symlink():
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    if not _is_excluded(relpath, exclude):
+                    if not excluded(relpath):
                         pending.append((entry.path, relpath + "/"))
                     continue
-                if not entry.is_file(follow_symlinks=False) or _is_excluded(relpath, exclude):
+                if not entry.is_file(follow_symlinks=False) or excluded(relpath):
                     continue
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:  # vanished during the walk
@@ -251,7 +261,9 @@ def snapshot(folder: Path, exclude: Sequence[str] = ()) -> Snapshot:
     return result
 
 
-def changed_files(folder: Path, before: Snapshot, exclude: Sequence[str] = ()) -> list[str]:
+def changed_files(
+    folder: str | os.PathLike[str], before: Snapshot, exclude: Sequence[str] = ()
+) -> list[str]:
     """List the files created or modified below ``folder`` since ``before`` was taken.
 
     A file counts as changed when it is new or its mtime, size or inode differ. When several

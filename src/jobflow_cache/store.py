@@ -1,32 +1,49 @@
-"""CacheStore: a digest -> CacheEntry map on top of any maggma Store."""
+"""CacheStore: a digest -> CacheEntry map on top of any maggma Store; WriteBehind: its writes
+in batches (one commit for many entries or hit counts, at most ~0.1 s behind)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maggma.core import Sort, Store
+from maggma.stores import MemoryStore, MongoStore, MongoURIStore
 from monty.json import MontyDecoder, MSONable
 from pydantic import ValidationError
 
-from jobflow_cache.entry import CacheEntry, utcnow
+from jobflow_cache.entry import CacheEntry, document_checksum, utcnow
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.hashing import SCHEME
 from jobflow_cache.settings import CacheSettings, get_settings
+from jobflow_cache.sqlite_store import SQLiteStore
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["MISS", "CacheStore", "Lookup", "Outcome", "store_from_spec"]
+__all__ = ["MISS", "CacheStore", "Lookup", "Outcome", "WriteBehind", "store_from_spec"]
 
 logger = logging.getLogger(__name__)
 
 #: Fields indexed in the underlying store (the digest index is unique).
 INDEXED_FIELDS = ("function", "name", "created", "last_hit", "valid", "source_uuid")
+
+#: Fields only needed to explain a miss: not read when an entry is looked up to be served.
+EXPLAIN_FIELDS = ("canonical_input", "arg_digests")
+
+#: A :class:`WriteBehind` writes what it holds once the oldest item is this old (seconds), or
+#: its watchdog does at twice that: a crash or SIGKILL loses at most ~3 times this.
+WRITE_DELAY = 0.035
+
+#: Stores whose methods may be called from a writer thread while the job thread reads.
+_THREAD_SAFE_STORES = (SQLiteStore, MongoStore, MemoryStore, MongoURIStore)
 
 
 class _Miss:
@@ -204,15 +221,17 @@ class CacheStore(MSONable):
             return type(self.store).__name__
 
     # -- reading ----------------------------------------------------------------------------
-    def lookup(self, digest: str) -> Lookup:
+    def lookup(self, digest: str, *, serving: bool = False) -> Lookup:
         """Find the entry of ``digest`` and say whether it may be served.
 
         An entry is served only when it decodes, its checksum matches, its scheme is current
         and it is marked valid; otherwise the outcome is ``INVALID`` with the reason.
-        Store failures raise :class:`.StoreUnavailableError`.
+        With ``serving``, the fields that only explain a miss (:data:`EXPLAIN_FIELDS`) are not
+        read: the entry returned lacks them. Store failures raise
+        :class:`.StoreUnavailableError`.
         """
         try:
-            doc = self.store.query_one({"digest": digest})
+            doc = self._read(digest, EXPLAIN_FIELDS if serving else ())
         except Exception as err:
             raise StoreUnavailableError(f"cache store {self.name} failed: {err}") from err
         if doc is None:
@@ -221,16 +240,30 @@ class CacheStore(MSONable):
             entry = CacheEntry.from_document(doc)
         except (ValidationError, TypeError, ValueError) as err:
             return Lookup(Outcome.INVALID, None, f"entry does not decode: {err}")
-        return self.check_entry(entry)
+        # the checksum of the fields as stored (cheap) proves them intact when it matches;
+        # otherwise compute_checksum over the decoded entry decides, as it always did
+        return self._judge(entry, verified=document_checksum(doc) == entry.checksum)
+
+    def _read(self, digest: str, leave_out: tuple[str, ...]) -> dict[str, Any] | None:
+        store = self.store
+        if isinstance(store, SQLiteStore):
+            return store.query_key(digest, leave_out=leave_out)
+        if leave_out and isinstance(store, MongoStore):  # MemoryStore too: mongomock
+            return store.query_one({"digest": digest}, properties=dict.fromkeys(leave_out, 0))
+        return store.query_one({"digest": digest})
 
     @staticmethod
     def check_entry(entry: CacheEntry) -> Lookup:
         """Lookup outcome of a decoded entry (checksum, scheme and valid flag)."""
+        return CacheStore._judge(entry, verified=False)
+
+    @staticmethod
+    def _judge(entry: CacheEntry, verified: bool) -> Lookup:
         if entry.scheme != SCHEME:
             return Lookup(Outcome.INVALID, entry, f"scheme {entry.scheme!r} is not {SCHEME!r}")
         if not entry.valid:
             return Lookup(Outcome.INVALID, entry, f"marked invalid: {entry.invalid_reason}")
-        if entry.checksum != entry.compute_checksum():
+        if not verified and entry.checksum != entry.compute_checksum():
             return Lookup(Outcome.INVALID, entry, "checksum mismatch (entry altered)")
         return Lookup(Outcome.HIT, entry)
 
@@ -267,27 +300,47 @@ class CacheStore(MSONable):
     # -- writing ----------------------------------------------------------------------------
     def put(self, entry: CacheEntry) -> None:
         """Seal and write ``entry`` (call only after its files are safely stored)."""
-        entry.seal()
-        self.store.update(entry.to_document(), key="digest")
+        self.store.update(entry.sealed_document(), key="digest")
 
-    def record_hit(self, digest: str) -> None:
-        """Bump the hit counter and last-hit time of an entry, atomically where possible."""
-        now = utcnow()
+    def put_many(self, entries: list[CacheEntry]) -> None:
+        """Seal and write ``entries`` at once (one transaction in a :obj:`.SQLiteStore`).
+
+        Call only after their files are safely stored. Each entry is written whole or not
+        at all.
+        """
+        if entries:
+            docs = [entry.sealed_document() for entry in entries]
+            self.store.update(docs, key="digest")
+
+    def record_hit(self, digest: str, count: int = 1, when: datetime | None = None) -> None:
+        """Add ``count`` to the hit counter of an entry and set its last-hit time
+        (default: now), atomically where possible."""
+        now = when or utcnow()
         increment = getattr(self.store, "increment", None)
         if callable(increment):
-            increment(digest, {"hits": 1}, {"last_hit": now})
+            increment(digest, {"hits": count}, {"last_hit": now})
             return
         collection = getattr(self.store, "_coll", None)
         if collection is not None and hasattr(collection, "update_one"):
             collection.update_one(
-                {"digest": digest}, {"$inc": {"hits": 1}, "$set": {"last_hit": now}}
+                {"digest": digest}, {"$inc": {"hits": count}, "$set": {"last_hit": now}}
             )
             return
         doc = self.store.query_one({"digest": digest})
         if doc is not None:
-            doc["hits"] = int(doc.get("hits", 0)) + 1
+            doc["hits"] = int(doc.get("hits", 0)) + count
             doc["last_hit"] = now
             self.store.update(doc, key="digest")
+
+    def record_hits(self, hits: Mapping[str, tuple[int, datetime]]) -> None:
+        """Record many hits: digest -> (count, last-hit time); one transaction in SQLite."""
+        if isinstance(self.store, SQLiteStore) and len(hits) > 1:
+            self.store.increment_many(
+                [(digest, {"hits": n}, {"last_hit": when}) for digest, (n, when) in hits.items()]
+            )
+            return
+        for digest, (n, when) in hits.items():
+            self.record_hit(digest, n, when)
 
     def invalidate(self, digest: str, reason: str) -> bool:
         """Mark an entry invalid (kept for inspection, never served). True if it existed."""
@@ -308,7 +361,203 @@ class CacheStore(MSONable):
 
 def default_store(settings: CacheSettings | None = None) -> Store:
     """The embedded default store: SQLite (WAL) at ``<JOBFLOW_CACHE_DIR>/cache.sqlite``."""
-    from jobflow_cache.sqlite_store import SQLiteStore
-
     settings = settings or get_settings()
     return SQLiteStore(settings.store_path(), collection_name="entries", key="digest")
+
+
+class WriteBehind:
+    """New entries and hit counts of a :class:`CacheStore`, written in batches.
+
+    A commit costs a few tenths of a millisecond, more than everything else the cache does
+    for a trivial job. :meth:`put` and :meth:`hit` queue; the queue is written as one batch
+    (all entries in one write, then the hit counts in another) by the caller's own thread
+    once its oldest item is ``delay`` seconds old or ``max_batch`` items wait, or by a
+    watchdog thread once it is ``2 * delay`` old (while a long job runs, say), or by
+    :meth:`flush`. Entries waiting to be written are found by :meth:`pending`, so a process
+    always sees its own entries.
+
+    Safety: an entry is queued only once its files are stored, and each entry is written
+    whole (one transaction per batch in a :obj:`.SQLiteStore`), so a crash or ``SIGKILL``
+    loses at most what was queued in the last ``3 * delay`` seconds (plus one write), never
+    leaves a partial entry and never an entry without its files. A batch that fails is
+    retried entry by entry; what still fails is reported by :meth:`take_errors`. In a child
+    made by ``fork()``, items are written at once (the watchdog does not exist there).
+
+    Parameters
+    ----------
+    store
+        The store to write to (connected, and safe to call from two threads).
+    delay
+        Age in seconds at which the queue is written by the caller (twice that by the
+        watchdog).
+    max_batch
+        Queued items that make the queue due at once.
+
+    Examples
+    --------
+    >>> from maggma.stores import MemoryStore
+    >>> store = CacheStore(MemoryStore(), objects_dir="/tmp/objs")
+    >>> store.connect()
+    >>> writer = WriteBehind(store)
+    >>> writer.put(CacheEntry(digest="a" * 32, scheme=SCHEME, function="m:f", output="1"))
+    >>> writer.hit("a" * 32)
+    >>> writer.pending("a" * 32).hits, store.get("a" * 32)
+    (1, MISS)
+    >>> writer.close()
+    >>> store.get("a" * 32).hits, writer.pending("a" * 32)
+    (1, None)
+    """
+
+    def __init__(self, store: CacheStore, delay: float = WRITE_DELAY, max_batch: int = 500) -> None:
+        self.store = store
+        self.delay = delay
+        self.max_batch = max_batch
+        self._pid = os.getpid()
+        self._cond = threading.Condition()  # guards the queue
+        self._write_lock = threading.Lock()  # one batch at a time, in queue order
+        self._entries: dict[str, CacheEntry] = {}  # queued
+        self._hits: dict[str, tuple[int, datetime]] = {}
+        self._writing: dict[str, CacheEntry] = {}  # taken from the queue, not yet written
+        self._count = 0  # items queued
+        self._oldest = 0.0  # time.monotonic() when the oldest queued item arrived
+        self._stopping = False
+        self._errors: list[tuple[list[str], BaseException]] = []
+        self._watchdog: threading.Thread | None = None
+
+    @staticmethod
+    def supports(store: CacheStore) -> bool:
+        """Whether ``store`` may be written from a thread while the job thread reads it."""
+        return type(store.store) in _THREAD_SAFE_STORES
+
+    # -- queueing ---------------------------------------------------------------------------
+    def put(self, entry: CacheEntry) -> None:
+        """Queue ``entry`` (its files must already be stored); it is sealed when written."""
+        if os.getpid() != self._pid:  # a forked child: no watchdog here
+            self.store.put(entry)
+            return
+        with self._cond:
+            self._entries[entry.digest] = entry
+            self._hits.pop(entry.digest, None)  # counted on the entry it replaces: start over
+            due = self._queue_one()
+        if due:
+            self._write_queue()
+
+    def hit(self, digest: str) -> None:
+        """Queue one hit of ``digest``."""
+        now = utcnow()
+        if os.getpid() != self._pid:
+            self.store.record_hit(digest, 1, now)
+            return
+        with self._cond:
+            queued = self._entries.get(digest)
+            if queued is not None:  # not written yet: count it on the entry itself
+                queued.hits += 1
+                queued.last_hit = now
+                return
+            count = self._hits.get(digest, (0, now))[0]
+            self._hits[digest] = (count + 1, now)
+            due = self._queue_one()
+        if due:
+            self._write_queue()
+
+    def pending(self, digest: str) -> CacheEntry | None:
+        """The entry of ``digest`` if it is queued or being written by this process."""
+        if os.getpid() != self._pid:
+            return None
+        with self._cond:
+            return self._entries.get(digest) or self._writing.get(digest)
+
+    def _queue_one(self) -> bool:
+        """Count one queued item (lock held); True when the queue is due."""
+        self._count += 1
+        now = time.monotonic()
+        if self._count == 1:
+            self._oldest = now
+            if self._watchdog is None:
+                self._stopping = False
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="jobflow-cache-writer", daemon=True
+                )
+                self._watchdog.start()
+        return self._count >= self.max_batch or now - self._oldest >= self.delay
+
+    # -- writing ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write everything queued so far, in the calling thread."""
+        if os.getpid() == self._pid:
+            self._write_queue()
+
+    def close(self) -> None:
+        """Flush, then stop the watchdog (it starts again if more is queued)."""
+        if os.getpid() != self._pid:
+            return
+        self.flush()
+        with self._cond:
+            watchdog, self._watchdog = self._watchdog, None
+            self._stopping = True
+            self._cond.notify_all()
+        if watchdog is not None:
+            watchdog.join()
+
+    def take_errors(self) -> list[tuple[list[str], BaseException]]:
+        """The writes that failed since the last call: (digests, error) pairs."""
+        if not self._errors:
+            return []
+        with self._cond:
+            errors, self._errors = self._errors, []
+        return errors
+
+    def _watch(self) -> None:
+        """Every ``delay`` seconds, write the queue if its oldest item is ``2 * delay`` old
+        (polling: waking it on every new batch would cost the job thread a switch each)."""
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                self._cond.wait(self.delay)
+                if self._stopping:
+                    return
+                due = self._count and time.monotonic() - self._oldest >= 2 * self.delay
+            if due:
+                self._write_queue()
+
+    def _write_queue(self) -> None:
+        with self._write_lock:
+            with self._cond:
+                if not self._count:
+                    return
+                entries, hits = self._entries, self._hits
+                self._entries, self._hits, self._writing = {}, {}, entries
+                self._count = 0
+            try:
+                errors = self._write(entries, hits)
+            finally:
+                with self._cond:
+                    self._writing = {}
+            if errors:
+                with self._cond:
+                    self._errors.extend(errors)
+
+    def _write(
+        self, entries: dict[str, CacheEntry], hits: dict[str, tuple[int, datetime]]
+    ) -> list[tuple[list[str], BaseException]]:
+        errors: list[tuple[list[str], BaseException]] = []
+        if entries:
+            try:
+                self.store.put_many(list(entries.values()))
+            except Exception:  # one bad entry must not lose the others: one at a time
+                for digest, entry in entries.items():
+                    try:
+                        self.store.put(entry)
+                    except Exception as err:
+                        errors.append(([digest], err))
+        if hits:
+            try:
+                self.store.record_hits(hits)
+            except Exception:
+                for digest, (count, when) in hits.items():
+                    try:
+                        self.store.record_hit(digest, count, when)
+                    except Exception as err:  # book-keeping only: logged, never raised
+                        logger.warning("could not record hits of %s: %s", digest[:12], err)
+        return errors
