@@ -575,6 +575,10 @@ class _Translator:
             elif op == "$exists":
                 fragments.append(("1", []) if value else ("0", []))
             else:
+                if op == "$regex" and "$options" not in ops:
+                    bounds = _key_prefix_range(value)
+                    if bounds is not None:  # a range on the primary key narrows, the regex decides
+                        fragments.append(("(key >= ? AND key < ?)", list(bounds)))
                 rest[op] = value
         if rest:
             fragments.append(self._field(path, parts, rest, top))
@@ -739,6 +743,37 @@ def _op_class(op: str, value: Any) -> int | None:
     return classes.pop() if len(classes) == 1 else None
 
 
+_PREFIX_RE = re.compile(r"\^([0-9A-Za-z_]+)")
+
+
+def _key_prefix_range(regex: Any) -> tuple[str, str] | None:
+    """``key`` column bounds every str key matched by an anchored regex lies within, or None.
+
+    Only for ``^`` followed by letters, digits or ``_`` (a digest prefix, say), and no
+    alternation: such characters are their own JSON encoding, so every matching key's
+    column text starts with ``"`` and that literal prefix. A quantifier right after the
+    literal makes its last character optional, so that one is left out of the range.
+
+    Examples
+    --------
+    >>> _key_prefix_range("^3f2c")
+    ('"3f2c', '"3f2d')
+    >>> _key_prefix_range("^ab?"), _key_prefix_range("^a|b")
+    (('"a', '"b'), None)
+    """
+    if not isinstance(regex, str) or "|" in regex:
+        return None
+    match = _PREFIX_RE.match(regex)
+    if match is None:
+        return None
+    literal = match.group(1)
+    if regex[match.end() : match.end() + 1] in ("*", "?", "{"):
+        literal = literal[:-1]
+    if not literal:
+        return None
+    return f'"{literal}', f'"{literal[:-1]}{chr(ord(literal[-1]) + 1)}'
+
+
 def _key_literal(value: Any) -> str | None:
     """Return the ``key`` column text for a key value, or None if no row can hold it."""
     if isinstance(value, bool):
@@ -783,6 +818,23 @@ def _projection(properties: Mapping[str, Any] | list[str] | None) -> tuple[dict,
             else:
                 node = node.setdefault(component, {})
     return spec, modes.pop()
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_@-]+")
+
+
+def _top_level_fields(projection: tuple[dict, bool] | None) -> list[str] | None:
+    """The fields of an inclusion projection of plain top-level names, else None.
+
+    Such a projection is answered by SQLite's ``->`` (3.38+), which gives a field's JSON text,
+    or NULL when the field is missing, so large documents are never decoded whole.
+    """
+    if projection is None or not projection[1] or sqlite3.sqlite_version_info < (3, 38):
+        return None
+    spec = projection[0]
+    if not all(rule is True and _FIELD_NAME.fullmatch(name) for name, rule in spec.items()):
+        return None
+    return list(spec)
 
 
 def _project(doc: dict[str, Any], spec: dict[str, Any], include: bool) -> dict[str, Any]:
@@ -960,6 +1012,8 @@ class SQLiteStore(Store):
         if timeout < 0:
             raise ValueError("timeout must be >= 0")
         self.path = path
+        # resolved once: a job that runs in its own folder must not open another file
+        self._absolute = os.path.abspath(os.path.expanduser(path))
         self.collection_name = collection_name
         self.timeout = float(timeout)
         self.kwargs = kwargs
@@ -971,8 +1025,9 @@ class SQLiteStore(Store):
 
     @property
     def _file(self) -> str:
-        """The absolute path of the database file."""
-        return os.path.abspath(os.path.expanduser(self.path))
+        """The absolute path of the database file (a relative path is taken from the working
+        directory at construction)."""
+        return self._absolute
 
     @property
     def _table(self) -> str:
@@ -1288,15 +1343,22 @@ class SQLiteStore(Store):
         if skip < 0 or limit < 0:
             raise ValueError("skip and limit must be >= 0")
         if all(_split_path(field) is not None for field, _ in items):
+            fields = _top_level_fields(projection)
+            select = (
+                "doc" if fields is None else ", ".join(f"doc -> {_json_path([f])}" for f in fields)
+            )
 
             def build(probe: _ArrayProbe) -> _Plan:
                 compiled = self._compile(criteria, probe)
                 order = self._order_by(items, compiled.pinned)
                 sql = (
-                    f"SELECT doc FROM {self._table} WHERE {compiled.where}{order} LIMIT ? OFFSET ?"
+                    f"SELECT {select} FROM {self._table} WHERE {compiled.where}{order} "
+                    "LIMIT ? OFFSET ?"
                 )
                 return sql, [*compiled.params, limit or -1, skip], compiled
 
+            if fields is not None:  # SQLite extracts the fields: no whole document decoded
+                return self._stream_fields(self._read(build), fields)
             return self._stream(self._read(build), projection)
         return self._python_sorted(criteria, projection, items, skip, limit)
 
@@ -1385,6 +1447,11 @@ class SQLiteStore(Store):
             doc = _loads(text)
             yield doc if projection is None else _project(doc, *projection)
 
+    @staticmethod
+    def _stream_fields(rows: Iterator[tuple], fields: list[str]) -> Generator[dict, None, None]:
+        for row in rows:
+            yield {field: _loads(text) for field, text in zip(fields, row) if text is not None}
+
     def _python_sorted(
         self,
         criteria: dict | None,
@@ -1427,6 +1494,94 @@ class SQLiteStore(Store):
             return int(next(rows)[0])
         finally:
             rows.close()
+
+    def totals(
+        self, terms: Mapping[str, Iterable[str]], criteria: dict | None = None
+    ) -> dict[str, float]:
+        """Sums over the matching documents, in one scan, of products of numeric fields.
+
+        Parameters
+        ----------
+        terms
+            Name -> fields: ``{"hits": ["hits"], "saved": ["hits", "duration"]}`` sums
+            ``hits`` and ``hits * duration``; no fields counts the documents. A number is
+            itself, ``true``/``false`` are 1/0; anything else (missing, null, a string, an
+            array) makes the product 0.
+        criteria
+            MongoDB filter restricting the documents.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.db") as store:
+        ...     store.update([{"task_id": i, "n": i, "x": 0.5, "ok": i > 1} for i in range(4)])
+        ...     store.totals({"docs": [], "n": ["n"], "nx": ["n", "x"], "ok": ["ok"]})
+        {'docs': 4.0, 'n': 6.0, 'nx': 3.0, 'ok': 2.0}
+        """
+        names = list(terms)
+        products = []
+        for name in names:
+            factors = []
+            for field in terms[name]:
+                parts = _split_path(field)
+                if parts is None:
+                    raise ValueError(f"cannot total the field {field!r}")
+                factors.append(
+                    f"(CASE {_t(parts)} WHEN 'integer' THEN {_x(parts)} WHEN 'real' THEN "
+                    f"{_x(parts)} WHEN 'true' THEN 1 ELSE 0 END)"
+                )
+            products.append(f"total({' * '.join(factors) or '1'})")
+
+        def build(probe: _ArrayProbe) -> _Plan:
+            compiled = self._compile(criteria, probe)
+            sql = f"SELECT {', '.join(products) or '0'} FROM {self._table} WHERE {compiled.where}"
+            return sql, compiled.params, compiled
+
+        rows = self._read(build)
+        try:
+            return dict(zip(names, map(float, next(rows))))
+        finally:
+            rows.close()
+
+    def value_counts(self, field: str, criteria: dict | None = None) -> list[tuple[Any, int]]:
+        """How many matching documents hold each value of a field, most frequent first.
+
+        Answered from the field's index (see :meth:`ensure_index`) when it has one. Unlike
+        :meth:`distinct`, an array counts as one value (it is not unwound) and documents
+        lacking the field count under ``None``.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.db") as store:
+        ...     store.update([{"task_id": i, "f": "ab"[i % 3 == 0]} for i in range(5)])
+        ...     store.value_counts("f")
+        [('a', 3), ('b', 2)]
+        """
+        parts = _split_path(field)
+        if parts is None:
+            raise ValueError(f"cannot count the values of {field!r}")
+
+        def build(probe: _ArrayProbe) -> _Plan:
+            compiled = self._compile(criteria, probe)
+            sql = (
+                f"SELECT {_b(parts)}, {_x(parts)}, count(*) FROM {self._table} "
+                f"WHERE {compiled.where} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2"
+            )
+            return sql, compiled.params, compiled
+
+        counts = []
+        for type_class, raw, n in self._read(build):
+            if type_class == _NULL:
+                value = None
+            elif type_class == _BOOL:
+                value = bool(raw)
+            elif type_class in (_NUMBER, _STRING):
+                value = raw
+            else:
+                value = _loads(raw)
+            counts.append((value, int(n)))
+        return counts
 
     def distinct(self, field: str, criteria: dict | None = None, all_exist: bool = False) -> list:
         """Return the distinct values of a field, array values unwound, as MongoDB does.
