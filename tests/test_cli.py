@@ -222,8 +222,7 @@ def test_purge_asks_and_dry_run_deletes_nothing(built, isolated_cache):
     assert invoke("purge", "--all", "--name", "x").exit_code == 2
 
     dry = ok("purge", "--all", "--dry-run")
-    assert "Would remove 5 entries; would remove 4 file objects" in dry.stdout
-    assert "dry run: nothing deleted" in dry.stdout
+    assert "Dry run, nothing deleted: would remove 5 entries and 4 file objects, " in dry.stdout
     data = as_json("purge", "--all", "--dry-run")
     assert (data["entries"], data["gc"]["objects"], data["dry_run"]) == (5, 4, True)
     refused = invoke("purge", "--name", "relax", input="n\n")
@@ -233,7 +232,7 @@ def test_purge_asks_and_dry_run_deletes_nothing(built, isolated_cache):
     assert objects_on_disk(isolated_cache) == before
 
     done = ok("purge", "--name", "relax", input="y\n")
-    assert "Removed 2 entries; removed 2 file objects" in done.stdout
+    assert "Removed 2 entries and 2 file objects, " in done.stdout
     assert [e["name"] for e in entries()] == ["add", "write_files", "add"]
     assert len(objects_on_disk(isolated_cache)) == 2
     assert ok("verify").exit_code == 0
@@ -262,10 +261,10 @@ def test_gc_collects_unreferenced_objects_only(built, isolated_cache, tmp_path):
     os.utime(ObjectArea(isolated_cache / "objects").path_of(xxh3), (0, 0))
     assert as_json("gc", "--dry-run")["objects"] == 1
     assert xxh3 in objects_on_disk(isolated_cache)
-    assert ok("gc", "--yes").stdout == "Deleted 1 file objects, 14 B freed\n"
+    assert ok("gc", "--yes").stdout == "Deleted 1 file object, 14 B\n"
     assert xxh3 not in objects_on_disk(isolated_cache)
     assert len(objects_on_disk(isolated_cache)) == 4
-    assert ok("gc", "--yes").stdout.startswith("Deleted 0 file objects")
+    assert ok("gc", "--yes").stdout == "Deleted 0 file objects, 0 B\n"
 
 
 def test_verify_reports_by_kind_and_fixes(built, isolated_cache):

@@ -449,3 +449,15 @@ def test_compare_without_canonical_input_names_the_argument():
     assert (result.equal, result.changed, result.only_now) == (["a"], ["b"], ["c"])
     assert result.not_kept == ["b"]
     assert result.differences == []
+
+
+def test_relative_sqlite_path_is_fixed_at_construction(tmp_path, monkeypatch):
+    """A job running in its own folder must reach the store the user named (jobstore.yaml)."""
+    monkeypatch.chdir(tmp_path)
+    store = SQLiteStore("relative.sqlite", key="k")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    with store:
+        store.update({"k": 1})
+    assert (tmp_path / "relative.sqlite").exists()
+    assert not (tmp_path / "run" / "relative.sqlite").exists()

@@ -45,7 +45,7 @@ from jobflow_cache.maintenance import (
     short_digest,
     stats,
 )
-from jobflow_cache.purge import collect_garbage, purge
+from jobflow_cache.purge import GCReport, collect_garbage, purge
 from jobflow_cache.settings import get_settings
 from jobflow_cache.store import CacheStore, Outcome, store_from_spec
 from jobflow_cache.verify import Problem, ProblemKind, verify
@@ -534,10 +534,16 @@ def invalidate(digests: tuple[str, ...], reason: str) -> None:
 # --------------------------------------------------------------------------- purge and gc
 
 
-def _gc_text(report: Any, verb: str) -> str:
-    text = f"{verb} {report.objects} file objects, {_size(report.bytes_freed)} freed"
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _objects_text(report: GCReport) -> str:
+    """``2 file objects, 5.9 KiB`` (and what run folders still hold)."""
+    total = report.bytes_freed + report.bytes_linked
+    text = f"{_plural(report.objects, 'file object')}, {_size(total)}"
     if report.bytes_linked:
-        text += f" (and {_size(report.bytes_linked)} once run folders linking them are deleted)"
+        text += f" ({_size(report.bytes_linked)} of it held by hard links in run folders)"
     return text
 
 
@@ -614,11 +620,11 @@ def purge_command(
     if as_json:
         _echo_json(report.to_dict())
         return
-    verb = "would remove" if dry_run else "removed"
-    text = f"{verb[0].upper()}{verb[1:]} {report.entries} entries"
-    if not no_gc:
-        text += "; " + _gc_text(report.gc, verb)
-    click.echo(text + ("" if not dry_run else " (dry run: nothing deleted)"))
+    removed = _plural(report.entries, "entry", "entries")
+    removed += " (file objects kept)" if no_gc else f" and {_objects_text(report.gc)}"
+    click.echo(
+        f"Dry run, nothing deleted: would remove {removed}" if dry_run else f"Removed {removed}"
+    )
 
 
 @cli.command()
@@ -644,7 +650,7 @@ def gc(dry_run: bool, yes: bool, as_json: bool) -> None:
     if as_json:
         _echo_json(report.to_dict())
     else:
-        click.echo(_gc_text(report, "Would delete" if dry_run else "Deleted"))
+        click.echo(f"{'Would delete' if dry_run else 'Deleted'} {_objects_text(report)}")
 
 
 # --------------------------------------------------------------------------- verify
@@ -709,10 +715,11 @@ def verify_command(
     else:
         for line in _problem_lines(cache, problems):
             click.echo(line)
-        verdict = "all sound" if not problems else f"{len(problems)} problems in"
-        tail = f" {len(broken)} entries" if problems else ""
-        fixed = " (fixed)" if fix and problems else ""
-        click.echo(f"Checked {total} entries: {verdict}{tail}{fixed}.")
+        verdict = "all sound"
+        if problems:
+            verdict = f"{_plural(len(problems), 'problem')} in "
+            verdict += _plural(len(broken), "entry", "entries") + (" (fixed)" if fix else "")
+        click.echo(f"Checked {_plural(total, 'entry', 'entries')}: {verdict}.")
     if problems:
         click.get_current_context().exit(1)
 
