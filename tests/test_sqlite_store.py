@@ -799,6 +799,25 @@ def test_increment_many_is_one_transaction_of_increments(store: SQLiteStore) -> 
         store.increment_many([("a", {"task_id": 1}, None)])
 
 
+def test_increment_in_sql_falls_back_to_exact_python_sums(store: SQLiteStore) -> None:
+    """Integer amounts on integer fields are summed in SQL; anything else is read back and
+    summed exactly in Python, with the same checks."""
+    big = 2**62 - 1
+    store.update({"task_id": "n", "i": 1, "r": 1.5, "s": "text", "big": big, "obj": {"k": 1}})
+    assert store.increment_many([("n", {"i": 2}, None), ("n", {"r": 1}, None)]) == [True, True]
+    assert store.increment("n", {"big": 2})
+    assert store.increment("n", {"fresh": 3}, {"when": T_LAST})
+    doc = store.query_key("n")
+    assert (doc["i"], doc["r"], doc["big"], doc["fresh"]) == (3, 2.5, big + 2, 3)
+    assert type(doc["i"]) is int
+    assert type(doc["big"]) is int
+    assert doc["when"] == T_LAST
+    for field in ("s", "obj"):
+        with pytest.raises(TypeError, match="not a number"):
+            store.increment("n", {field: 1})
+    assert store.query_key("n")["s"] == "text"
+
+
 def test_increment_statements_are_reused_for_the_same_fields(store: SQLiteStore) -> None:
     for _ in range(3):
         store.increment("a", {"hits": 1}, {"lu": T_LAST})

@@ -110,10 +110,16 @@ class DirRewrite(NamedTuple):
     hosts: tuple[str, str] | None = None
 
 
+def _in_json(path: str) -> str:
+    """How the folder ``path`` appears inside JSON text."""
+    return json.dumps(path.rstrip("/") or path)[1:-1]
+
+
+@functools.lru_cache(maxsize=1024)
 def _dir_pattern(old: str) -> re.Pattern[str]:
     """``old`` as a whole path inside JSON text (optionally behind ``host:``), with what
     follows it inside the same path."""
-    escaped = re.escape(json.dumps(old.rstrip("/") or old)[1:-1])
+    escaped = re.escape(_in_json(old))
     return re.compile(
         rf"(?<![\w.\-/:])(?:(?P<host>[\w.\-]+):)?{escaped}(?P<rest>(?:/[^\"\s]*)?)(?![\w.\-])"
     )
@@ -138,7 +144,7 @@ def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewr
 
         text = UUID_RE.sub(new_uuid, text)
     for old, move in dirs.items():
-        if not old or old == move.new:
+        if not old or old == move.new or _in_json(old) not in text:  # nothing to rewrite
             continue
         text = _dir_pattern(old).sub(functools.partial(_new_path, move), text)
     return text

@@ -215,9 +215,16 @@ def _from_storable(obj: Any) -> Any:
                 return base64.b64decode(value)
             if key == _DOUBLE:
                 return float(value.lower().replace("infinity", "inf"))
-        return {key: _from_storable(value) for key, value in obj.items()}
+        # only containers can hold an encoded value: scalars are taken without a call
+        return {
+            key: _from_storable(value) if type(value) is dict or type(value) is list else value
+            for key, value in obj.items()
+        }
     if isinstance(obj, list):
-        return [_from_storable(value) for value in obj]
+        return [
+            _from_storable(value) if type(value) is dict or type(value) is list else value
+            for value in obj
+        ]
     return obj
 
 
@@ -895,6 +902,13 @@ class _IncrementSQL(NamedTuple):
     increments: int  # the first this many paths are incremented, the others set
     select: str  # json_type of each path and its parents, then the current numbers
     update: str  # json_set of every path
+    # one statement doing it all in SQL, when every path is top-level: only for integer
+    # amounts and integer (or missing) fields, whose SQL sum is exact (None: no such statement)
+    direct: str | None
+
+
+#: Integers whose sums SQLite computes exactly (no overflow to REAL).
+_EXACT_SUMS = 2**62
 
 
 class _IncrementPlan(NamedTuple):
@@ -1019,6 +1033,7 @@ class SQLiteStore(Store):
         self.kwargs = kwargs
         self._state: _ProcessState | None = None
         self._increment_statements: dict[tuple[tuple[str, ...], ...], _IncrementSQL] = {}
+        self._key_statements: dict[tuple[str, ...], str] = {}  # query_key's, by leave_out
         super().__init__(key=key, last_updated_field=last_updated_field, **kwargs)
 
     # ---------------------------------------------------------------- identity
@@ -1722,13 +1737,17 @@ class SQLiteStore(Store):
         row_key = _key_literal(value)
         if row_key is None or not isinstance(value, str | int):
             return None
-        dropped = [_json_path([name]) for name in leave_out if _split_path(name) == [name]]
-        column = f"json_remove(doc, {', '.join(dropped)})" if dropped else "doc"
+        leave_out = tuple(leave_out)
+        select = self._key_statements.get(leave_out)
+        if select is None:
+            dropped = [_json_path([name]) for name in leave_out if _split_path(name) == [name]]
+            column = f"json_remove(doc, {', '.join(dropped)})" if dropped else "doc"
+            select = f"SELECT {column} FROM {self._table} WHERE key = ?"
+            if len(self._key_statements) < 64:
+                self._key_statements[leave_out] = select
         conn = self._reader()
         with self._errors():
-            row = conn.execute(
-                f"SELECT {column} FROM {self._table} WHERE key = ?", (row_key,)
-            ).fetchone()
+            row = conn.execute(select, (row_key,)).fetchone()
         return None if row is None else _loads(row[0])
 
     # ---------------------------------------------------------------- writing
@@ -2032,12 +2051,27 @@ class SQLiteStore(Store):
             f"json_extract(doc, {', '.join([*number_paths, *number_paths])})" if fields else "'[]'"
         )
         assignments = ", ".join(f"{_json_path(parts)}, json(?)" for parts in parsed.values())
+        direct = None
+        if all(len(parts) == 1 for parts in parsed.values()):
+            counts = [_json_path(parsed[path]) for path in fields]
+            sums = [f"{p}, coalesce(json_extract(doc, {p}), 0) + ?" for p in counts]
+            sets = [f"{_json_path(parsed[path])}, json(?)" for path in set_fields]
+            guards = [
+                f"coalesce(json_type(doc, {p}), 'integer') = 'integer' AND "
+                f"abs(coalesce(json_extract(doc, {p}), 0)) < {_EXACT_SUMS}"
+                for p in counts
+            ]
+            direct = (
+                f"UPDATE {self._table} SET doc = json_set(doc, {', '.join([*sums, *sets])}) "
+                f"WHERE {' AND '.join(['key = ?', *guards])}"
+            )
         sql = _IncrementSQL(
             paths=tuple(paths),
             depths=tuple(len(parts) for parts in parsed.values()),
             increments=len(fields),
             select=f"SELECT {', '.join([*checks, raw])} FROM {self._table} WHERE key = ?",
             update=f"UPDATE {self._table} SET doc = json_set(doc, {assignments}) WHERE key = ?",
+            direct=direct,
         )
         if len(self._increment_statements) < 64:
             self._increment_statements[names] = sql
@@ -2047,6 +2081,13 @@ class SQLiteStore(Store):
     def _apply_increment(conn: sqlite3.Connection, plan: _IncrementPlan) -> bool:
         """Run a planned increment inside the current write transaction."""
         sql = plan.sql
+        if sql.direct is not None and all(
+            type(amount) is int and abs(amount) < _EXACT_SUMS for amount in plan.amounts
+        ):
+            cursor = conn.execute(sql.direct, [*plan.amounts, *plan.set_texts, plan.row_key])
+            if cursor.rowcount == 1:
+                return True
+            # no such document, or a field that is not an integer: the checks below decide
         row = conn.execute(sql.select, (plan.row_key,)).fetchone()
         if row is None:
             return False
