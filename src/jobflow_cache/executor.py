@@ -59,6 +59,7 @@ from jobflow_cache.files import ObjectArea, changed_files, snapshot
 from jobflow_cache.hashing import (
     SCHEME,
     CallDigest,
+    Normalizer,
     bind_arguments,
     digest_bytes,
     digest_call,
@@ -332,7 +333,7 @@ class Cache:
             self.store.record_hit(digest)
 
     # -- hashing ----------------------------------------------------------------------------
-    def _normalizer(self, refs: _Refs) -> Callable[[str], tuple[str, Any] | None]:
+    def _normalizer(self, refs: _Refs) -> Normalizer:
         job_digests, dir_digests = self.job_digests, self.dir_digests
 
         def normalize(value: str) -> tuple[str, Any] | None:
@@ -353,7 +354,10 @@ class Cache:
                     rest.append(tail)
             return None
 
-        return normalize
+        # Only known job uuids and (with exclusive folders) strings holding a "/" can be
+        # replaced; hashing calls normalize for those strings only (the live dict is checked).
+        markers = ("/",) if self.exclusive_dirs or dir_digests else ()
+        return Normalizer(normalize, exact=job_digests, markers=markers)
 
     def digest(
         self,
