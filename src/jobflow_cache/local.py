@@ -7,10 +7,10 @@ job costs time proportional to the number of documents already stored, so a flow
 O(n²). A ``MemoryStore`` is a mongomock collection, which answers every query and every upsert
 by testing each document it holds against the filter (it keeps no index). Each job stores its
 output with an upsert (one full scan), and each distinct job it references costs three queries
-(latest index, output, latest index again in ``OutputReference.resolve``), each a full scan
-whose cursor also runs the filter twice. Measured with cProfile on a 1,000-job chain: 2.0 million
-document tests (``mongomock_ng.filtering.filter_applies``) for 1,000 jobs, 23 of the 28.6 s of the
-run; the graph walk (``Flow.graph``, ``Flow.iterflow``) took 0.5 s and grows linearly.
+(latest index, output, latest index again in ``OutputReference.resolve``), each a full scan.
+Measured with cProfile on a 1,000-job chain (4 scans per job): 2.0 million document tests
+(``mongomock_ng.filtering.filter_applies``), 23 of the 28.6 s of the run; the graph walk
+(``Flow.graph``, ``Flow.iterflow``) took 0.5 s and grows linearly.
 
 What this module does instead
 -----------------------------
@@ -18,7 +18,8 @@ What this module does instead
   jobs (``Flow.iterflow``, diversions run depth first where jobflow runs them), the same log
   lines on jobflow's logger, the same handling of ``stop_children``, ``stop_jobflow``,
   ``replace``/``detour``/``addition``, ``OnMissing``, errors, ``ensure_success``,
-  ``raise_immediately``, ``create_folders`` and ``root_dir``, and the same return value.
+  ``raise_immediately``, ``create_folders`` and ``root_dir``, and the same return value. (The
+  traceback logged for a failed job shows this module's frames where jobflow's shows its own.)
 * Every job still runs through jobflow's own ``Job.run``, which resolves its references, calls
   the function, stores the output (and its additional-store blobs) and handles the ``Response``.
   For a cached run, the function call goes through :meth:`.Cache.call` (``job.function`` is
@@ -27,8 +28,15 @@ What this module does instead
   shallow copy of it whose stores are :class:`_IndexedMemoryStore` views: the same documents are
   written to the same collections (an insert where the upsert would insert), and queries that
   name one of this run's job (or blob) uuids are answered from an index of the documents this
-  run wrote, with mongomock's own filter and sort functions, instead of by a scan. Any other
-  query, any other store type, and any uuid present before the run go to the store itself.
+  run wrote, with mongomock's own filter and sort functions, instead of by a scan. Uuids already
+  in the store before the run are loaded from it once; any other query and any other store type
+  (a MongoDB server has indexes) go to the store itself.
+
+The view alone would also make jobflow's own loop linear. The loop is copied (it is 60 lines)
+so that the cache needs no global patch of ``Job.run``: the stand-in is set on one job for the
+duration of its ``Job.run``, which keeps concurrent runs in several threads, and plain jobflow
+runs beside them, independent without reference counting, and lets a run without cache skip
+``@cached_job`` 's interception too.
 
 Turning the cache off (``cache=False`` or ``JOBFLOW_CACHE_DISABLE=1``) keeps this loop, with no
 digest computed, no cache store opened and no ``metadata["jobflow_cache"]`` written, for plain
@@ -499,14 +507,12 @@ class _IndexedMemoryStore:
         limit: int,
     ) -> list[dict[str, Any]] | None:
         """The documents ``find`` would return, or None when the index cannot tell."""
+        if not isinstance(criteria, dict) or type(skip) is not int or type(limit) is not int:
+            return None
         values = _required_values(criteria, self.field)
         fields = _included_fields(properties)
-        if values is None or fields is None or not isinstance(skip, int):
-            return None
-        if not isinstance(limit, int):
-            return None
         order = _sort_keys(sort if sort else self.store.default_sort)
-        if order is None:
+        if values is None or fields is None or order is None or skip < 0:
             return None
         candidates: list[dict[str, Any]] = []
         for value in values:
@@ -516,7 +522,10 @@ class _IndexedMemoryStore:
             candidates.extend(group)
         if len(values) > 1:
             candidates.sort(key=lambda doc: self._position[doc["_id"]])
-        dataset = [doc for doc in candidates if filter_applies(criteria, doc)]
+        if len(criteria) == 1:  # only the uuid: every candidate matches (its uuid is a str)
+            dataset = candidates
+        else:
+            dataset = [doc for doc in candidates if filter_applies(criteria, doc)]
         for sort_key, direction in reversed(order):
             dataset = sorted(
                 dataset,
@@ -539,10 +548,8 @@ def _insertable(doc: Any, fields: list[str], field: str) -> bool:
     )
 
 
-def _required_values(criteria: Any, field: str) -> list[str] | None:
+def _required_values(criteria: dict[str, Any], field: str) -> list[str] | None:
     """The values a document's ``field`` must have to match ``criteria`` (None: any)."""
-    if not isinstance(criteria, dict):
-        return None
     value = criteria.get(field)
     if isinstance(value, str):
         return [value]
