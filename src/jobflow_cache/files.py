@@ -91,7 +91,10 @@ def _excluder(patterns: tuple[str, ...]) -> Callable[[str], bool]:
     match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
     def excluded(relpath: str) -> bool:
-        return match(relpath) is not None or match(relpath.rpartition("/")[2]) is not None
+        if match(relpath) is not None:
+            return True
+        name = relpath.rpartition("/")[2]
+        return name != relpath and match(name) is not None
 
     return excluded
 
@@ -246,8 +249,7 @@ def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Sna
         for entry in items:
             relpath = prefix + entry.name
             try:
-                if entry.is_symlink():
-                    continue
+                # without following symlinks, a symlink is neither a dir nor a file: skipped
                 if entry.is_dir(follow_symlinks=False):
                     if not excluded(relpath):
                         pending.append((entry.path, relpath + "/"))
