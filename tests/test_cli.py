@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 from jobflow import Flow, JobStore
+from maggma.stores import MemoryStore
 from monty.serialization import dumpfn
 
 from jobflow_cache import (
@@ -409,3 +410,19 @@ def test_console_script_ls_show_and_errors(built):
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr
     assert len(json.loads(subprocess.check_output([exe, "ls", "--json"], text=True))) == 5
+
+
+def test_explain_job_file_of_a_cached_job_uses_its_options(isolated_cache, tmp_path, counts):
+    """@cached_job(cache_version=2, ignore=["verbose"]): the file's digest is the run's."""
+    job = jobs.cached_scale(3, verbose=True)
+    path = tmp_path / "job.json"
+    dumpfn(job, path)
+    store = JobStore(MemoryStore())
+    run_locally(job, store=store, log=False)
+    recorded = store.query_one({"uuid": job.uuid})["metadata"]["jobflow_cache"]["digest"]
+    data = as_json("explain", "--job", str(path))
+    assert data["job"]["digest"] == recorded
+    assert data["job"]["cache_version"] == "2"
+    assert "verbose" not in data["job"]["arg_digests"]
+    assert "would be served from the cache" in data["summary"][0]
+    assert counts() == {"cached_scale": 1}

@@ -274,7 +274,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     help="Cache store: a YAML/JSON file or inline JSON maggma spec (like jobflow's JOB_STORE). "
     "Default: JOBFLOW_CACHE_STORE / the settings file / the embedded SQLite store.",
 )
-@click.option("--objects-dir", metavar="DIR", help="Folder of the file objects.")
+@click.option(
+    "--objects-dir",
+    metavar="DIR",
+    help="Folder of the file objects (default: JOBFLOW_CACHE_OBJECTS_DIR, or DIR/objects).",
+)
 @click.option("--debug", is_flag=True, help="Log to stderr and show tracebacks.")
 @click.pass_context
 def cli(ctx: click.Context, store: str | None, objects_dir: str | None, debug: bool) -> None:
@@ -385,11 +389,14 @@ def ls_command(
     cache = _cache()
     criteria = _filters(name, function, since, before, invalid).criteria()
     rows = iter_rows(cache, criteria, sort=sort, descending=not reverse, limit=limit)
-    if as_json:
-        data = []
+    if as_json:  # streamed: the same text as one json.dumps(indent=2) of the whole list
+        opening = "["
         for row in rows:
-            data.append({**row.to_dict(), "short": short_digest(cache, row.digest)})
-        _echo_json(data)
+            data = {**row.to_dict(), "short": short_digest(cache, row.digest)}
+            text = json.dumps(data, indent=2, default=_json_default).replace("\n", "\n  ")
+            click.echo(f"{opening}\n  {text}", nl=False)
+            opening = ","
+        click.echo("[]" if opening == "[" else "\n]")
         return
     shown = 0
     page: list[list[str]] = []
