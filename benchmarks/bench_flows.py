@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 EXECUTORS = ("jobflow", "disabled", "uncached", "cold", "warm")
 #: Shapes that also run at 5,000 jobs (the targets against jobflow are set there).
 TARGET_SHAPES = ("chain", "replace")
+#: Order in which shapes run at each size (the later ones are skipped first by the budget).
+PRIORITY = ("chain", "replace", "fanout", "nested", "diamond", "addition", "detour")
 #: Quick mode runs these executors in one process each group (warm after cold, as a rerun).
 _QUICK_GROUP = {"jobflow": "plain", "disabled": "plain", "uncached": "plain"}
 #: Seconds of work per job in the warm-vs-recompute case.
@@ -141,10 +144,14 @@ def run_tasks(tasks: list[dict[str, Any]], mode: Mode) -> list[dict[str, Any]]:
         return done
     timed_out: dict[tuple[str, str, float], dict[str, Any]] = {}
     cold_ok: set[tuple[str, int, float]] = set()
-    for task in sorted(tasks, key=lambda t: (t["n"], list(SHAPES).index(t["shape"]))):
+    deadline = time.monotonic() + mode.flow_budget_s if mode.flow_budget_s else None
+    for task in sorted(tasks, key=lambda t: (t["n"], PRIORITY.index(t["shape"]))):
         key = _key(task)
         if not task["run"] or key in timed_out:
             done.append(_not_run(task, done))
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            done.append({**task, "status": "skipped", "error": "time budget (--budget) used up"})
             continue
         if task["executor"] == "warm" and (task["shape"], task["n"], task["work"]) not in cold_ok:
             done.append({**task, "status": "skipped", "error": "the cold run did not finish"})

@@ -34,7 +34,12 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("ours", "joblib", "json+sha256", "orjson+xxh3", "xxh3 raw")
 
-_ORJSON = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_ORJSON = (
+    orjson.OPT_SORT_KEYS
+    | orjson.OPT_SERIALIZE_NUMPY
+    | orjson.OPT_NON_STR_KEYS
+    | orjson.OPT_PASSTHROUGH_DATACLASS  # Makers are dataclasses: serialize them by as_dict()
+)
 
 
 def structure(sites: int, seed: int = 0) -> Structure:
@@ -120,8 +125,13 @@ def inputs(mode: Mode) -> dict[str, Any]:
 
 
 def _as_json(obj: Any) -> Any:
+    """orjson ``default``: MSONable objects by ``as_dict()``; str/int/float subclasses (such
+    as ruamel's ``ScalarFloat`` in atomate2 input sets) as their base type."""
     if hasattr(obj, "as_dict"):
         return obj.as_dict()
+    for base in (bool, int, float, str):
+        if isinstance(obj, base):
+            return base(obj)
     raise TypeError(type(obj).__name__)
 
 
@@ -154,13 +164,17 @@ def methods(obj: Any) -> dict[str, Callable[[], Any]]:
 def run_hashing(mode: Mode) -> list[dict[str, Any]]:
     """Seconds per digest for every input and method."""
     min_time, repeats, max_total = (0.02, 3, 0.3) if mode.quick else (0.2, 5, 5.0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, obj in inputs(mode).items():
         size = len(orjson.dumps(obj, default=_as_json, option=_ORJSON))
         for method, fn in methods(obj).items():
             if mode.quick and method == "json+sha256" and size > 10**6:
                 continue  # about a second per call: not worth it in a smoke run
-            timing = time_call(fn, min_time=min_time, repeats=repeats, max_total=max_total)
+            try:
+                timing = time_call(fn, min_time=min_time, repeats=repeats, max_total=max_total)
+            except Exception as err:  # one method failing on one input must not hide the rest
+                rows.append({"input": name, "method": method, "bytes": size, "error": repr(err)})
+                continue
             rows.append({"input": name, "method": method, "bytes": size, **timing})
         logger.info("hashing: %s", name)
     return rows
@@ -173,14 +187,27 @@ def hashing_table(rows: list[dict[str, Any]]) -> str:
         by_input.setdefault(row["input"], {})[row["method"]] = row
     out = []
     for name, found in by_input.items():
-        ours = found["ours"]["median"]
+
+        def median(method: str, found: dict[str, dict[str, Any]] = found) -> float | None:
+            row = found.get(method)
+            return None if row is None or "median" not in row else float(row["median"])
+
+        def cell(method: str, found: dict[str, dict[str, Any]] = found) -> str:
+            row = found.get(method)
+            return "error" if row and "error" in row else fmt_seconds(median(method))
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return fmt_ratio(a / b) if a and b else "-"
+
+        ours = median("ours")
+        size = next(iter(found.values()))["bytes"]
         out.append(
-            [name, f"{found['ours']['bytes'] / 1e3:.0f}"]
-            + [fmt_seconds(found[m]["median"]) if m in found else "-" for m in METHODS]
+            [name, f"{size / 1e3:.0f}"]
+            + [cell(m) for m in METHODS]
             + [
-                fmt_ratio(found["joblib"]["median"] / ours),
-                fmt_ratio(ours / found["orjson+xxh3"]["median"]),
-                fmt_ratio(ours / found["xxh3 raw"]["median"]),
+                ratio(median("joblib"), ours),
+                ratio(ours, median("orjson+xxh3")),
+                ratio(ours, median("xxh3 raw")),
             ]
         )
     return table(

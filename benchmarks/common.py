@@ -47,6 +47,9 @@ class Mode:
 
     name: str
     tmp: Path
+    #: seconds the flow-shape runs may take in all; later (larger, lower-priority) runs are
+    #: skipped once it is used up. None: no limit.
+    flow_budget_s: float | None = None
     quick: bool = field(init=False)
 
     def __post_init__(self) -> None:

@@ -56,6 +56,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="run only these benchmarks: " + ", ".join(BENCHMARKS),
     )
     parser.add_argument("--out", type=Path, help="JSON results file")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=14.0,
+        metavar="MIN",
+        help="minutes the flow-shape runs may take in full mode; the largest, lowest-priority "
+        "runs are skipped (and reported) beyond it; 0 = no limit (default 14)",
+    )
     parser.add_argument("--tmp", type=Path, help="scratch folder (default: a new temp folder)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return parser.parse_args(argv)
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         or ROOT / "benchmarks" / "results" / f"{stamp}{'-quick' if args.quick else ''}.json"
     )
     tmp = Path(tempfile.mkdtemp(prefix="jfc-bench-", dir=args.tmp))
-    mode = Mode("quick" if args.quick else "full", tmp)
+    budget = None if args.quick or not args.budget else args.budget * 60
+    mode = Mode("quick" if args.quick else "full", tmp, flow_budget_s=budget)
     results: dict[str, Any] = {
         "mode": mode.name,
         "started": stamp,
@@ -184,6 +193,10 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> list[s
         if hashing:
             results["hashing"] = hashing
             sections.append(bench_hashing.hashing_table(hashing))
+            for row in hashing:
+                if "error" in row:
+                    key = f"hashing:{row['input']}:{row['method']}"
+                    results["errors"][key] = {"error": row["error"], "traceback": ""}
     if "store" in selected:
         store = _guard("store", results, lambda: bench_store.run_store(mode))
         if store:

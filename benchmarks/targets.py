@@ -213,7 +213,7 @@ def evaluate(results: dict[str, Any], mode: Mode) -> list[dict[str, Any]]:
 def _hashing_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def median(name: str, method: str) -> float | None:
         for row in rows:
-            if row["input"] == name and row["method"] == method:
+            if row["input"] == name and row["method"] == method and "median" in row:
                 return float(row["median"])
         return None
 
