@@ -12,7 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from monty.json import MontyDecoder, MontyEncoder
 
-from jobflow_cache.codec import DirRewrite, _tag, created_uuids, dumps, loads, rewrite_text
+from jobflow_cache.codec import (
+    DirRewrite,
+    _tag,
+    _untag,
+    created_uuids,
+    dumps,
+    loads,
+    rewrite_text,
+)
 from jobflow_cache.errors import CorruptEntryError
 
 
@@ -163,3 +171,26 @@ def test_loads_without_objects_is_monty_s_decode(text: str) -> None:
 def test_dumps_is_json_dumps_with_montys_encoder(value) -> None:
     expected = json.dumps(_tag(value), cls=MontyEncoder, separators=(",", ":"), allow_nan=True)
     assert dumps(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": [1, {"b": None}], "c": "x{y}"},
+        {"when": datetime.datetime(2024, 5, 1, 12, 0, 0, 123456)},
+        {"color": Color.RED, "n": float("nan")},
+        {"$date": "2020-01-01T00:00:00Z"},  # a key bson's object hook rebuilds
+        {"k": {"$oid": "5f1d7c2b9d1e8a3b4c5d6e7f"}},
+        {"k": '"$date"'},  # only text that looks like one: still the same value
+        {"\u0024numberLong": "5"},
+    ],
+)
+def test_loads_of_objects_is_monty_s_decode(value) -> None:
+    """Text whose objects have no "$..." key skips bson's object hook; any other text goes
+    through monty's decoder: both give what monty's decoder gives."""
+    text = dumps(value)
+    escaped = text.replace('"$', '"\\u0024')  # the same document, "$" escaped
+    for variant in (text, escaped):
+        expected = MontyDecoder().decode(variant)
+        got = loads(variant)
+        assert repr(got) == repr(_untag(expected) if "@jfc" in variant else expected)

@@ -92,7 +92,13 @@ def loads(text: str) -> Any:
             # no JSON object: nothing for monty's decoder (or bson's object hook) to rebuild,
             # and no tag; json.loads gives the same value without building a decoder
             return json.loads(text)
-        value = _DECODER.decode(text)
+        if '"$' in text or '"\\u0024' in text:
+            value = _DECODER.decode(text)
+        else:
+            # monty parses with bson's json_util when bson is installed, whose object hook
+            # only rebuilds objects with a "$..." key; with none (no key starts with "$",
+            # escaped or not) that is json.loads, without a Python call per object
+            value = _DECODER.process_decoded(json.loads(text))
         return _untag(value) if TAG in text else value
     except (ValueError, TypeError, KeyError, AttributeError, ImportError, IndexError) as err:
         raise CorruptEntryError(f"cached value does not decode: {err}") from err
