@@ -21,6 +21,7 @@ from typing import Any
 __all__ = [
     "MARK",
     "ROOT",
+    "STYLE",
     "Mode",
     "fmt_ratio",
     "fmt_seconds",
@@ -263,8 +264,21 @@ def fmt_ratio(value: float | None, lower_bound: bool = False) -> str:
     return f"{'>= ' if lower_bound else ''}{value:.3g}x"
 
 
+#: How :func:`table` renders: plain text for the terminal, or Markdown for docs/performance.md.
+STYLE = {"markdown": False}
+
+
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with a title line."""
+    """A table with a title line: plain text, or Markdown when ``STYLE["markdown"]`` is set."""
+    if STYLE["markdown"]:
+        lines = [f"**{title}**", ""]
+        for k, row in enumerate([header, *rows]):
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+            if k == 0:
+                lines.append(
+                    "|" + "|".join("---" if i == 0 else "--:" for i in range(len(row))) + "|"
+                )
+        return "\n".join(lines)
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [f"== {title}"]

@@ -103,31 +103,58 @@ def main(argv: list[str] | None = None) -> int:
     )
     t_start = time.perf_counter()
     try:
-        sections = _run_all(selected, mode, results)
+        _run_all(selected, mode, results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["targets"] = evaluate(results, mode)
     results["duration_s"] = time.perf_counter() - t_start
-    for text in sections:
+    for text in render(results):
         print(text + "\n", flush=True)
-    if results["targets"]:
-        print(targets_table(results["targets"]) + "\n")
-    problems = results.get("checks") or []
-    if problems:
-        print(
-            table(
-                "Cross-check problems (results of these runs are suspect)",
-                ["problem"],
-                [[p] for p in problems],
-            )
-            + "\n"
-        )
     for name, error in results["errors"].items():
         print(f"CRASHED: {name}: {error['error']}\n{error['traceback']}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
     print(f"{len(selected)} benchmarks in {results['duration_s']:.0f} s; results: {out}")
     return 1 if results["errors"] else 0
+
+
+def render(results: dict[str, Any]) -> list[str]:
+    """Every table of a results dict (as written to the JSON file), in the suite's order."""
+    sections: list[str] = []
+    if results.get("flows"):
+        sections += bench_flows.flow_tables(results["flows"])
+    if results.get("toggle"):
+        sections.append(bench_flows.toggle_table(results["toggle"]))
+    if results.get("work"):
+        sections += bench_flows.flow_tables(results["work"], work=bench_flows.WORK)[:2]
+    if results.get("memory"):
+        n = bench_flows.memory_size(Mode(results["mode"], Path()))
+        sections.append(bench_flows.memory_table(results["memory"], n))
+    if results.get("hashing"):
+        sections.append(bench_hashing.hashing_table(results["hashing"]))
+    if results.get("store"):
+        sections += bench_store.store_tables(results["store"])
+    if results.get("files"):
+        sections.append(bench_files.files_table(results["files"]))
+    if results.get("targets"):
+        sections.append(targets_table(results["targets"]))
+    if results.get("checks"):
+        sections.append(
+            table(
+                "Cross-check problems (results of these runs are suspect)",
+                ["problem"],
+                [[p] for p in results["checks"]],
+            )
+        )
+    skipped = [
+        f"{run['id']}: {run['status']} ({run.get('error', '')})"
+        for name in ("flows", "work", "memory")
+        for run in results.get(name) or []
+        if run.get("status") in ("skipped", "error")
+    ]
+    if skipped:
+        sections.append(table("Flow runs skipped or failed", ["run"], [[x] for x in skipped]))
+    return sections
 
 
 def _guard(name: str, results: dict[str, Any], fn: Callable[[], Any]) -> Any:
@@ -146,8 +173,8 @@ def _guard(name: str, results: dict[str, Any], fn: Callable[[], Any]) -> Any:
         results.setdefault("timings", {})[name] = round(time.perf_counter() - t0, 1)
 
 
-def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> list[str]:
-    sections: list[str] = []
+def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> None:
+    """Run the selected benchmarks, filling ``results`` (crashes go to ``results["errors"]``)."""
     flows: list[dict[str, Any]] = []
     extra_runs: list[dict[str, Any]] = []
     plans: list[dict[str, Any]] = []
@@ -161,16 +188,12 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> list[s
         work = [r for r in runs if r["work"]]
         if "flows" in selected:
             results["flows"] = flows
-            sections += bench_flows.flow_tables(flows) if flows else []
         if work:
             results["work"] = work
     if "toggle" in selected:
         toggle = _guard("toggle", results, lambda: bench_flows.run_toggle(mode))
         if toggle:
             results["toggle"] = toggle
-            sections.append(bench_flows.toggle_table(toggle))
-    if results.get("work"):
-        sections += bench_flows.flow_tables(results["work"], work=bench_flows.WORK)[:2]
     if "memory" in selected:
         n = bench_flows.memory_size(mode)
         memory = [r for r in flows if r["shape"] == "replace" and r["n"] == n]
@@ -185,14 +208,11 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> list[s
             )
             extra_runs += memory
         results["memory"] = memory
-        if memory:
-            sections.append(bench_flows.memory_table(memory, n))
     results["checks"] = bench_flows.check_runs(flows + results.get("work", []) + extra_runs)
     if "hashing" in selected:
         hashing = _guard("hashing", results, lambda: bench_hashing.run_hashing(mode))
         if hashing:
             results["hashing"] = hashing
-            sections.append(bench_hashing.hashing_table(hashing))
             for row in hashing:
                 if "error" in row:
                     key = f"hashing:{row['input']}:{row['method']}"
@@ -201,12 +221,10 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> list[s
         store = _guard("store", results, lambda: bench_store.run_store(mode))
         if store:
             results["store"] = store
-            sections += bench_store.store_tables(store)
     if "files" in selected:
         files = _guard("files", results, lambda: bench_files.run_files(mode))
         if files:
             results["files"] = files
-            sections.append(bench_files.files_table(files))
     for name in ("flows", "work", "memory"):
         for run in results.get(name) or []:
             if run.get("status") == "error":
@@ -214,4 +232,3 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> list[s
                     "error": run.get("error", ""),
                     "traceback": run.get("traceback", ""),
                 }
-    return sections
