@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from jobflow import Flow, JobStore
+from jobflow import Flow, JobStore, job
 from jobflow import run_locally as jobflow_run_locally
 from maggma.stores import MemoryStore
 
@@ -639,3 +639,41 @@ def test_a_large_shared_run_folder_warns_once(counts, job_store, cache_store, ru
     assert f"holds {LARGE_FOLDER} files" in messages[0]
     assert counts() == {"add": 3}
     assert cache_store.count() == 3
+
+
+@job
+def write_named(name: str, size: int):
+    """Write ``size`` bytes to a file called ``name`` in the run folder."""
+    Path(name).write_bytes(b"x" * size)
+    return size
+
+
+def test_an_entry_that_cannot_be_written_warns_when_the_run_ends(
+    counts, job_store, cache_store, run_dir, monkeypatch
+):
+    """A skipped file named "$date" makes the entry unstorable in SQLite (a reserved key):
+    the run still succeeds, the other entries are written, and one CacheWarning says so."""
+    monkeypatch.setenv("JOBFLOW_CACHE_MAX_FILE_SIZE", "5")
+    bad, good = write_named("$date", 10), jobs.add(1, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_locally(Flow([bad, good]), store=job_store, cache=cache_store, log=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(messages) == 1
+    assert "1 job result(s) were not cached" in messages[0]
+    assert job_store.get_output(bad.uuid) == 10
+    assert job_store.get_output(good.uuid) == 3
+    assert [e.name for e in cache_store.entries()] == ["add"]
+
+
+def test_a_failed_run_is_not_hidden_by_an_unwritable_entry(
+    counts, job_store, cache_store, run_dir, monkeypatch, caplog
+):
+    monkeypatch.setenv("JOBFLOW_CACHE_MAX_FILE_SIZE", "5")
+    bad = write_named("$date", 10)
+    flow = Flow([bad, jobs.fail_job(bad.output)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        with pytest.raises(ValueError, match="always fails"):
+            run_locally(flow, store=job_store, cache=cache_store, log=False, raise_immediately=True)
+    assert "were not cached" in caplog.text

@@ -259,18 +259,35 @@ class Cache:
         token = _ACTIVE.set(self)
         with self._lock:
             self._active += 1
+        failed = False
         try:
             yield self
+        except BaseException:
+            failed = True
+            raise
         finally:
             _ACTIVE.reset(token)
-            with self._lock:
-                self._active -= 1
-                last = self._active == 0
+            self._end_run(quiet=failed)
+
+    def _end_run(self, quiet: bool) -> None:
+        """Leave an activated block: write the queue, and stop the writer with the last run.
+
+        With ``quiet`` (the block raised), entries that could not be written are logged, not
+        warned about: a warning turned into an error must not hide the run's own exception.
+        """
+        with self._lock:
+            self._active -= 1
+            last = self._active == 0
+            writer = self._writer
             if last:
-                self._stop_writer()
-            elif self._writer is not None:
-                self._writer.flush()
-                self._report_write_errors()
+                self._writer = None
+        if writer is None:
+            return
+        if last:
+            writer.close()
+        else:
+            writer.flush()
+        self._report_errors_of(writer, quiet=quiet)
 
     def flush(self) -> None:
         """Write the entries and hit counts still queued (a no-op when none are)."""
@@ -290,14 +307,16 @@ class Cache:
             self._report_errors_of(self._writer)
 
     @staticmethod
-    def _report_errors_of(writer: WriteBehind) -> None:
+    def _report_errors_of(writer: WriteBehind, quiet: bool = False) -> None:
         for digests, err in writer.take_errors():
-            warnings.warn(
+            message = (
                 f"jobflow-cache: {len(digests)} job result(s) were not cached "
-                f"({', '.join(d[:12] for d in digests[:3])}): {err}",
-                CacheWarning,
-                stacklevel=4,
+                f"({', '.join(d[:12] for d in digests[:3])}): {err}"
             )
+            if quiet:
+                logger.warning(message)
+            else:
+                warnings.warn(message, CacheWarning, stacklevel=4)
 
     # -- reading and writing the store ------------------------------------------------------
     def _lookup(self, digest: str) -> Lookup:
