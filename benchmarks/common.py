@@ -147,6 +147,10 @@ def collect_worker(
         timed_out = True
         proc.kill()
         stdout, stderr = proc.communicate()  # everything printed before the kill
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): never leave the worker running
+        proc.kill()
+        proc.wait()
+        raise
     results = [
         json.loads(line[len(MARK) :]) for line in stdout.splitlines() if line.startswith(MARK)
     ]

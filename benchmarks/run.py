@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -59,10 +60,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget",
         type=float,
-        default=14.0,
+        default=17.0,
         metavar="MIN",
         help="minutes the flow-shape runs may take in full mode; the largest, lowest-priority "
-        "runs are skipped (and reported) beyond it; 0 = no limit (default 14)",
+        "runs are skipped (and reported) beyond it; 0 = no limit (default 17)",
     )
     parser.add_argument("--tmp", type=Path, help="scratch folder (default: a new temp folder)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -72,6 +73,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; return the exit status (1 if a benchmark crashed)."""
     args = _parse(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # still remove the scratch folder when killed
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(message)s",
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=1, default=str))
     print(f"{len(selected)} benchmarks in {results['duration_s']:.0f} s; results: {out}")
     return 1 if results["errors"] else 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def render(results: dict[str, Any]) -> list[str]:
