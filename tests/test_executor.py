@@ -648,13 +648,32 @@ def write_named(name: str, size: int):
     return size
 
 
+@pytest.fixture
+def refusing_cache(tmp_path):
+    """A real SQLite cache that refuses the entries of ``write_named``, as a backend refuses a
+    document it cannot hold (MongoDB's 16 MB limit, a full disk). Neither can be produced on
+    demand here, so this one store's ``update`` is wrapped (its type stays SQLiteStore, so the
+    run batches its writes exactly as for any SQLite cache)."""
+    store = SQLiteStore(tmp_path / "refusing.sqlite")
+    update = store.update
+
+    def refusing_update(docs, key=None):
+        batch = docs if isinstance(docs, list) else [docs]
+        if any(str(d.get("function", "")).endswith(":write_named") for d in batch):
+            raise ValueError("document refused by the backend")
+        update(docs, key=key)
+
+    store.update = refusing_update
+    return CacheStore(store, tmp_path / "objects")
+
+
 def test_an_entry_that_cannot_be_written_warns_when_the_run_ends(
-    counts, job_store, cache_store, run_dir, monkeypatch
+    counts, job_store, refusing_cache, run_dir
 ):
-    """A skipped file named "$date" makes the entry unstorable in SQLite (a reserved key):
-    the run still succeeds, the other entries are written, and one CacheWarning says so."""
-    monkeypatch.setenv("JOBFLOW_CACHE_MAX_FILE_SIZE", "5")
-    bad, good = write_named("$date", 10), jobs.add(1, 2)
+    """A backend refuses one entry: the run still succeeds, the other entries are written,
+    and one CacheWarning says so."""
+    cache_store = refusing_cache
+    bad, good = write_named("result", 10), jobs.add(1, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_locally(Flow([bad, good]), store=job_store, cache=cache_store, log=False)
@@ -667,10 +686,10 @@ def test_an_entry_that_cannot_be_written_warns_when_the_run_ends(
 
 
 def test_a_failed_run_is_not_hidden_by_an_unwritable_entry(
-    counts, job_store, cache_store, run_dir, monkeypatch, caplog
+    counts, job_store, refusing_cache, run_dir, caplog
 ):
-    monkeypatch.setenv("JOBFLOW_CACHE_MAX_FILE_SIZE", "5")
-    bad = write_named("$date", 10)
+    cache_store = refusing_cache
+    bad = write_named("result", 10)
     flow = Flow([bad, jobs.fail_job(bad.output)])
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)

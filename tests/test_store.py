@@ -309,7 +309,7 @@ def test_write_behind_reports_entries_it_could_not_write(tmp_path):
     writer = WriteBehind(cache, delay=3600)
     writer.put(entry("b" * 32))
     bad = entry("c" * 32)
-    bad.canonical_input = {"$date": "not a date"}  # a key SQLiteStore refuses to store
+    bad.versions = {"$date": "not a date"}  # a key SQLiteStore refuses to store
     writer.put(bad)
     writer.flush()
     errors = writer.take_errors()
@@ -325,3 +325,23 @@ def test_write_behind_only_for_stores_safe_across_threads(tmp_path):
     assert WriteBehind.supports(CacheStore(SQLiteStore(tmp_path / "c.sqlite"), tmp_path))
     assert WriteBehind.supports(CacheStore(MemoryStore(), tmp_path))
     assert not WriteBehind.supports(CacheStore(JSONStore(str(tmp_path / "s.json")), tmp_path))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+def test_entries_with_reserved_keys_round_trip_on_every_backend(backend, tmp_path):
+    """Tagged canonical nodes have NUL-prefixed keys (BSON forbids them) and file names are
+    arbitrary ("$date" is SQLiteStore's own datetime tag): neither may reach a store as a key."""
+    import bson
+
+    nan_node = {"\x00float": "nan"}
+    original = entry(canonical_input={"x": nan_node, "y": {"$date": 1}}, arg_digests={"x": "1"})
+    original.files_skipped = {"$date": 7, "a.b/c": 9}
+    doc = original.to_document()
+    bson.encode({k: v for k, v in doc.items() if k not in ("created", "last_hit")})
+    raw = SQLiteStore(tmp_path / "c.sqlite") if backend == "sqlite" else MemoryStore()
+    with CacheStore(raw, objects_dir=tmp_path / "o") as cache:
+        cache.put(original)
+        (back,) = cache.entries()
+    assert back.canonical_input == {"x": nan_node, "y": {"$date": 1}}
+    assert back.files_skipped == {"$date": 7, "a.b/c": 9}
+    assert back.checksum == original.checksum

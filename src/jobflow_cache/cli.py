@@ -511,7 +511,7 @@ def show(digest: str, full: bool, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2, default=_json_default))
         raise CacheError(f"entry {doc.get('digest')} does not decode: {_first_line(err)}") from err
     if as_json:
-        _echo_json({**entry.to_document(), "status": _status(entry, cache)})
+        _echo_json({**entry.model_dump(mode="json"), "status": _status(entry, cache)})
         return
     for line in _show_text(entry, cache, full):
         click.echo(line)

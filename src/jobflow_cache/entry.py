@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import xxhash
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from jobflow_cache.files import FileRecord
 
@@ -205,11 +205,42 @@ class CacheEntry(BaseModel):
         return doc
 
     def to_document(self) -> dict[str, Any]:
-        """The document written to the maggma store (JSON-native except datetimes)."""
+        """The document written to the maggma store (JSON-native except datetimes).
+
+        Fields whose keys are not ours are stored in a form every backend accepts:
+        ``canonical_input`` as JSON text (its tagged nodes have keys starting with NUL, which
+        BSON forbids, and user keys such as ``"$date"`` would be taken for a backend's own
+        encoding) and ``files_skipped`` as ``[path, size]`` pairs (file names are arbitrary).
+        Neither is covered by the checksum; :meth:`from_document` reads both forms.
+
+        Examples
+        --------
+        >>> nan = {chr(0) + "float": "nan"}  # a tagged node, see jobflow_cache.hashing
+        >>> e = CacheEntry(digest="d", scheme="jfc1", function="m:f",
+        ...                canonical_input={"x": nan}, files_skipped={"$date": 9})
+        >>> doc = e.to_document()
+        >>> doc["canonical_input"], doc["files_skipped"]
+        ('{"x":{"\\\\u0000float":"nan"}}', [['$date', 9]])
+        >>> CacheEntry.from_document(doc) == e
+        True
+        """
         doc = self.model_dump(mode="json")
         doc["created"] = self.created
         doc["last_hit"] = self.last_hit
+        if self.canonical_input is not None:
+            doc["canonical_input"] = orjson.dumps(self.canonical_input).decode()
+        doc["files_skipped"] = [[path, size] for path, size in self.files_skipped.items()]
         return doc
+
+    @field_validator("canonical_input", mode="before")
+    @classmethod
+    def _canonical_from_text(cls, value: Any) -> Any:
+        return orjson.loads(value) if isinstance(value, (str, bytes)) else value
+
+    @field_validator("files_skipped", mode="before")
+    @classmethod
+    def _skipped_from_pairs(cls, value: Any) -> Any:
+        return dict(value) if isinstance(value, list) else value
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> CacheEntry:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import orjson
 from jobflow import SETTINGS, Flow, Job, JobStore
 from jobflow.core.reference import (
     OnMissing,
@@ -240,6 +241,11 @@ class Inputs:
     def from_document(cls, doc: Mapping[str, Any]) -> Inputs:
         """The inputs recorded in a cache entry document."""
         canonical = doc.get("canonical_input")
+        if isinstance(canonical, str):  # stored as JSON text (see CacheEntry.to_document)
+            try:
+                canonical = orjson.loads(canonical)
+            except orjson.JSONDecodeError:
+                canonical = None
         arg_digests = doc.get("arg_digests")
         created = doc.get("created")
         return cls(
