@@ -426,3 +426,19 @@ def test_explain_job_file_of_a_cached_job_uses_its_options(isolated_cache, tmp_p
     assert "verbose" not in data["job"]["arg_digests"]
     assert "would be served from the cache" in data["summary"][0]
     assert counts() == {"cached_scale": 1}
+
+
+def test_explain_job_file_of_a_script_function_is_one_clear_error(tmp_path):
+    """A job whose function lives in a script (__main__) cannot be imported by cachetool."""
+    script = tmp_path / "flow.py"
+    script.write_text(
+        "from jobflow import job\nfrom monty.serialization import dumpfn\n"
+        "@job\ndef add(a, b):\n    return a + b\n"
+        f"dumpfn(add(1, 2), {str(tmp_path / 'job.json')!r})\n"
+    )
+    subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path)
+    result = invoke("explain", "--job", str(tmp_path / "job.json"))
+    assert result.exit_code == 1
+    assert "__main__:add" in result.stderr
+    assert "defined in a script" in result.stderr
+    assert "Traceback" not in result.stderr

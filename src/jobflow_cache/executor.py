@@ -157,11 +157,19 @@ class CacheReport:
         return self.outcomes[Outcome.HIT.value]
 
     def summary(self) -> str:
-        """One line, e.g. ``"3 jobs: 2 served from cache, 1 executed; 4.1 s saved"``."""
+        """One line, e.g. ``"3 jobs: 2 served from cache, 1 executed; 4.1 s of compute saved"``.
+
+        Examples
+        --------
+        >>> report = CacheReport()
+        >>> report.served.append("relax")
+        >>> report.summary()
+        '1 job: 1 served from cache, 0 executed; 0.0 s of compute saved'
+        """
         total = len(self.served) + len(self.executed)
         return (
-            f"{total} jobs: {len(self.served)} served from cache, {len(self.executed)} executed; "
-            f"{self.time_saved:.1f} s of compute saved"
+            f"{total} job{'' if total == 1 else 's'}: {len(self.served)} served from cache, "
+            f"{len(self.executed)} executed; {self.time_saved:.1f} s of compute saved"
         )
 
 

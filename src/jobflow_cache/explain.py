@@ -428,6 +428,18 @@ def job_inputs(job: Job, cache: CacheStore, job_store: JobStore | None = None) -
     metadata), as they were in the run. Arguments that still hold references are listed in
     ``unresolved`` and left out; the digest is then unknown (``None``).
     """
+    if not callable(job.function):  # its module could not be imported when the JSON was read
+        spec = job.function if isinstance(job.function, Mapping) else {}
+        where = f"{spec.get('@module', '?')}:{spec.get('@callable', '?')}"
+        raise CacheError(
+            f"the function of job {job.name!r} ({where}) cannot be imported here"
+            + (
+                ": it was defined in a script (__main__). Explain the job by its digest "
+                "instead (metadata['jobflow_cache']['digest'] in the JobStore, or --jobstore UUID)"
+                if spec.get("@module") == "__main__"
+                else ""
+            )
+        )
     args = list(job.function_args)
     kwargs = dict(job.function_kwargs)
     if job_store is not None:  # what Job.run does; references to absent outputs stay
