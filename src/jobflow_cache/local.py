@@ -370,7 +370,8 @@ class _IndexedMemoryStore:
     before the run are loaded into the index with one query the first time they are needed.
 
     Assumed, as jobflow itself does: while the run goes on, nothing else writes documents of
-    this run's uuids into the collection.
+    this run's uuids into the collection. The index holds its own copy of this run's documents
+    (mongomock keeps another), for the duration of the run.
     """
 
     def __init__(self, store: MemoryStore, field: str) -> None:
