@@ -293,20 +293,15 @@ def flow_tables(results: list[dict[str, Any]], work: float = 0.0) -> list[str]:
                 + [_overhead(runs["cold"], runs["uncached"], n)]
                 + [_overhead(runs["warm"], runs["uncached"], n)]
             )
-        for executor in EXECUTORS:
-            ns = sorted(sizes.get(shape, []))
-            for small, big in itertools.pairwise(ns):
-                a, b = (
-                    find(results, shape, small, executor, work),
-                    find(results, shape, big, executor, work),
-                )
-                if a is None or b is None or a.get("lower_bound") or b.get("lower_bound"):
-                    continue
-                ratio = b["seconds"] / a["seconds"]
-                exponent = math.log(ratio) / math.log(big / small)
-                scaling.append(
-                    [shape, executor, f"{small} -> {big}", f"{ratio:.2f}", f"{exponent:.2f}"]
-                )
+        ns = sorted(sizes.get(shape, []))
+        pairs = set(itertools.pairwise(ns)) | {(a, b) for a in ns for b in ns if b == 10 * a}
+        for small, big in sorted(pairs):
+            cells = [
+                _growth(find(results, shape, small, ex, work), find(results, shape, big, ex, work))
+                for ex in EXECUTORS
+            ]
+            if any(cell != "-" for cell in cells):
+                scaling.append([shape, f"{small} -> {big}", *cells])
     suffix = f" (each job sleeps {work * 1e3:g} ms)" if work else ""
     return [
         table(
@@ -320,11 +315,24 @@ def flow_tables(results: list[dict[str, Any]], work: float = 0.0) -> list[str]:
             per_job,
         ),
         table(
-            f"Scaling{suffix}: time(N2)/time(N1) and exponent log(ratio)/log(N2/N1) (1 = linear)",
-            ["shape", "executor", "N1 -> N2", "ratio", "exponent"],
+            f"Scaling{suffix}: time(N2)/time(N1), and in brackets the exponent "
+            "log(ratio)/log(N2/N1): 1 = linear, 2 = quadratic",
+            ["shape", "N1 -> N2", *EXECUTORS],
             scaling,
         ),
     ]
+
+
+def _growth(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """``ratio (exponent)`` of two sizes' times; ``>=`` when the larger one only has a bound."""
+    if a is None or b is None or a.get("lower_bound") or a.get("status") != "ok":
+        return "-"
+    if b.get("status") not in ("ok", "timeout", "not run"):
+        return "-"
+    ratio = b["seconds"] / a["seconds"]
+    exponent = math.log(ratio) / math.log(b["n"] / a["n"])
+    bound = ">= " if b.get("lower_bound") else ""
+    return f"{bound}{ratio:.1f} ({exponent:.2f})"
 
 
 def _per_job(run: dict[str, Any] | None, n: int) -> str:

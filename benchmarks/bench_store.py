@@ -161,11 +161,13 @@ def _concurrent_writers(mode: Mode, root: Path) -> dict[str, Any]:
     union = max(b for _, b in spans) - min(a for a, _ in spans)
     latencies = [x for r in results for x in r["latencies"]]
     with cache_store(root) as cache:
-        present = sum(
-            cache.lookup(digest_of(f"w{k}-{i}")).outcome is Outcome.HIT
+        found = Counter(
+            cache.lookup(digest_of(f"w{k}-{i}")).outcome.value
             for k in range(2)
             for i in range(count)
         )
+        stored = cache.count({"digest": {"$in": [digest_of(f"w{k}-0") for k in range(2)]}})
+    present = found.get(Outcome.HIT.value, 0)
     return {
         "status": "ok",
         "writers": 2,
@@ -176,6 +178,8 @@ def _concurrent_writers(mode: Mode, root: Path) -> dict[str, Any]:
         "throughput_per_s": 2 * count / union if union else None,
         "present": present,
         "expected": 2 * count,
+        "lookup_outcomes": dict(found),  # all "hit" unless an entry went missing
+        "first_entries_counted": stored,
     }
 
 
