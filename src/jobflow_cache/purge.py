@@ -91,21 +91,32 @@ def collect_garbage(
     started = time.time()
     if candidates is None:
         candidates = {xxh3 for xxh3, _ in area.iter_objects()}
-    report = GCReport(dry_run=dry_run)
+    unreferenced = _unreferenced(cache, candidates, {})
+    return _sweep(area, unreferenced, started, remove=not dry_run)
+
+
+def _unreferenced(cache: CacheStore, candidates: set[str], criteria: dict[str, Any]) -> set[str]:
+    """The ``candidates`` that no entry matching ``criteria`` references (streams entries)."""
     unreferenced = set(candidates)
     if unreferenced:
-        for doc in cache.find({}, properties=["files"]):
+        for doc in cache.find(criteria, properties=["files"]):
             unreferenced.difference_update(_object_ids(doc))
             if not unreferenced:
                 break
-    for xxh3 in sorted(unreferenced):
+    return unreferenced
+
+
+def _sweep(area: ObjectArea, objects: set[str], started: float, *, remove: bool) -> GCReport:
+    """Count (and with ``remove`` delete) ``objects``; ones made since ``started`` are kept."""
+    report = GCReport(dry_run=not remove)
+    for xxh3 in sorted(objects):
         try:
             st = os.lstat(area.path_of(xxh3))
         except (OSError, ValueError):
             continue
         if not stat.S_ISREG(st.st_mode) or st.st_ctime >= started:
             continue
-        if not dry_run:
+        if remove:
             area.remove(xxh3)
         report.objects += 1
         if st.st_nlink > 1:
@@ -184,21 +195,6 @@ def purge(
 def _dry_gc(cache: CacheStore, candidates: set[str], purged: dict[str, Any]) -> GCReport:
     """Objects a purge of ``purged`` would free: referenced by no entry outside it."""
     rest: dict[str, Any] = {"$nor": [purged]} if purged else {"digest": {"$exists": False}}
-    area = ObjectArea(cache.objects_dir)
-    unreferenced = set(candidates)
-    for doc in cache.find(rest, properties=["files"]):
-        unreferenced.difference_update(_object_ids(doc))
-        if not unreferenced:
-            break
-    report = GCReport(dry_run=True)
-    for xxh3 in unreferenced:
-        try:
-            st = os.lstat(area.path_of(xxh3))
-        except (OSError, ValueError):
-            continue
-        report.objects += 1
-        if st.st_nlink > 1:
-            report.bytes_linked += st.st_size
-        else:
-            report.bytes_freed += st.st_size
-    return report
+    started = time.time()
+    unreferenced = _unreferenced(cache, candidates, rest)
+    return _sweep(ObjectArea(cache.objects_dir), unreferenced, started, remove=False)
