@@ -9,7 +9,9 @@ import pytest
 from jobflow import Flow, JobStore
 from maggma.stores import MemoryStore
 
-from jobflow_cache import CacheStore, SQLiteStore, run_locally
+from jobflow_cache import CacheStore, CacheWarning, SQLiteStore, run_locally
+from jobflow_cache.entry import PACK_MIN, CacheEntry, document_checksum, unpack_document
+from jobflow_cache.store import Outcome
 from tests import jobs
 from tests.conftest import run_python
 
@@ -155,3 +157,67 @@ def test_large_replace_records_and_counts_every_generated_job(counts, cache_stor
     assert all_outputs(warm_store) == all_outputs(cold_store)
     with on_disk:
         assert sorted(e.hits for e in on_disk.entries()) == [1] * (n + 1)
+
+
+def _dynamic_document(cache_store: CacheStore) -> dict:
+    cache_store.connect()
+    (doc,) = cache_store.find({"dynamic": True})
+    return doc
+
+
+def test_a_large_response_is_stored_compressed_and_replays(counts, cache_store, run_dir):
+    """A response longer than PACK_MIN is stored compressed (the SQLite store indexes every
+    document it writes, hit counts included); it is served exactly and its hits counted."""
+    n = 100  # ~800 characters of JSON per generated job
+    cold_store, warm_store = JobStore(MemoryStore()), JobStore(MemoryStore())
+    run_locally(jobs.make_replace(n), store=cold_store, cache=cache_store, log=False)
+    doc = _dynamic_document(cache_store)
+    assert doc["response"] == ""
+    assert sorted(doc["packed"]) == ["response"]
+    entry = CacheEntry.from_document(doc)
+    assert len(entry.response) > PACK_MIN
+    assert entry.checksum == entry.compute_checksum() == document_checksum(doc)
+    run_locally(jobs.make_replace(n), store=warm_store, cache=cache_store, log=False)
+    assert counts() == {"make_replace": 1, "add": n}
+    assert all_outputs(warm_store) == all_outputs(cold_store)
+    assert _dynamic_document(cache_store)["hits"] == 1
+
+
+def test_a_reader_that_ignores_packed_fields_never_serves_them(counts, cache_store, run_dir):
+    """An older jobflow-cache sees the empty fields of a compressed entry: their checksum
+    fails, so it runs the job instead of replaying an empty response."""
+    run_locally(jobs.make_replace(100), store=JobStore(MemoryStore()), cache=cache_store, log=False)
+    doc = _dynamic_document(cache_store)
+    old_reader = CacheEntry.model_validate({k: v for k, v in doc.items() if k != "_id"})
+    assert old_reader.response == ""
+    assert CacheStore.check_entry(old_reader).outcome is Outcome.INVALID
+
+
+def test_a_compressed_response_that_does_not_decompress_is_not_served(counts, cache_store, run_dir):
+    run_locally(jobs.make_replace(100), store=JobStore(MemoryStore()), cache=cache_store, log=False)
+    doc = _dynamic_document(cache_store)
+    blob = doc["packed"]["response"]
+    doc["packed"] = {"response": blob[:-40] + "A" * 40}  # damaged in the store
+    cache_store.store.update(doc, key="digest")
+    warm_store = JobStore(MemoryStore())
+    with pytest.warns(CacheWarning, match="does not decode"):
+        run_locally(jobs.make_replace(100), store=warm_store, cache=cache_store, log=False)
+    assert counts()["make_replace"] == 2
+    assert warm_store.count() == 102  # the job ran: its 100 new jobs and the gathering job
+    # the bad entry was replaced by a sound one
+    run_locally(jobs.make_replace(100), store=JobStore(MemoryStore()), cache=cache_store, log=False)
+    assert counts()["make_replace"] == 2
+
+
+def test_a_large_response_stored_plain_is_still_served(counts, cache_store, run_dir):
+    """Entries written before responses were compressed (the text in the field) are served."""
+    cold_store, warm_store = JobStore(MemoryStore()), JobStore(MemoryStore())
+    run_locally(jobs.make_replace(100), store=cold_store, cache=cache_store, log=False)
+    doc = _dynamic_document(cache_store)
+    plain = unpack_document(doc)
+    plain.pop("_id", None)
+    cache_store.store.update(plain, key="digest")
+    assert "packed" not in _dynamic_document(cache_store)
+    run_locally(jobs.make_replace(100), store=warm_store, cache=cache_store, log=False)
+    assert counts() == {"make_replace": 1, "add": 100}
+    assert all_outputs(warm_store) == all_outputs(cold_store)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import getpass
 import logging
 import platform
 import socket
 import sys
+import zlib
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib import metadata
@@ -19,7 +22,15 @@ from pydantic import BaseModel, Field, field_validator
 
 from jobflow_cache.files import FileRecord
 
-__all__ = ["CHECKSUM_FIELDS", "CacheEntry", "document_checksum", "package_versions", "utcnow"]
+__all__ = [
+    "CHECKSUM_FIELDS",
+    "PACK_MIN",
+    "CacheEntry",
+    "document_checksum",
+    "package_versions",
+    "unpack_document",
+    "utcnow",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,64 @@ CHECKSUM_FIELDS = frozenset(
         "input_refs",
     }
 )
+
+
+#: Text fields stored compressed when longer than :data:`PACK_MIN` characters (see
+#: :meth:`CacheEntry.to_document`).
+PACKED_FIELDS = ("output", "response")
+
+#: Length from which ``output`` and ``response`` are stored compressed. The embedded SQLite
+#: store evaluates each of its indexes on the whole document text whenever a document is
+#: written, hit counts included: a dynamic job's response of 10,000 jobs is ~9 MB of JSON,
+#: and one hit count on it cost ~0.25 s and ~260 MB of SQLite memory; compressed (~15x
+#: smaller) it costs what a small entry does.
+PACK_MIN = 64 * 1024
+
+#: Key of the stored document holding the compressed fields: field -> ``"zlib:" + base64``.
+PACKED_KEY = "packed"
+_ZLIB = "zlib:"
+
+
+def _pack(text: str) -> str:
+    return _ZLIB + base64.b64encode(zlib.compress(text.encode("utf-8"), 1)).decode("ascii")
+
+
+def _unpack(blob: Any) -> str:
+    if not isinstance(blob, str) or not blob.startswith(_ZLIB):
+        raise ValueError("packed field of unknown form")
+    try:
+        return zlib.decompress(base64.b64decode(blob[len(_ZLIB) :], validate=True)).decode()
+    except (zlib.error, binascii.Error, UnicodeDecodeError) as err:
+        raise ValueError(f"packed field does not decompress: {err}") from err
+
+
+def unpack_document(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored document with its compressed fields restored (a copy; ``doc`` is unchanged).
+
+    A document written without compressed fields comes back as a shallow copy. Raises
+    ``ValueError`` when a compressed field does not decompress; the checksum then decides
+    about what it holds, like for any other field.
+
+    Examples
+    --------
+    >>> e = CacheEntry(digest="d", scheme="jfc1", function="m:f", output="[" + "1," * 40000 + "1]")
+    >>> doc = e.to_document()
+    >>> doc["output"], sorted(doc["packed"])
+    ('', ['output'])
+    >>> unpack_document(doc)["output"] == e.output
+    True
+    """
+    restored = {k: v for k, v in doc.items() if k != PACKED_KEY}
+    packed = doc.get(PACKED_KEY)
+    if packed is None:
+        return restored
+    if not isinstance(packed, Mapping):
+        raise ValueError("packed fields of unknown form")
+    for name, blob in packed.items():
+        if name not in PACKED_FIELDS:
+            raise ValueError(f"unknown packed field {name!r}")
+        restored[name] = _unpack(blob)
+    return restored
 
 
 def utcnow() -> datetime:
@@ -104,9 +173,11 @@ def document_checksum(doc: Mapping[str, Any]) -> str | None:
     True
     """
     try:
+        if PACKED_KEY in doc:
+            doc = unpack_document(doc)
         data = {name: doc[name] for name in CHECKSUM_FIELDS}
         raw = orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return None
     return xxhash.xxh3_128(raw).hexdigest()
 
@@ -199,10 +270,10 @@ class CacheEntry(BaseModel):
         >>> e.sealed_document()["checksum"] == e.checksum == e.compute_checksum()
         True
         """
-        doc = self.to_document()
+        doc = self._document()
         checksum = document_checksum(doc) or self.compute_checksum()
         self.checksum = doc["checksum"] = checksum
-        return doc
+        return _packed(doc)
 
     def to_document(self) -> dict[str, Any]:
         """The document written to the maggma store (JSON-native except datetimes).
@@ -212,6 +283,12 @@ class CacheEntry(BaseModel):
         BSON forbids, and user keys such as ``"$date"`` would be taken for a backend's own
         encoding) and ``files_skipped`` as ``[path, size]`` pairs (file names are arbitrary).
         Neither is covered by the checksum; :meth:`from_document` reads both forms.
+
+        ``output`` and ``response`` longer than :data:`PACK_MIN` characters are stored
+        compressed under the key ``"packed"`` (zlib, base64), the fields themselves empty:
+        :func:`unpack_document` and :meth:`from_document` restore them, and the checksum is
+        over the restored text, exactly as for an entry stored plain. A reader that does not
+        know ``"packed"`` finds empty fields that fail the checksum, and runs the job.
 
         Examples
         --------
@@ -224,6 +301,10 @@ class CacheEntry(BaseModel):
         >>> CacheEntry.from_document(doc) == e
         True
         """
+        return _packed(self._document())
+
+    def _document(self) -> dict[str, Any]:
+        """:meth:`to_document` before its long text fields are compressed."""
         doc = self.model_dump(mode="json")
         doc["created"] = self.created
         doc["last_hit"] = self.last_hit
@@ -244,6 +325,21 @@ class CacheEntry(BaseModel):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> CacheEntry:
-        """Parse a store document (raises ``pydantic.ValidationError`` when malformed)."""
-        doc = {k: v for k, v in doc.items() if k != "_id"}
+        """Parse a store document (raises ``pydantic.ValidationError`` when malformed, and
+        ``ValueError`` when a compressed field does not decompress)."""
+        doc = unpack_document(doc)
+        doc.pop("_id", None)
         return cls.model_validate(doc)
+
+
+def _packed(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with its text fields longer than :data:`PACK_MIN` compressed (in place)."""
+    packed = {
+        name: _pack(text)
+        for name in PACKED_FIELDS
+        if isinstance(text := doc.get(name), str) and len(text) > PACK_MIN
+    }
+    if packed:
+        doc.update(dict.fromkeys(packed, ""))
+        doc[PACKED_KEY] = packed
+    return doc

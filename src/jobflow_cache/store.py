@@ -19,7 +19,7 @@ from maggma.stores import MemoryStore, MongoStore, MongoURIStore
 from monty.json import MontyDecoder, MSONable
 from pydantic import ValidationError
 
-from jobflow_cache.entry import CacheEntry, document_checksum, utcnow
+from jobflow_cache.entry import CacheEntry, document_checksum, unpack_document, utcnow
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.hashing import SCHEME
 from jobflow_cache.settings import CacheSettings, get_settings
@@ -237,6 +237,7 @@ class CacheStore(MSONable):
         if doc is None:
             return Lookup(Outcome.MISS)
         try:
+            doc = unpack_document(doc)  # once, for the checksum and the entry
             entry = CacheEntry.from_document(doc)
         except (ValidationError, TypeError, ValueError) as err:
             return Lookup(Outcome.INVALID, None, f"entry does not decode: {err}")
