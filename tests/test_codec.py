@@ -18,7 +18,9 @@ from jobflow_cache.codec import (
     _untag,
     created_uuids,
     dumps,
+    job_uuids,
     loads,
+    referenced_uuids,
     rewrite_text,
 )
 from jobflow_cache.errors import CorruptEntryError
@@ -155,6 +157,13 @@ def test_created_uuids_are_jobs_and_flows_only():
         "jobs": [{"@class": "Job", "uuid": "j"}, {"@class": "OutputReference", "uuid": "r"}],
     }
     assert created_uuids(tree) == {"f", "j"}
+    assert job_uuids(tree) == ({"f", "j"}, {"r"}) == (created_uuids(tree), referenced_uuids(tree))
+
+
+@given(values)
+def test_loads_of_a_parsed_tree_is_loads_of_the_text(value) -> None:
+    text = dumps(value)
+    assert same(loads(text, json.loads(text)), loads(text))
 
 
 @pytest.mark.parametrize(
@@ -192,5 +201,5 @@ def test_loads_of_objects_is_monty_s_decode(value) -> None:
     escaped = text.replace('"$', '"\\u0024')  # the same document, "$" escaped
     for variant in (text, escaped):
         expected = MontyDecoder().decode(variant)
-        got = loads(variant)
-        assert repr(got) == repr(_untag(expected) if "@jfc" in variant else expected)
+        for got in (loads(variant), loads(variant, json.loads(variant))):  # parsed already
+            assert repr(got) == repr(_untag(expected) if "@jfc" in variant else expected)

@@ -6,8 +6,9 @@ import json
 import re
 
 import pytest
-from jobflow import Flow, JobStore
+from jobflow import Flow, JobStore, Response, job
 from maggma.stores import MemoryStore
+from monty.json import MSONable
 
 from jobflow_cache import CacheStore, CacheWarning, SQLiteStore, run_locally
 from jobflow_cache.entry import PACK_MIN, CacheEntry, document_checksum, unpack_document
@@ -221,3 +222,45 @@ def test_a_large_response_stored_plain_is_still_served(counts, cache_store, run_
     run_locally(jobs.make_replace(100), store=warm_store, cache=cache_store, log=False)
     assert counts() == {"make_replace": 1, "add": 100}
     assert all_outputs(warm_store) == all_outputs(cold_store)
+
+
+class NoRoundTrip(MSONable):
+    """Serialises, but cannot be rebuilt from its JSON: a dynamic job making a job that takes
+    one cannot be replayed."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def as_dict(self) -> dict:
+        return {"@module": __name__, "@class": "NoRoundTrip", "x": self.x}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NoRoundTrip:
+        raise ValueError("NoRoundTrip cannot be rebuilt")
+
+
+@job
+def value_of(obj: NoRoundTrip) -> int:
+    return obj.x
+
+
+@job
+def replace_with_unrebuildable(x: int) -> Response:
+    return Response(replace=Flow([value_of(NoRoundTrip(x))], output=None))
+
+
+def test_a_response_that_cannot_be_replayed_runs_live_and_is_not_cached(cache_store, run_dir):
+    """Plain jobflow runs the live new jobs; the cache cannot replay them, so it records
+    nothing for the dynamic job, and the run succeeds as it would without the cache."""
+    store = JobStore(MemoryStore())
+    with pytest.warns(CacheWarning, match="not cached: .*cannot be rebuilt"):
+        run_locally(
+            replace_with_unrebuildable(7),
+            store=store,
+            cache=cache_store,
+            log=False,
+            ensure_success=True,
+        )
+    assert sorted(d["output"] for d in store.query({}) if d["name"] == "value_of") == [7]
+    cache_store.connect()
+    assert cache_store.count({"dynamic": True}) == 0

@@ -25,6 +25,7 @@ __all__ = [
     "DirRewrite",
     "created_uuids",
     "dumps",
+    "job_uuids",
     "loads",
     "referenced_uuids",
     "rewrite_text",
@@ -83,22 +84,41 @@ def dumps(obj: Any) -> str:
     return _ENCODER.encode(_tag(obj))
 
 
-def loads(text: str) -> Any:
+class _Unparsed:
+    """Type of the default of :func:`loads`'s ``tree``: the text has not been parsed."""
+
+
+_UNPARSED = _Unparsed()
+
+
+def loads(text: str, tree: Any = _UNPARSED) -> Any:
     """Decode :func:`dumps` text (MSON objects are rebuilt like jobflow does when it resolves
     references: monty's decoder imports the classes named in the document; nothing is
-    unpickled)."""
+    unpickled).
+
+    ``tree`` is ``json.loads(text)`` when the caller has parsed the text already; it is then
+    not parsed again (unless bson's object hook must see it), and it is consumed: the value
+    returned may share its parts.
+
+    Examples
+    --------
+    >>> text = dumps({"a": (1, 2)})
+    >>> loads(text, json.loads(text)) == loads(text) == {"a": (1, 2)}
+    True
+    """
     try:
+        parsed = tree if not isinstance(tree, _Unparsed) else None
         if "{" not in text:
             # no JSON object: nothing for monty's decoder (or bson's object hook) to rebuild,
             # and no tag; json.loads gives the same value without building a decoder
-            return json.loads(text)
+            return json.loads(text) if parsed is None else parsed
         if '"$' in text or '"\\u0024' in text:
             value = _DECODER.decode(text)
         else:
             # monty parses with bson's json_util when bson is installed, whose object hook
             # only rebuilds objects with a "$..." key; with none (no key starts with "$",
             # escaped or not) that is json.loads, without a Python call per object
-            value = _DECODER.process_decoded(json.loads(text))
+            value = _DECODER.process_decoded(json.loads(text) if parsed is None else parsed)
         return _untag(value) if TAG in text else value
     except (ValueError, TypeError, KeyError, AttributeError, ImportError, IndexError) as err:
         raise CorruptEntryError(f"cached value does not decode: {err}") from err
@@ -166,23 +186,49 @@ def _new_path(move: DirRewrite, match: re.Match[str]) -> str:
     return prefix + json.dumps(move.new.rstrip("/") or move.new)[1:-1] + rest
 
 
-def _walk(node: Any, found: set[str], classes: frozenset[str]) -> set[str]:
-    if isinstance(node, dict):
-        if node.get("@class") in classes and isinstance(node.get("uuid"), str):
-            found.add(node["uuid"])
+_CREATED = frozenset({"Job", "Flow"})
+_REFERENCED = frozenset({"OutputReference"})
+
+
+def _walk(node: Any, found: dict[str, set[str]]) -> None:
+    if type(node) is dict:
+        kind = node.get("@class")
+        if type(kind) is str and kind in found and isinstance(node.get("uuid"), str):
+            found[kind].add(node["uuid"])
         for value in node.values():
-            _walk(value, found, classes)
-    elif isinstance(node, list):
+            if type(value) is dict or type(value) is list:  # scalars need no call
+                _walk(value, found)
+    elif type(node) is list:
         for value in node:
-            _walk(value, found, classes)
+            if type(value) is dict or type(value) is list:
+                _walk(value, found)
+
+
+def _uuids_of(tree: Any, classes: frozenset[str]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {kind: set() for kind in classes}
+    _walk(tree, found)
     return found
+
+
+def job_uuids(tree: Any) -> tuple[set[str], set[str]]:
+    """:func:`created_uuids` and :func:`referenced_uuids` of ``tree``, in one walk.
+
+    Examples
+    --------
+    >>> ref = {"@class": "OutputReference", "uuid": "u"}
+    >>> job_uuids([{"@class": "Job", "uuid": "j", "output": ref}])
+    ({'j'}, {'u'})
+    """
+    found = _uuids_of(tree, _CREATED | _REFERENCED)
+    created = set().union(*(found[kind] for kind in _CREATED))
+    return created, found["OutputReference"]
 
 
 def created_uuids(tree: Any) -> set[str]:
     """uuids of the Jobs and Flows serialized inside a decoded JSON ``tree``."""
-    return _walk(tree, set(), frozenset({"Job", "Flow"}))
+    return set().union(*_uuids_of(tree, _CREATED).values())
 
 
 def referenced_uuids(tree: Any) -> set[str]:
     """uuids of the OutputReferences serialized inside a decoded JSON ``tree``."""
-    return _walk(tree, set(), frozenset({"OutputReference"}))
+    return _uuids_of(tree, _REFERENCED)["OutputReference"]

@@ -44,8 +44,8 @@ from jobflow_cache.codec import (
     DirRewrite,
     created_uuids,
     dumps,
+    job_uuids,
     loads,
-    referenced_uuids,
     rewrite_text,
 )
 from jobflow_cache.entry import CacheEntry, package_versions
@@ -558,7 +558,7 @@ class Cache:
             _warn_not_cached(job, f"its run folder could not be listed: {unrecordable}")
             return response
         try:
-            entry = self._make_entry(job, call_digest, response, refs, cwd, duration)
+            entry, replay = self._make_entry(job, call_digest, response, refs, cwd, duration)
         except Exception as err:
             if not isinstance(err, CacheError) and _jobflow_rejects(response.output):
                 # jobflow fails this job right after we return: its error, not ours, is shown
@@ -566,11 +566,11 @@ class Cache:
             else:
                 _warn_not_cached(job, err)
             return response
-        if entry.dynamic:
+        if replay is not None:
             # the new jobs jobflow runs are the decoded ones, exactly as a hit replays them:
             # objects such as pymatgen Structures are not bit-identical after a JSON round trip,
             # so live objects would give the new jobs other digests than their replays
-            response = _replayed(response, loads(entry.response))
+            response = _replayed(response, replay)
         try:
             if before is not None:
                 self._record_files(entry, cwd, before, files_mode)
@@ -590,7 +590,10 @@ class Cache:
         refs: _Refs,
         cwd: str,
         duration: float,
-    ) -> CacheEntry:
+    ) -> tuple[CacheEntry, dict[str, Any] | None]:
+        """The entry of a job that ran, and for a dynamic job its response parts as a hit
+        replays them (decoded from the entry's text), which jobflow must run instead of the
+        live ones."""
         output = dumps(response.output)
         # None and False (the defaults) are left out: a plain return keeps an empty response
         parts = {
@@ -600,13 +603,19 @@ class Cache:
         }
         dynamic = any(name in parts for name in _DYNAMIC_PARTS)
         response_text = dumps(parts) if parts else ""
+        del parts
+        replay: dict[str, Any] | None = None
         if dynamic:
-            self._check_replayable(job, response_text, refs)
+            # parsed once: the tree is checked, then decoded (and consumed) into the replay
+            tree = json.loads(response_text)
+            self._check_replayable(job, tree, refs)
+            replay = loads(response_text, tree)
+            del tree
         # the canonical input is only decoded when it is kept
         canonical: dict[str, Any] | None = None
         if _encoded_size(call_digest.encodings) <= self.settings.MAX_CANONICAL_INPUT:
             canonical = call_digest.canonical
-        return CacheEntry(
+        entry = CacheEntry(
             digest=call_digest.digest,
             scheme=call_digest.scheme,
             function=call_digest.function,
@@ -624,13 +633,14 @@ class Cache:
             versions=package_versions(call_digest.function),
             duration=duration,
         )
+        return entry, replay
 
     @staticmethod
-    def _check_replayable(job: Job, response_text: str, refs: _Refs) -> None:
-        """A dynamic response may only reference jobs it made, the job itself, or known inputs."""
-        tree = json.loads(response_text)
-        known = created_uuids(tree) | {job.uuid} | set(refs.seen)
-        outside = referenced_uuids(tree) - known
+    def _check_replayable(job: Job, tree: Any, refs: _Refs) -> None:
+        """A dynamic response (its parsed JSON ``tree``) may only reference jobs it made, the
+        job itself, or known inputs."""
+        created, referenced = job_uuids(tree)
+        outside = referenced - created - {job.uuid} - set(refs.seen)
         if outside:
             raise CacheError(
                 f"its new jobs reference jobs outside their own sub-flow ({sorted(outside)[:3]}), "
