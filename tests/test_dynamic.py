@@ -13,6 +13,7 @@ from monty.json import MSONable
 from jobflow_cache import CacheStore, CacheWarning, SQLiteStore, run_locally
 from jobflow_cache.entry import PACK_MIN, CacheEntry, document_checksum, unpack_document
 from jobflow_cache.store import Outcome
+from jobflow_cache.verify import verify
 from tests import jobs
 from tests.conftest import run_python
 
@@ -182,6 +183,7 @@ def test_a_large_response_is_stored_compressed_and_replays(counts, cache_store, 
     assert counts() == {"make_replace": 1, "add": n}
     assert all_outputs(warm_store) == all_outputs(cold_store)
     assert _dynamic_document(cache_store)["hits"] == 1
+    assert verify(cache_store) == []  # cachetool verify reads it like any entry
 
 
 def test_a_reader_that_ignores_packed_fields_never_serves_them(counts, cache_store, run_dir):
