@@ -12,8 +12,8 @@ Task kinds
     Alternate our executor with ``cache=False`` and with ``JOBFLOW_CACHE_DISABLE=1`` in one
     process, so the two are compared under identical conditions.
 ``writer``
-    Put entries into a cache store from this process, starting at a given wall-clock time
-    (two of these run at once to measure concurrent writers).
+    Put entries into a cache store from this process once the parent says go (two of these
+    run at once to measure concurrent writers).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import json
 import logging
 import os
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -45,6 +47,8 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 _CACHE_ENV = ("JOBFLOW_CACHE_DIR", "JOBFLOW_CACHE_DISABLE")
+#: Parent folder of the run folders (set by :func:`main`; the system temp folder by default).
+_RUNS_ROOT: str | None = None
 
 
 # --------------------------------------------------------------------------- memory
@@ -130,18 +134,28 @@ def run_flow_once(shape: str, n: int, executor: str, work: float, cache_dir: str
     build_s = time.perf_counter() - t0
     store = JobStore(MemoryStore())
     store.connect()
+    # jobs run in the current folder (shared-folder mode): give each run an empty one, as a
+    # user's project folder, not the scratch folder that holds every benchmark's caches
+    run_dir = tempfile.mkdtemp(prefix="run-", dir=_RUNS_ROOT)
     gc.collect()
     base = rss_mb()
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    responses = _execute(executor, flow, store)
-    seconds = time.perf_counter() - t0
+    peak_reset = reset_peak_rss()
+    previous = os.getcwd()
+    os.chdir(run_dir)  # (contextlib.chdir needs Python 3.11)
+    try:
+        t0 = time.perf_counter()
+        responses = _execute(executor, flow, store)
+        seconds = time.perf_counter() - t0
+    finally:
+        os.chdir(previous)
     peak = peak_rss_mb()
+    shutil.rmtree(run_dir, ignore_errors=True)
     result = {
         "seconds": seconds,
         "build_s": build_s,
         "rss_base_mb": round(base, 1),
         "rss_peak_mb": round(peak, 1),
+        "rss_peak_reset": peak_reset,  # False: the peak is the whole process's (not Linux)
         "responses": sum(len(runs) for runs in responses.values()),
         "output": final_output(responses, last),
         "outcomes": _outcomes(store),
@@ -240,7 +254,10 @@ def main() -> int:
             tasks = json.load(fh)
     else:
         tasks = json.loads(sys.stdin.read())
+    global _RUNS_ROOT
     os.chdir(tasks[0].get("workdir", os.getcwd()) if tasks else os.getcwd())
+    _RUNS_ROOT = os.path.join(os.getcwd(), "runs")
+    os.makedirs(_RUNS_ROOT, exist_ok=True)
     for task in tasks:
         counter.counts.clear()
         counter.examples.clear()
