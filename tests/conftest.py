@@ -15,14 +15,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own embedded cache under tmp_path (never the user's cache)."""
+    """Every test gets its own embedded cache under tmp_path (never the user's cache) and an
+    empty working folder: jobs run without ``create_folders`` write there, never in the
+    repository (whose ``.venv`` holds tens of thousands of files in CI)."""
     for name in [n for n in os.environ if n.startswith("JOBFLOW_CACHE_")]:
         monkeypatch.delenv(name)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     cache_dir = tmp_path / "jfc-cache"
     monkeypatch.setenv("JOBFLOW_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("JOBFLOW_CACHE_CONFIG_FILE", str(tmp_path / "no-config.yaml"))
     monkeypatch.delenv("JFC_FAIL", raising=False)
     return cache_dir
+
+
+@pytest.fixture(autouse=True)
+def no_swallowed_cache_warnings(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture):
+    """Under filterwarnings=error a CacheWarning is logged rather than raised (the cache never
+    fails a job), so an unexpected one would go unseen: fail the test on it instead. Tests
+    that provoke one on purpose use ``@pytest.mark.warnings_logged``."""
+    yield
+    if request.node.get_closest_marker("warnings_logged") or not isinstance(
+        request.node, pytest.Function
+    ):  # doctests (errors.warn's example provokes one on purpose)
+        return
+    swallowed = [
+        r.getMessage()
+        for r in caplog.get_records("call")
+        if getattr(r, "jfc_swallowed_warning", False)
+    ]
+    assert not swallowed, f"unexpected CacheWarning(s): {swallowed}"
 
 
 class Counts:

@@ -685,6 +685,7 @@ def test_an_entry_that_cannot_be_written_warns_when_the_run_ends(
     assert [e.name for e in cache_store.entries()] == ["add"]
 
 
+@pytest.mark.warnings_logged
 def test_a_failed_run_is_not_hidden_by_an_unwritable_entry(
     counts, job_store, refusing_cache, run_dir, caplog
 ):
@@ -696,3 +697,21 @@ def test_a_failed_run_is_not_hidden_by_an_unwritable_entry(
         with pytest.raises(ValueError, match="always fails"):
             run_locally(flow, store=job_store, cache=cache_store, log=False, raise_immediately=True)
     assert "were not cached" in caplog.text
+
+
+@pytest.mark.warnings_logged
+def test_a_cache_warning_never_fails_a_job_where_warnings_are_errors(
+    counts, job_store, cache_store, run_dir, caplog
+):
+    """Under ``-W error`` (or pytest's filterwarnings) a CacheWarning would fail the job it is
+    raised in: it is logged instead, and the job and its recording go on."""
+    for i in range(LARGE_FOLDER):  # a shared run folder large enough to warn
+        (run_dir / f"f{i}").touch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_locally(jobs.add(1, 2), store=job_store, cache=cache_store, log=False)
+    assert counts() == {"add": 1}
+    assert job_store.query_one({"name": "add"})["output"] == 3
+    assert cache_store.count() == 1, "the job was recorded all the same"
+    (record,) = [r for r in caplog.records if getattr(r, "jfc_swallowed_warning", False)]
+    assert "holds 2000 files" in record.getMessage()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 __all__ = [
     "CacheError",
     "CacheWarning",
@@ -9,7 +12,10 @@ __all__ = [
     "FilesUnavailableError",
     "StoreUnavailableError",
     "UnhashableInputError",
+    "warn",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class CacheError(Exception):
@@ -47,3 +53,28 @@ class StoreUnavailableError(CacheError):
 
 class CacheWarning(UserWarning):
     """A non-fatal cache problem: the job runs uncached and the workflow continues."""
+
+
+def warn(message: str, stacklevel: int = 2) -> None:
+    """Issue a :class:`CacheWarning`; where warnings are turned into errors, log it instead.
+
+    Under ``python -W error`` or pytest's ``filterwarnings = ["error"]`` a warning raised inside
+    a job would fail that job, and the cache must never fail a job that would succeed without
+    it. The message is then logged at ERROR level on ``jobflow_cache.errors`` (with
+    ``extra={"jfc_swallowed_warning": True}``) and the job goes on.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", CacheWarning)
+    ...     warn("jobflow-cache: something is off")  # logged, not raised
+    """
+    try:
+        warnings.warn(message, CacheWarning, stacklevel=stacklevel + 1)
+    except CacheWarning:
+        logger.error(
+            "%s (a CacheWarning, logged because warnings are errors here)",
+            message,
+            extra={"jfc_swallowed_warning": True},
+        )

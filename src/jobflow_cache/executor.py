@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 import types
-import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -51,9 +50,9 @@ from jobflow_cache.codec import (
 from jobflow_cache.entry import CacheEntry, package_versions
 from jobflow_cache.errors import (
     CacheError,
-    CacheWarning,
     FilesUnavailableError,
     UnhashableInputError,
+    warn,
 )
 from jobflow_cache.files import ObjectArea, changed_files, snapshot
 from jobflow_cache.hashing import (
@@ -249,10 +248,9 @@ class Cache:
     def _fail(self, err: BaseException) -> None:
         if self._broken is None:
             self._broken = str(err)
-            warnings.warn(
+            warn(
                 f"jobflow-cache: the cache store {self.store.name} is unavailable ({err}); "
                 "jobs run uncached for the rest of this run",
-                CacheWarning,
                 stacklevel=4,
             )
 
@@ -324,7 +322,7 @@ class Cache:
             if quiet:
                 logger.warning(message)
             else:
-                warnings.warn(message, CacheWarning, stacklevel=4)
+                warn(message, stacklevel=4)
 
     # -- reading and writing the store ------------------------------------------------------
     def _lookup(self, digest: str) -> Lookup:
@@ -450,10 +448,9 @@ class Cache:
                 if isinstance(err, UnhashableInputError)
                 else (f"hashing its input failed ({type(err).__name__})")
             )
-            warnings.warn(
+            warn(
                 f"jobflow-cache: job {job.name!r} ({_safe_path(function)}) runs uncached: "
                 f"{reason}: {err}",
-                CacheWarning,
                 stacklevel=2,
             )
             return self._uncached(job, function, args, kwargs, Outcome.UNCACHEABLE, options)
@@ -469,10 +466,9 @@ class Cache:
             try:
                 response = self._serve(job, found.entry, refs, options)
             except Exception as err:  # whatever goes wrong, the job runs instead
-                warnings.warn(
+                warn(
                     f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} cannot be "
                     f"served ({err}); running the job",
-                    CacheWarning,
                     stacklevel=2,
                 )
                 outcome = Outcome.INVALID
@@ -495,10 +491,9 @@ class Cache:
                     logger.warning("could not record hit of %s: %s", digest[:12], err)
                 return response
         elif found.outcome is Outcome.INVALID:
-            warnings.warn(
+            warn(
                 f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} is not used: "
                 f"{found.reason}; running the job",
-                CacheWarning,
                 stacklevel=2,
             )
             outcome = Outcome.INVALID
@@ -673,11 +668,10 @@ class Cache:
         if files < LARGE_FOLDER or cwd in self._large_folders:
             return
         self._large_folders.add(cwd)
-        warnings.warn(
+        warn(
             f"jobflow-cache: the run folder {cwd} holds {files} files; every recorded job lists "
             "them all twice to find the files it writes. Give each job a folder of its own "
             "(run_locally(create_folders=True)) or set JOBFLOW_CACHE_FILES=none",
-            CacheWarning,
             stacklevel=4,
         )
 
@@ -826,11 +820,7 @@ def _jobflow_rejects(output: Any) -> bool:
 
 
 def _warn_not_cached(job: Job, err: BaseException | str) -> None:
-    warnings.warn(
-        f"jobflow-cache: result of job {job.name!r} was not cached: {err}",
-        CacheWarning,
-        stacklevel=3,
-    )
+    warn(f"jobflow-cache: result of job {job.name!r} was not cached: {err}", stacklevel=3)
 
 
 def _script_version(path: str, function: Callable[..., Any], version: str | None) -> str | None:
