@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -272,6 +273,16 @@ def fmt_ratio(value: float | None, lower_bound: bool = False) -> str:
 STYLE = {"markdown": False}
 
 
+def _align(rows: Sequence[Sequence[Any]], column: int) -> str:
+    """Markdown alignment of a column: right for numbers (most cells start like one)."""
+    cells = [str(row[column]) for row in rows if str(row[column]) not in ("", "-")]
+    numeric = sum(bool(_NUMBER.match(cell)) for cell in cells)
+    return "--:" if cells and numeric * 2 >= len(cells) else "---"
+
+
+_NUMBER = re.compile(r"^(>=? |<=? |[+-])?\d")
+
+
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A table with a title line: plain text, or Markdown when ``STYLE["markdown"]`` is set."""
     if STYLE["markdown"]:
@@ -279,9 +290,7 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> s
         for k, row in enumerate([header, *rows]):
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
             if k == 0:
-                lines.append(
-                    "|" + "|".join("---" if i == 0 else "--:" for i in range(len(row))) + "|"
-                )
+                lines.append("|" + "|".join(_align(rows, i) for i in range(len(row))) + "|")
         return "\n".join(lines)
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]

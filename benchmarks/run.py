@@ -143,7 +143,7 @@ def render(results: dict[str, Any]) -> list[str]:
     if results.get("files"):
         sections.append(bench_files.files_table(results["files"]))
     if results.get("targets"):
-        sections.append(targets_table(results["targets"]))
+        sections.append(targets_table(results["targets"], quick=results["mode"] == "quick"))
     if results.get("checks"):
         sections.append(
             table(

@@ -249,7 +249,7 @@ def _hashing_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def targets_table(targets: list[dict[str, Any]]) -> str:
+def targets_table(targets: list[dict[str, Any]], quick: bool = False) -> str:
     """Targets with their measured value and verdict."""
     rows = []
     for t in targets:
@@ -267,4 +267,5 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
                 t["detail"][:60],
             ]
         )
-    return table("Targets", ["status", "target", "measured", "target", "note"], rows)
+    title = "Targets" + (" (quick mode: small sizes, so only indicative)" if quick else "")
+    return table(title, ["status", "target", "measured", "limit", "note"], rows)
