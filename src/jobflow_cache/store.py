@@ -247,8 +247,9 @@ class CacheStore(MSONable):
 
     def _read(self, digest: str, leave_out: tuple[str, ...]) -> dict[str, Any] | None:
         store = self.store
-        if isinstance(store, SQLiteStore):
-            return store.query_key(digest, leave_out=leave_out)
+        query_key = getattr(store, "query_key", None)  # SQLiteStore, PostgresStore
+        if callable(query_key):
+            return query_key(digest, leave_out=leave_out)  # type: ignore[no-any-return]
         if leave_out and isinstance(store, MongoStore):  # MemoryStore too: mongomock
             return store.query_one({"digest": digest}, properties=dict.fromkeys(leave_out, 0))
         return store.query_one({"digest": digest})
@@ -335,8 +336,9 @@ class CacheStore(MSONable):
 
     def record_hits(self, hits: Mapping[str, tuple[int, datetime]]) -> None:
         """Record many hits: digest -> (count, last-hit time); one transaction in SQLite."""
-        if isinstance(self.store, SQLiteStore) and len(hits) > 1:
-            self.store.increment_many(
+        increment_many = getattr(self.store, "increment_many", None)
+        if callable(increment_many) and len(hits) > 1:
+            increment_many(
                 [(digest, {"hits": n}, {"last_hit": when}) for digest, (n, when) in hits.items()]
             )
             return
@@ -428,7 +430,9 @@ class WriteBehind:
     @staticmethod
     def supports(store: CacheStore) -> bool:
         """Whether ``store`` may be written from a thread while the job thread reads it."""
-        return type(store.store) in _THREAD_SAFE_STORES
+        return type(store.store) in _THREAD_SAFE_STORES or bool(
+            getattr(store.store, "thread_safe", False)
+        )
 
     # -- queueing ---------------------------------------------------------------------------
     def put(self, entry: CacheEntry) -> None:
