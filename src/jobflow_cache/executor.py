@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import types
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -65,6 +66,7 @@ from jobflow_cache.hashing import (
     function_path,
 )
 from jobflow_cache.settings import CacheSettings, cache_disabled, get_settings
+from jobflow_cache.shared import Coordinator, Heartbeat, coordinator_of
 from jobflow_cache.store import CacheStore, Lookup, Outcome, WriteBehind
 
 __all__ = [
@@ -177,6 +179,8 @@ class _Refs:
     """Job uuids and run folders seen while hashing one call -> digest of their owner job."""
 
     seen: dict[str, str] = field(default_factory=dict)
+    #: absolute paths the store knows no owner folder of (asked once per call)
+    unowned: set[str] = field(default_factory=set)
 
 
 class Cache:
@@ -193,7 +197,8 @@ class Cache:
     exclusive_dirs
         True when every job runs in a folder of its own (``run_locally(create_folders=True)``,
         FireWorks, jobflow-remote); only then are run-folder paths in inputs normalised to the
-        digest of the job that owns the folder.
+        digest of the job that owns the folder. ``JOBFLOW_CACHE_EXCLUSIVE_DIRS`` turns it on
+        and also records each run folder in the store, for workers in other processes.
     settings
         Settings to use (default: from the environment).
     """
@@ -209,7 +214,11 @@ class Cache:
         self.settings = settings or get_settings()
         self.store = store if store is not None else CacheStore.from_settings(self.settings)
         self.files: FilesMode = files or self.settings.FILES
-        self.exclusive_dirs = exclusive_dirs
+        # folders recorded in the store (and looked up there) only when the user says every job
+        # of every worker has a folder of its own; run_locally(create_folders) knows it of its run
+        self.shared_dirs = self.settings.EXCLUSIVE_DIRS
+        self.exclusive_dirs = exclusive_dirs or self.shared_dirs
+        self.dedup = self.settings.DEDUP
         self.objects = ObjectArea(self.store.objects_dir)
         self.report = CacheReport()
         self.job_digests: dict[str, str] = {}  # job uuid -> digest (last index wins)
@@ -220,6 +229,9 @@ class Cache:
         self._base_excludes = list(self.settings.FILES_EXCLUDE)
         self._own_paths: list[tuple[str, str]] | None = None  # object area, SQLite file
         self._large_folders: set[str] = set()
+        self._coordinator: Coordinator | None = None
+        self._coordination_checked = False
+        self._token = uuid.uuid4().hex[:8]
         # while activated (a run): new entries and hit counts are written behind, in batches
         self._lock = threading.Lock()
         self._active = 0
@@ -360,6 +372,7 @@ class Cache:
     # -- hashing ----------------------------------------------------------------------------
     def _normalizer(self, refs: _Refs) -> Normalizer:
         job_digests, dir_digests = self.job_digests, self.dir_digests
+        shared_dirs = self.shared_dirs
 
         def normalize(value: str) -> tuple[str, Any] | None:
             if len(value) == 36 and value in job_digests:
@@ -377,11 +390,21 @@ class Cache:
                         return ("dir", [owner, "/".join(reversed(rest))])
                     candidate, _, tail = candidate.rpartition("/")
                     rest.append(tail)
+            if shared_dirs and "/" in value:
+                host, sep, path = value.partition(":")
+                found = self._stored_folder_owner(
+                    path if sep and not host.startswith("/") else value, refs.unowned
+                )
+                if found is not None:
+                    folder, owner, tail = found
+                    refs.seen[folder] = owner
+                    return ("dir", [owner, tail])
             return None
 
         # Only known job uuids and (with exclusive folders) strings holding a "/" can be
         # replaced; hashing calls normalize for those strings only (the live dict is checked).
         markers = ("/",) if self.exclusive_dirs or dir_digests else ()
+
         return Normalizer(normalize, exact=job_digests, markers=markers)
 
     def digest(
@@ -463,33 +486,10 @@ class Cache:
             return self._uncached(job, function, args, kwargs, Outcome.ERROR, options)
 
         if found.outcome is Outcome.HIT and found.entry is not None:
-            try:
-                response = self._serve(job, found.entry, refs, options)
-            except Exception as err:  # whatever goes wrong, the job runs instead
-                warn(
-                    f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} cannot be "
-                    f"served ({err}); running the job",
-                    stacklevel=2,
-                )
-                outcome = Outcome.INVALID
-            else:
-                self._register(job, digest)
-                self._mark(job, options, digest, Outcome.HIT, found.entry.source_uuid)
-                self.report.outcomes[Outcome.HIT.value] += 1
-                self.report.served.append(job.name)
-                self.report.time_saved += found.entry.duration
-                progress.info(
-                    "Served from cache - %s (%s) <- %s, %.1f s saved",
-                    job.name,
-                    job.uuid,
-                    digest[:12],
-                    found.entry.duration,
-                )
-                try:
-                    self._record_hit(digest)
-                except Exception as err:  # bookkeeping only: never fail a served job
-                    logger.warning("could not record hit of %s: %s", digest[:12], err)
-                return response
+            served = self._serve_hit(job, found.entry, refs, options)
+            if served is not None:
+                return served
+            outcome = Outcome.INVALID
         elif found.outcome is Outcome.INVALID:
             warn(
                 f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} is not used: "
@@ -499,9 +499,130 @@ class Cache:
             outcome = Outcome.INVALID
         else:
             outcome = Outcome.MISS
+        if self.dedup:
+            return self._run_claimed(
+                job, function, args, kwargs, options, call_digest, refs, outcome
+            )
         return self._run_and_record(
             job, function, args, kwargs, options, call_digest, refs, outcome
         )
+
+    def _serve_hit(
+        self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions
+    ) -> Response | None:
+        """Serve ``entry`` to ``job``; None (with a warning) when it cannot be served."""
+        digest = entry.digest
+        try:
+            response = self._serve(job, entry, refs, options)
+        except Exception as err:  # whatever goes wrong, the job runs instead
+            warn(
+                f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} cannot be "
+                f"served ({err}); running the job",
+                stacklevel=3,
+            )
+            return None
+        self._register(job, digest)
+        self._mark(job, options, digest, Outcome.HIT, entry.source_uuid)
+        self.report.outcomes[Outcome.HIT.value] += 1
+        self.report.served.append(job.name)
+        self.report.time_saved += entry.duration
+        progress.info(
+            "Served from cache - %s (%s) <- %s, %.1f s saved",
+            job.name,
+            job.uuid,
+            digest[:12],
+            entry.duration,
+        )
+        try:
+            self._record_hit(digest)
+        except Exception as err:  # bookkeeping only: never fail a served job
+            logger.warning("could not record hit of %s: %s", digest[:12], err)
+        return response
+
+    # -- in-flight deduplication (JOBFLOW_CACHE_DEDUP) --------------------------------------
+    def _run_claimed(
+        self,
+        job: Job,
+        function: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: JobOptions,
+        call_digest: CallDigest,
+        refs: _Refs,
+        outcome: Outcome,
+    ) -> Any:
+        """Run the job under a claim on its digest, or wait for the worker holding the claim
+        and serve its result (see :mod:`.shared`)."""
+        claims = self._coordination()
+        digest = call_digest.digest
+        owner = f"{_this_host()}:{os.getpid()}:{self._token}"
+        if claims is not None:
+            try:
+                served = self._await_claim(job, claims, digest, owner, refs, options)
+            except Exception as err:  # the store failed: compute without a claim
+                logger.warning("could not claim %s (%s); running %s", digest[:12], err, job.name)
+                claims = None
+            else:
+                if served is not None:
+                    return served
+        if claims is None:
+            return self._run_and_record(
+                job, function, args, kwargs, options, call_digest, refs, outcome
+            )
+        try:
+            with Heartbeat(claims, digest, owner, self.settings.LEASE):
+                response = self._run_and_record(
+                    job, function, args, kwargs, options, call_digest, refs, outcome
+                )
+            self.flush()  # the entry is in the store before the waiters are let go
+            return response
+        finally:
+            try:
+                claims.release(digest, owner)
+            except Exception as err:  # the lease runs out by itself
+                logger.warning("could not release the claim on %s: %s", digest[:12], err)
+
+    def _await_claim(
+        self,
+        job: Job,
+        claims: Coordinator,
+        digest: str,
+        owner: str,
+        refs: _Refs,
+        options: JobOptions,
+    ) -> Response | None:
+        """Claim ``digest`` (None: the caller computes it), or wait while another worker holds
+        the claim and return its result once it is stored.
+
+        The entry is looked up again right after a claim is taken: its owner may have stored
+        it and let go between this worker's first lookup and its claim.
+        """
+        delay, waiting_since = 0.02, None
+        while True:
+            holder = claims.claim(digest, owner, self.settings.LEASE)
+            if holder == owner:
+                found = self.store.lookup(digest, serving=True)
+                if found.outcome is Outcome.HIT and found.entry is not None:
+                    claims.release(digest, owner)
+                    return self._serve_hit(job, found.entry, refs, options)
+                return None
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                progress.info(
+                    "Waiting - %s (%s): %s computes the same job (%s)",
+                    job.name,
+                    job.uuid,
+                    holder,
+                    digest[:12],
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0, self.settings.LEASE / 4)
+            found = self.store.lookup(digest, serving=True)
+            if found.outcome is Outcome.HIT and found.entry is not None:
+                logger.debug(
+                    "%s served after waiting %.2f s", job.name, time.monotonic() - waiting_since
+                )
+                return self._serve_hit(job, found.entry, refs, options)
 
     def _uncached(
         self,
@@ -754,7 +875,60 @@ class Cache:
     def _register(self, job: Job, digest: str) -> None:
         self.job_digests[job.uuid] = digest
         if self.exclusive_dirs:
-            self.dir_digests[os.getcwd()] = digest
+            cwd = os.getcwd()
+            self.dir_digests[cwd] = digest
+            if self.shared_dirs:  # for workers in other processes (prev_dir in their inputs)
+                claims = self._coordination()
+                if claims is not None:
+                    try:
+                        claims.set_aliases({cwd: digest})
+                    except Exception as err:  # a later job just misses: never fail this one
+                        logger.warning("could not record run folder %s in the cache: %s", cwd, err)
+
+    # -- coordination with other workers (claims and folder aliases, :mod:`.shared`) --------
+    def _coordination(self) -> Coordinator | None:
+        """The store's claims and aliases (None if this kind of store has none)."""
+        if not self._coordination_checked:
+            self._coordination_checked = True
+            if self.connect():
+                self._coordinator = coordinator_of(self.store)
+            if self._coordinator is None and (self.dedup or self.shared_dirs):
+                warn(
+                    f"jobflow-cache: the cache store {self.store.name} cannot hold claims or run "
+                    "folder records; JOBFLOW_CACHE_DEDUP and JOBFLOW_CACHE_EXCLUSIVE_DIRS have no "
+                    "effect with it (use the embedded SQLite store, PostgreSQL or MongoDB)",
+                    stacklevel=4,
+                )
+        return self._coordinator
+
+    def _stored_folder_owner(self, path: str, unowned: set[str]) -> tuple[str, str, str] | None:
+        """(folder, digest, rest) when the store knows the job whose folder holds ``path``.
+
+        Not remembered across calls when unknown: another worker may record it any time.
+        """
+        path = path.rstrip("/")
+        if not path.startswith("/") or path in unowned:
+            return None
+        claims = self._coordination()
+        if claims is None:
+            return None
+        prefixes = []
+        candidate = path
+        while candidate.count("/") > 1:  # never "/" or a top-level folder
+            prefixes.append(candidate)
+            candidate = candidate.rpartition("/")[0]
+        try:
+            known = claims.get_aliases(prefixes) if prefixes else {}
+        except Exception as err:  # unknown owner: the path is hashed as it is (a miss)
+            logger.warning("could not look up run folders in the cache: %s", err)
+            return None
+        for folder in prefixes:  # the longest first
+            owner = known.get(folder)
+            if owner is not None:
+                self.dir_digests[folder] = owner
+                return folder, owner, path[len(folder) + 1 :]
+        unowned.add(path)
+        return None
 
     @staticmethod
     def _mark(

@@ -82,6 +82,24 @@ class CacheSettings(BaseSettings):
         description="Largest canonical input (bytes) kept in an entry for `explain`; larger "
         "inputs keep only their per-argument digests.",
     )
+    DEDUP: bool = Field(
+        False,
+        description="In-flight deduplication: a worker that reaches a digest another worker is "
+        "computing waits for that result instead of computing it too (a claim with a lease in "
+        "the store; SQLite, PostgreSQL and MongoDB stores).",
+    )
+    LEASE: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a claim lasts unless its worker renews it (it does, every quarter "
+        "lease, while the job runs): how long others wait for a worker that died.",
+    )
+    EXCLUSIVE_DIRS: bool = Field(
+        False,
+        description="Every job runs in a run folder of its own whose path no other job reuses "
+        "(FireWorks, jobflow-remote). Run folders are then recorded in the store, so a worker in "
+        "a fresh process recognises an upstream job's folder among a job's inputs (prev_dir).",
+    )
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 

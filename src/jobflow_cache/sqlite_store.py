@@ -27,8 +27,9 @@ import os
 import re
 import sqlite3
 import threading
+import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
@@ -50,7 +51,7 @@ try:  # maggma >= 0.72 depends on the mongomock-ng fork
         resolve_sort_key,
     )
 except ImportError:  # pragma: no cover - older maggma releases use mongomock
-    from mongomock.filtering import (  # type: ignore[no-redef]
+    from mongomock.filtering import (  # type: ignore[no-redef,assignment,unused-ignore]
         NOTHING,
         filter_applies,
         iter_key_candidates,
@@ -2165,6 +2166,115 @@ class SQLiteStore(Store):
         with state.lock:
             self._refresh_statistics(state.writer, force=True)
         return True
+
+    # -- coordination between workers: claims (in-flight dedup) and aliases ---------------------
+    @property
+    def _claims_table(self) -> str:
+        return _quote_identifier(f"{self.collection_name}__claims")
+
+    @property
+    def _aliases_table(self) -> str:
+        return _quote_identifier(f"{self.collection_name}__aliases")
+
+    def _side_tables(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._claims_table} "
+            "(name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL)"
+        )
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._aliases_table} "
+            "(alias TEXT PRIMARY KEY, target TEXT NOT NULL, created REAL NOT NULL)"
+        )
+
+    def claim(self, name: str, owner: str, lease: float) -> str:
+        """Take or renew the claim ``name`` for ``owner`` for ``lease`` seconds, atomically.
+
+        The claim is taken when nobody holds it, its lease has expired, or ``owner`` already
+        holds it (a renewal). Leases use this machine's clock (a SQLite file is only shared
+        by processes of one machine).
+
+        Returns
+        -------
+        str
+            The holder after the call: ``owner`` if the claim is now ours.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.db") as store:
+        ...     store.claim("d1", "me", 60), store.claim("d1", "you", 60)
+        ...     store.release("d1", "me")
+        ...     store.claim("d1", "you", 60)
+        ('me', 'me')
+        'you'
+        """
+        now = time.time()
+        with self._transaction() as conn:
+            self._side_tables(conn)
+            conn.execute(
+                f"INSERT INTO {self._claims_table} (name, owner, expires) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+                "expires = excluded.expires WHERE owner = excluded.owner OR expires < ?",
+                (name, owner, now + lease, now),
+            )
+            row = conn.execute(
+                f"SELECT owner FROM {self._claims_table} WHERE name = ?", (name,)
+            ).fetchone()
+        return str(row[0])
+
+    def release(self, name: str, owner: str) -> None:
+        """Drop the claim ``name`` if ``owner`` holds it."""
+        with self._transaction() as conn:
+            self._side_tables(conn)
+            conn.execute(
+                f"DELETE FROM {self._claims_table} WHERE name = ? AND owner = ?", (name, owner)
+            )
+
+    def set_aliases(self, pairs: Mapping[str, str]) -> None:
+        """Record ``alias -> target`` pairs (last writer wins), in one transaction."""
+        if not pairs:
+            return
+        now = time.time()
+        with self._transaction() as conn:
+            self._side_tables(conn)
+            conn.executemany(
+                f"INSERT INTO {self._aliases_table} (alias, target, created) VALUES (?, ?, ?) "
+                "ON CONFLICT (alias) DO UPDATE SET target = excluded.target, "
+                "created = excluded.created",
+                [(alias, target, now) for alias, target in pairs.items()],
+            )
+
+    def get_aliases(self, names: Sequence[str]) -> dict[str, str]:
+        """The targets of those of ``names`` that are recorded aliases.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.db") as store:
+        ...     store.set_aliases({"/runs/a": "d1"})
+        ...     store.get_aliases(["/runs/a", "/runs/b"])
+        {'/runs/a': 'd1'}
+        """
+        if not names:
+            return {}
+        conn = self._reader()
+        found: dict[str, str] = {}
+        with self._errors():
+            try:
+                for start in range(0, len(names), 500):
+                    chunk = list(names[start : start + 500])
+                    marks = ", ".join("?" * len(chunk))
+                    found.update(
+                        conn.execute(
+                            f"SELECT alias, target FROM {self._aliases_table} "
+                            f"WHERE alias IN ({marks})",
+                            chunk,
+                        ).fetchall()
+                    )
+            except sqlite3.OperationalError as err:
+                if "no such table" not in str(err):
+                    raise
+        return found
 
 
 def _sort_key_function(field: str) -> Callable[[dict], Any]:

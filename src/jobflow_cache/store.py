@@ -249,7 +249,7 @@ class CacheStore(MSONable):
         store = self.store
         query_key = getattr(store, "query_key", None)  # SQLiteStore, PostgresStore
         if callable(query_key):
-            return query_key(digest, leave_out=leave_out)  # type: ignore[no-any-return]
+            return query_key(digest, leave_out=leave_out)  # type: ignore[no-any-return,unused-ignore]
         if leave_out and isinstance(store, MongoStore):  # MemoryStore too: mongomock
             return store.query_one({"digest": digest}, properties=dict.fromkeys(leave_out, 0))
         return store.query_one({"digest": digest})
