@@ -22,9 +22,10 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from maggma.core import Store
+from maggma.stores import MemoryStore, MongoStore, MongoURIStore
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
@@ -114,8 +115,9 @@ def coordinator_of(cache_store: CacheStore) -> Coordinator | None:
     store = cache_store.store
     if all(callable(getattr(store, m, None)) for m in ("claim", "release", "get_aliases")):
         return store  # type: ignore[return-value]  # SQLiteStore, PostgresStore
-    collection: Any = getattr(store, "_coll", None)
-    if collection is not None and hasattr(collection, "database"):
+    # only where the entries themselves live in that database: a JSONStore is a MemoryStore
+    # whose documents go to a file, but other collections would stay in this process's memory
+    if type(store) in (MongoStore, MongoURIStore, MemoryStore):
         return _MongoCoordinator(store)
     return None
 
