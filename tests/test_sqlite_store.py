@@ -26,6 +26,7 @@ from maggma.core import Sort, StoreError
 from maggma.stores import MemoryStore
 from monty.json import MontyDecoder
 
+from jobflow_cache import sqlite_store
 from jobflow_cache.errors import StoreUnavailableError
 from jobflow_cache.sqlite_store import SQLiteStore, _dumps, _encode, _loads, _sanitize
 
@@ -1015,3 +1016,33 @@ def test_reconnects_after_fork(tmp_path: Path) -> None:
     store.update({"task_id": "after"})
     assert store.count() == 3
     store.close()
+
+
+# -- network file systems -------------------------------------------------------------------------
+def test_file_system_type_picks_the_nearest_mount(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw 0 0\n"
+        f"server:/export {tmp_path}/shared nfs4 rw 0 0\n"
+        f"/dev/sdb1 {tmp_path}/shared/local ext4 rw 0 0\n"
+    )
+    (tmp_path / "shared" / "local").mkdir(parents=True)
+    assert sqlite_store.file_system_type(tmp_path / "shared/cache/x.db", str(mounts)) == "nfs4"
+    assert sqlite_store.file_system_type(tmp_path / "shared/local/x.db", str(mounts)) == "ext4"
+    assert sqlite_store.file_system_type(tmp_path / "sharedx/x.db", str(mounts)) == "ext4"
+
+
+@pytest.mark.warnings_logged
+def test_store_on_a_network_file_system_warns_and_still_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a real mount table file naming tmp_path an NFS mount: NFS itself cannot be mounted here
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} nfs rw 0 0\n")
+    monkeypatch.setattr(sqlite_store, "MOUNTS", str(mounts))
+    with SQLiteStore(tmp_path / "cache.db", key="digest") as store:
+        store.update([{"digest": "a", "n": 1}])
+        assert store.query_one({"digest": "a"})["n"] == 1
+    warned = [r.getMessage() for r in caplog.records if "nfs file system" in r.getMessage()]
+    assert len(warned) == 1
+    assert "PostgreSQL or MongoDB" in warned[0]

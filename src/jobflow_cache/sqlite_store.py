@@ -41,7 +41,7 @@ from maggma.core import Sort, Store, StoreError
 from monty.json import jsanitize
 from pydash import get, set_
 
-from jobflow_cache.errors import StoreUnavailableError
+from jobflow_cache.errors import StoreUnavailableError, warn
 
 try:  # maggma >= 0.72 depends on the mongomock-ng fork
     from mongomock_ng.filtering import (
@@ -98,6 +98,62 @@ _STATS_CHECK_EVERY = 200
 # Connections inherited over fork() are never used or closed in the child (SQLite forbids
 # both); holding them here keeps their finalisers from running in the child.
 _ABANDONED: list[Any] = []
+
+#: File systems on which SQLite's WAL mode (shared memory between processes) and its file
+#: locks are not safe: processes on two nodes can corrupt the database or lose writes.
+NETWORK_FILE_SYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ceph",
+        "fuse.sshfs",
+        "glusterfs",
+        "fuse.glusterfs",
+        "panfs",
+        "afs",
+        "9p",
+        "fuse.gcsfuse",
+        "wekafs",
+    }
+)
+
+
+#: The mount table read by :func:`file_system_type`.
+MOUNTS = "/proc/mounts"
+
+
+def file_system_type(path: str | os.PathLike[str], mounts: str | None = None) -> str | None:
+    """Type of the file system holding ``path`` (its nearest existing parent), from
+    ``/proc/mounts``; None where that cannot be read (not Linux).
+
+    Examples
+    --------
+    >>> file_system_type("/", mounts="/nonexistent") is None
+    True
+    """
+    try:
+        with open(mounts or MOUNTS, encoding="utf-8") as handle:
+            table = [line.split()[1:3] for line in handle if len(line.split()) >= 3]
+    except OSError:
+        return None
+    target = Path(path).expanduser().absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    real = os.path.realpath(target)
+    best: tuple[int, str] | None = None
+    for mount_point, fs_type in table:
+        mount_point = mount_point.replace("\\040", " ")
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and (best is None or len(mount_point) > best[0]):
+            best = (len(mount_point), fs_type)
+    return best[1] if best else None
+
 
 _Fragment = tuple[str, list[Any]]
 
@@ -1130,6 +1186,15 @@ class SQLiteStore(Store):
             writer = self._new_connection(file)
         except (OSError, sqlite3.Error) as err:
             raise StoreUnavailableError(f"cannot open the SQLite store {file}: {err}") from err
+        fs_type = file_system_type(file)
+        if fs_type in NETWORK_FILE_SYSTEMS:
+            warn(
+                f"jobflow-cache: the SQLite store {file} is on a {fs_type} file system, where "
+                "SQLite is not safe for processes on several nodes (its locks and WAL shared "
+                "memory do not work across machines). Give workers on several nodes a "
+                "PostgreSQL or MongoDB store (docs: Deployment)",
+                stacklevel=5,
+            )
         try:
             mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
