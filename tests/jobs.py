@@ -240,3 +240,18 @@ def write_then_fail(tag: str):
     Path("partial.txt").write_text(tag)
     executed("write_then_fail")
     return tag
+
+
+@cached_job
+def cached_producer(x):
+    """Returns its own uuid (like atomate2 outputs that name the job they came from)."""
+    from jobflow import CURRENT_JOB
+
+    executed("cached_producer")
+    return {"uuid": CURRENT_JOB.job.uuid, "x": x}
+
+
+@cached_job
+def cached_consumer(info: dict):
+    executed("cached_consumer")
+    return {"from": info["uuid"], "x2": info["x"] * 2}

@@ -7,6 +7,10 @@ can run on these machines.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,3 +154,60 @@ def test_dedup_waiter_serves_the_owners_result(
     assert counts()["cached_add"] == 1  # not computed again
     assert [r[1].output for r in result.values()] == [11]
     assert waited >= 0.4  # it did wait for the other worker
+
+
+# -- job uuids recognised across processes ----------------------------------------------
+STEP = """
+import json, sys
+from jobflow import JobStore
+from maggma.stores import JSONStore
+from monty.json import MontyDecoder
+from monty.serialization import dumpfn, loadfn
+
+flow = loadfn("flow.json")
+job = [j for j in flow if j.name == sys.argv[1]][0]
+store = JobStore(JSONStore("outputs.json", read_only=False))
+store.connect()
+job.resolve_args(store=store)
+response = job.run(store=store)
+print(json.dumps(job.metadata["jobflow_cache"]["outcome"]))
+"""
+
+
+def _run_each_job_in_a_fresh_process(folder: Path, instance: int) -> list[str]:
+    """Build the producer -> consumer flow anew (new uuids) and run each of its jobs in a fresh
+    process, the upstream one first, sharing a file JobStore (as a remote manager does)."""
+    from monty.serialization import dumpfn
+
+    flow = Flow([p := jobs.cached_producer(7), jobs.cached_consumer(p.output)])
+    work = folder / f"instance{instance}"
+    work.mkdir()
+    dumpfn(flow, work / "flow.json")
+    (work / "step.py").write_text(STEP)
+    outcomes = []
+    for name in ("cached_producer", "cached_consumer"):
+        proc = subprocess.run(
+            [sys.executable, "step.py", name],
+            cwd=work,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        outcomes.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    store = JSONStore(str(work / "outputs.json"), key="uuid")
+    store.connect()
+    consumer = store.query_one({"name": "cached_consumer"})
+    assert consumer["output"] == {"from": p.uuid, "x2": 14}  # this instance's producer
+    return outcomes
+
+
+def test_an_upstream_uuid_in_inputs_hits_when_each_job_ran_in_its_own_process(
+    tmp_path: Path, counts
+) -> None:
+    assert _run_each_job_in_a_fresh_process(tmp_path, 1) == ["miss", "miss"]
+    # a new flow instance: new uuids; the consumer's input holds the new producer's uuid, which
+    # the worker recognises through the store (recorded by the producer's own process)
+    assert _run_each_job_in_a_fresh_process(tmp_path, 2) == ["hit", "hit"]
+    assert counts() == {"cached_producer": 1, "cached_consumer": 1}

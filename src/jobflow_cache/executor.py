@@ -373,12 +373,16 @@ class Cache:
     def _normalizer(self, refs: _Refs) -> Normalizer:
         job_digests, dir_digests = self.job_digests, self.dir_digests
         shared_dirs = self.shared_dirs
+        stored_uuids = self._lineage_in_store()
 
         def normalize(value: str) -> tuple[str, Any] | None:
-            if len(value) == 36 and value in job_digests:
-                digest = job_digests[value]
-                refs.seen[value] = digest
-                return ("job", digest)
+            if len(value) == 36:
+                digest = job_digests.get(value)
+                if digest is None and stored_uuids and UUID_RE.fullmatch(value):
+                    digest = self._stored_job_digest(value, refs.unowned)
+                if digest is not None:
+                    refs.seen[value] = digest
+                    return ("job", digest)
             if dir_digests and "/" in value:
                 host, sep, path = value.partition(":")
                 candidate = (path if sep and not host.startswith("/") else value).rstrip("/")
@@ -403,7 +407,9 @@ class Cache:
 
         # Only known job uuids and (with exclusive folders) strings holding a "/" can be
         # replaced; hashing calls normalize for those strings only (the live dict is checked).
-        markers = ("/",) if self.exclusive_dirs or dir_digests else ()
+        markers: tuple[str, ...] = ("/",) if self.exclusive_dirs or dir_digests else ()
+        if stored_uuids:  # any uuid may be an upstream job's that ran in another process
+            markers = (*markers, "-")
 
         return Normalizer(normalize, exact=job_digests, markers=markers)
 
@@ -874,16 +880,44 @@ class Cache:
 
     def _register(self, job: Job, digest: str) -> None:
         self.job_digests[job.uuid] = digest
+        aliases: dict[str, str] = {}
         if self.exclusive_dirs:
             cwd = os.getcwd()
             self.dir_digests[cwd] = digest
             if self.shared_dirs:  # for workers in other processes (prev_dir in their inputs)
-                claims = self._coordination()
-                if claims is not None:
-                    try:
-                        claims.set_aliases({cwd: digest})
-                    except Exception as err:  # a later job just misses: never fail this one
-                        logger.warning("could not record run folder %s in the cache: %s", cwd, err)
+                aliases[cwd] = digest
+        if self._lineage_in_store():
+            aliases[job.uuid] = digest
+        if aliases:
+            claims = self._coordination()
+            if claims is not None:
+                try:
+                    claims.set_aliases(aliases)
+                except Exception as err:  # a later job just misses: never fail this one
+                    logger.warning("could not record job %s in the cache: %s", job.uuid, err)
+
+    def _lineage_in_store(self) -> bool:
+        """Whether job uuids (and, with EXCLUSIVE_DIRS, run folders) are recorded in the store
+        and looked up there: outside ``run_locally``, where the upstream jobs of a job may have
+        run in other processes (FireWorks, jobflow-remote), or when the user says so."""
+        return self.shared_dirs or not self._active
+
+    def _stored_job_digest(self, job_uuid: str, unknown: set[str]) -> str | None:
+        """Digest of the job ``job_uuid`` as recorded by the process that ran it, if any."""
+        if job_uuid in unknown:
+            return None
+        claims = self._coordination()
+        if claims is not None:
+            try:
+                digest = claims.get_aliases([job_uuid]).get(job_uuid)
+            except Exception as err:  # unknown: the uuid is hashed as it is (a miss)
+                logger.warning("could not look up job %s in the cache: %s", job_uuid, err)
+            else:
+                if digest is not None:
+                    self.job_digests[job_uuid] = digest
+                    return digest
+        unknown.add(job_uuid)
+        return None
 
     # -- coordination with other workers (claims and folder aliases, :mod:`.shared`) --------
     def _coordination(self) -> Coordinator | None:
