@@ -1,0 +1,472 @@
+"""Fault injection: each test injects a real fault (a killed process, a full or read-only file
+system, an unreachable or vanishing store, a tampered entry or file object, a crafted document)
+and checks that nothing is lost and nothing is served wrong.
+
+Faults are real: processes are killed with SIGKILL, file systems really fill up (a small tmpfs,
+or a file size limit) or really deny writes (the process runs without the capabilities that
+let root ignore permissions), stores are really unreachable. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from jobflow import Flow, JobStore
+from maggma.stores import MemoryStore
+
+from jobflow_cache import CacheStore, CacheWarning, ObjectArea, Outcome, run_locally
+from jobflow_cache.cli import cli
+from jobflow_cache.verify import verify
+from tests import fault_jobs, jobs
+from tests.conftest import ROOT
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment of a child process: this one's (cache settings included), tests importable."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+def verify_cli() -> dict:
+    """``cachetool verify --json`` on the configured cache."""
+    result = CliRunner().invoke(cli, ["verify", "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == (0 if report["sound"] else 1), result.output
+    return report
+
+
+def assert_entries_whole(cache: CacheStore) -> list[str]:
+    """Every entry in the store is servable (a HIT) and all its file objects are present and
+    verified by their hash; return the names of the entries found."""
+    area = ObjectArea(cache.objects_dir)
+    names = []
+    for doc in cache.find():
+        found = cache.lookup(doc["digest"])
+        assert found.outcome is Outcome.HIT, found.reason
+        assert found.entry is not None
+        for record in found.entry.files:
+            assert area.verify(record) is None, (record.path, area.verify(record))
+        names.append(found.entry.name)
+    return sorted(names)
+
+
+def stale_tmp_files(area: Path) -> list[str]:
+    """Temporary files left in the object area's top folder."""
+    try:
+        return [e.name for e in os.scandir(area) if e.name.startswith(".jfc-tmp-")]
+    except FileNotFoundError:
+        return []
+
+
+def objects_in(area: Path) -> int:
+    """Number of published objects (``<xx>/<rest>``) in the object area."""
+    try:
+        fanouts = [e.path for e in os.scandir(area) if len(e.name) == 2 and e.is_dir()]
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for fanout in fanouts:
+        try:
+            total += sum(1 for _ in os.scandir(fanout))
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], after: float = 0.0) -> bool:
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (then ``after`` seconds later); False
+    when the process ended first."""
+    while proc.poll() is None:
+        if ready():
+            if after:
+                time.sleep(after)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return proc.returncode == -signal.SIGKILL
+        time.sleep(0.0002)
+    return False
+
+
+def job_outputs(store: JobStore, flow: Flow) -> list:
+    return [store.get_output(j.uuid, which="last", load=True) for j in flow]
+
+
+def run_dir_files(folder: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every regular file below ``folder``."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def run_large(root: Path, cache=None, *args) -> tuple[list, list[dict[str, bytes]]]:
+    """Run :func:`fault_jobs.large_flow` (one folder per job under ``root``); return the
+    outputs without run-folder paths, and the files of each job's folder."""
+    store = JobStore(MemoryStore())
+    flow = fault_jobs.large_flow(*args)
+    run_locally(
+        flow,
+        store=store,
+        cache=cache,
+        log=False,
+        create_folders=True,
+        root_dir=root,
+        ensure_success=True,
+    )
+    big, sizes = job_outputs(store, flow)
+    folder = Path(big.pop("dir_name"))
+    return [big, sizes], [run_dir_files(folder)]
+
+
+# ------------------------------------------------------------------ 1. SIGKILL while recording
+
+KILLED_CHILD = """
+import sys
+from jobflow_cache import run_locally
+from jobflow import Flow
+from tests import fault_jobs
+flow = Flow([fault_jobs.large_flow(), fault_jobs.hold()])  # killed before hold ends
+run_locally(flow, log=False, create_folders=True, root_dir=sys.argv[1],
+            files=sys.argv[2], ensure_success=True)
+"""
+
+
+def _entry_rows(path: Path) -> Callable[[], bool]:
+    """Whether the embedded store at ``path`` holds an entry (read as another process would)."""
+
+    def ready() -> bool:
+        if not path.exists():
+            return False
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.05)
+            try:
+                return conn.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is not None
+            finally:
+                conn.close()
+        except sqlite3.Error:  # not created yet
+            return False
+
+    return ready
+
+
+KILL_POINTS = {
+    # a file is being linked or copied into the object area under a temporary name
+    "ingesting": lambda area, ready, store: lambda: bool(stale_tmp_files(area)),
+    # some objects are published, the others not yet
+    "published": lambda area, ready, store: lambda: objects_in(area) >= 1,
+    # the job has returned: its files are being recorded, its entry built and queued
+    "returned": lambda area, ready, store: ready.exists,
+    # its entry is in the store; the next job runs
+    "written": lambda area, ready, store: _entry_rows(store),
+}
+
+
+@pytest.fixture(scope="module")
+def clean_large(tmp_path_factory) -> tuple[list, list[dict[str, bytes]]]:
+    """Outputs and files of the large flow run without the cache."""
+    return run_large(tmp_path_factory.mktemp("clean"), cache=False)
+
+
+@pytest.mark.parametrize("files_mode", ["link", "copy"])
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_sigkill_while_recording_leaves_no_entry_or_a_whole_one(
+    point, files_mode, clean_large, counts, isolated_cache, tmp_path
+):
+    """Kill -9 a real run at a point of recording a job with 64 MB of files; a fresh process
+    then finds no entry or a whole one, ``cachetool verify`` finds nothing wrong, and the
+    next run gives the outputs and files of a clean run."""
+    area = isolated_cache / "objects"
+    ready = tmp_path / "ready"
+    store = isolated_cache / "cache.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(tmp_path / "killed"), files_mode],
+        env=child_env(**{fault_jobs.READY_ENV: str(ready)}),
+        cwd=tmp_path,
+    )
+    assert kill_when(proc, KILL_POINTS[point](area, ready, store)), "killed at that point"
+    assert counts()["write_large"] == 1
+    if point == "ingesting":
+        assert stale_tmp_files(area), "killed while a file was under its temporary name"
+
+    with CacheStore.from_settings() as cache:
+        survived = assert_entries_whole(cache)
+        assert verify(cache) == []
+    if point == "written":
+        assert "write_large" in survived
+    report = verify_cli()
+    assert report["sound"]
+    assert report["problems"] == []
+
+    outputs, files = run_large(tmp_path / "rerun")
+    assert (outputs, files) == clean_large
+    executed = 1 if "write_large" in survived else 2
+    assert counts()["write_large"] == executed, "a whole entry is served, a missing one rerun"
+    outputs, files = run_large(tmp_path / "served")
+    assert (outputs, files) == clean_large
+    assert counts()["write_large"] == executed, "recorded by the run after the crash"
+    with CacheStore.from_settings() as cache:
+        assert assert_entries_whole(cache) == ["measure", "write_large"]
+
+
+# ------------------------------------------------ 2. disk full / permission denied while storing
+
+PR_CAPBSET_DROP = 24
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+
+
+def _drop_root_file_privileges() -> None:
+    """In a child before exec: drop the capabilities that let root ignore file permissions
+    (root then gets EACCES from read-only folders and unreadable files like any user).
+    Runs as root without them rather than as ``nobody``: the interpreter lives under /root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+CHILD_RUN = """
+import json, sys, warnings
+from jobflow import JobStore
+from maggma.stores import MemoryStore
+from jobflow_cache import CacheWarning, run_locally
+from tests import fault_jobs
+
+flow = getattr(fault_jobs, sys.argv[2])(*json.loads(sys.argv[3]))
+store = JobStore(MemoryStore())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    run_locally(flow, store=store, log=False, create_folders=True, root_dir=sys.argv[1],
+                ensure_success=True)
+print(json.dumps({
+    "outputs": [store.get_output(j.uuid, which="last") for j in flow],
+    "warnings": [str(w.message) for w in caught if issubclass(w.category, CacheWarning)],
+}))
+"""
+
+
+def run_child(
+    root: Path, factory: str, args: list, *, unprivileged: bool = False, **env: str
+) -> dict:
+    """Run ``fault_jobs.<factory>(*args)`` in a fresh process (without root's file privileges
+    when ``unprivileged``); return its job outputs and CacheWarnings."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD_RUN, str(root), factory, json.dumps(args)],
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        preexec_fn=_drop_root_file_privileges if unprivileged and IS_ROOT else None,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def read_only(tmp_path) -> Iterator[Callable[[Path], Path]]:
+    """Make folders read-only (mode 555) for an unprivileged child; restored afterwards.
+    Skips when this process cannot make a child that permissions apply to."""
+    made: list[Path] = []
+    probe = tmp_path / "probe-ro"
+    probe.mkdir()
+    probe.chmod(0o555)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"],
+            capture_output=True,
+            check=False,
+            preexec_fn=_drop_root_file_privileges if IS_ROOT else None,
+        )
+    finally:
+        probe.chmod(0o755)
+    if b"PermissionError" not in proc.stderr:
+        pytest.skip("cannot run a process that file permissions apply to here")
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        folder.chmod(0o755)
+
+
+@pytest.fixture
+def small_fs(tmp_path) -> Iterator[Callable[[str, int], Path]]:
+    """Mount a small file system (tmpfs, else an ext4 image on a loop device) of ``kib`` KiB
+    at ``tmp_path/name``; unmounted afterwards. Skips where mounting is not permitted."""
+    mounted: list[Path] = []
+
+    def mount(name: str, kib: int) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        tried = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kib}k,mode=755", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if tried.returncode != 0:
+            image = tmp_path / f"{name}.img"
+            with open(image, "wb") as fh:
+                fh.truncate(max(kib, 512) * 1024)
+            steps = [
+                ["mkfs.ext4", "-q", "-m", "0", str(image)],
+                ["mount", "-o", "loop", str(image), str(point)],
+            ]
+            for step in steps:
+                try:
+                    tried = subprocess.run(step, capture_output=True, text=True, check=False)
+                except FileNotFoundError as err:
+                    pytest.skip(f"no small file system here: tmpfs: {tried.stderr}; {err}")
+                if tried.returncode != 0:
+                    pytest.skip(f"cannot mount a small file system here: {tried.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` until it refuses another byte; return the filler."""
+    filler = folder / "filler"
+    chunk = b"\0" * 65536
+    errors = []
+    with open(filler, "wb", buffering=0) as fh:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    fh.write(chunk[:size])
+            except OSError as err:
+                errors.append(err.errno)
+    assert errors == [errno.ENOSPC] * 4
+    return filler
+
+
+def entry_names() -> list[str]:
+    with CacheStore.from_settings() as cache:
+        return assert_entries_whole(cache)
+
+
+@pytest.mark.parametrize("files_mode", ["link", "copy"])
+def test_permission_denied_on_the_object_area_records_nothing(
+    files_mode, read_only, counts, isolated_cache, tmp_path, monkeypatch
+):
+    """The object area is read-only for the worker: the job's outputs still reach the JobStore,
+    its entry is not written, a warning says why, and once writable it records normally."""
+    monkeypatch.setenv("JOBFLOW_CACHE_OBJECTS_DIR", str(tmp_path / "objects"))
+    monkeypatch.setenv("JOBFLOW_CACHE_FILES", files_mode)
+    area = read_only(tmp_path / "objects")
+    result = run_child(tmp_path / "denied", "large_flow", ["d", 2, 100_000], unprivileged=True)
+    big, sizes = result["outputs"]
+    assert (big["names"], sizes) == (["big/part0.bin", "big/part1.bin"], [100_000, 100_000])
+    (warning,) = result["warnings"]
+    assert "'write_large' was not cached" in warning
+    assert "Permission denied" in warning
+    assert entry_names() == ["measure"], "the job without files is recorded"
+    assert os.listdir(area) == []
+
+    area.chmod(0o755)  # the fault is removed
+    clean = run_large(tmp_path / "clean", False, "d", 2, 100_000)
+    assert run_large(tmp_path / "again", None, "d", 2, 100_000) == clean
+    assert entry_names() == ["measure", "write_large"]
+    assert run_large(tmp_path / "served", None, "d", 2, 100_000) == clean
+    assert counts()["write_large"] == 3, "denied, recorded, then served"
+
+
+@pytest.mark.parametrize("files_mode", ["link", "copy"])
+def test_a_file_the_cache_cannot_read_records_nothing(
+    files_mode, read_only, counts, isolated_cache, tmp_path, monkeypatch
+):
+    """A job writes a file its worker may not read: the job succeeds, its entry is not
+    written (an entry without that file would be served incomplete), a warning says why."""
+    monkeypatch.setenv("JOBFLOW_CACHE_FILES", files_mode)
+    result = run_child(tmp_path / "denied", "unreadable_flow", ["u"], unprivileged=True)
+    assert result["outputs"][0] == {"tag": "u"}
+    (warning,) = result["warnings"]
+    assert "'write_unreadable' was not cached" in warning
+    assert "secret.txt" in warning
+    assert "Permission denied" in warning
+    assert entry_names() == ["large_output"]
+    assert stale_tmp_files(isolated_cache / "objects") == []
+    if IS_ROOT:  # the fault is removed: root reads it
+        run_child(tmp_path / "root", "unreadable_flow", ["u"])
+        assert entry_names() == ["large_output", "write_unreadable"]
+
+
+@pytest.mark.parametrize("files_mode", ["link", "copy"])
+def test_a_full_object_area_records_nothing_and_leaves_no_partial_object(
+    files_mode, small_fs, counts, isolated_cache, tmp_path, monkeypatch
+):
+    """The object area's file system fills up while a job's files are stored: the outputs
+    reach the JobStore, no entry and no partial object is written, a warning says why; with
+    space freed the next run records normally."""
+    area = small_fs("objects", 4096)
+    monkeypatch.setenv("JOBFLOW_CACHE_OBJECTS_DIR", str(area))
+    monkeypatch.setenv("JOBFLOW_CACHE_FILES", files_mode)
+    filler = fill(area)
+    os.truncate(filler, filler.stat().st_size - (1536 << 10))  # 1.5 MiB free
+    args = ("f", 2, 1 << 20)  # 2 MiB of files (on another file system: links are copies)
+    store = JobStore(MemoryStore())
+    flow = fault_jobs.large_flow(*args)
+    with pytest.warns(CacheWarning, match="No space left on device") as caught:
+        run_locally(flow, store=store, log=False, create_folders=True, root_dir=tmp_path / "a")
+    assert len([w for w in caught if issubclass(w.category, CacheWarning)]) == 1
+    assert job_outputs(store, flow)[1] == [1 << 20] * 2
+    assert entry_names() == ["measure"]
+    assert stale_tmp_files(area) == [], "the partial copy is removed"
+
+    clean = run_large(tmp_path / "clean", False, *args)
+    filler.unlink()  # space is freed
+    assert run_large(tmp_path / "again", None, *args) == clean
+    assert entry_names() == ["measure", "write_large"]
+    assert counts()["write_large"] == 3
+
+
+def test_a_full_store_file_system_records_nothing_and_damages_nothing(
+    small_fs, counts, isolated_cache, tmp_path, monkeypatch
+):
+    """The embedded store's file cannot grow (ENOSPC): the job's output reaches the JobStore,
+    its entry is not written, a warning says why, the entries already there are still served;
+    once space is freed it records normally."""
+    folder = small_fs("store", 1024)
+    monkeypatch.setenv("JOBFLOW_CACHE_DIR", str(folder))
+    monkeypatch.setenv("JOBFLOW_CACHE_OBJECTS_DIR", str(tmp_path / "objects"))
+    store = JobStore(MemoryStore())
+    run_locally(jobs.add(1, 2), store=store, log=False)
+    filler = fill(folder)
+
+    big = fault_jobs.large_output(300_000)
+    with pytest.warns(CacheWarning, match="database or disk is full") as caught:
+        run_locally(Flow([big, jobs.add(1, 2)]), store=store, log=False)
+    assert len([w for w in caught if issubclass(w.category, CacheWarning)]) == 1
+    assert len(store.get_output(big.uuid)) == 300_000
+    assert counts() == {"add": 1, "large_output": 1}, "add(1, 2) was served while full"
+    assert entry_names() == ["add"]
+
+    filler.unlink()
+    again = fault_jobs.large_output(300_000)
+    run_locally(again, store=store, log=False)
+    assert store.get_output(again.uuid) == store.get_output(big.uuid)
+    assert entry_names() == ["add", "large_output"]
+    assert counts()["large_output"] == 2
