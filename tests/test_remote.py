@@ -77,14 +77,25 @@ def assert_restored(new_folder: Path, old_folder: Path | None, objects: Path) ->
 
 
 # -- where the cache is: what a worker needs to reach it ------------------------------------------
-@pytest.fixture(params=["sqlite"])
-def shared_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
-    """The cache every worker uses; returns its object area.
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_cache(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The cache every worker uses, set in the environment workers inherit; returns its object
+    area, which every worker must be able to read and write.
 
     ``sqlite``: the embedded store under ``JOBFLOW_CACHE_DIR`` (set for this test by the
-    ``isolated_cache`` fixture), which workers inherit: a file system shared by all workers.
+    ``isolated_cache`` fixture): a file system shared by all workers.
+    ``postgres``: a PostgreSQL server named by ``JOBFLOW_CACHE_STORE`` (a JSON store spec), and
+    ``JOBFLOW_CACHE_OBJECTS_DIR`` for the files.
     """
-    return Path(os.environ["JOBFLOW_CACHE_DIR"]) / "objects"
+    if request.param == "sqlite":
+        return Path(os.environ["JOBFLOW_CACHE_DIR"]) / "objects"
+    spec = request.getfixturevalue("pg_spec")
+    objects = tmp_path / "shared-objects"
+    monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(spec))
+    monkeypatch.setenv("JOBFLOW_CACHE_OBJECTS_DIR", str(objects))
+    return objects
 
 
 # -- FireWorks ------------------------------------------------------------------------------------
@@ -249,7 +260,9 @@ def test_remote_worker_in_jobflow_remote_folders(counts, tmp_path, job_store):
     assert counts() == ALL_ONCE + Counter(read_outcar=1)
 
 
-def test_remote_worker_prev_dir_hits_with_exclusive_dirs(counts, tmp_path, job_store, monkeypatch):
+def test_remote_worker_prev_dir_hits_with_exclusive_dirs(
+    shared_cache, counts, tmp_path, job_store, monkeypatch
+):
     """With JOBFLOW_CACHE_EXCLUSIVE_DIRS=1 the worker of read_outcar learns from the store that
     its prev_dir is the folder of a relax job it knows: the rebuilt flow runs nothing. A relax
     with another input makes read_outcar run again (never a false hit)."""
@@ -311,13 +324,23 @@ def dead_mongodb(tmp_path: Path) -> dict[str, str]:
     return {"JOBFLOW_CACHE_STORE": json.dumps(spec)}
 
 
+def dead_postgres(tmp_path: Path) -> dict[str, str]:
+    uri = f"postgresql://jfc@127.0.0.1:{free_port()}/postgres"
+    spec = {"type": "PostgresStore", "uri": uri, "connect_timeout": 2}
+    return {"JOBFLOW_CACHE_STORE": json.dumps(spec)}
+
+
 def cache_dir_under_a_file(tmp_path: Path) -> dict[str, str]:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     return {"JOBFLOW_CACHE_DIR": str(blocker / "cache")}
 
 
-UNREACHABLE = {"mongodb-dead-port": dead_mongodb, "dir-under-a-file": cache_dir_under_a_file}
+UNREACHABLE = {
+    "mongodb-dead-port": dead_mongodb,
+    "postgres-dead-port": dead_postgres,
+    "dir-under-a-file": cache_dir_under_a_file,
+}
 
 
 @pytest.mark.parametrize("where", sorted(UNREACHABLE))
@@ -414,7 +437,7 @@ def test_other_host_restores_files_from_shared_object_area(
     assert_restored(folder, old, shared_cache)
 
 
-def test_other_host_without_the_object_area_reruns(counts, tmp_path, job_store):
+def test_other_host_without_the_object_area_reruns(shared_cache, counts, tmp_path, job_store):
     """A host whose object area does not hold the entry's files (another OBJECTS_DIR) runs the
     job again, with one warning, and never leaves a folder without its files."""
     env_a = {"JOBFLOW_CACHE_OBJECTS_DIR": str(tmp_path / "objects-a")}
@@ -446,3 +469,19 @@ def test_other_host_without_the_object_area_reruns(counts, tmp_path, job_store):
     assert runs_a2["relax"].outcome == "hit"
     assert counts() == Counter(relax=2, read_outcar=3)
     assert_restored(runs_a2["relax"].folder, None, tmp_path / "objects-a")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an entry with files is served without them where FILES=none (executor._serve)",
+)
+def test_worker_with_files_none_never_gets_a_folder_without_its_files(counts, tmp_path, job_store):
+    """A worker set to JOBFLOW_CACHE_FILES=none, served an entry recorded with files elsewhere,
+    must either put the files in place or run the job: relax's output names its folder, and
+    read_outcar reads OUTCAR there."""
+    rw.run_remote(two_hosts_flow(), tmp_path / "linked", job_store)
+    runs = rw.run_remote(
+        two_hosts_flow(), tmp_path / "none", job_store, env={"JOBFLOW_CACHE_FILES": "none"}
+    )
+    assert (runs["relax"].folder / "OUTCAR").read_text() == f"volume={42.0 * 0.98}\n"
+    assert job_store.get_output(runs["read_outcar"].uuid) == f"volume={42.0 * 0.98}"
