@@ -91,7 +91,10 @@ def shared_cache(
     """
     if request.param == "sqlite":
         return Path(os.environ["JOBFLOW_CACHE_DIR"]) / "objects"
-    spec = request.getfixturevalue("pg_spec")
+    try:
+        spec = request.getfixturevalue("pg_spec")  # tests/pgserver.py, loaded by conftest
+    except pytest.FixtureLookupError:
+        pytest.skip("the PostgreSQL fixtures of tests/pgserver.py are not loaded")
     objects = tmp_path / "shared-objects"
     monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(spec))
     monkeypatch.setenv("JOBFLOW_CACHE_OBJECTS_DIR", str(objects))
