@@ -52,11 +52,12 @@ def measure(info: dict):
 
 
 @job
-def write_text(name: str, text: str):
-    """Write ``text`` to the file ``name`` in the run folder (rewriting it if it exists)."""
+def write_text(name: str, text: str, after=None):
+    """Write ``text`` to the file ``name`` in the run folder (rewriting it in place if it
+    exists, as most programs do); ``after`` only orders it after another job."""
     executed("write_text")
     Path(name).write_text(text)
-    return {"name": name, "length": len(text), "dir_name": os.getcwd()}
+    return {"name": name, "length": len(text)}
 
 
 @job
@@ -96,6 +97,13 @@ def large_output(n: int):
     """Return ``n`` characters of text that does not compress well (hex of xxh3 digests)."""
     executed("large_output")
     return "".join(xxhash.xxh3_128_hexdigest(str(i).encode()) for i in range(n // 32 + 1))[:n]
+
+
+def rewrite_flow(name: str = "OUTCAR") -> Flow:
+    """Two jobs that write the same file one after the other (in a shared folder, the second
+    rewrites the first one's file)."""
+    first = write_text(name, "first\n")
+    return Flow([first, write_text(name, "second", after=first.output)], name="rewrite")
 
 
 def unreadable_flow(tag: str = "u") -> Flow:

@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import uuid
@@ -40,6 +41,8 @@ CHUNK_SIZE = 1 << 20
 
 OBJECT_MODE = 0o444
 """Permission bits of every object in an :class:`ObjectArea` (read-only for everyone)."""
+
+_NS = 1_000_000_000
 
 _TMP_PREFIX = ".jfc-tmp-"
 _O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
@@ -175,6 +178,37 @@ def _safe_file(folder: Path, relpath: str) -> Path:
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{target} is not a regular file (symlinks are not followed)")
     return target
+
+
+def _seal_of(xxh3: str) -> int:
+    """The sub-second part (ns, never 0) of the mtime of a sealed object with digest ``xxh3``.
+
+    A write sets an mtime of the current time, whose nanoseconds match it by chance once in
+    a billion writes. A file system that keeps less than nanoseconds never keeps a seal: its
+    objects are checked by their hash whenever they are used.
+    """
+    return 1 + int(xxh3[:8], 16) % (_NS - 1)
+
+
+def _is_sealed(st: os.stat_result, xxh3: str, size: int) -> bool:
+    """Whether ``st`` is that of a regular file of ``size`` bytes still bearing the seal of
+    ``xxh3`` (no write since it was sealed: a write sets the mtime to the current time)."""
+    return (
+        stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns % _NS == _seal_of(xxh3)
+    )
+
+
+def _seal(path: Path, xxh3: str, st: os.stat_result | None = None) -> None:
+    """Set the sub-second part of ``path``'s mtime to the seal of ``xxh3`` (its whole seconds
+    are kept; ``st`` is its ``lstat`` if known). Best effort: a file system without
+    sub-second times, or a file of another user, stays unsealed, and is then checked by its
+    hash when used."""
+    try:
+        st = st or os.lstat(path)
+        mtime = st.st_mtime_ns - st.st_mtime_ns % _NS + _seal_of(xxh3)
+        os.utime(path, ns=(st.st_atime_ns, mtime), follow_symlinks=False)
+    except OSError as err:
+        logger.debug("cannot seal %s (%s); it is checked by its hash when used", path, err)
 
 
 def _make_parents(dest: Path, relpath: str) -> Path:
@@ -313,6 +347,14 @@ class ObjectArea:
     and no partial object ever appears under its final name. The root and its fan-out
     directories are created on demand.
 
+    Every object is *sealed*: the sub-second part of its mtime is set to a value derived from
+    its digest. A write into an object (by root, which ignores its read-only mode, or by an
+    owner who made it writable, through any hard link to it, a run folder's included) sets
+    its mtime to the current time and breaks the seal. A ``stat`` therefore tells an object
+    that may be served from one that must be re-hashed first: an object whose seal is broken
+    is served, and sealed again, only when its hash still matches; otherwise it is not
+    served, and the next ingest of that content replaces it.
+
     Parameters
     ----------
     root
@@ -389,10 +431,12 @@ class ObjectArea:
 
         Notes
         -----
-        If an object with the same content already exists it is left untouched (dedup); in
-        link mode the source then keeps its own inode and permission bits. A process still
-        holding ``src`` open for writing can change a linked object after it was hashed;
-        :meth:`verify` detects that.
+        If a sound object with the same content already exists it is left untouched (dedup);
+        in link mode the source then keeps its own inode and permission bits. An existing
+        object that was written to since it was stored (its seal is broken and its hash does
+        not match), or that is not a regular file, is replaced. In link mode the seal changes
+        the sub-second part of the source's mtime. A process still holding ``src`` open for
+        writing can change a linked object after it was hashed; that breaks its seal.
         """
         return self._ingest(Path(src), mode)[0]
 
@@ -419,17 +463,27 @@ class ObjectArea:
             logger.debug("cannot hard-link %s into %s (%s); copying", src, self.root, err)
             return None
         try:
-            if not stat.S_ISREG(os.lstat(tmp).st_mode):  # src swapped for a symlink meanwhile
+            before = os.lstat(tmp)
+            if not stat.S_ISREG(before.st_mode):  # src swapped for a symlink meanwhile
                 raise CacheError(f"{src} is not a regular file (symlinks are not followed)")
+            if before.st_nlink > 2:
+                # src shares its inode with other names (a file placed by a hit, or linked by
+                # the job): sealing it would seal them too, maybe as an object of other content
+                logger.debug("%s has other hard links; copying", src)
+                return None
             digest, size = _hash_file(tmp)
+            after = os.lstat(tmp)
+            if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, size):
+                raise CacheError(f"{src} was written to while it was being recorded")
             final = self.path_of(digest)
-            if os.path.lexists(final):
+            if self._reusable(final, digest, size):
                 return digest, size
             try:
                 os.chmod(tmp, OBJECT_MODE, follow_symlinks=False)
             except OSError as err:  # e.g. EPERM: the inode belongs to another user
                 logger.debug("cannot make %s read-only (%s); copying", src, err)
                 return None
+            _seal(tmp, digest, after)
             self._publish(tmp, final)
             return digest, size
         finally:
@@ -444,11 +498,54 @@ class ObjectArea:
             tmp, digest, size = self._copy_hashed(source, self.root, OBJECT_MODE)
             try:
                 final = self.path_of(digest)
-                if not os.path.lexists(final):
+                if not self._reusable(final, digest, size):
+                    _seal(tmp, digest)
                     self._publish(tmp, final)
                 return digest, size
             finally:
                 _unlink_quietly(tmp)
+
+    def _reusable(self, final: Path, xxh3: str, size: int) -> bool:
+        """Whether an object already stored at ``final`` holds the content ``xxh3`` (then it is
+        reused). An object that does not is moved out of the way, so the new one replaces it."""
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            return False
+        if self._sound(final, st, xxh3, size):
+            return True
+        self._discard(final)
+        return False
+
+    def _sound(self, path: Path, st: os.stat_result, xxh3: str, size: int) -> bool:
+        """Whether the object at ``path`` (its ``lstat`` is ``st``) holds the content ``xxh3``
+        of ``size`` bytes: a ``stat`` when its seal is intact, its hash otherwise (an intact
+        object is then sealed again)."""
+        if _is_sealed(st, xxh3, size):
+            return True
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return False
+        try:
+            found = _hash_file(path)
+        except OSError:
+            return False
+        if found != (xxh3, size):
+            return False
+        _seal(path, xxh3, st)
+        return True
+
+    def _discard(self, path: Path) -> None:
+        """Remove a damaged object (a file or whatever took its name) from the area."""
+        aside = _tmp_name(self.root)
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return
+        logger.warning("object %s was damaged (written to, or replaced); removed", path)
+        if os.path.isdir(aside) and not os.path.islink(aside):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            _unlink_quietly(aside)
 
     def _copy_hashed(self, source: FileIO, folder: Path, mode: int) -> tuple[Path, str, int]:
         """Copy ``source`` to a new temporary file in ``folder`` with ``mode``, hashing the
@@ -527,17 +624,22 @@ class ObjectArea:
 
     # ----------------------------------------------------------------- reading
 
-    def _present(self, record: FileRecord) -> bool:
-        """Whether the object of ``record`` exists as a regular file with the recorded size."""
+    def _usable(self, record: FileRecord) -> bool:
+        """Whether the object of ``record`` exists and holds its content (see :meth:`_sound`)."""
         try:
-            st = os.lstat(self.path_of(record.xxh3))
+            path = self.path_of(record.xxh3)
+            st = os.lstat(path)
         except (OSError, ValueError):
             return False
-        return stat.S_ISREG(st.st_mode) and st.st_size == record.size
+        return self._sound(path, st, record.xxh3, record.size)
 
     def has_all(self, records: Iterable[FileRecord]) -> bool:
-        """Whether every object exists with its recorded size (a ``stat`` each, no hashing)."""
-        return all(self._present(record) for record in records)
+        """Whether every object exists and holds its recorded content.
+
+        A ``stat`` each for sealed objects; an object whose seal is broken (written to, or
+        stored before seals existed) is re-hashed, and sealed again when it still matches.
+        """
+        return all(self._usable(record) for record in records)
 
     def materialize(
         self, records: Sequence[FileRecord], dest: Path, mode: PlaceMode = "link"
@@ -568,9 +670,9 @@ class ObjectArea:
         ------
         FilesUnavailableError
             Before anything is written, if a record's path is absolute or escapes ``dest``, or
-            if objects are missing (the message names their paths). Later, chained to the
-            cause, if placing a file fails or a copied object does not match its record; files
-            placed before that stay in place.
+            if objects are missing or corrupt: no longer holding their content (the message
+            names their paths). Later, chained to the cause, if placing a file fails or a
+            copied object does not match its record; files placed before that stay in place.
 
         Notes
         -----
@@ -587,10 +689,10 @@ class ObjectArea:
                 raise FilesUnavailableError(
                     f"refusing to materialize {record.path!r}: absolute or outside {dest}"
                 ) from err
-        missing = [record.path for record in records if not self._present(record)]
+        missing = [record.path for record in records if not self._usable(record)]
         if missing:
             raise FilesUnavailableError(
-                f"{len(missing)} of {len(records)} objects missing from {self.root}: "
+                f"{len(missing)} of {len(records)} objects missing or corrupt in {self.root}: "
                 + ", ".join(missing)
             )
         dest = Path(dest)
