@@ -86,8 +86,9 @@ def unpack_document(doc: Mapping[str, Any]) -> dict[str, Any]:
     """A stored document with its compressed fields restored (a copy; ``doc`` is unchanged).
 
     A document written without compressed fields comes back as a shallow copy. Raises
-    ``ValueError`` when a compressed field does not decompress; the checksum then decides
-    about what it holds, like for any other field.
+    ``ValueError`` when a compressed field does not decompress (the checksum then decides
+    about what it holds, like for any other field), or when ``doc`` is not a mapping (a
+    damaged row).
 
     Examples
     --------
@@ -98,6 +99,8 @@ def unpack_document(doc: Mapping[str, Any]) -> dict[str, Any]:
     >>> unpack_document(doc)["output"] == e.output
     True
     """
+    if not isinstance(doc, Mapping):  # a damaged row: JSON, but not an object
+        raise ValueError(f"not an entry document but {type(doc).__name__}")
     restored = {k: v for k, v in doc.items() if k != PACKED_KEY}
     packed = doc.get(PACKED_KEY)
     if packed is None:
