@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pgserver import *  # noqa: F403  (PostgreSQL server fixtures)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

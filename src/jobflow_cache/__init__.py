@@ -31,6 +31,7 @@ from jobflow_cache.files import FileRecord, ObjectArea
 # layer 1: hashing and files (pure)
 from jobflow_cache.hashing import SCHEME, CallDigest, digest_call, digest_value
 from jobflow_cache.local import run_locally
+from jobflow_cache.postgres_store import PostgresStore
 from jobflow_cache.settings import CacheSettings, get_settings
 from jobflow_cache.sqlite_store import SQLiteStore
 from jobflow_cache.store import MISS, CacheStore, Lookup, Outcome, store_from_spec
@@ -60,6 +61,7 @@ __all__ = [
     # entries and stores
     "CacheEntry",
     "SQLiteStore",
+    "PostgresStore",
     "MISS",
     "CacheStore",
     "Lookup",
