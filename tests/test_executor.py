@@ -485,7 +485,11 @@ def test_deleted_original_run_folder_still_serves_its_files(
     assert (folder / "sub" / "data.bin").read_bytes() == b"d" * 10
 
 
-def test_files_none_serves_the_output_without_files(counts, job_store, cache_store, tmp_path):
+def test_files_none_records_no_files_but_restores_an_entrys_files(
+    counts, job_store, cache_store, tmp_path
+):
+    """FILES=none means "record no files". An entry recorded with files elsewhere gets them back
+    when served (its output may name them): a folder without them would not match the output."""
     run_in(tmp_path / "a", jobs.write_files("n"), job_store, cache_store)
     w = jobs.write_files("n")
     w.update_metadata({META_KEY: {"files": "none"}})
@@ -493,7 +497,16 @@ def test_files_none_serves_the_output_without_files(counts, job_store, cache_sto
     assert counts()["write_files"] == 1
     assert meta(job_store, w.uuid)["outcome"] == "hit"
     folder = next((tmp_path / "b").iterdir())
-    assert list(folder.iterdir()) == []
+    assert (folder / "result.txt").read_text() == "n\n" * 10
+    # recorded with files=none: the entry has no files, and a hit restores none
+    x = jobs.write_files("m")
+    x.update_metadata({META_KEY: {"files": "none"}})
+    run_in(tmp_path / "c", x, job_store, cache_store)
+    y = jobs.write_files("m")
+    run_in(tmp_path / "d", y, job_store, cache_store)
+    assert counts()["write_files"] == 2
+    assert meta(job_store, y.uuid)["outcome"] == "hit"
+    assert list(next((tmp_path / "d").iterdir()).iterdir()) == []
 
 
 def test_partial_files_of_a_failed_job_are_never_recorded(

@@ -163,16 +163,18 @@ def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewr
     >>> rewrite_text('["h:/a/b/x", "/a/bc", "/a/b/in.txt"]', {}, moved)
     '["k:/n/x", "/a/bc", "/a/b/in.txt"]'
     """
+    # folders first: a folder named after its job's uuid (jobflow-remote's ``.../<uuid>_1``)
+    # must still be recognised as the old folder; the new path holds the new uuid already
+    for old, move in dirs.items():
+        if not old or old == move.new or _in_json(old) not in text:  # nothing to rewrite
+            continue
+        text = _dir_pattern(old).sub(functools.partial(_new_path, move), text)
     if uuids:
 
         def new_uuid(match: re.Match[str]) -> str:
             return uuids.get(match.group(0), match.group(0))
 
         text = UUID_RE.sub(new_uuid, text)
-    for old, move in dirs.items():
-        if not old or old == move.new or _in_json(old) not in text:  # nothing to rewrite
-            continue
-        text = _dir_pattern(old).sub(functools.partial(_new_path, move), text)
     return text
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from jobflow import Job, Response
 from jobflow.utils.uid import suid
+from maggma.stores import MemoryStore
 from monty.json import jsanitize
 
 from jobflow_cache.codec import (
@@ -212,7 +213,16 @@ class Cache:
         settings: CacheSettings | None = None,
     ) -> None:
         self.settings = settings or get_settings()
-        self.store = store if store is not None else CacheStore.from_settings(self.settings)
+        self._spec_error: CacheError | None = None
+        if store is None:
+            try:
+                store = CacheStore.from_settings(self.settings)
+            except CacheError as err:  # a bad or unbuildable spec: every job runs uncached
+                self._spec_error = err
+                store = CacheStore(
+                    MemoryStore(collection_name="unusable"), self.settings.objects_dir()
+                )
+        self.store = store
         self.files: FilesMode = files or self.settings.FILES
         # folders recorded in the store (and looked up there) only when the user says every job
         # of every worker has a folder of its own; run_locally(create_folders) knows it of its run
@@ -243,6 +253,8 @@ class Cache:
         if self._connected or self._broken:
             return self._connected
         try:
+            if self._spec_error is not None:
+                raise self._spec_error
             self.store.connect()
         except Exception as err:  # any failure: the workflow must still run
             self._fail(err)
@@ -260,8 +272,13 @@ class Cache:
     def _fail(self, err: BaseException) -> None:
         if self._broken is None:
             self._broken = str(err)
+            which = (
+                "configured by JOBFLOW_CACHE_STORE cannot be built"
+                if self._spec_error is not None
+                else f"{self.store.name} is unavailable"
+            )
             warn(
-                f"jobflow-cache: the cache store {self.store.name} is unavailable ({err}); "
+                f"jobflow-cache: the cache store {which} ({err}); "
                 "jobs run uncached for the rest of this run",
                 stacklevel=4,
             )
@@ -821,8 +838,11 @@ class Cache:
     # -- serving ----------------------------------------------------------------------------
     def _serve(self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions) -> Response:
         cwd = os.getcwd()
+        # an entry recorded with files gets them back whatever this job's mode: its output may
+        # name them (FILES=none only means "record no files"); without them it is not served
         files_mode = options.files or self.files
-        if entry.files and files_mode != "none" and not self.objects.has_all(entry.files):
+        place: FilesMode = "link" if files_mode == "none" else files_mode
+        if entry.files and not self.objects.has_all(entry.files):
             raise FilesUnavailableError("run-folder files of the entry are missing")
         uuids: dict[str, str] = {}
         dirs: dict[str, DirRewrite] = {}
@@ -855,8 +875,8 @@ class Cache:
                 uuids = {**uuids, **{old: suid() for old in created}}
             parts = loads(rewrite_text(text, uuids, dirs))
         output = loads(rewrite_text(entry.output, uuids, dirs))
-        if entry.files and files_mode != "none":
-            self.objects.materialize(entry.files, Path(cwd), mode=files_mode)
+        if entry.files:
+            self.objects.materialize(entry.files, Path(cwd), mode=place)
         # the schema check jobflow applies to the function's return value
         return Response.from_job_returns(
             _replayed(Response(output=output), parts), job.output_schema
