@@ -23,6 +23,13 @@ DEFAULT_FILES_EXCLUDE = [
     "FW_offline.json",
     "FW_ping.json",
     "jfremote_*",
+    # batch-script files that FireWorks' qlaunch and jobflow-remote put in the run folder
+    "FW_submit.script",
+    "FW_job*.out",
+    "FW_job*.error",
+    "submit.sh",
+    "queue.out",
+    "queue.err",
     "*.lock",
     ".jobflow-cache-*",
 ]
