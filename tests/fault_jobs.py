@@ -6,7 +6,9 @@ Every job counts its executions through :func:`tests.jobs.executed` (``JFC_COUNT
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -109,3 +111,76 @@ def rewrite_flow(name: str = "OUTCAR") -> Flow:
 def unreadable_flow(tag: str = "u") -> Flow:
     """A job that writes a file nobody may read, and an independent one."""
     return Flow([write_unreadable(tag), large_output(1000)], name="unreadable")
+
+
+@job
+def sabotage(how: str, target: str, value=None):
+    """Damage the cache while a flow runs (between two of its jobs); return ``value``.
+
+    ``how``: ``"delete"`` the file ``target`` (and its SQLite -wal/-shm), ``"garbage"``: write
+    garbage over it in place, ``"replace"``: rename a garbage file over it, ``"read-only"``:
+    make its folder and files read-only, ``"command"``: run the JSON argv ``target`` (stop a
+    server), ``"terminate"``: end every other connection to the PostgreSQL server ``target``.
+    """
+    executed("sabotage")
+    path = Path(target)
+    files = [path, Path(f"{target}-wal"), Path(f"{target}-shm")]
+    if how == "delete":
+        for file in files:
+            file.unlink(missing_ok=True)
+    elif how == "garbage":
+        for file in files:
+            if file.exists():
+                with open(file, "r+b") as fh:
+                    fh.write(b"\xde\xad\xbe\xef" * (file.stat().st_size // 4 + 1))
+    elif how == "replace":
+        garbage = path.with_name(path.name + ".garbage")
+        garbage.write_bytes(b"this is not a database" * 200)
+        os.replace(garbage, path)
+    elif how == "read-only":
+        for file in files:
+            if file.exists():
+                file.chmod(0o444)
+        path.parent.chmod(0o555)
+    elif how == "command":
+        subprocess.run(json.loads(target), check=True, capture_output=True, timeout=120)
+    elif how == "terminate":
+        import psycopg
+
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+    else:
+        raise ValueError(how)
+    return value
+
+
+def sabotaged_flow(how: str, target: str) -> Flow:
+    """add -> mul -> sabotage -> add -> mul: two jobs before the fault, two after it."""
+    a = add_one(1)
+    b = times_ten(a.output)
+    broken = sabotage(how, target, b.output)
+    c = add_one(broken.output)
+    return Flow([a, b, broken, c, times_ten(c.output)], name=f"sabotaged-{how}")
+
+
+def chain_flow() -> Flow:
+    """The jobs of :func:`sabotaged_flow` without the fault (same digests)."""
+    a = add_one(1)
+    b = times_ten(a.output)
+    c = add_one(b.output)
+    return Flow([a, b, c, times_ten(c.output)], name="chain")
+
+
+@job
+def add_one(x):
+    executed("add_one")
+    return x + 1
+
+
+@job
+def times_ten(x):
+    executed("times_ten")
+    return x * 10
