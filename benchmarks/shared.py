@@ -231,7 +231,7 @@ def _lat(values: list[float]) -> dict[str, float]:
 
 def _writers(root: Path, env: dict[str, str], mode: Mode) -> dict[str, Any]:
     """8 processes: puts, batched puts, then lookups, each phase started together."""
-    n, lookups = (50, 200) if mode.quick else (500, 2000)
+    n, lookups = (200, 500) if mode.quick else (1000, 4000)
     prefixes = [f"w{k}" for k in range(WRITERS)]
     folders = [root / "rw" / p for p in prefixes]
     procs: list[subprocess.Popen[str]] = []
