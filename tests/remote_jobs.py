@@ -22,6 +22,7 @@ def relax(volume: float) -> dict[str, object]:
     """Write an ``OUTCAR`` and a binary file into the run folder; return the folder, as a path
     and as atomate2 writes a TaskDoc's ``dir_name``: ``"host:/path"``."""
     executed("relax")
+    print(f"relaxing at volume {volume}", flush=True)  # a calculation's log on stdout
     Path("OUTCAR").write_text(f"volume={volume * 0.98}\n")
     Path("sub").mkdir(exist_ok=True)
     Path("sub/WAVECAR").write_bytes(b"\x00\x01wave" * 64)

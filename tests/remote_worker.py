@@ -164,16 +164,19 @@ def run_remote(
     hostname: str | None = None,
     read_only: Sequence[Path] = (),
     folder_name: Callable[[Job], str] | None = None,
+    queue_files: bool = False,
 ) -> dict[str, WorkerRun]:
     """Run ``flow`` job by job, each in a fresh worker process in a folder of its own under
     ``base_dir``; outputs end up in ``store``. Returns the worker runs by job name.
 
     A folder is named ``<job name>-<random hex>`` (as docs/howto/remote.md's runner does), or
-    by ``folder_name`` (e.g. :func:`jobflow_remote_folder`).
+    by ``folder_name`` (e.g. :func:`jobflow_remote_folder`). With ``queue_files`` the worker
+    runs as a batch scheduler runs jobflow-remote's jobs: ``bash submit.sh`` in the folder,
+    its output going to ``queue.out`` and ``queue.err`` there while the job runs.
     """
     from jobflow import JobStore
     from maggma.stores import JSONStore
-    from monty.serialization import dumpfn
+    from monty.serialization import dumpfn, loadfn
 
     full_env = worker_env(env, hostname)
     runs: dict[str, WorkerRun] = {}
@@ -184,10 +187,12 @@ def run_remote(
         folder.mkdir(parents=True)
         worker_store = JobStore(JSONStore(str(folder / STORE_FILENAME), read_only=False))
         dumpfn({"job": job, "store": worker_store}, folder / IN_FILENAME)
-        out, err, wall = run_worker_process(
-            command(["run", str(folder)], hostname, read_only), full_env
-        )
-        report = json.loads(out.strip().splitlines()[-1])
+        cmd = command(["run", str(folder)], hostname, read_only)
+        if queue_files:
+            err, wall = run_in_queue(cmd, full_env, folder)
+        else:
+            _, err, wall = run_worker_process(cmd, full_env)
+        report = loadfn(folder / OUT_FILENAME)["report"]
         outputs = JSONStore(str(folder / STORE_FILENAME), key="uuid")
         outputs.connect()
         docs = [{k: v for k, v in doc.items() if k != "_id"} for doc in outputs.query({})]
@@ -205,6 +210,33 @@ def run_remote(
     return runs
 
 
+#: What a batch scheduler leaves in a jobflow-remote run folder (its default names).
+SUBMIT_SCRIPT, QUEUE_OUT, QUEUE_ERR = "submit.sh", "queue.out", "queue.err"
+
+
+def run_in_queue(cmd: Sequence[str], env: Mapping[str, str], folder: Path) -> tuple[str, float]:
+    """Run ``cmd`` from ``submit.sh`` in ``folder``, output to ``queue.out``/``queue.err``
+    there; return what ``queue.err`` holds afterwards and the wall time."""
+    script = folder / SUBMIT_SCRIPT
+    script.write_text("#!/bin/bash\nexec " + shlex.join(cmd) + "\n")
+    started = time.perf_counter()
+    with open(folder / QUEUE_OUT, "w") as out, open(folder / QUEUE_ERR, "w") as err:
+        proc = subprocess.run(
+            ["bash", SUBMIT_SCRIPT],
+            cwd=folder,
+            env=dict(env),
+            stdout=out,
+            stderr=err,
+            timeout=600,
+            check=False,
+        )
+    wall = time.perf_counter() - started
+    logs = (folder / QUEUE_ERR).read_text()
+    if proc.returncode != 0:
+        raise AssertionError(f"queued worker in {folder} failed ({proc.returncode}):\n{logs}")
+    return logs, wall
+
+
 def work(folder: Path) -> dict[str, Any]:
     """The worker: run the job of ``folder/jfremote_in.json`` there (jobflow-remote's
     ``run_remote_job``), write ``jfremote_out.json``; return a report."""
@@ -220,14 +252,15 @@ def work(folder: Path) -> dict[str, Any]:
     response = job.run(store=store)
     seconds = time.perf_counter() - started
     response.output = None  # already in the store, as jobflow-remote does
-    dumpfn({"response": response, "error": None}, OUT_FILENAME)
     record = job.metadata.get("jobflow_cache", {})
-    return {
+    report = {
         "name": job.name,
         "outcome": record.get("outcome"),
         "host": socket.gethostname(),
         "seconds": seconds,
     }
+    dumpfn({"response": response, "error": None, "report": report}, OUT_FILENAME)
+    return report
 
 
 # -- FireWorks ------------------------------------------------------------------------------------

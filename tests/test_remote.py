@@ -242,11 +242,6 @@ def test_remote_worker_second_flow_instance_hits(shared_cache, counts, tmp_path,
     assert {r.path for r in entry_of("relax").files}.isdisjoint({rw.IN_FILENAME, rw.STORE_FILENAME})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a served path is rewritten uuids first: the old folder, named by the old uuid, no "
-    "longer matches and keeps the old base with the new uuid (codec.rewrite_text)",
-)
 def test_remote_worker_in_jobflow_remote_folders(counts, tmp_path, job_store):
     """jobflow-remote names a run folder by the job's uuid (``aa/bb/cc/<uuid>_<index>``): a
     served relax must name its new folder, where its files are, and read_outcar must read them."""
@@ -388,20 +383,24 @@ def test_fireworks_rapidfire_without_cache_warns_once(counts, tmp_path):
     assert plain_outputs(outputs) == expected()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a store spec that cannot be built raises in Cache() (current_cache) and fails the job",
-)
-def test_worker_with_unusable_store_spec_runs_uncached(counts, tmp_path, job_store):
-    """A spec naming a store class the worker cannot import (a missing extra, a typo) must not
-    fail the job: it runs uncached with one warning."""
-    spec = {"type": "NoSuchStore", "uri": "postgresql://jfc@127.0.0.1:1/postgres"}
-    env = {"JOBFLOW_CACHE_STORE": json.dumps(spec)}
-    flow = Flow([relax(42.0)])
-    runs = rw.run_remote(flow, tmp_path / "runs", job_store, env=env)
+UNUSABLE_SPECS = {
+    "unknown-store-type": {"type": "NoSuchStore", "uri": "postgresql://jfc@127.0.0.1:1/x"},
+    "missing-spec-file": "/nonexistent/jobflow-cache-store.yaml",
+}
+
+
+@pytest.mark.parametrize("spec", sorted(UNUSABLE_SPECS))
+def test_worker_with_unusable_store_spec_runs_uncached(spec, counts, tmp_path, job_store):
+    """A spec the worker cannot build (a store class it cannot import: a missing extra, a typo;
+    a spec file that is not there) never fails the job: it runs uncached with one warning."""
+    value = UNUSABLE_SPECS[spec]
+    env = {"JOBFLOW_CACHE_STORE": value if isinstance(value, str) else json.dumps(value)}
+    runs = rw.run_remote(Flow([relax(42.0)]), tmp_path / "runs", job_store, env=env)
     assert counts() == Counter(relax=1)
     assert runs["relax"].outcome == "error"
     assert runs["relax"].cache_warnings == 1
+    assert "JOBFLOW_CACHE_STORE" in runs["relax"].stderr
+    assert job_store.get_output(runs["relax"].uuid)["volume"] == 41.16
 
 
 # -- run folders on another host ------------------------------------------------------------------
@@ -474,10 +473,6 @@ def test_other_host_without_the_object_area_reruns(shared_cache, counts, tmp_pat
     assert_restored(runs_a2["relax"].folder, None, tmp_path / "objects-a")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an entry with files is served without them where FILES=none (executor._serve)",
-)
 def test_worker_with_files_none_never_gets_a_folder_without_its_files(counts, tmp_path, job_store):
     """A worker set to JOBFLOW_CACHE_FILES=none, served an entry recorded with files elsewhere,
     must either put the files in place or run the job: relax's output names its folder, and
@@ -488,3 +483,21 @@ def test_worker_with_files_none_never_gets_a_folder_without_its_files(counts, tm
     )
     assert (runs["relax"].folder / "OUTCAR").read_text() == f"volume={42.0 * 0.98}\n"
     assert job_store.get_output(runs["read_outcar"].uuid) == f"volume={42.0 * 0.98}"
+
+
+def test_remote_worker_scheduler_files_are_not_cached(counts, tmp_path, job_store):
+    """Under a batch scheduler a jobflow-remote run folder also holds ``submit.sh`` and the
+    job's ``queue.out``/``queue.err``, written while the job runs. They are the manager's, not
+    the job's: never recorded, never replaced on a hit, so each run keeps its own log."""
+    runs1 = rw.run_remote(relax_flow(), tmp_path / "runs1", job_store, queue_files=True)
+    assert {r.path for r in entry_of("relax").files} == {"OUTCAR", "sub/WAVECAR"}
+    runs2 = rw.run_remote(relax_flow(), tmp_path / "runs2", job_store, queue_files=True)
+    assert outcomes_of(runs2)["relax"] == "hit"
+    assert counts() == ALL_ONCE + Counter(read_outcar=1)
+    for runs in (runs1, runs2):
+        log = runs["relax"].folder / rw.QUEUE_OUT
+        assert log.stat().st_nlink == 1
+        assert log.stat().st_mode & stat.S_IWUSR
+        assert f"relax ({runs['relax'].uuid})" in log.read_text()  # this run's own log
+    assert "relaxing" in (runs1["relax"].folder / rw.QUEUE_OUT).read_text()
+    assert "relaxing" not in (runs2["relax"].folder / rw.QUEUE_OUT).read_text()
