@@ -113,11 +113,25 @@ _CURSOR_IDS = itertools.count(1)
 # --------------------------------------------------------------------------- encoding
 
 
-def _to_storable(obj: Any) -> Any:
-    """Replace values JSONB cannot hold by their tagged encodings (see the module docstring)."""
+class _NotPlainError(Exception):
+    """Raised by the strict walk on a value ``jsanitize`` would have to convert."""
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None), dict, list, tuple, datetime, bytes})
+
+
+def _to_storable(obj: Any, strict: bool = False) -> Any:
+    """Replace values JSONB cannot hold by their tagged encodings (see the module docstring).
+
+    With ``strict``, raise :class:`_NotPlainError` on anything ``jsanitize(allow_bson=True)``
+    would change (other than a tuple, which both make a list): such documents need no
+    sanitising, which is most of the cost of a write otherwise.
+    """
     kind = type(obj)
+    if strict and kind not in _PLAIN:
+        raise _NotPlainError
     if kind is str:
-        return {_STRING: orjson.dumps(obj).decode("ascii")} if "\x00" in obj else obj
+        return {_STRING: orjson.dumps(obj).decode("utf-8")} if "\x00" in obj else obj
     if kind is int or kind is bool or obj is None:
         return obj
     if isinstance(obj, dict):
@@ -128,10 +142,16 @@ def _to_storable(obj: Any) -> Any:
                     raise ValueError(f"the key {key!r} is reserved by PostgresStore's encoding")
                 if "\x00" in key:
                     raise ValueError(f"document keys cannot hold NUL characters: {key!r}")
-            out[key] = _to_storable(value)
+            elif strict:
+                raise _NotPlainError
+            out[key] = (
+                value
+                if type(value) is str and "\x00" not in value
+                else (_to_storable(value, strict))
+            )
         return out
     if isinstance(obj, list | tuple):
-        return [_to_storable(value) for value in obj]
+        return [_to_storable(value, strict) for value in obj]
     if isinstance(obj, float):
         if math.isnan(obj):
             return {_DOUBLE: "NaN"}
@@ -482,7 +502,7 @@ class _Translator:
                     rest[op] = value
                     continue
                 literals = [lit for lit in map(_key_literal, value) if lit is not None]
-                where = _Where("key = ANY(%s::text[])", [literals], True)
+                where = _Where("key = ANY(%b::text[])", [literals], True)
                 wheres.append(where if op == "$in" else _negate(where))
             elif op == "$exists":
                 wheres.append(_Where("TRUE" if value else "FALSE", [], True))
@@ -661,7 +681,7 @@ class _Translator:
                     )
                 )
             for cls, group in texts.items():
-                fragments.append((f"({_cls(e)} = {cls} AND {_pre(e)} = ANY(%s::text[]))", [group]))
+                fragments.append((f"({_cls(e)} = {cls} AND {_pre(e)} = ANY(%b::text[]))", [group]))
             return _or(fragments)
 
         return test
@@ -785,9 +805,12 @@ class _State:
 
 
 _LIVE: weakref.WeakSet[_State] = weakref.WeakSet()
+_OPEN_LOCK = threading.RLock()  # one pool per store and process, even if threads race
 
 
 def _after_fork_in_child() -> None:
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.RLock()  # another thread may have held it at fork()
     for state in list(_LIVE):
         if state.pid != os.getpid():
             _LIVE.discard(state)
@@ -923,6 +946,11 @@ class PostgresStore(Store):
         return f"PostgresStore(uri={_redact(self.uri)!r}, table={self.table!r}, key={self.key!r})"
 
     @property
+    def collection_name(self) -> str:
+        """The table of documents (named like MongoStore's collection, for tools that log it)."""
+        return self.table
+
+    @property
     def _t(self) -> str:
         return _ident(self.table)
 
@@ -951,16 +979,18 @@ class PostgresStore(Store):
             it is older than PostgreSQL 14 or not UTF-8, or the table exists with another key
             field or was not made by PostgresStore.
         """
-        state = self._state
-        if state is not None and state.pid == os.getpid() and not force_reset:
-            return
-        self._state = None
-        if state is not None:
-            if state.pid == os.getpid():
-                state.close()
-            else:
-                state.abandon()
-        self._state = self._open()
+        with _OPEN_LOCK:
+            state = self._state
+            if state is not None and state.pid == os.getpid() and not force_reset:
+                return
+            self._state = None
+            if state is not None:
+                _LIVE.discard(state)
+                if state.pid == os.getpid():
+                    state.close()
+                else:
+                    state.abandon()
+            self._state = self._open()
 
     def close(self) -> None:
         """Close this process's pool; calling it twice is harmless."""
@@ -1101,10 +1131,9 @@ class PostgresStore(Store):
         if state is None:
             raise StoreError("PostgresStore is not connected: call connect() first")
         if state.pid != os.getpid():  # forked: never touch the parent's connections
-            self._state = None
-            _LIVE.discard(state)
-            state.abandon()
-            state = self._state = self._open()
+            self.connect()
+            state = self._state
+            assert state is not None
         return state
 
     @contextmanager
@@ -1234,7 +1263,7 @@ class PostgresStore(Store):
             if fields is not None:  # the server picks the fields: large ones are never sent
                 columns = (
                     "(SELECT jsonb_object_agg(_f.k, _f.v) FROM jsonb_each(doc) AS _f(k, v) "
-                    "WHERE _f.k = ANY(%s::text[]))"
+                    "WHERE _f.k = ANY(%b::text[]))"
                 )
                 params.append(fields)
             sql = f"SELECT {columns} FROM {self._t} WHERE {where.sql}{order}"
@@ -1327,7 +1356,7 @@ class PostgresStore(Store):
             return None
         dropped = [name for name in leave_out if isinstance(name, str)]
         if dropped:
-            sql = f"SELECT doc - %s::text[] FROM {self._t} WHERE key = %s"
+            sql = f"SELECT doc - %b::text[] FROM {self._t} WHERE key = %s"
             params: list[Any] = [dropped, row_key]
         else:
             sql = f"SELECT doc FROM {self._t} WHERE key = %s"
@@ -1507,19 +1536,34 @@ class PostgresStore(Store):
         return False
 
     def _prepare(self, doc: Any) -> tuple[str, str, dict] | None:
-        """Sanitise (as MongoStore does), validate and encode: ``(row key, JSON, doc)``."""
+        """Sanitise (as MongoStore does), validate and encode: ``(row key, JSON, doc)``.
+
+        Unless a validator needs to see it, a plain document (nothing ``jsanitize`` would
+        change) is encoded in one walk, without being sanitised first.
+        """
+        if self.validator is None and type(doc) is dict:
+            try:
+                storable = _to_storable(doc, strict=True)
+            except _NotPlainError:
+                pass
+            else:
+                text = orjson.dumps(storable, default=_orjson_default).decode("utf-8")
+                return self._row_key(doc), text, doc
         doc = _sanitize(doc)
         if not isinstance(doc, dict):
             raise TypeError(f"documents must be dicts, not {type(doc).__name__}")
         if not self._validate(doc):
             return None
+        return self._row_key(doc), _dumps(doc), doc
+
+    def _row_key(self, doc: Mapping[str, Any]) -> str:
         if self.key not in doc:
             raise KeyError(f"document has no key field {self.key!r}")
         value = doc[self.key]
         literal = _key_literal(value)
         if literal is None or not isinstance(value, str | int) or "\x00" in literal:
             raise TypeError(f"the key field {self.key!r} must hold a str or an int, not {value!r}")
-        return literal, _dumps(doc), doc
+        return literal
 
     def update(self, docs: list[dict] | dict, key: list | str | None = None) -> None:
         """Insert or replace documents, all in one statement (one transaction).
@@ -1552,7 +1596,7 @@ class PostgresStore(Store):
             ordered = sorted(latest)  # one lock order for every writer: no deadlocks
             sql = (
                 f"INSERT INTO {self._t} (key, doc) SELECT k, d::jsonb "
-                "FROM unnest(%s::text[], %s::text[]) AS u(k, d) "
+                "FROM unnest(%b::text[], %b::text[]) AS u(k, d) "
                 "ON CONFLICT (key) DO UPDATE SET doc = EXCLUDED.doc"
             )
             params = [ordered, [latest[k] for k in ordered]]
@@ -1746,7 +1790,7 @@ class PostgresStore(Store):
         def remove(conn: Connection[Any]) -> None:
             with conn.transaction():
                 keys = [key for key, doc in conn.execute(select, where.params) if matches(doc)]
-                conn.execute(f"DELETE FROM {self._t} WHERE key = ANY(%s::text[])", [keys])
+                conn.execute(f"DELETE FROM {self._t} WHERE key = ANY(%b::text[])", [keys])
 
         self._run(remove)
 
@@ -1852,7 +1896,7 @@ class PostgresStore(Store):
         aliases = sorted(pairs)
         sql = (
             f"INSERT INTO {self._aliases} (alias, digest) SELECT * FROM "
-            "unnest(%s::text[], %s::text[]) ON CONFLICT (alias) DO UPDATE SET digest = "
+            "unnest(%b::text[], %b::text[]) ON CONFLICT (alias) DO UPDATE SET digest = "
             "EXCLUDED.digest"
         )
         params = [aliases, [pairs[a] for a in aliases]]
@@ -1863,7 +1907,7 @@ class PostgresStore(Store):
         names = list(names)
         if not names:
             return {}
-        sql = f"SELECT alias, digest FROM {self._aliases} WHERE alias = ANY(%s::text[])"
+        sql = f"SELECT alias, digest FROM {self._aliases} WHERE alias = ANY(%b::text[])"
         rows = self._run(lambda conn: conn.execute(sql, [names]).fetchall())
         return {alias: digest for alias, digest in rows}
 
