@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 ENV_URI = "JOBFLOW_CACHE_TEST_POSTGRES_URI"
 INSTALL = "apt-get install postgresql"
+#: Read at import (conftest loads this module first): the autouse isolated_cache fixture
+#: removes every JOBFLOW_CACHE_* variable before a test asks for the server lazily.
+_CI_URI = os.environ.get(ENV_URI)
 
 
 class ClusterError(Exception):
@@ -223,7 +226,7 @@ def _psycopg() -> Any:
 def postgres_uri() -> Iterator[str]:
     """The URI of a PostgreSQL server for this test session (see the module docstring)."""
     psycopg = _psycopg()
-    uri = os.environ.get(ENV_URI)
+    uri = os.environ.get(ENV_URI) or _CI_URI
     if uri:
         try:
             psycopg.connect(uri, connect_timeout=5).close()
