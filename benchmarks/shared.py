@@ -89,11 +89,12 @@ def held(tag: str) -> dict[str, str]:
     return {"tag": tag}
 
 
-def _barrier(folder: Path, phase: str) -> None:
+def _barrier(folder: Path, phase: str, poll: float = 0.001) -> None:
+    """Say ready for ``phase``, then wait for the parent's go file (beside ``folder``)."""
     (folder / f"ready-{phase}").touch()
     go = folder.parent / f"go-{phase}"
     while not go.exists():
-        time.sleep(0.001)
+        time.sleep(poll)
 
 
 def _task_rw(task: dict[str, Any]) -> dict[str, Any]:
@@ -145,8 +146,7 @@ def _task_dedup(task: dict[str, Any]) -> dict[str, Any]:
     progress.setLevel(logging.INFO)
     job = held(task["tag"])
     store = JobStore(MemoryStore())
-    if task.get("barrier"):
-        _barrier(folder, "run")
+    _barrier(folder, task["role"], poll=0.005)  # idle meanwhile: it may wait a while
     run = folder / "run"  # not the worker's folder: the log file there grows during the job
     run.mkdir()
     os.chdir(run)
@@ -240,6 +240,7 @@ def _writers(root: Path, env: dict[str, str], mode: Mode) -> dict[str, Any]:
             task = {"kind": "rw", "prefix": prefix, "n": n, "lookups": lookups}
             procs.append(_spawn(folder, {**task, "prefixes": prefixes}, env))
         for phase in ("put", "batch", "read"):
+            logger.info("shared: writers %s", phase)
             _wait(
                 lambda phase=phase: all((f / f"ready-{phase}").exists() for f in folders),
                 procs,
@@ -305,8 +306,8 @@ def _log_time(folder: Path, text: str) -> float | None:
 
 class _Pair:
     """An owner and a waiter of one held job (a real ``run_locally`` each, under
-    ``JOBFLOW_CACHE_DEDUP=1``), started at once; the waiter goes once the owner holds the
-    claim."""
+    ``JOBFLOW_CACHE_DEDUP=1``). Both start at once and wait at a barrier once imported (so
+    they may be started while something else runs); :meth:`arm` lets them go in turn."""
 
     def __init__(self, root: Path, env: dict[str, str], case: str, lease: float | None) -> None:
         tag = f"{case}-{uuid.uuid4().hex[:8]}"
@@ -318,15 +319,22 @@ class _Pair:
         if lease is not None:
             base["JOBFLOW_CACHE_LEASE"] = str(lease)
         task = {"kind": "dedup", "tag": tag}
-        self.owner = _spawn(self.folder / "owner", task, {**base, "JFC_BENCH_HOLD": str(self.hold)})
-        self.waiter = _spawn(self.folder / "waiter", {**task, "barrier": True}, base)
+        self.owner = _spawn(
+            self.folder / "owner",
+            {**task, "role": "owner"},
+            {**base, "JFC_BENCH_HOLD": str(self.hold)},
+        )
+        self.waiter = _spawn(self.folder / "waiter", {**task, "role": "waiter"}, base)
         self.procs = [self.owner, self.waiter]
 
     def arm(self) -> None:
-        """Wait until the owner is inside the job and the waiter waits for it."""
-        _wait(lambda: bool(_events(self.event_file)), self.procs, "the owner's job to start")
-        _wait(lambda: (self.folder / "waiter" / "ready-run").exists(), self.procs, "the waiter")
-        (self.folder / "go-run").touch()  # the waiter's barrier is in its parent folder
+        """Let the owner go into the job, then the waiter wait for it."""
+        for role in ("owner", "waiter"):
+            ready = self.folder / role / f"ready-{role}"
+            _wait(ready.exists, self.procs, f"the {role} to be ready")
+            (self.folder / f"go-{role}").touch()
+            if role == "owner":
+                _wait(lambda: bool(_events(self.event_file)), self.procs, "the owner's job")
         _wait(lambda: self.logged("Waiting - ") is not None, self.procs, "the waiter to wait")
 
     def logged(self, text: str) -> float | None:
@@ -364,30 +372,48 @@ class _Pair:
         }
 
 
-def _leases(root: Path, env: dict[str, str], mode: Mode) -> dict[str, list[dict[str, Any]]]:
-    """A waiter served (owner holds the job for each of some times, default lease), and a
-    waiter taking over from a killed owner (for each of some leases); one of each at once."""
+def _pairs(
+    root: Path, env: dict[str, str], hold_s: float | None, lease: float | None
+) -> tuple[_Pair | None, _Pair | None]:
+    """A pair for a waiter served (if ``hold_s``) and one for a takeover (if ``lease``)."""
+    serve = _Pair(root, env, "served", None) if hold_s is not None else None
+    take = _Pair(root, env, "takeover", lease) if lease is not None else None
+    return serve, take
+
+
+def _lease_plan(mode: Mode) -> list[tuple[float | None, float | None]]:
+    """(hold, lease) rounds: a waiter served (owner holds the job for a time, default lease)
+    and a waiter taking over from a killed owner (some leases), one of each at once."""
     repeats = 1 if mode.quick else 2
     holds = ([0.5] if mode.quick else [0.2, 1.0, 5.0]) * repeats
     leases = ([1.0] if mode.quick else [1.0, 4.0]) * repeats
+    return list(zip_longest(holds, leases))
+
+
+def _leases(
+    root: Path,
+    env: dict[str, str],
+    mode: Mode,
+    first: tuple[_Pair | None, _Pair | None],
+) -> dict[str, list[dict[str, Any]]]:
+    """Run the rounds of :func:`_lease_plan`; the pairs of the first are ``first``."""
     out: dict[str, list[dict[str, Any]]] = {"served": [], "takeover": []}
-    for hold_s, lease in zip_longest(holds, leases):
+    for k, (hold_s, lease) in enumerate(_lease_plan(mode)):
         procs: list[subprocess.Popen[str]] = []
         with _reaping(procs):
-            serve = _Pair(root, env, "served", None) if hold_s is not None else None
-            take = _Pair(root, env, "takeover", lease) if lease is not None else None
+            serve, take = first if k == 0 else _pairs(root, env, hold_s, lease)
             for pair in (serve, take):
                 if pair is not None:
                     procs += pair.procs
                     pair.arm()
+            killed = time.time()
             if take is not None:
-                killed = time.time()
                 take.owner.send_signal(signal.SIGKILL)
-            if serve is not None:
+            if serve is not None and hold_s is not None:
                 time.sleep(hold_s)
                 serve.hold.unlink()
                 out["served"].append(serve.served(hold_s))
-            if take is not None:
+            if take is not None and lease is not None:
                 out["takeover"].append(take.taken_over(lease, killed))
     return out
 
@@ -397,14 +423,20 @@ def _backend_runs(
 ) -> dict[str, Any]:
     """Every measurement on one backend."""
     out: dict[str, Any] = {"status": "ok"}
-    out["writers"] = _writers(root, env, mode)
-    with cache:
-        expected = WRITERS * 2 * out["writers"]["entries_each"]
-        out["writers"]["stored"] = cache.count()
-        out["writers"]["expected"] = expected
-        out["claims"] = _claims(cache, mode)
-    out.update(_leases(root, env, mode))
-    logger.info("shared: %s done", name)
+    # the first lease round's workers start now: they import while the writers do, then idle
+    first = _pairs(root, env, *_lease_plan(mode)[0])
+    procs = [p for pair in first if pair is not None for p in pair.procs]
+    with _reaping(procs):
+        out["writers"] = _writers(root, env, mode)
+        logger.info("shared: %s writers done", name)
+        with cache:
+            expected = WRITERS * 2 * out["writers"]["entries_each"]
+            out["writers"]["stored"] = cache.count()
+            out["writers"]["expected"] = expected
+            out["claims"] = _claims(cache, mode)
+        logger.info("shared: %s claims done", name)
+        out.update(_leases(root, env, mode, first))
+    logger.info("shared: %s leases done", name)
     return out
 
 
