@@ -35,7 +35,6 @@ from jobflow_cache import CacheStore, ObjectArea, Outcome
 from jobflow_cache.cli import cli
 from jobflow_cache.codec import loads
 from jobflow_cache.verify import verify
-from tests import pgserver
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = "from tests.concurrency_worker import main; main()"
@@ -43,9 +42,6 @@ WORKER = "from tests.concurrency_worker import main; main()"
 WORKERS = 8
 #: Seconds after which a worker that has not finished is stuck (a deadlock, not slowness).
 DEADLOCK_GUARD = 300.0
-#: The server CI promises, read at import: the autouse isolated_cache fixture removes every
-#: JOBFLOW_CACHE_* variable before the backend fixture asks for the session's server.
-CI_POSTGRES_URI = os.environ.get(pgserver.ENV_URI)
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +52,6 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """The cache every worker (and the test) uses: the embedded SQLite default under the
     test's JOBFLOW_CACHE_DIR, or a table of its own on the test PostgreSQL server."""
     if request.param == "postgres":
-        if CI_POSTGRES_URI:  # isolated_cache removed it; the session fixture reads it now
-            monkeypatch.setenv(pgserver.ENV_URI, CI_POSTGRES_URI)
         spec = request.getfixturevalue("pg_spec")  # a table of its own (tests/pgserver.py)
         monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(spec))
     return str(request.param)
