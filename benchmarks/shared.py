@@ -442,12 +442,12 @@ def _backend_runs(
 
 @contextmanager
 def _postgres(mode: Mode) -> Iterator[tuple[str | None, str]]:
-    """(uri, "") of a PostgreSQL server, or (None, why not): the server named by
+    """(uri, which server) of a PostgreSQL server, or (None, why not): the server named by
     ``JOBFLOW_CACHE_TEST_POSTGRES_URI``, else (full mode) a private one started as the tests
-    do (tests/pgserver.py) and destroyed afterwards."""
+    do (tests/pgserver.py: fsync off, so writes look faster) and destroyed afterwards."""
     uri = os.environ.get(pgserver.ENV_URI)
     if uri:
-        yield uri, ""
+        yield uri, pgserver.ENV_URI
         return
     if mode.quick:
         yield None, f"{pgserver.ENV_URI} is not set (quick mode starts no server)"
@@ -467,7 +467,7 @@ def _postgres(mode: Mode) -> Iterator[tuple[str | None, str]]:
         except (pgserver.ClusterError, OSError, subprocess.SubprocessError) as err:
             yield None, f"cannot start a PostgreSQL server: {err}"
         else:
-            yield uri, ""
+            yield uri, "a private cluster (fsync off)"
     finally:
         cluster.destroy()
 
@@ -481,9 +481,9 @@ def run_shared(mode: Mode) -> dict[str, Any]:
     root.mkdir(parents=True)
     env = {"JOBFLOW_CACHE_DIR": str(root)}
     results["sqlite"] = _backend_runs("sqlite", root, env, cache_store(root), mode)
-    with _postgres(mode) as (uri, reason):
+    with _postgres(mode) as (uri, server):
         if uri is None:
-            results["postgres"] = {"status": "skipped", "reason": reason}
+            results["postgres"] = {"status": "skipped", "reason": server}
         else:
             root = base / "postgres"
             root.mkdir(parents=True)
@@ -492,6 +492,7 @@ def run_shared(mode: Mode) -> dict[str, Any]:
             cache = CacheStore(store_from_spec(spec), objects_dir=root / "objects")
             try:
                 results["postgres"] = _backend_runs("postgres", root, env, cache, mode)
+                results["postgres"]["server"] = server
             finally:
                 pgserver.drop_tables(uri, spec["table"])
     shutil.rmtree(base, ignore_errors=True)
@@ -506,6 +507,8 @@ def shared_tables(result: dict[str, Any]) -> list[str]:
         if found.get("status") != "ok":
             rows.append([name, found.get("status", "-")] + [""] * 7 + [found.get("reason", "")])
             continue
+        if "private" in found.get("server", ""):
+            name += " (private server, fsync off)"
         w = found["writers"]
         rows.append(
             [
