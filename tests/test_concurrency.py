@@ -285,6 +285,12 @@ def test_hammer(backend, cache, dedup, counts, tmp_path, reaper):
             assert executions[key] == 1, key
         else:
             assert 1 <= executions[key] <= WORKERS, key
+    for worker in reaper:  # every square job's file is in the run folder, run or served
+        for key in worker.result()["jobs"]:
+            if key.startswith("square-"):
+                i = int(key.split("-")[1])
+                path = worker.folder / "run" / f"{key}.txt"
+                assert path.read_text() == f"{i}\n" * (1 + i % 7), (worker.name, key)
     print(
         f"\n{backend}, dedup={dedup}: {sum(executions.values())} executions of "
         f"{len(digests)} digests by {WORKERS} workers"
