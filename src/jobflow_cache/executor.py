@@ -53,10 +53,11 @@ from jobflow_cache.entry import CacheEntry, package_versions
 from jobflow_cache.errors import (
     CacheError,
     FilesUnavailableError,
+    StoreUnavailableError,
     UnhashableInputError,
     warn,
 )
-from jobflow_cache.files import ObjectArea, changed_files, snapshot
+from jobflow_cache.files import ObjectArea, PlaceMode, changed_files, snapshot
 from jobflow_cache.hashing import (
     SCHEME,
     CallDigest,
@@ -341,17 +342,26 @@ class Cache:
         if self._writer is not None:
             self._report_errors_of(self._writer)
 
-    @staticmethod
-    def _report_errors_of(writer: WriteBehind, quiet: bool = False) -> None:
-        for digests, err in writer.take_errors():
-            message = (
-                f"jobflow-cache: {len(digests)} job result(s) were not cached "
-                f"({', '.join(d[:12] for d in digests[:3])}): {err}"
-            )
-            if quiet:
-                logger.warning(message)
-            else:
-                warn(message, stacklevel=4)
+    def _report_errors_of(self, writer: WriteBehind, quiet: bool = False) -> None:
+        """One line for the entries ``writer`` could not write since the last report: a
+        warning, unless the store is already known to be unavailable (its warning was given:
+        a store that broke mid-run warns once) or ``quiet``."""
+        errors = writer.take_errors()
+        if not errors:
+            return
+        lost = [digest for digests, _ in errors for digest in digests]
+        last = errors[-1][1]
+        message = (
+            f"jobflow-cache: {len(lost)} job result(s) were not cached "
+            f"({', '.join(d[:12] for d in lost[:3])}{', ...' if len(lost) > 3 else ''}): {last}"
+        )
+        if not quiet and self._broken is None and isinstance(last, StoreUnavailableError):
+            self._fail(last)  # the one warning of a store that broke: later jobs run uncached
+            quiet = True
+        if quiet or self._broken is not None:
+            logger.warning(message)
+        else:
+            warn(message, stacklevel=4)
 
     # -- reading and writing the store ------------------------------------------------------
     def _lookup(self, digest: str) -> Lookup:
@@ -841,7 +851,7 @@ class Cache:
         # an entry recorded with files gets them back whatever this job's mode: its output may
         # name them (FILES=none only means "record no files"); without them it is not served
         files_mode = options.files or self.files
-        place: FilesMode = "link" if files_mode == "none" else files_mode
+        place: PlaceMode = "link" if files_mode == "none" else files_mode
         if entry.files and not self.objects.has_all(entry.files):
             raise FilesUnavailableError("run-folder files of the entry are missing")
         uuids: dict[str, str] = {}
