@@ -841,9 +841,16 @@ class Cache:
             changed = [path for path in changed if path not in entry.files_skipped]
         if changed:
             entry.files = self.objects.record(
-                folder, changed, mode="copy" if mode == "copy" else "link"
+                folder, changed, mode=self._place_mode(mode)
             )
             entry.files_size = sum(f.size for f in entry.files)
+
+    def _place_mode(self, mode: FilesMode) -> PlaceMode:
+        """How files move between run folders and the object area: hard links only where each
+        job has a folder of its own. In a folder shared by several jobs, a later job may
+        rewrite a file (two VASP jobs writing OUTCAR); a hard link to a read-only object would
+        make that fail (EACCES), and a writable one would let it change the cached object."""
+        return "link" if mode != "copy" and self.exclusive_dirs else "copy"
 
     # -- serving ----------------------------------------------------------------------------
     def _serve(self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions) -> Response:
@@ -851,7 +858,7 @@ class Cache:
         # an entry recorded with files gets them back whatever this job's mode: its output may
         # name them (FILES=none only means "record no files"); without them it is not served
         files_mode = options.files or self.files
-        place: PlaceMode = "link" if files_mode == "none" else files_mode
+        place = self._place_mode(files_mode)
         if entry.files and not self.objects.has_all(entry.files):
             raise FilesUnavailableError("run-folder files of the entry are missing")
         uuids: dict[str, str] = {}
