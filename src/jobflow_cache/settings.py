@@ -69,6 +69,18 @@ class CacheSettings(BaseSettings):
         "{'type': 'MongoStore', 'database': ..., 'collection_name': ...}, or the path of a "
         "YAML/JSON file holding either.",
     )
+    BLOB_STORE: dict[str, Any] | str | None = Field(
+        None,
+        description="A maggma store spec (same forms as STORE) for outputs too large for one "
+        "entry document (see BLOB_THRESHOLD). Default: a GridFSStore '<collection>_blobs' in "
+        "the database of a MongoStore STORE; none for other stores (nothing is moved).",
+    )
+    BLOB_THRESHOLD: int = Field(
+        8 * 1024 * 1024,
+        description="Entry documents larger than this many bytes (output and response already "
+        "compressed) keep output and response in the blob store, if there is one. MongoDB "
+        "refuses documents over 16 MiB.",
+    )
     OBJECTS_DIR: Path | None = Field(
         None, description="Folder of the content-addressed file objects (default DIR/objects)."
     )

@@ -1,8 +1,10 @@
-"""CacheStore: a digest -> CacheEntry map on top of any maggma Store; WriteBehind: its writes
-in batches (one commit for many entries or hit counts, at most ~0.1 s behind)."""
+"""CacheStore: a digest -> CacheEntry map on top of any maggma Store, with a blob store for
+outputs too large for one document; WriteBehind: its writes in batches (one commit for many
+entries or hit counts, at most ~0.1 s behind)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -14,12 +16,21 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+import xxhash
 from maggma.core import Sort, Store
-from maggma.stores import MemoryStore, MongoStore, MongoURIStore
+from maggma.stores import GridFSStore, MemoryStore, MongoStore, MongoURIStore
+from maggma.stores.gridfs import GridFSURIStore
 from monty.json import MontyDecoder, MSONable
 from pydantic import ValidationError
 
-from jobflow_cache.entry import CacheEntry, document_checksum, unpack_document, utcnow
+from jobflow_cache.entry import (
+    PACKED_KEY,
+    CacheEntry,
+    document_checksum,
+    unpack_document,
+    utcnow,
+)
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.hashing import SCHEME
 from jobflow_cache.settings import CacheSettings, get_settings
@@ -28,7 +39,16 @@ from jobflow_cache.sqlite_store import SQLiteStore
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["MISS", "CacheStore", "Lookup", "Outcome", "WriteBehind", "store_from_spec"]
+__all__ = [
+    "BLOBS_KEY",
+    "MISS",
+    "CacheStore",
+    "Lookup",
+    "Outcome",
+    "WriteBehind",
+    "default_blob_store",
+    "store_from_spec",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +63,21 @@ EXPLAIN_FIELDS = ("canonical_input", "arg_digests")
 WRITE_DELAY = 0.035
 
 #: Stores whose methods may be called from a writer thread while the job thread reads.
-_THREAD_SAFE_STORES = (SQLiteStore, MongoStore, MemoryStore, MongoURIStore)
+_THREAD_SAFE_STORES = (
+    SQLiteStore,
+    MongoStore,
+    MemoryStore,
+    MongoURIStore,
+    GridFSStore,
+    GridFSURIStore,
+)
+
+#: Key of a stored entry document whose compressed ``output``/``response`` are kept in the blob
+#: store: field -> xxh3-128 of the compressed text there (the blob itself is keyed by digest).
+BLOBS_KEY = "blobs"
+
+#: Fields whose presence in a ``find`` projection means the blob must be read back.
+_BLOB_FIELDS = frozenset({"output", "response", PACKED_KEY})
 
 
 class _Miss:
@@ -89,9 +123,9 @@ class Lookup:
 def _store_class(name: str) -> type[Store]:
     from maggma import stores
 
-    from jobflow_cache import sqlite_store
+    from jobflow_cache import postgres_store, sqlite_store
 
-    for module in (sqlite_store, stores):
+    for module in (sqlite_store, postgres_store, stores):
         cls = getattr(module, name, None)
         if isinstance(cls, type) and issubclass(cls, Store):
             return cls
@@ -151,12 +185,26 @@ class CacheStore(MSONable):
     query fields) is created on :meth:`connect`. Without arguments the embedded default is used:
     a SQLite file under ``JOBFLOW_CACHE_DIR`` that needs no server.
 
+    **Large outputs.** A sealed entry document larger than ``blob_threshold`` bytes (its
+    ``output`` and ``response`` already compressed) keeps those two in the blob store, in one
+    blob keyed by the digest; the entry holds the xxh3 of each instead (:data:`BLOBS_KEY`). The
+    blob is written before its entry, read back on lookup, and removed with its entry. The
+    entry's checksum still covers the restored text: a blob that is missing, altered or replaced
+    makes the entry ``INVALID`` (the job runs), never a wrong result.
+
     Parameters
     ----------
     store
         Any maggma store (``MongoStore``, ``MemoryStore``, :obj:`.SQLiteStore`, ...).
     objects_dir
         Folder of the content-addressed run-folder file objects.
+    blob_store
+        Store of large outputs (any maggma store). Default: ``JOBFLOW_CACHE_BLOB_STORE``, else
+        :func:`default_blob_store` (a ``GridFSStore`` beside a ``MongoStore``, none otherwise:
+        without a blob store nothing is moved).
+    blob_threshold
+        Document size in bytes above which outputs go to the blob store (default
+        ``JOBFLOW_CACHE_BLOB_THRESHOLD``, 8 MiB; MongoDB refuses documents over 16 MiB).
 
     Examples
     --------
@@ -164,26 +212,65 @@ class CacheStore(MSONable):
     >>> with CacheStore(MemoryStore(), objects_dir="/tmp/objs") as cache:
     ...     cache.get("0" * 32)
     MISS
+    >>> cache = CacheStore(MemoryStore(), "/tmp/objs", blob_store=MemoryStore(), blob_threshold=0)
+    >>> cache.connect()
+    >>> cache.put(CacheEntry(digest="b" * 32, scheme=SCHEME, function="m:f", output="[0]" * 9**5))
+    >>> sorted(cache.store.query_one({"digest": "b" * 32})[BLOBS_KEY])
+    ['output']
+    >>> cache.get("b" * 32).output == "[0]" * 9**5
+    True
     """
 
-    def __init__(self, store: Store | None = None, objects_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        store: Store | None = None,
+        objects_dir: str | Path | None = None,
+        blob_store: Store | None = None,
+        blob_threshold: int | None = None,
+    ) -> None:
         settings = get_settings()
         if store is None:
             store = default_store(settings)
         self.store = store
         self.store.key = "digest"
         self.objects_dir = str(objects_dir or settings.objects_dir())
+        self._blob_error: StoreUnavailableError | None = None
+        if blob_store is None:
+            try:  # a bad spec fails connect() (the cache is then skipped), not the constructor
+                blob_store = _configured_blob_store(store, settings)
+            except StoreUnavailableError as err:
+                self._blob_error = err
+        if blob_store is not None:
+            blob_store.key = "digest"
+        self.blob_store = blob_store
+        self.blob_threshold = (
+            settings.BLOB_THRESHOLD if blob_threshold is None else int(blob_threshold)
+        )
 
     @classmethod
     def from_settings(cls, settings: CacheSettings | None = None) -> CacheStore:
         """The store configured by ``JOBFLOW_CACHE_*`` settings (embedded default if none)."""
         settings = settings or get_settings()
         store = store_from_spec(settings.STORE) if settings.STORE else default_store(settings)
-        return cls(store, objects_dir=settings.objects_dir())
+        try:
+            blob_store, error = _configured_blob_store(store, settings), None
+        except StoreUnavailableError as err:
+            blob_store, error = None, err
+        cache = cls(
+            store,
+            objects_dir=settings.objects_dir(),
+            blob_store=blob_store,
+            blob_threshold=settings.BLOB_THRESHOLD,
+        )
+        if error is not None:  # raised by connect(): the cache is skipped, the flow runs
+            cache.blob_store, cache._blob_error = None, error
+        return cache
 
     # -- connection -------------------------------------------------------------------------
     def connect(self) -> None:
-        """Connect the underlying store and create its indexes."""
+        """Connect the underlying store (and the blob store) and create their indexes."""
+        if self._blob_error is not None:
+            raise self._blob_error
         try:
             self.store.connect()
             self.store.ensure_index("digest", unique=True)
@@ -195,10 +282,25 @@ class CacheStore(MSONable):
             raise StoreUnavailableError(
                 f"cannot connect to cache store {self.name}: {err}"
             ) from err
+        if self.blob_store is not None:
+            try:
+                self.blob_store.connect()
+                # not unique: GridFSStore writes the new file before deleting the old one
+                self.blob_store.ensure_index("digest")
+            except Exception as err:
+                raise StoreUnavailableError(
+                    f"cannot connect to the blob store {_store_name(self.blob_store)} of cache "
+                    f"store {self.name}: {err}"
+                ) from err
 
     def close(self) -> None:
-        """Close the underlying store."""
+        """Close the underlying store (and the blob store)."""
         self.store.close()
+        if self.blob_store is not None:
+            try:
+                self.blob_store.close()
+            except Exception as err:  # never connected, say: nothing to close
+                logger.debug("closing blob store: %s", err)
 
     def __enter__(self) -> CacheStore:
         self.connect()
@@ -215,10 +317,7 @@ class CacheStore(MSONable):
     @property
     def name(self) -> str:
         """Name of the underlying store."""
-        try:
-            return str(self.store.name)
-        except Exception:
-            return type(self.store).__name__
+        return _store_name(self.store)
 
     # -- reading ----------------------------------------------------------------------------
     def lookup(self, digest: str, *, serving: bool = False) -> Lookup:
@@ -236,6 +335,10 @@ class CacheStore(MSONable):
             raise StoreUnavailableError(f"cache store {self.name} failed: {err}") from err
         if doc is None:
             return Lookup(Outcome.MISS)
+        if BLOBS_KEY in doc:
+            doc, problem = self.restore_blobs(doc)
+            if problem is not None:
+                return Lookup(Outcome.INVALID, None, problem)
         try:
             doc = unpack_document(doc)  # once, for the checksum and the entry
             entry = CacheEntry.from_document(doc)
@@ -287,9 +390,70 @@ class CacheStore(MSONable):
         properties: list[str] | None = None,
         sort: dict[str, Sort | int] | None = None,
         limit: int = 0,
+        *,
+        blobs: bool = True,
     ) -> Iterator[dict[str, Any]]:
-        """Stream raw entry documents (never loads the whole cache)."""
-        yield from self.store.query(criteria or {}, properties=properties, sort=sort, limit=limit)
+        """Stream entry documents as stored (never loads the whole cache).
+
+        With ``blobs`` (default), the compressed fields of an entry kept in the blob store are
+        read back into the document (under ``"packed"``, as for an entry stored whole) when all
+        fields or ``"packed"`` are asked for; a document whose blob cannot be restored (see
+        :meth:`restore_blobs`) comes as stored, its text fields empty (they fail the checksum).
+        """
+        if properties is not None and PACKED_KEY in properties and BLOBS_KEY not in properties:
+            properties = [*properties, BLOBS_KEY]
+        docs = self.store.query(criteria or {}, properties=properties, sort=sort, limit=limit)
+        restore = (
+            blobs
+            and self.blob_store is not None
+            and (properties is None or not _BLOB_FIELDS.isdisjoint(properties))
+        )
+        if not restore:
+            yield from docs
+            return
+        for doc in docs:
+            if BLOBS_KEY in doc:
+                doc, problem = self.restore_blobs(doc)
+                if problem is not None:
+                    logger.warning("cache entry %s: %s", doc.get("digest"), problem)
+            yield doc
+
+    def restore_blobs(self, doc: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """``doc`` with its fields kept in the blob store read back, and why not if they cannot be.
+
+        Returns ``(restored, None)``, or ``(doc, reason)`` when the blob is missing, altered or
+        no blob store is configured. A document without blobs comes back as it is (a copy).
+        A failure of the blob store itself raises :class:`.StoreUnavailableError`.
+        """
+        doc = dict(doc)
+        refs = doc.get(BLOBS_KEY)
+        if refs is None:
+            return doc, None
+        if not isinstance(refs, Mapping) or not refs:
+            return doc, "blob reference of unknown form"
+        if self.blob_store is None:
+            return doc, "its output is kept in a blob store, and none is configured"
+        try:
+            blob = self.blob_store.query_one({"digest": doc.get("digest")})
+        except Exception as err:
+            raise StoreUnavailableError(
+                f"blob store {_store_name(self.blob_store)} of cache store {self.name} failed: "
+                f"{err}"
+            ) from err
+        held = blob.get(PACKED_KEY) if isinstance(blob, Mapping) else None
+        if not isinstance(held, Mapping):
+            return doc, f"blob missing from {_store_name(self.blob_store)}"
+        packed = dict(doc.get(PACKED_KEY) or {})
+        for field, expected in refs.items():
+            text = held.get(field)
+            if not isinstance(text, str):
+                return doc, f"blob missing its {field}"
+            if _blob_hash(text) != expected:
+                return doc, f"blob altered: its {field} is not the one this entry was sealed with"
+            packed[field] = text
+        restored = {k: v for k, v in doc.items() if k != BLOBS_KEY}
+        restored[PACKED_KEY] = packed
+        return restored, None
 
     def entries(self, criteria: dict[str, Any] | None = None) -> Iterator[CacheEntry]:
         """Stream decoded entries; documents that do not decode are skipped with a log line."""
@@ -301,18 +465,44 @@ class CacheStore(MSONable):
 
     # -- writing ----------------------------------------------------------------------------
     def put(self, entry: CacheEntry) -> None:
-        """Seal and write ``entry`` (call only after its files are safely stored)."""
-        self.store.update(entry.sealed_document(), key="digest")
+        """Seal and write ``entry`` (call only after its files are safely stored); a large
+        output goes to the blob store first."""
+        doc, blob = self._split(entry.sealed_document())
+        if blob is not None and self.blob_store is not None:
+            self.blob_store.update(blob, key="digest")
+        self.store.update(doc, key="digest")
 
     def put_many(self, entries: list[CacheEntry]) -> None:
         """Seal and write ``entries`` at once (one transaction in a :obj:`.SQLiteStore`).
 
         Call only after their files are safely stored. Each entry is written whole or not
-        at all.
+        at all, and only after its blob (if any): all blobs are written first.
         """
         if entries:
-            docs = [entry.sealed_document() for entry in entries]
+            docs, blobs = [], []
+            for entry in entries:
+                doc, blob = self._split(entry.sealed_document())
+                docs.append(doc)
+                if blob is not None:
+                    blobs.append(blob)
+            if blobs and self.blob_store is not None:
+                self.blob_store.update(blobs, key="digest")
             self.store.update(docs, key="digest")
+
+    def _split(self, doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """A sealed document larger than the threshold, without its compressed fields, and
+        the blob holding them; ``(doc, None)`` when it stays whole."""
+        packed = doc.get(PACKED_KEY)
+        if self.blob_store is None or not packed or not isinstance(packed, dict):
+            return doc, None
+        rest = {k: v for k, v in doc.items() if k != PACKED_KEY}
+        size = sum(len(text) for text in packed.values()) + len(
+            orjson.dumps(rest, default=str, option=orjson.OPT_NON_STR_KEYS)
+        )
+        if size <= self.blob_threshold:
+            return doc, None
+        rest[BLOBS_KEY] = {field: _blob_hash(text) for field, text in packed.items()}
+        return rest, {"digest": doc["digest"], PACKED_KEY: packed}
 
     def record_hit(self, digest: str, count: int = 1, when: datetime | None = None) -> None:
         """Add ``count`` to the hit counter of an entry and set its last-hit time
@@ -357,15 +547,104 @@ class CacheStore(MSONable):
         return True
 
     def remove(self, digests: list[str]) -> None:
-        """Delete the entries of ``digests`` (their file objects are left to garbage collection)."""
+        """Delete the entries of ``digests``, then their blobs (their file objects are left to
+        garbage collection)."""
         if digests:
             self.store.remove_docs({"digest": {"$in": list(digests)}})
+            if self.blob_store is not None:
+                self.blob_store.remove_docs({"digest": {"$in": list(digests)}})
+
+    def orphan_blobs(self) -> list[str]:
+        """Digests of blobs that no entry refers to (left by a crash between a blob and its
+        entry, or by an entry replaced by a smaller one)."""
+        if self.blob_store is None:
+            return []
+        held = sorted(str(d) for d in self.blob_store.distinct("digest") if d)
+        orphans: list[str] = []
+        for start in range(0, len(held), 500):
+            batch = held[start : start + 500]
+            referring = {
+                doc.get("digest")
+                for doc in self.store.query(
+                    {"digest": {"$in": batch}}, properties=["digest", BLOBS_KEY]
+                )
+                if doc.get(BLOBS_KEY)
+            }
+            orphans.extend(d for d in batch if d not in referring)
+        return orphans
+
+    def remove_blobs(self, digests: list[str]) -> None:
+        """Delete the blobs of ``digests`` (not their entries)."""
+        if digests and self.blob_store is not None:
+            self.blob_store.remove_docs({"digest": {"$in": list(digests)}})
 
 
 def default_store(settings: CacheSettings | None = None) -> Store:
     """The embedded default store: SQLite (WAL) at ``<JOBFLOW_CACHE_DIR>/cache.sqlite``."""
     settings = settings or get_settings()
     return SQLiteStore(settings.store_path(), collection_name="entries", key="digest")
+
+
+def default_blob_store(store: Store) -> Store | None:
+    """The blob store used with ``store`` when none is configured.
+
+    A ``MongoStore`` (or ``MongoURIStore``) gets a ``GridFSStore`` in the same database and
+    server, collection ``<collection_name>_blobs`` (MongoDB refuses documents over 16 MiB).
+    Other stores get none: SQLite, PostgreSQL and in-memory stores have no such limit, so
+    nothing is moved unless ``JOBFLOW_CACHE_BLOB_STORE`` names a blob store.
+
+    Examples
+    --------
+    >>> from maggma.stores import MongoStore
+    >>> blobs = default_blob_store(MongoStore("jobflow", "cache", host="db.example.org"))
+    >>> type(blobs).__name__, blobs.database, blobs.collection_name, blobs.host
+    ('GridFSStore', 'jobflow', 'cache_blobs', 'db.example.org')
+    >>> default_blob_store(MemoryStore()) is None
+    True
+    """
+    if type(store) not in (MongoStore, MongoURIStore):
+        return None
+    mongo: Any = store
+    uri = getattr(mongo, "uri", None)
+    name = f"{mongo.collection_name}_blobs"
+    if uri is not None:
+        if "uri" in inspect.signature(GridFSStore.__init__).parameters:
+            return GridFSStore(
+                database=mongo.database,
+                collection_name=name,
+                uri=uri,
+                mongoclient_kwargs=getattr(mongo, "mongoclient_kwargs", None),
+            )
+        return GridFSURIStore(uri, name, database=mongo.database)  # older maggma
+    return GridFSStore(
+        database=mongo.database,
+        collection_name=name,
+        host=mongo.host,
+        port=mongo.port,
+        username=mongo.username,
+        password=mongo.password,
+        auth_source=getattr(mongo, "auth_source", None),
+        mongoclient_kwargs=getattr(mongo, "mongoclient_kwargs", None),
+        ssh_tunnel=getattr(mongo, "ssh_tunnel", None),
+    )
+
+
+def _configured_blob_store(store: Store, settings: CacheSettings) -> Store | None:
+    """``JOBFLOW_CACHE_BLOB_STORE`` if set, else :func:`default_blob_store` of ``store``."""
+    if settings.BLOB_STORE:
+        return store_from_spec(settings.BLOB_STORE)
+    return default_blob_store(store)
+
+
+def _store_name(store: Store) -> str:
+    try:
+        return str(store.name)
+    except Exception:
+        return type(store).__name__
+
+
+def _blob_hash(text: str) -> str:
+    return xxhash.xxh3_128_hexdigest(text.encode("utf-8"))
 
 
 class WriteBehind:
@@ -429,9 +708,12 @@ class WriteBehind:
 
     @staticmethod
     def supports(store: CacheStore) -> bool:
-        """Whether ``store`` may be written from a thread while the job thread reads it."""
-        return type(store.store) in _THREAD_SAFE_STORES or bool(
-            getattr(store.store, "thread_safe", False)
+        """Whether ``store`` (and its blob store) may be written from a thread while the job
+        thread reads it."""
+        return all(
+            type(inner) in _THREAD_SAFE_STORES or bool(getattr(inner, "thread_safe", False))
+            for inner in (store.store, store.blob_store)
+            if inner is not None
         )
 
     # -- queueing ---------------------------------------------------------------------------
