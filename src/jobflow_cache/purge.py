@@ -31,12 +31,14 @@ class GCReport:
     """What :func:`collect_garbage` removed (or would remove, in a dry run).
 
     ``bytes_freed`` counts objects no run folder links to; ``bytes_linked`` those whose space
-    is released only once the run folders holding hard links to them are deleted.
+    is released only once the run folders holding hard links to them are deleted. ``blobs``
+    counts large outputs in the blob store that no entry refers to.
     """
 
     objects: int = 0
     bytes_freed: int = 0
     bytes_linked: int = 0
+    blobs: int = 0
     dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,7 +71,8 @@ def _object_ids(doc: Mapping[str, Any]) -> Iterator[str]:
 def collect_garbage(
     cache: CacheStore, candidates: set[str] | None = None, *, dry_run: bool = False
 ) -> GCReport:
-    """Delete the file objects no entry references (entries marked invalid still do).
+    """Delete the file objects no entry references (entries marked invalid still do), and,
+    without ``candidates``, the blobs of large outputs no entry refers to.
 
     Parameters
     ----------
@@ -85,14 +88,21 @@ def collect_garbage(
     -----
     An object created or linked while the entries are scanned (a job recording right now) is
     kept. A job that stores an entry reusing an existing object while a collection deletes it
-    leaves an entry with a missing file: it is never served, the job just runs again.
+    leaves an entry with a missing file: it is never served, the job just runs again. The
+    same holds for a blob whose entry is being written while a collection runs.
     """
     area = ObjectArea(cache.objects_dir)
     started = time.time()
+    orphans: list[str] = []
     if candidates is None:
         candidates = {xxh3 for xxh3, _ in area.iter_objects()}
+        orphans = cache.orphan_blobs()
     unreferenced = _unreferenced(cache, candidates, {})
-    return _sweep(area, unreferenced, started, remove=not dry_run)
+    report = _sweep(area, unreferenced, started, remove=not dry_run)
+    if orphans and not dry_run:
+        cache.remove_blobs(orphans)
+    report.blobs = len(orphans)
+    return report
 
 
 def _unreferenced(cache: CacheStore, candidates: set[str], criteria: dict[str, Any]) -> set[str]:

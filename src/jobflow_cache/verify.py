@@ -40,6 +40,7 @@ class ProblemKind(str, Enum):
     AREA_MISSING = "area-missing"  #: the object area folder does not exist
     FILE_MISSING = "file-missing"  #: a manifest file's object is gone
     FILE_CORRUPT = "file-corrupt"  #: an object's size or xxh3 differs (fix: object removed too)
+    BLOB = "blob"  #: the output kept in the blob store is missing or altered
 
 
 #: Problems that :func:`verify` fixes by removing the entry; the others invalidate it.
@@ -117,7 +118,7 @@ class _Checker:
             return "missing"
         return f"size {size} != {record.size}"
 
-    def check(self, doc: Mapping[str, Any]) -> list[Problem]:
+    def check(self, doc: Mapping[str, Any], blob_problem: str | None = None) -> list[Problem]:
         digest = doc.get("digest") if isinstance(doc.get("digest"), str) else None
         try:
             entry = CacheEntry.from_document(dict(doc))
@@ -130,11 +131,13 @@ class _Checker:
         if entry.scheme != SCHEME:
             return [Problem(ProblemKind.SCHEME, digest, f"scheme {entry.scheme!r}, not {SCHEME}")]
         problems = []
-        if entry.checksum != entry.compute_checksum():
+        if blob_problem is not None:  # output and response are not there to check
+            problems.append(Problem(ProblemKind.BLOB, digest, blob_problem))
+        elif entry.checksum != entry.compute_checksum():
             problems.append(Problem(ProblemKind.CHECKSUM, digest, "checksum mismatch"))
         for field in ("output", "response"):
             text = getattr(entry, field)
-            if field == "response" and not text:
+            if (field == "response" and not text) or blob_problem is not None:
                 continue
             try:
                 loads(text)
@@ -169,9 +172,9 @@ def verify(
     hash_files: bool = True,
     on_entry: Callable[[], None] | None = None,
 ) -> list[Problem]:
-    """Check entries: each decodes, its output decodes, its checksum matches, its scheme is
-    current, its inputs give its digest, and every manifest file's object exists with the
-    recorded size and xxh3.
+    """Check entries: each decodes, its output decodes (read back from the blob store when
+    kept there), its checksum matches, its scheme is current, its inputs give its digest, and
+    every manifest file's object exists with the recorded size and xxh3.
 
     Entries already marked invalid are never served and are not checked.
 
@@ -200,8 +203,9 @@ def verify(
     area = ObjectArea(cache.objects_dir)
     checker = _Checker(area, hash_files)
     problems: list[Problem] = []
-    for doc in cache.find(criteria, limit=limit):
-        problems.extend(checker.check(doc))
+    for doc in cache.find(criteria, limit=limit, blobs=False):
+        doc, blob_problem = cache.restore_blobs(doc)
+        problems.extend(checker.check(doc, blob_problem))
         if on_entry is not None:
             on_entry()
     return _fix(cache, area, problems) if fix else problems
