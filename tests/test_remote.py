@@ -59,16 +59,28 @@ def entry_of(name: str) -> CacheEntry:
     return entries[0]
 
 
-def assert_restored(new_folder: Path, old_folder: Path | None, objects: Path) -> None:
-    """relax's files are in ``new_folder``: hard links to the objects of the object area
-    (shared with the folder that recorded them, when given), read-only, with their content."""
+def assert_restored(
+    new_folder: Path, old_folder: Path | None, objects: Path, *, linked: bool = False
+) -> None:
+    """relax's files are in ``new_folder`` with their content. With ``linked`` (workers set to
+    JOBFLOW_CACHE_EXCLUSIVE_DIRS=1: each job has a folder of its own) they are hard links to
+    the objects of the object area (shared with the folder that recorded them, when given),
+    read-only; otherwise they are copies of their own, so a later job may rewrite them."""
     area = ObjectArea(objects)
     files = {record.path: record for record in entry_of("relax").files}
     assert sorted(files) == ["OUTCAR", "sub/WAVECAR"]
     assert (new_folder / "sub" / "WAVECAR").read_bytes() == b"\x00\x01wave" * 64
     for relpath, record in files.items():
         placed = new_folder / relpath
-        assert placed.samefile(area.path_of(record.xxh3)), relpath
+        stored = area.path_of(record.xxh3)
+        assert placed.read_bytes() == stored.read_bytes(), relpath
+        if not linked:
+            assert not placed.samefile(stored), relpath
+            assert placed.stat().st_nlink == 1
+            if old_folder is not None:
+                assert not (old_folder / relpath).samefile(stored)
+            continue
+        assert placed.samefile(stored), relpath
         assert placed.stat().st_nlink >= 2
         assert not placed.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
         if old_folder is not None:  # the recording folder's file was linked into the area
@@ -161,7 +173,7 @@ class FireWorksSite:
 @pytest.mark.substitute  # the LaunchPad is mongomock persisted in a file (no MongoDB here)
 def test_fireworks_second_flow_instance_hits(shared_cache, counts, tmp_path):
     """A rebuilt flow (new uuids) launched again: its plain-value jobs are served by the cache
-    in other processes, with relax's files linked into the new launcher folder; read_outcar,
+    in other processes, with relax's files copied into the new launcher folder; read_outcar,
     whose input is relax's folder, runs again (folders are not shared without
     JOBFLOW_CACHE_EXCLUSIVE_DIRS) and reads the restored file."""
     site = FireWorksSite(tmp_path / "fw")
@@ -272,6 +284,7 @@ def test_remote_worker_prev_dir_hits_with_exclusive_dirs(
     assert (
         outputs_of(runs2, job_store)["read_outcar"] == outputs_of(runs1, job_store)["read_outcar"]
     )
+    assert_restored(runs2["relax"].folder, runs1["relax"].folder, shared_cache, linked=True)
 
     runs3 = rw.run_remote(relax_flow(43.0), tmp_path / "runs3", job_store)
     assert outcomes_of(runs3) == {name: "miss" for name in ALL_ONCE}
