@@ -101,6 +101,13 @@ class CacheSettings(BaseSettings):
         description="Largest canonical input (bytes) kept in an entry for `explain`; larger "
         "inputs keep only their per-argument digests.",
     )
+    TRUSTED_MODULES: list[str] = Field(
+        default_factory=list,
+        description="Modules (with their submodules) whose classes and functions a cached value "
+        "may name without the checks of a shared store's documents: importing a module not "
+        "imported yet that is no installed package, or a function that is no jobflow job. "
+        "'*' trusts every module (monty's decoder unchecked).",
+    )
     DEDUP: bool = Field(
         False,
         description="In-flight deduplication: a worker that reaches a digest another worker is "
