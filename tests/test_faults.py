@@ -43,6 +43,7 @@ from jobflow_cache import (
     run_locally,
 )
 from jobflow_cache.cli import cli
+from jobflow_cache.purge import collect_garbage
 from jobflow_cache.verify import verify
 from tests import fault_jobs, jobs
 from tests.conftest import ROOT
@@ -824,16 +825,34 @@ def test_a_stored_row_that_is_not_a_document_is_never_served(
         assert cache.lookup(digest).outcome is Outcome.HIT
 
 
-@pytest.mark.xfail(strict=True, reason="verify (and gc) call doc.get on every stored row")
+def _damaged_cache(backend: Backend) -> None:
+    """Two entries (one with files); the row of the other then holds a JSON array."""
+    store = JobStore(MemoryStore())
+    run_locally(jobs.write_files("v"), store=store, cache=backend.cache(), log=False)
+    run_locally(jobs.add(2, 2), store=store, cache=backend.cache(), log=False)
+    with backend.opened() as cache:
+        digest = next(cache.find({"name": "add"}))["digest"]
+    _overwrite_row(backend, digest, "[1, 2]")
+
+
 def test_verify_reports_a_stored_row_that_is_not_a_document(backend, run_dir):
     if backend.name == "memory":
         pytest.skip("a MongoDB collection holds only documents")
-    run_locally(jobs.add(2, 2), store=JobStore(MemoryStore()), cache=backend.cache(), log=False)
+    _damaged_cache(backend)
     with backend.opened() as cache:
-        (digest,) = [doc["digest"] for doc in cache.find()]
-    _overwrite_row(backend, digest, "[1, 2]")
+        assert [(p.kind.value, p.digest) for p in verify(cache)] == [("undecodable", None)]
+        assert [p.fixed for p in verify(cache, fix=True)] == [None]
+
+
+def test_gc_goes_past_a_stored_row_that_is_not_a_document(backend, run_dir, request):
+    if backend.name == "memory":
+        pytest.skip("a MongoDB collection holds only documents")
+    if backend.name == "postgres":
+        reason = "PostgresStore's projection (jsonb_each) raises on a row that is not an object"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+    _damaged_cache(backend)
     with backend.opened() as cache:
-        assert [p.kind.value for p in verify(cache)] == ["undecodable"]
+        assert collect_garbage(cache).objects == 0, "write_files' objects are still referenced"
 
 
 # ------------------------------------------------- 3. the store unreachable, or lost mid-run

@@ -61,7 +61,7 @@ class PurgeReport:
 
 
 def _object_ids(doc: Mapping[str, Any]) -> Iterator[str]:
-    files = doc.get("files")
+    files = doc.get("files") if isinstance(doc, Mapping) else None  # None: a damaged row
     if isinstance(files, list):
         for record in files:
             if isinstance(record, Mapping) and isinstance(record.get("xxh3"), str):

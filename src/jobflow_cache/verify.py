@@ -204,6 +204,10 @@ def verify(
     checker = _Checker(area, hash_files)
     problems: list[Problem] = []
     for doc in cache.find(criteria, limit=limit, blobs=False):
+        if not isinstance(doc, Mapping):  # a damaged row: JSON, but not an object
+            message = f"not a cache entry: a stored {type(doc).__name__}"
+            problems.append(Problem(ProblemKind.UNDECODABLE, None, message))
+            continue
         doc, blob_problem = cache.restore_blobs(doc)
         problems.extend(checker.check(doc, blob_problem))
         if on_entry is not None:
