@@ -214,6 +214,9 @@ def test_fireworks_prev_dir_hits_with_exclusive_dirs(counts, tmp_path, monkeypat
     assert counts() == ALL_ONCE
     assert set(outcomes2.values()) == {"hit"}
     assert plain_outputs(outputs2) == plain_outputs(outputs1) == expected()
+    folder1, folder2 = (Path(out["relax"]["dir_name"]) for out in (outputs1, outputs2))
+    objects = Path(os.environ["JOBFLOW_CACHE_DIR"]) / "objects"
+    assert_restored(folder2, folder1, objects, linked=True)
 
 
 # -- a jobflow-remote style worker ----------------------------------------------------------------
@@ -425,13 +428,20 @@ def two_hosts_flow(volume: float = 42.0) -> Flow:
     return Flow([upstream, read_outcar(upstream.output["dir_name"])])
 
 
-@pytest.mark.parametrize("source_dir_exists", [True, False], ids=["source-kept", "source-gone"])
+@pytest.mark.parametrize(
+    ("source_dir_exists", "exclusive_dirs"),
+    [(True, False), (False, True)],
+    ids=["source-kept", "source-gone-exclusive-dirs"],
+)
 def test_other_host_restores_files_from_shared_object_area(
-    source_dir_exists, shared_cache, counts, tmp_path, job_store
+    source_dir_exists, exclusive_dirs, shared_cache, counts, tmp_path, job_store, monkeypatch
 ):
     """An entry records the host and folder it came from. Another host sharing the object area
-    is served: the files come from the object area (the recording folder may not exist there),
-    and the paths in the output, ``host:/path`` included, name the new folder and host."""
+    is served: the files come from the object area (the recording folder may not exist there:
+    copies, or with JOBFLOW_CACHE_EXCLUSIVE_DIRS=1 hard links), and the paths in the output,
+    ``host:/path`` included, name the new folder and host."""
+    if exclusive_dirs:
+        monkeypatch.setenv("JOBFLOW_CACHE_EXCLUSIVE_DIRS", "1")
     runs_a = rw.run_remote(two_hosts_flow(), tmp_path / "node-a", job_store, hostname="node-a")
     assert runs_a["relax"].host == "node-a"
     entry = entry_of("relax")
@@ -442,14 +452,16 @@ def test_other_host_restores_files_from_shared_object_area(
 
     runs_b = rw.run_remote(two_hosts_flow(), tmp_path / "node-b", job_store, hostname="node-b")
     assert runs_b["relax"].host == "node-b"
-    assert outcomes_of(runs_b) == {"relax": "hit", "read_outcar": "miss"}
-    assert counts() == Counter(relax=1, read_outcar=2)
+    # with exclusive folders read_outcar's prev_dir (node-b's folder) is known to the store
+    downstream = "hit" if exclusive_dirs else "miss"
+    assert outcomes_of(runs_b) == {"relax": "hit", "read_outcar": downstream}
+    assert counts() == Counter(relax=1, read_outcar=1 if exclusive_dirs else 2)
     folder = runs_b["relax"].folder
     output = job_store.get_output(runs_b["relax"].uuid)
     assert output == {"volume": 41.16, "dir_name": str(folder), "uri": f"node-b:{folder}"}
     assert job_store.get_output(runs_b["read_outcar"].uuid) == f"volume={42.0 * 0.98}"
     old = runs_a["relax"].folder if source_dir_exists else None
-    assert_restored(folder, old, shared_cache)
+    assert_restored(folder, old, shared_cache, linked=exclusive_dirs)
 
 
 def test_other_host_without_the_object_area_reruns(shared_cache, counts, tmp_path, job_store):
