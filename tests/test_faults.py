@@ -40,6 +40,7 @@ from jobflow_cache import (
     ObjectArea,
     Outcome,
     codec,
+    files,
     run_locally,
 )
 from jobflow_cache.cli import cli
@@ -281,7 +282,7 @@ def clean_large(tmp_path_factory) -> tuple[list, list[dict[str, bytes]]]:
 @pytest.mark.parametrize("files_mode", ["link", "copy"])
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_sigkill_while_recording_leaves_no_entry_or_a_whole_one(
-    point, files_mode, process_backend, clean_large, counts, isolated_cache, tmp_path
+    point, files_mode, process_backend, clean_large, counts, isolated_cache, tmp_path, monkeypatch
 ):
     """Kill -9 a real run at a point of recording a job with 64 MB of files; a fresh process
     then finds no entry or a whole one, ``cachetool verify`` finds nothing wrong, and the
@@ -295,8 +296,9 @@ def test_sigkill_while_recording_leaves_no_entry_or_a_whole_one(
     )
     assert kill_when(proc, KILL_POINTS[point](area, ready, process_backend)), "killed there"
     assert counts()["write_large"] == 1
+    stale = stale_tmp_files(area)
     if point == "ingesting":
-        assert stale_tmp_files(area), "killed while a file was under its temporary name"
+        assert stale, "killed while a file was under its temporary name"
 
     with CacheStore.from_settings() as cache:
         survived = assert_entries_whole(cache)
@@ -307,12 +309,19 @@ def test_sigkill_while_recording_leaves_no_entry_or_a_whole_one(
     assert report["sound"]
     assert report["problems"] == []
 
-    outputs, files = run_large(tmp_path / "rerun")
-    assert (outputs, files) == clean_large
+    assert ObjectArea(area).remove_stale() == (0, 0), "may still be being stored"
+    monkeypatch.setattr(files, "STALE_AFTER", -1.0)  # as if an hour had passed
+    with CacheStore.from_settings() as cache:  # the killed run's orphans and temporary files
+        assert collect_garbage(cache).objects >= len(stale)
+        assert assert_entries_whole(cache) == survived
+    assert stale_tmp_files(area) == []
+
+    outputs, files_ = run_large(tmp_path / "rerun")
+    assert (outputs, files_) == clean_large
     executed = 1 if "write_large" in survived else 2
     assert counts()["write_large"] == executed, "a whole entry is served, a missing one rerun"
-    outputs, files = run_large(tmp_path / "served")
-    assert (outputs, files) == clean_large
+    outputs, files_ = run_large(tmp_path / "served")
+    assert (outputs, files_) == clean_large
     assert counts()["write_large"] == executed, "recorded by the run after the crash"
     with CacheStore.from_settings() as cache:
         assert assert_entries_whole(cache) == ["measure", "write_large"]

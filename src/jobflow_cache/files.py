@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Literal
@@ -45,6 +46,10 @@ OBJECT_MODE = 0o444
 _NS = 1_000_000_000
 
 _TMP_PREFIX = ".jfc-tmp-"
+
+STALE_AFTER = 3600.0
+"""Seconds after its last change (ctime) from which a temporary file in an object area is
+stale: left by a process killed while it stored a file (see :meth:`ObjectArea.remove_stale`)."""
 _O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _HEX_FANOUT = re.compile(r"[0-9a-f]{2}")
@@ -804,6 +809,37 @@ class ObjectArea:
             except FileNotFoundError:
                 continue
             yield from found
+
+    def remove_stale(self, dry_run: bool = False) -> tuple[int, int]:
+        """Delete the temporary files that processes killed while storing a file left in the
+        area (untouched for :data:`STALE_AFTER` seconds: a file being stored is written to, or
+        was linked, more recently).
+
+        Returns
+        -------
+        tuple[int, int]
+            How many there were and their size in bytes (a temporary hard link to a run
+            folder's file frees nothing while that file exists).
+        """
+        count = size = 0
+        cutoff = time.time() - STALE_AFTER
+        try:
+            with os.scandir(self.root) as entries:
+                stale = [e for e in entries if e.name.startswith(_TMP_PREFIX)]
+        except FileNotFoundError:
+            return 0, 0
+        for entry in stale:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_ctime > cutoff or stat.S_ISDIR(st.st_mode):
+                continue
+            if not dry_run:
+                _unlink_quietly(Path(entry.path))
+            count += 1
+            size += st.st_size if st.st_nlink <= 1 else 0
+        return count, size
 
     def remove(self, xxh3: str) -> int:
         """Delete one object.

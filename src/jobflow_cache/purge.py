@@ -72,7 +72,8 @@ def collect_garbage(
     cache: CacheStore, candidates: set[str] | None = None, *, dry_run: bool = False
 ) -> GCReport:
     """Delete the file objects no entry references (entries marked invalid still do), and,
-    without ``candidates``, the blobs of large outputs no entry refers to.
+    without ``candidates``, the blobs of large outputs no entry refers to and the temporary
+    files that killed processes left in the object area (counted as objects).
 
     Parameters
     ----------
@@ -94,11 +95,16 @@ def collect_garbage(
     area = ObjectArea(cache.objects_dir)
     started = time.time()
     orphans: list[str] = []
+    full = candidates is None
     if candidates is None:
         candidates = {xxh3 for xxh3, _ in area.iter_objects()}
         orphans = cache.orphan_blobs()
     unreferenced = _unreferenced(cache, candidates, {})
     report = _sweep(area, unreferenced, started, remove=not dry_run)
+    if full:  # and what processes killed while storing a file left behind
+        stale, freed = area.remove_stale(dry_run=dry_run)
+        report.objects += stale
+        report.bytes_freed += freed
     if orphans and not dry_run:
         cache.remove_blobs(orphans)
     report.blobs = len(orphans)
