@@ -634,10 +634,12 @@ def test_claim_release_renew_and_expiry(pg_store: PostgresStore) -> None:
     pg_store.release("job", "b")  # not the holder: nothing happens
     assert pg_store.claim("job", "b", 30) == "a"
     pg_store.release("job", "a")
-    assert pg_store.claim("job", "b", 0.3) == "b"
+    assert pg_store.claim("job", "b", 30) == "b"
     assert pg_store.claim("job", "c", 30) == "b"
-    time.sleep(0.5)  # the lease runs out on the database's clock
-    assert pg_store.claim("job", "c", 30) == "c"
+    assert pg_store.claim("job", "b", 0) == "b"  # renewed with a lease that ends now
+    assert pg_store.claim("job", "c", 1) == "c"  # an expired lease is taken over
+    time.sleep(1.5)  # the lease runs out on the database's clock
+    assert pg_store.claim("job", "d", 30) == "d"
     assert pg_store.claim("other", "b", 30) == "b"
 
 
@@ -920,3 +922,15 @@ def test_callable_fixture_names_are_stable(make_pg_store: Callable[..., Postgres
     assert store.table == "jfc_named_table"
     store.connect()
     assert store.count() == 0
+
+
+def test_a_row_that_is_not_an_object_reads_back_as_it_is(pg_store: PostgresStore) -> None:
+    """A damaged row (JSON written by hand that is no object) never breaks the other rows."""
+    pg_store.update([{"digest": "a", "n": 1}, {"digest": "b", "n": 2}])
+    with pg_store._state_or_raise().pool.connection() as conn:
+        conn.execute(f'UPDATE "{pg_store.table}" SET doc = \'"text"\' WHERE key = \'"b"\'')
+    assert pg_store.query_key("b", leave_out=["canonical_input"]) == "text"
+    assert list(pg_store.query({}, ["digest", "n"], sort={"n": 1})) == [{}, {"digest": "a", "n": 1}]
+    assert pg_store.count({"n": {"$gte": 1}}) == 1
+    with pytest.raises(TypeError, match="not a document"):
+        pg_store.increment("b", {"n": 1})

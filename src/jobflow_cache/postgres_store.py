@@ -1262,7 +1262,8 @@ class PostgresStore(Store):
             columns = "doc"
             if fields is not None:  # the server picks the fields: large ones are never sent
                 columns = (
-                    "(SELECT jsonb_object_agg(_f.k, _f.v) FROM jsonb_each(doc) AS _f(k, v) "
+                    "(SELECT jsonb_object_agg(_f.k, _f.v) FROM jsonb_each(CASE WHEN "
+                    "jsonb_typeof(doc) = 'object' THEN doc ELSE '{}' END) AS _f(k, v) "
                     "WHERE _f.k = ANY(%b::text[]))"
                 )
                 params.append(fields)
@@ -1356,7 +1357,10 @@ class PostgresStore(Store):
             return None
         dropped = [name for name in leave_out if isinstance(name, str)]
         if dropped:
-            sql = f"SELECT doc - %b::text[] FROM {self._t} WHERE key = %s"
+            sql = (  # a damaged row holding a scalar comes back as it is
+                "SELECT CASE WHEN jsonb_typeof(doc) = 'object' THEN doc - %b::text[] ELSE doc "
+                f"END FROM {self._t} WHERE key = %s"
+            )
             params: list[Any] = [dropped, row_key]
         else:
             sql = f"SELECT doc FROM {self._t} WHERE key = %s"
@@ -1728,7 +1732,7 @@ class PostgresStore(Store):
             for path, value in set_fields.items():
                 expression = f"jsonb_set({expression}, ARRAY[{_lit(path)}], %s::jsonb)"
                 params.append(_dumps(_sanitize(value)))
-            where = " AND ".join(["key = %s", *guards])
+            where = " AND ".join(["key = %s", "jsonb_typeof(doc) = 'object'", *guards])
             direct = (
                 f"UPDATE {self._t} SET doc = {expression} WHERE {where} RETURNING 1",
                 [*params, row_key],
@@ -1757,6 +1761,8 @@ class PostgresStore(Store):
         if row is None:
             return False
         doc = row[0]
+        if not isinstance(doc, dict):
+            raise TypeError(f"the row of {plan.row_key} holds {type(doc).__name__}, not a document")
         for path, value in [*plan.fields.items(), *plan.set_fields.items()]:
             parts = plan.parsed[path]
             node = doc
