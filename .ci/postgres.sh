@@ -21,9 +21,9 @@ if ! pg_lsclusters -h | awk -v v="$JFC_PG_VERSION" '$1 == v && $2 == "main" {pri
 fi
 trap 'if [ "$JFC_PG_STARTED" = 1 ]; then pg_ctlcluster "$JFC_PG_VERSION" main stop || true; fi' EXIT
 JFC_PG_PORT=$(pg_lsclusters -h | awk -v v="$JFC_PG_VERSION" '$1 == v && $2 == "main" {print $3}')
-runuser -u postgres -- psql -q -p "$JFC_PG_PORT" -v ON_ERROR_STOP=1 -c "DO \$\$ BEGIN
+(cd / && runuser -u postgres -- psql -q -p "$JFC_PG_PORT" -v ON_ERROR_STOP=1 -c "DO \$\$ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'jfc') THEN
         CREATE ROLE jfc LOGIN SUPERUSER PASSWORD 'jfc';
-    END IF; END \$\$;"
+    END IF; END \$\$;")
 export JOBFLOW_CACHE_TEST_POSTGRES_URI="postgresql://jfc:jfc@127.0.0.1:${JFC_PG_PORT}/postgres"
 echo "postgres.sh: PostgreSQL $JFC_PG_VERSION on 127.0.0.1:$JFC_PG_PORT" >&2
