@@ -934,6 +934,7 @@ def test_the_sqlite_store_damaged_mid_run_never_fails_the_flow(
         assert len(result["warnings"]) <= 1
 
 
+@pytest.mark.slow
 def test_the_store_folder_made_read_only_mid_run_never_fails_the_flow(
     read_only, counts, isolated_cache, tmp_path
 ):
@@ -967,6 +968,7 @@ def test_the_store_folder_made_read_only_mid_run_never_fails_the_flow(
     assert counts()["add_one"] == before
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.parametrize("how", ["terminate", "stop"])
 def test_postgresql_dropping_mid_run_never_fails_the_flow(
@@ -1009,6 +1011,7 @@ def test_postgresql_dropping_mid_run_never_fails_the_flow(
     assert counts()["add"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_a_store_that_breaks_mid_run_gives_one_warning(
     server, request, isolated_cache, counts, monkeypatch
