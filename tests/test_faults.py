@@ -803,15 +803,12 @@ def _overwrite_row(backend: Backend, digest: str, text: str) -> None:
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"a string"', "null"])
 def test_a_stored_row_that_is_not_a_document_is_never_served(
-    text, backend, counts, tmp_path, run_dir, request
+    text, backend, counts, tmp_path, run_dir
 ):
     """The row of an entry holds JSON that is not an object (a damaged table): the job runs
     (with a warning unless the row reads as no entry at all) and a sound entry replaces it."""
     if backend.name == "memory":
         pytest.skip("a MongoDB collection holds only documents")
-    if backend.name == "postgres" and text != "[1, 2]":
-        reason = "query_key's `doc - fields` fails on a scalar row: the whole store counts as "
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason + "unavailable"))
     store = JobStore(MemoryStore())
     run_locally(jobs.add(2, 2), store=store, cache=backend.cache(), log=False)
     with backend.opened() as cache:
@@ -853,12 +850,9 @@ def test_verify_reports_a_stored_row_that_is_not_a_document(backend, run_dir):
         assert [p.fixed for p in verify(cache, fix=True)] == [None]
 
 
-def test_gc_goes_past_a_stored_row_that_is_not_a_document(backend, run_dir, request):
+def test_gc_goes_past_a_stored_row_that_is_not_a_document(backend, run_dir):
     if backend.name == "memory":
         pytest.skip("a MongoDB collection holds only documents")
-    if backend.name == "postgres":
-        reason = "PostgresStore's projection (jsonb_each) raises on a row that is not an object"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     _damaged_cache(backend)
     with backend.opened() as cache:
         assert collect_garbage(cache).objects == 0, "write_files' objects are still referenced"
