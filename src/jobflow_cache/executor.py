@@ -514,7 +514,7 @@ class Cache:
         digest = call_digest.digest
         try:
             found = self._lookup(digest)
-        except CacheError as err:
+        except Exception as err:  # the store failed in a way of its own: never fail the job
             self._fail(err)
             return self._uncached(job, function, args, kwargs, Outcome.ERROR, options)
 
@@ -860,7 +860,7 @@ class Cache:
         files_mode = options.files or self.files
         place = self._place_mode(files_mode)
         if entry.files and not self.objects.has_all(entry.files):
-            raise FilesUnavailableError("run-folder files of the entry are missing")
+            raise FilesUnavailableError("run-folder files of the entry are missing or corrupt")
         uuids: dict[str, str] = {}
         dirs: dict[str, DirRewrite] = {}
         if entry.source_uuid and entry.source_uuid != job.uuid:

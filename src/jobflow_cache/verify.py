@@ -116,7 +116,9 @@ class _Checker:
             size = os.lstat(self.area.path_of(record.xxh3)).st_size
         except (OSError, ValueError):
             return "missing"
-        return f"size {size} != {record.size}"
+        if size != record.size:
+            return f"size {size} != {record.size}"
+        return "changed since it was stored (its content no longer matches)"
 
     def check(self, doc: Mapping[str, Any], blob_problem: str | None = None) -> list[Problem]:
         digest = doc.get("digest") if isinstance(doc.get("digest"), str) else None
