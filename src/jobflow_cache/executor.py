@@ -840,9 +840,7 @@ class Cache:
             entry.files_skipped = {path: size for path, size in sizes.items() if size > limit}
             changed = [path for path in changed if path not in entry.files_skipped]
         if changed:
-            entry.files = self.objects.record(
-                folder, changed, mode=self._place_mode(mode)
-            )
+            entry.files = self.objects.record(folder, changed, mode=self._place_mode(mode))
             entry.files_size = sum(f.size for f in entry.files)
 
     def _place_mode(self, mode: FilesMode) -> PlaceMode:
