@@ -532,13 +532,12 @@ class Cache:
             outcome = Outcome.INVALID
         else:
             outcome = Outcome.MISS
-        if self.dedup:
-            return self._run_claimed(
-                job, function, args, kwargs, options, call_digest, refs, outcome
-            )
-        return self._run_and_record(
-            job, function, args, kwargs, options, call_digest, refs, outcome
+        run = functools.partial(
+            self._run_and_record, job, function, args, kwargs, options, call_digest, refs, outcome
         )
+        if self.dedup:
+            return self._run_claimed(job, call_digest.digest, refs, options, run)
+        return run()
 
     def _serve_hit(
         self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions
@@ -574,20 +573,11 @@ class Cache:
 
     # -- in-flight deduplication (JOBFLOW_CACHE_DEDUP) --------------------------------------
     def _run_claimed(
-        self,
-        job: Job,
-        function: Callable[..., Any],
-        args: Sequence[Any],
-        kwargs: Mapping[str, Any],
-        options: JobOptions,
-        call_digest: CallDigest,
-        refs: _Refs,
-        outcome: Outcome,
+        self, job: Job, digest: str, refs: _Refs, options: JobOptions, run: Callable[[], Any]
     ) -> Any:
-        """Run the job under a claim on its digest, or wait for the worker holding the claim
-        and serve its result (see :mod:`.shared`)."""
+        """Run the job (``run`` runs and records it) under a claim on its digest, or wait for
+        the worker holding the claim and serve its result (see :mod:`.shared`)."""
         claims = self._coordination()
-        digest = call_digest.digest
         owner = f"{_this_host()}:{os.getpid()}:{self._token}"
         if claims is not None:
             try:
@@ -599,14 +589,10 @@ class Cache:
                 if served is not None:
                     return served
         if claims is None:
-            return self._run_and_record(
-                job, function, args, kwargs, options, call_digest, refs, outcome
-            )
+            return run()
         try:
             with Heartbeat(claims, digest, owner, self.settings.LEASE):
-                response = self._run_and_record(
-                    job, function, args, kwargs, options, call_digest, refs, outcome
-                )
+                response = run()
             self.flush()  # the entry is in the store before the waiters are let go
             return response
         finally:
