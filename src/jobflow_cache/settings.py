@@ -91,7 +91,8 @@ class CacheSettings(BaseSettings):
     )
     FILES_EXCLUDE: list[str] = Field(
         default_factory=lambda: list(DEFAULT_FILES_EXCLUDE),
-        description="Glob patterns of run-folder files never recorded.",
+        description="Glob patterns of run-folder files never recorded. A value replaces the "
+        "defaults (managers' bookkeeping and batch-script files): repeat those you keep.",
     )
     MAX_FILE_SIZE: int = Field(
         0, description="Files larger than this many bytes are not cached (0: no limit)."
