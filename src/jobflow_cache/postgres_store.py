@@ -7,7 +7,7 @@ in sorts) and ``doc`` the whole document. Two more tables hold the coordination 
 shared caches: ``<table>_claims`` (in-flight claims with leases on the database clock) and
 ``<table>_aliases`` (alias -> digest, e.g. run folders).
 
-Values JSONB cannot hold are tagged as in :mod:`jobflow_cache.sqlite_store` (Mongo
+Values JSONB cannot hold are tagged as in :mod:`jobflow_cache.docstore` (Mongo
 extended-JSON style): datetimes ``{"$date": "YYYY-MM-DDTHH:MM:SS.ffffffZ"}`` (UTC, read back
 naive), bytes ``{"$binary": base64}``, and ``{"$numberDouble": text}`` for NaN, infinities,
 ``-0.0`` and floats of magnitude >= 1e16 (whose JSON text has no fraction, so JSONB's numeric
@@ -45,15 +45,29 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 import xxhash
-from maggma.core import Sort, Store, StoreError
-from pydash import get, set_
+from maggma.core import Sort, StoreError
+from pydash import get
 
-from jobflow_cache.errors import StoreUnavailableError
-from jobflow_cache.sqlite_store import (  # one encoding and Mongo semantics for both stores
+from jobflow_cache.docstore import (  # one encoding and Mongo semantics for both stores
+    _ARRAY,
+    _BINARY,
+    _BINDATA,
+    _BOOL,
+    _DATE,
+    _DATETIME,
+    _DOUBLE,
+    _NULL,
+    _NUMBER,
+    _OBJECT,
     NOTHING,
+    DocStore,
+    _add_distinct,
     _distinct_marker,
     _format_datetime,
+    _increment_key,
+    _increment_paths,
     _key_literal,
+    _NotPlainError,
     _orjson_default,
     _parse_datetime,
     _project,
@@ -61,12 +75,13 @@ from jobflow_cache.sqlite_store import (  # one encoding and Mongo semantics for
     _regex_pattern,
     _sanitize,
     _sort_items,
+    _sorted_page,
     _split_path,
-    _type_class,
     filter_applies,
     iter_key_candidates,
-    resolve_sort_key,
 )
+from jobflow_cache.docstore import _STRING as _STR  # the type class; _STRING is a tag here
+from jobflow_cache.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -83,14 +98,8 @@ _COMMENT_TAG = "jobflow-cache PostgresStore "
 _MIN_SERVER_VERSION = 140000  # numeric infinities (sorting +/-inf among numbers)
 _INSTALL_HINT = "pip install 'jobflow-cache[postgres]'"
 
-_DATE = "$date"
-_BINARY = "$binary"
-_DOUBLE = "$numberDouble"
 _STRING = "$string"
 _RESERVED_KEYS = frozenset({_DATE, _BINARY, _DOUBLE, _STRING})
-
-# BSON comparison order of the type classes, as in sqlite_store
-_NULL, _NUMBER, _STR, _OBJECT, _ARRAY, _BINDATA, _BOOL, _DATETIME = 1, 2, 3, 4, 5, 6, 8, 9
 
 #: Characters of a field's text kept in its index: B-tree entries must stay small, and any
 #: value longer than this is compared on its full text after the index narrowed it down.
@@ -111,10 +120,6 @@ _CURSOR_IDS = itertools.count(1)
 
 
 # --------------------------------------------------------------------------- encoding
-
-
-class _NotPlainError(Exception):
-    """Raised by the strict walk on a value ``jsanitize`` would have to convert."""
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None), dict, list, tuple, datetime, bytes})
@@ -848,7 +853,7 @@ def _redact(uri: str) -> str:
 # --------------------------------------------------------------------------- the store
 
 
-class PostgresStore(Store):
+class PostgresStore(DocStore):
     """A maggma Store in a PostgreSQL table of JSONB documents: one cache for many machines.
 
     Each process keeps a small connection pool (``psycopg_pool``), made again by itself after
@@ -1285,21 +1290,6 @@ class PostgresStore(Store):
         found = itertools.islice(docs, skip, stop)
         return found if projection is None else (_project(d, *projection) for d in found)
 
-    def query_one(
-        self,
-        criteria: dict | None = None,
-        properties: dict | list | None = None,
-        sort: dict[str, Sort | int] | None = None,
-    ) -> dict | None:
-        """The first matching document, or None (asks the server for one row)."""
-        docs = self.query(criteria=criteria, properties=properties, sort=sort, limit=1)
-        try:
-            return next(docs, None)
-        finally:
-            close = getattr(docs, "close", None)
-            if close is not None:
-                close()
-
     @staticmethod
     def _order_by(items: list[tuple[str, int]]) -> str:
         """ORDER BY type class, number, text per field; ties in insertion order."""
@@ -1330,10 +1320,7 @@ class PostgresStore(Store):
             docs = list(_documents(rows, None))
             if matches is not None:
                 docs = [d for d in docs if matches(d)]
-            for field, direction in reversed(items):
-                docs.sort(key=_sort_key(field), reverse=direction < 0)
-            docs = docs[skip : skip + limit if limit else None]
-            yield from (docs if projection is None else (_project(d, *projection) for d in docs))
+            yield from _sorted_page(docs, items, skip, limit, projection)
 
         return sorted_docs()
 
@@ -1479,65 +1466,11 @@ class PostgresStore(Store):
                 f"{_jsonpath(parts)}) AS _p(v) WHERE {where.sql}"
             )
             found = (value for (value,) in self._rows(sql, where.params))
-        seen: set[Any] = set()
         values: list[Any] = []
-        for value in found:
-            for item in value if isinstance(value, list) else [value]:
-                marker = _distinct_marker(item)
-                if marker not in seen:
-                    seen.add(marker)
-                    values.append(item)
+        _add_distinct(values, set(), found)
         return values
 
-    def groupby(
-        self,
-        keys: list[str] | str,
-        criteria: dict | None = None,
-        properties: dict | list | None = None,
-        sort: dict[str, Sort | int] | None = None,
-        skip: int = 0,
-        limit: int = 0,
-    ) -> Iterator[tuple[dict, list[dict]]]:
-        """Group documents by the values of some fields, as maggma's MemoryStore does.
-
-        Only documents holding every key field take part; each group's documents carry the
-        key fields plus ``properties``. ``skip``/``limit`` count groups.
-        """
-        keys = [keys] if isinstance(keys, str) else list(keys)
-        if properties is None:
-            properties = []
-        if isinstance(properties, Mapping):
-            properties = list(properties.keys())
-        conditions = [criteria] if criteria else []
-        conditions += [{key: {"$exists": True}} for key in keys]
-        order: dict[str, Sort | int] = dict.fromkeys(keys, 1)
-        order.update(sort or {})
-        docs = self.query(
-            criteria={"$and": conditions}, properties=keys + list(properties), sort=order
-        )
-
-        def group_of(doc: dict) -> tuple:
-            return tuple((_type_class(v), v) for v in (get(doc, key) for key in keys))
-
-        groups = itertools.groupby(docs, key=group_of)
-        stop = skip + limit if limit else None
-        for group, members in itertools.islice(groups, skip, stop):
-            id_doc: dict[str, Any] = {}
-            for key, (_, value) in zip(keys, group):
-                set_(id_doc, key, value)
-            yield id_doc, list(members)
-
     # ---------------------------------------------------------------- writing
-
-    def _validate(self, doc: dict) -> bool:
-        if self.validator is None or self.validator.is_valid(doc):
-            return True
-        if getattr(self.validator, "strict", False):
-            raise ValueError(self.validator.validation_errors(doc))
-        logger.error(
-            "document rejected by the validator: %s", self.validator.validation_errors(doc)
-        )
-        return False
 
     def _prepare(self, doc: Any) -> tuple[str, str, dict] | None:
         """Sanitise (as MongoStore does), validate and encode: ``(row key, JSON, doc)``.
@@ -1694,25 +1627,8 @@ class PostgresStore(Store):
         set_fields: Mapping[str, Any] | None,
     ) -> _IncrementPlan:
         set_fields = dict(set_fields or {})
-        row_key = _key_literal(key_value)
-        if row_key is None or not isinstance(key_value, str | int):
-            raise TypeError(f"key values are str or int, not {key_value!r}")
-        for amount in fields.values():
-            if isinstance(amount, bool) or not isinstance(amount, int | float):
-                raise TypeError(f"increments must be numbers, not {amount!r}")
-        paths = [*fields, *set_fields]
-        if len(set(paths)) != len(paths):
-            raise ValueError("a field cannot be both incremented and set")
-        parsed = {}
-        for path in paths:
-            parts = _split_path(path)
-            if parts is None or parts[0] == self.key:
-                raise ValueError(f"cannot increment or set the field {path!r}")
-            parsed[path] = parts
-        for path in paths:
-            for other in paths:
-                if other != path and other.startswith(path + "."):
-                    raise ValueError(f"fields {path!r} and {other!r} overlap")
+        row_key = _increment_key(key_value, fields)
+        parsed = _increment_paths(self.key, fields, set_fields)
         direct = None
         if all(len(parts) == 1 for parts in parsed.values()) and all(
             type(amount) is int for amount in fields.values()
@@ -1936,15 +1852,6 @@ def _top_level_fields(projection: tuple[dict, bool] | None) -> list[str] | None:
     if not all(rule is True for rule in spec.values()):
         return None
     return list(spec)
-
-
-def _sort_key(field: str) -> Callable[[dict], Any]:
-    """mongomock's sort key of one field (BSON order, arrays by their first item)."""
-
-    def sort_key(doc: dict) -> Any:
-        return resolve_sort_key(field, doc)
-
-    return sort_key
 
 
 def _documents(
