@@ -54,6 +54,8 @@ _NULL, _NUMBER, _STRING, _OBJECT, _ARRAY, _BINDATA, _BOOL, _DATETIME = 1, 2, 3, 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
+_Fragment = tuple[str, list[Any]]  # SQL text and its parameters
+
 
 # --------------------------------------------------------------------------- encoding
 
@@ -212,6 +214,76 @@ def _type_class(value: Any) -> int:
     return _OBJECT
 
 
+# --------------------------------------------------------------------------- criteria
+
+
+def _sub_criteria(key: str, value: Any) -> list[Mapping[str, Any]]:
+    """The criteria of a ``$and``, ``$or`` or ``$nor``, checked as MongoDB checks them."""
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"{key} needs a non-empty list of criteria")
+    if not all(isinstance(sub, Mapping) for sub in value):
+        raise ValueError(f"every entry of {key} must be a dict")
+    return list(value)
+
+
+def _field_operators(value: Any) -> dict[str, Any]:
+    """The operators a field's criterion means: its own, ``$regex`` or ``$eq``.
+
+    Examples
+    --------
+    >>> _field_operators({"$gt": 1}), _field_operators(3), _field_operators({"a": 1})
+    ({'$gt': 1}, {'$eq': 3}, {'$eq': {'a': 1}})
+    """
+    if isinstance(value, re.Pattern):
+        return {"$regex": value}
+    if isinstance(value, Mapping) and value and all(str(op).startswith("$") for op in value):
+        return dict(value)
+    return {"$eq": value}
+
+
+def _negation(op: str, value: Any, invalid: str) -> dict[str, Any] | None:
+    """The positive operators whose negation ``op`` is, or None.
+
+    An invalid ``$not`` gives ``{invalid: value}``, for the Python check (mongomock) to
+    report as MongoDB would.
+
+    Examples
+    --------
+    >>> _negation("$nin", [1], "$not"), _negation("$gt", 1, "$not")
+    ({'$in': [1]}, None)
+    """
+    if op == "$ne":
+        return {"$eq": value}
+    if op == "$nin":
+        return {"$in": value}
+    if op == "$exists" and not value:
+        return {"$exists": True}
+    if op == "$not":
+        if isinstance(value, re.Pattern):
+            return {"$regex": value}
+        if isinstance(value, Mapping) and value and all(str(k).startswith("$") for k in value):
+            return dict(value)
+        return {invalid: value}
+    return None
+
+
+def _joined(fragments: list[_Fragment], word: str, empty: str) -> _Fragment:
+    """Join SQL fragments ``(sql, params)`` with AND or OR (``empty`` when there are none).
+
+    Examples
+    --------
+    >>> _joined([("a = ?", [1]), ("b = ?", [2])], "OR", "0")
+    ('(a = ? OR b = ?)', [1, 2])
+    """
+    if not fragments:
+        return empty, []
+    if len(fragments) == 1:
+        return fragments[0]
+    return "(" + f" {word} ".join(sql for sql, _ in fragments) + ")", [
+        p for _, params in fragments for p in params
+    ]
+
+
 # --------------------------------------------------------------------------- paths and keys
 
 
@@ -331,6 +403,14 @@ def _sort_items(sort: Mapping[str, Sort | int] | None) -> list[tuple[str, int]]:
         (field, direction.value if isinstance(direction, Sort) else Sort(direction).value)
         for field, direction in sort.items()
     ]
+
+
+def _sql_sort_items(items: list[tuple[str, int]]) -> Iterator[tuple[str, list[str], str]]:
+    """``(field, its path components, "ASC" | "DESC")`` for SQL-addressable sort items."""
+    for field, direction in items:
+        parts = _split_path(field)
+        assert parts is not None
+        yield field, parts, "ASC" if direction > 0 else "DESC"
 
 
 def _sort_key_function(field: str) -> Callable[[dict], Any]:
@@ -509,6 +589,13 @@ class DocStore(Store):
             for key, (_, value) in zip(keys, group):
                 set_(id_doc, key, value)
             yield id_doc, list(members)
+
+    def _checked(self, doc: Any) -> dict | None:
+        """Sanitise a document as MongoStore does and validate it (None: rejected)."""
+        doc = _sanitize(doc)
+        if not isinstance(doc, dict):
+            raise TypeError(f"documents must be dicts, not {type(doc).__name__}")
+        return doc if self._validate(doc) else None
 
     def _validate(self, doc: dict) -> bool:
         if self.validator is None or self.validator.is_valid(doc):

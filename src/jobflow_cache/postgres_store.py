@@ -63,10 +63,14 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     DocStore,
     _add_distinct,
     _distinct_marker,
+    _field_operators,
     _format_datetime,
+    _Fragment,
     _increment_key,
     _increment_paths,
+    _joined,
     _key_literal,
+    _negation,
     _NotPlainError,
     _orjson_default,
     _parse_datetime,
@@ -77,6 +81,8 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _sort_items,
     _sorted_page,
     _split_path,
+    _sql_sort_items,
+    _sub_criteria,
     filter_applies,
     iter_key_candidates,
 )
@@ -110,7 +116,6 @@ _MAX_TABLE_BYTES = 48  # "<table>_aliases" and index names must fit PostgreSQL's
 _SMALL_LIMIT = 1000
 _LARGE_FLOAT = 1e16  # floats this large print without a fraction: JSONB would give an int
 
-_Fragment = tuple[str, list[Any]]
 _Test = Callable[[str], _Fragment]
 
 # Process states left behind in a forked child: never used, closed or freed there (their
@@ -339,23 +344,11 @@ def _sort_terms(e: str, word: str) -> list[str]:
 
 
 def _and(fragments: list[_Fragment]) -> _Fragment:
-    if not fragments:
-        return "TRUE", []
-    if len(fragments) == 1:
-        return fragments[0]
-    return "(" + " AND ".join(sql for sql, _ in fragments) + ")", [
-        p for _, params in fragments for p in params
-    ]
+    return _joined(fragments, "AND", "TRUE")
 
 
 def _or(fragments: list[_Fragment]) -> _Fragment:
-    if not fragments:
-        return "FALSE", []
-    if len(fragments) == 1:
-        return fragments[0]
-    return "(" + " OR ".join(sql for sql, _ in fragments) + ")", [
-        p for _, params in fragments for p in params
-    ]
+    return _joined(fragments, "OR", "FALSE")
 
 
 def _decimal(value: int | float) -> Decimal:
@@ -468,11 +461,7 @@ class _Translator:
 
     def _item(self, key: Any, value: Any) -> _Where:
         if key in ("$and", "$or", "$nor"):
-            if not isinstance(value, list | tuple) or not value:
-                raise ValueError(f"{key} needs a non-empty list of criteria")
-            if not all(isinstance(sub, Mapping) for sub in value):
-                raise ValueError(f"every entry of {key} must be a dict")
-            subs = [self._document(sub) for sub in value]
+            subs = [self._document(sub) for sub in _sub_criteria(key, value)]
             if key == "$and":
                 return _all(subs)
             return _any(subs) if key == "$or" else _negate(_any(subs))
@@ -481,12 +470,7 @@ class _Translator:
         parts = _split_path(key)
         if key.startswith("$") or parts is None:
             return _ANY
-        if isinstance(value, re.Pattern):
-            ops: dict[str, Any] = {"$regex": value}
-        elif isinstance(value, Mapping) and value and all(str(op).startswith("$") for op in value):
-            ops = dict(value)
-        else:
-            ops = {"$eq": value}
+        ops = _field_operators(value)
         if key == self.key_field:
             return self._key_field(parts, ops)
         return self._field(parts, ops)
@@ -536,29 +520,12 @@ class _Translator:
                 if "$regex" not in ops:
                     wheres.append(_ANY)
                 continue
-            negated = self._negation(op, value)
+            negated = _negation(op, value, "$unknown")  # invalid $not: the Python check reports it
             if negated is not None:
                 wheres.append(_negate(self._positive(parts, negated)))
             else:
                 wheres.append(self._positive(parts, {op: value, "$options": ops.get("$options")}))
         return _all(wheres)
-
-    @staticmethod
-    def _negation(op: str, value: Any) -> dict[str, Any] | None:
-        """The positive operators whose negation ``op`` is, or None."""
-        if op == "$ne":
-            return {"$eq": value}
-        if op == "$nin":
-            return {"$in": value}
-        if op == "$exists" and not value:
-            return {"$exists": True}
-        if op == "$not":
-            if isinstance(value, re.Pattern):
-                return {"$regex": value}
-            if isinstance(value, Mapping) and value and all(str(k).startswith("$") for k in value):
-                return dict(value)
-            return {"$unknown": value}  # invalid: the Python check reports mongomock's error
-        return None
 
     def _positive(self, parts: list[str], ops: dict[str, Any]) -> _Where:
         """The positive operators (``$options`` going with ``$regex``) on one field."""
@@ -1296,10 +1263,8 @@ class PostgresStore(DocStore):
         if not items:
             return ""
         terms = []
-        for field, direction in items:
-            parts = _split_path(field)
-            assert parts is not None
-            terms += _sort_terms(_path(parts), "ASC" if direction > 0 else "DESC")
+        for _, parts, word in _sql_sort_items(items):
+            terms += _sort_terms(_path(parts), word)
         return " ORDER BY " + ", ".join([*terms, "seq ASC"])
 
     def _python_sorted(
@@ -1486,12 +1451,10 @@ class PostgresStore(DocStore):
             else:
                 text = orjson.dumps(storable, default=_orjson_default).decode("utf-8")
                 return self._row_key(doc), text, doc
-        doc = _sanitize(doc)
-        if not isinstance(doc, dict):
-            raise TypeError(f"documents must be dicts, not {type(doc).__name__}")
-        if not self._validate(doc):
+        checked = self._checked(doc)
+        if checked is None:
             return None
-        return self._row_key(doc), _dumps(doc), doc
+        return self._row_key(checked), _dumps(checked), checked
 
     def _row_key(self, doc: Mapping[str, Any]) -> str:
         if self.key not in doc:

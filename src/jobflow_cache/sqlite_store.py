@@ -56,24 +56,30 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _add_distinct,
     _dumps,
     _encode,
+    _field_operators,
     _format_datetime,
+    _Fragment,
     _increment_key,
     _increment_paths,
+    _joined,
     _key_literal,
     _loads,
+    _negation,
     _NotPlainError,
     _orjson_default,
     _project,
     _projection,
     _regex_pattern,
-    _sanitize,
     _sort_items,
     _sorted_page,
     _split_path,
+    _sql_sort_items,
+    _sub_criteria,
     _to_storable,
     filter_applies,
     iter_key_candidates,
 )
+from jobflow_cache.docstore import _sanitize as _sanitize  # kept importable from here
 from jobflow_cache.errors import StoreUnavailableError, warn
 
 __all__ = ["SQLiteStore"]
@@ -163,9 +169,6 @@ def file_system_type(path: str | os.PathLike[str], mounts: str | None = None) ->
     return best[1] if best else None
 
 
-_Fragment = tuple[str, list[Any]]
-
-
 # --------------------------------------------------------------------------- SQL helpers
 
 
@@ -207,24 +210,12 @@ def _b(parts: list[str]) -> str:
 
 def _and(fragments: list[_Fragment]) -> _Fragment:
     """Join fragments with AND."""
-    if not fragments:
-        return "1", []
-    if len(fragments) == 1:
-        return fragments[0]
-    return "(" + " AND ".join(sql for sql, _ in fragments) + ")", [
-        p for _, params in fragments for p in params
-    ]
+    return _joined(fragments, "AND", "1")
 
 
 def _or(fragments: list[_Fragment]) -> _Fragment:
     """Join fragments with OR."""
-    if not fragments:
-        return "0", []
-    if len(fragments) == 1:
-        return fragments[0]
-    return "(" + " OR ".join(sql for sql, _ in fragments) + ")", [
-        p for _, params in fragments for p in params
-    ]
+    return _joined(fragments, "OR", "0")
 
 
 def _not(fragment: _Fragment) -> _Fragment:
@@ -405,11 +396,7 @@ class _Translator:
 
     def _item(self, key: str, value: Any, top: bool = False) -> _Fragment:
         if key in ("$and", "$or", "$nor"):
-            if not isinstance(value, list | tuple) or not value:
-                raise ValueError(f"{key} needs a non-empty list of criteria")
-            if not all(isinstance(sub, Mapping) for sub in value):
-                raise ValueError(f"every entry of {key} must be a dict")
-            subs = [self._document(sub, top and key == "$and") for sub in value]
+            subs = [self._document(sub, top and key == "$and") for sub in _sub_criteria(key, value)]
             if key == "$and":
                 return _and(subs)
             return _or(subs) if key == "$or" else _not(_or(subs))
@@ -420,12 +407,7 @@ class _Translator:
         parts = _split_path(key)
         if parts is None:
             return self._python({key: value})
-        if isinstance(value, re.Pattern):
-            ops: dict[str, Any] = {"$regex": value}
-        elif isinstance(value, Mapping) and value and all(str(op).startswith("$") for op in value):
-            ops = dict(value)
-        else:
-            ops = {"$eq": value}
+        ops = _field_operators(value)
         if key == self.key_field:
             return self._key_field(key, parts, ops, top)
         return self._field(key, parts, ops, top)
@@ -472,7 +454,7 @@ class _Translator:
                 if "$regex" not in ops:
                     python[op] = value
                 continue
-            negated = self._negation(op, value)
+            negated = _negation(op, value, "$not")  # an invalid $not: the fallback reports it
             if negated is not None:
                 inner = self._positive(path, parts, negated)
                 if inner is None:
@@ -496,23 +478,6 @@ class _Translator:
         if python:
             fragments.append(self._python({path: python}))
         return _and(fragments)
-
-    @staticmethod
-    def _negation(op: str, value: Any) -> dict[str, Any] | None:
-        """Return the positive operators whose negation ``op`` is, or None."""
-        if op == "$ne":
-            return {"$eq": value}
-        if op == "$nin":
-            return {"$in": value}
-        if op == "$exists" and not value:
-            return {"$exists": True}
-        if op == "$not":
-            if isinstance(value, re.Pattern):
-                return {"$regex": value}
-            if isinstance(value, Mapping) and value and all(str(k).startswith("$") for k in value):
-                return dict(value)
-            return {"$not": value}  # invalid: the fallback reports mongomock's error
-        return None
 
     def _positive(self, path: str, parts: list[str], ops: dict[str, Any]) -> _Fragment | None:
         """Exact SQL for positive operators, or None if one cannot be expressed."""
@@ -1185,10 +1150,7 @@ class SQLiteStore(DocStore):
         if not items:
             return ""
         terms = []
-        for field, direction in items:
-            parts = _split_path(field)
-            assert parts is not None
-            word = "ASC" if direction > 0 else "DESC"
+        for field, parts, word in _sql_sort_items(items):
             if not pinned or field not in pinned:
                 terms.append(f"{_b(parts)} {word}")
             terms.append(f"{_x(parts)} {word}")
@@ -1493,12 +1455,10 @@ class SQLiteStore(DocStore):
             else:  # jsanitize would return an equal document: skip it
                 text = orjson.dumps(storable, default=_orjson_default).decode("utf-8")
                 return self._row_key(doc), text, doc
-        doc = _sanitize(doc)
-        if not isinstance(doc, dict):
-            raise TypeError(f"documents must be dicts, not {type(doc).__name__}")
-        if not self._validate(doc):
+        checked = self._checked(doc)
+        if checked is None:
             return None
-        return self._row_key(doc), _encode(doc, arrays), doc
+        return self._row_key(checked), _encode(checked, arrays), checked
 
     @contextmanager
     def _writing(self, arrays: set[str]) -> Iterator[sqlite3.Connection]:
