@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from maggma.core import Sort, Store
@@ -441,21 +441,25 @@ def _add_distinct(values: list[Any], seen: set[Any], found: Iterable[Any]) -> No
                 values.append(item)
 
 
-def _sorted_page(
-    docs: list[dict],
-    items: list[tuple[str, int]],
-    skip: int,
-    limit: int,
-    projection: tuple[dict, bool] | None,
-) -> Iterator[dict]:
+class _Page(NamedTuple):
+    """What a query returns of its matches: which fields, in which order, which slice."""
+
+    projection: tuple[dict, bool] | None
+    items: list[tuple[str, int]]
+    skip: int
+    limit: int
+
+
+def _sorted_page(docs: list[dict], page: _Page) -> Iterator[dict]:
     """Sort documents in Python (mongomock's sort keys), then skip, limit and project them.
 
     Examples
     --------
     >>> docs = [{"n": 2}, {"n": None}, {"n": "a"}, {"n": 1}]
-    >>> list(_sorted_page(docs, [("n", -1)], 1, 2, None))
+    >>> list(_sorted_page(docs, _Page(None, [("n", -1)], 1, 2)))
     [{'n': 2}, {'n': 1}]
     """
+    projection, items, skip, limit = page
     for field, direction in reversed(items):
         docs.sort(key=_sort_key_function(field), reverse=direction < 0)
     docs = docs[skip : skip + limit if limit else None]
@@ -511,6 +515,58 @@ class DocStore(Store):
     Subclasses (:class:`~jobflow_cache.sqlite_store.SQLiteStore`,
     :class:`~jobflow_cache.postgres_store.PostgresStore`) provide the storage and ``query``.
     """
+
+    def query(
+        self,
+        criteria: dict | None = None,
+        properties: dict | list | None = None,
+        sort: dict[str, Sort | int] | None = None,
+        skip: int = 0,
+        limit: int = 0,
+    ) -> Iterator[dict]:
+        """Stream the documents matching MongoDB criteria.
+
+        Parameters
+        ----------
+        criteria
+            MongoDB filter (see the store's class docstring for what runs as SQL).
+        properties
+            Fields to return, as a list or a Mongo projection dict (inclusion or
+            exclusion; ``_id`` is ignored). ``None`` or empty returns whole documents.
+        sort
+            Field -> direction (``1``/``-1`` or :class:`maggma.core.Sort`), applied in
+            order. Values sort in BSON type order (null/missing, numbers, strings,
+            objects, arrays, binary, booleans, dates); ties keep insertion order.
+            Arrays sort as whole values, not by their smallest element.
+        skip
+            Number of matching documents to skip.
+        limit
+            Maximum number of documents; ``0`` means no limit.
+
+        Returns
+        -------
+        Iterator[dict]
+            Documents read lazily, a few hundred rows at a time (bad criteria raise at
+            once).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from jobflow_cache.sqlite_store import SQLiteStore
+        >>> with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.db") as store:
+        ...     store.update([{"task_id": i, "n": i % 3} for i in range(6)])
+        ...     [d["task_id"] for d in store.query({"n": {"$ne": 0}}, sort={"n": -1})]
+        [2, 5, 1, 4]
+        """
+        projection = _projection(properties)
+        items = _sort_items(sort)
+        if skip < 0 or limit < 0:
+            raise ValueError("skip and limit must be >= 0")
+        return self._query(criteria, _Page(projection, items, skip, limit))
+
+    def _query(self, criteria: dict | None, page: _Page) -> Iterator[dict]:
+        """:meth:`query` with its projection, sort, skip and limit parsed and checked."""
+        raise NotImplementedError
 
     def query_one(
         self,

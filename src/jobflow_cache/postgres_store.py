@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 import xxhash
-from maggma.core import Sort, StoreError
+from maggma.core import StoreError
 from pydash import get
 
 from jobflow_cache.docstore import (  # one encoding and Mongo semantics for both stores
@@ -73,12 +73,11 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _negation,
     _NotPlainError,
     _orjson_default,
+    _Page,
     _parse_datetime,
     _project,
-    _projection,
     _regex_pattern,
     _sanitize,
-    _sort_items,
     _sorted_page,
     _split_path,
     _sql_sort_items,
@@ -1191,42 +1190,12 @@ class PostgresStore(DocStore):
                         return
                     yield from rows
 
-    def query(
-        self,
-        criteria: dict | None = None,
-        properties: dict | list | None = None,
-        sort: dict[str, Sort | int] | None = None,
-        skip: int = 0,
-        limit: int = 0,
-    ) -> Iterator[dict]:
-        """Stream the documents matching MongoDB criteria.
-
-        Parameters
-        ----------
-        criteria
-            MongoDB filter (see the class docstring for what runs as SQL).
-        properties
-            Fields to return, as a list or a Mongo projection dict (inclusion or exclusion;
-            ``_id`` is ignored). ``None`` or empty returns whole documents.
-        sort
-            Field -> direction (``1``/``-1`` or :class:`maggma.core.Sort`), applied in order.
-        skip
-            Number of matching documents to skip.
-        limit
-            Maximum number of documents; ``0`` means no limit.
-
-        Returns
-        -------
-        Iterator[dict]
-            Documents read lazily (bad criteria raise at once).
-        """
-        projection = _projection(properties)
-        items = _sort_items(sort)
-        if skip < 0 or limit < 0:
-            raise ValueError("skip and limit must be >= 0")
+    def _query(self, criteria: dict | None, page: _Page) -> Iterator[dict]:
+        """:meth:`query` with its projection, sort, skip and limit parsed and checked."""
+        projection, items, skip, limit = page
         where = self._compile(criteria)
         if not all(_split_path(field) is not None for field, _ in items):
-            return self._python_sorted(where, criteria, projection, items, skip, limit)
+            return self._python_sorted(where, criteria, page)
         order = self._order_by(items)
         if where.exact:
             fields = _top_level_fields(projection)
@@ -1267,15 +1236,7 @@ class PostgresStore(DocStore):
             terms += _sort_terms(_path(parts), word)
         return " ORDER BY " + ", ".join([*terms, "seq ASC"])
 
-    def _python_sorted(
-        self,
-        where: _Where,
-        criteria: dict | None,
-        projection: tuple[dict, bool] | None,
-        items: list[tuple[str, int]],
-        skip: int,
-        limit: int,
-    ) -> Iterator[dict]:
+    def _python_sorted(self, where: _Where, criteria: dict | None, page: _Page) -> Iterator[dict]:
         """Sort in Python (mongomock's sort keys) when a sort path is not SQL-addressable."""
         sql = f"SELECT doc FROM {self._t} WHERE {where.sql} ORDER BY seq"
         rows = self._rows(sql, where.params)
@@ -1285,7 +1246,7 @@ class PostgresStore(DocStore):
             docs = list(_documents(rows, None))
             if matches is not None:
                 docs = [d for d in docs if matches(d)]
-            yield from _sorted_page(docs, items, skip, limit, projection)
+            yield from _sorted_page(docs, page)
 
         return sorted_docs()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
-from maggma.core import Sort, StoreError
+from maggma.core import StoreError
 
 from jobflow_cache.docstore import (  # one encoding and Mongo semantics for both stores
     _ARRAY,
@@ -67,10 +67,9 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _negation,
     _NotPlainError,
     _orjson_default,
+    _Page,
     _project,
-    _projection,
     _regex_pattern,
-    _sort_items,
     _sorted_page,
     _split_path,
     _sql_sort_items,
@@ -1080,50 +1079,9 @@ class SQLiteStore(DocStore):
 
     # ---------------------------------------------------------------- reading
 
-    def query(
-        self,
-        criteria: dict | None = None,
-        properties: dict | list | None = None,
-        sort: dict[str, Sort | int] | None = None,
-        skip: int = 0,
-        limit: int = 0,
-    ) -> Iterator[dict]:
-        """Stream the documents matching Mongo criteria.
-
-        Parameters
-        ----------
-        criteria
-            MongoDB filter (see the class docstring for what runs as SQL).
-        properties
-            Fields to return, as a list or a Mongo projection dict (inclusion or
-            exclusion; ``_id`` is ignored). ``None`` or empty returns whole documents.
-        sort
-            Field -> direction (``1``/``-1`` or :class:`maggma.core.Sort`), applied in
-            order. Values sort in BSON type order (null/missing, numbers, strings,
-            objects, arrays, binary, booleans, dates); ties keep insertion order.
-            Arrays sort as whole values, not by their smallest element.
-        skip
-            Number of matching documents to skip.
-        limit
-            Maximum number of documents; ``0`` means no limit.
-
-        Returns
-        -------
-        Iterator[dict]
-            Documents read lazily from a cursor, a few hundred rows at a time.
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.db") as store:
-        ...     store.update([{"task_id": i, "n": i % 3} for i in range(6)])
-        ...     [d["task_id"] for d in store.query({"n": {"$ne": 0}}, sort={"n": -1})]
-        [2, 5, 1, 4]
-        """
-        projection = _projection(properties)
-        items = _sort_items(sort)
-        if skip < 0 or limit < 0:
-            raise ValueError("skip and limit must be >= 0")
+    def _query(self, criteria: dict | None, page: _Page) -> Iterator[dict]:
+        """:meth:`query` with its projection, sort, skip and limit parsed and checked."""
+        projection, items, skip, limit = page
         if all(_split_path(field) is not None for field, _ in items):
             fields = _top_level_fields(projection)
             select = (
@@ -1142,7 +1100,7 @@ class SQLiteStore(DocStore):
             if fields is not None:  # SQLite extracts the fields: no whole document decoded
                 return self._stream_fields(self._read(build), fields)
             return self._stream(self._read(build), projection)
-        return self._python_sorted(criteria, projection, items, skip, limit)
+        return self._python_sorted(criteria, page)
 
     @staticmethod
     def _order_by(items: list[tuple[str, int]], pinned: Mapping[str, int] | None = None) -> str:
@@ -1212,14 +1170,7 @@ class SQLiteStore(DocStore):
         for row in rows:
             yield {field: _loads(text) for field, text in zip(fields, row) if text is not None}
 
-    def _python_sorted(
-        self,
-        criteria: dict | None,
-        projection: tuple[dict, bool] | None,
-        items: list[tuple[str, int]],
-        skip: int,
-        limit: int,
-    ) -> Iterator[dict]:
+    def _python_sorted(self, criteria: dict | None, page: _Page) -> Iterator[dict]:
         """Sort in Python (mongomock's sort keys) when a sort path is not SQL-addressable."""
 
         def build(probe: _ArrayProbe) -> _Plan:
@@ -1230,7 +1181,7 @@ class SQLiteStore(DocStore):
         rows = self._read(build)
 
         def sorted_docs() -> Iterator[dict]:
-            yield from _sorted_page(list(self._stream(rows, None)), items, skip, limit, projection)
+            yield from _sorted_page(list(self._stream(rows, None)), page)
 
         return sorted_docs()
 
