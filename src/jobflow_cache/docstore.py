@@ -1,10 +1,11 @@
 """What SQLiteStore and PostgresStore share: the document encoding and Mongo semantics in Python.
 
 Both stores keep documents as JSON with the same tagged encodings of values JSON cannot hold
-(Mongo extended-JSON style, see :mod:`jobflow_cache.sqlite_store`), follow MongoDB's BSON type
-bracketing when comparing and sorting, and answer projections, sorts in Python, ``distinct``,
-``groupby`` and increments with the same rules. That logic lives here, once; everything that
-speaks an SQL dialect stays in the store modules.
+(Mongo extended-JSON style, see :mod:`jobflow_cache.sqlite_store`; PostgresStore adds one for
+strings holding NUL), follow MongoDB's BSON type bracketing when comparing and sorting, and
+answer projections, sorts in Python, ``distinct``, ``groupby`` and increments with the same
+rules. That logic lives here, once; everything that speaks an SQL dialect stays in the store
+modules.
 """
 
 from __future__ import annotations
@@ -160,8 +161,12 @@ def _dumps(obj: Any, arrays: set[str] | None = None, path: str = "") -> str:
     return orjson.dumps(storable, default=_orjson_default).decode("utf-8")
 
 
-def _from_storable(obj: Any) -> Any:
-    """Inverse of :func:`_to_storable` on decoded JSON."""
+def _from_storable(obj: Any, string_tag: str | None = None) -> Any:
+    """Inverse of :func:`_to_storable` on decoded JSON.
+
+    With ``string_tag``, ``{string_tag: <JSON text>}`` is decoded too (PostgresStore's
+    encoding of strings holding NUL characters).
+    """
     if isinstance(obj, dict):
         if len(obj) == 1:
             ((key, value),) = obj.items()
@@ -171,14 +176,20 @@ def _from_storable(obj: Any) -> Any:
                 return base64.b64decode(value)
             if key == _DOUBLE:
                 return float(value.lower().replace("infinity", "inf"))
+            if key == string_tag:
+                return orjson.loads(value)
         # only containers can hold an encoded value: scalars are taken without a call
         return {
-            key: _from_storable(value) if type(value) is dict or type(value) is list else value
+            key: _from_storable(value, string_tag)
+            if type(value) is dict or type(value) is list
+            else value
             for key, value in obj.items()
         }
     if isinstance(obj, list):
         return [
-            _from_storable(value) if type(value) is dict or type(value) is list else value
+            _from_storable(value, string_tag)
+            if type(value) is dict or type(value) is list
+            else value
             for value in obj
         ]
     return obj

@@ -66,6 +66,7 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _field_operators,
     _format_datetime,
     _Fragment,
+    _from_storable,
     _increment_key,
     _increment_paths,
     _joined,
@@ -74,7 +75,6 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _NotPlainError,
     _orjson_default,
     _Page,
-    _parse_datetime,
     _project,
     _regex_pattern,
     _sanitize,
@@ -183,31 +183,6 @@ def _dumps(obj: Any) -> str:
     return orjson.dumps(_to_storable(obj), default=_orjson_default).decode("utf-8")
 
 
-def _from_storable(obj: Any) -> Any:
-    """Inverse of :func:`_to_storable` on decoded JSON."""
-    if isinstance(obj, dict):
-        if len(obj) == 1:
-            ((key, value),) = obj.items()
-            if key == _DATE:
-                return _parse_datetime(value)
-            if key == _BINARY:
-                return base64.b64decode(value)
-            if key == _DOUBLE:
-                return float(value.lower().replace("infinity", "inf"))
-            if key == _STRING:
-                return orjson.loads(value)
-        return {
-            key: _from_storable(value) if type(value) is dict or type(value) is list else value
-            for key, value in obj.items()
-        }
-    if isinstance(obj, list):
-        return [
-            _from_storable(value) if type(value) is dict or type(value) is list else value
-            for value in obj
-        ]
-    return obj
-
-
 def _loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Decode JSONB text from the server, restoring the tagged values."""
     raw = bytes(data) if isinstance(data, bytearray | memoryview) else data
@@ -216,7 +191,7 @@ def _loads(data: bytes | bytearray | memoryview | str) -> Any:
     except orjson.JSONDecodeError:  # integers beyond 64 bits: orjson refuses them
         obj = json.loads(raw)
     marker = b'"$' if isinstance(raw, bytes) else '"$'
-    return _from_storable(obj) if marker in raw else obj  # type: ignore[operator]
+    return _from_storable(obj, _STRING) if marker in raw else obj  # type: ignore[operator]
 
 
 def _naive_utc(obj: Any) -> Any:
