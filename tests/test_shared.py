@@ -63,13 +63,14 @@ def test_expired_claim_is_taken_over(shared_cache: CacheStore) -> None:
 def test_heartbeat_keeps_a_claim_beyond_its_lease(shared_cache: CacheStore) -> None:
     claims = coordinator_of(shared_cache)
     assert claims is not None
-    assert claims.claim("d1", "w1", 0.4) == "w1"
-    with Heartbeat(claims, "d1", "w1", 0.4):
-        for _ in range(6):  # 1.2 s: three leases
-            time.sleep(0.2)
-            assert claims.claim("d1", "w2", 0.4) == "w1"
-    time.sleep(0.5)  # no more renewals: it expires
-    assert claims.claim("d1", "w2", 0.4) == "w2"
+    # renewals every 0.4 s keep a 1.6 s lease alive even if the thread is late by a second
+    assert claims.claim("d1", "w1", 1.6) == "w1"
+    with Heartbeat(claims, "d1", "w1", 1.6):
+        for _ in range(8):  # 4 s: two and a half leases
+            time.sleep(0.5)
+            assert claims.claim("d1", "w2", 1.6) == "w1"
+    time.sleep(1.8)  # no more renewals: it expires
+    assert claims.claim("d1", "w2", 1.6) == "w2"
 
 
 def test_aliases_last_writer_wins(shared_cache: CacheStore) -> None:
