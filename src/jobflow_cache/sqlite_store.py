@@ -948,6 +948,7 @@ class SQLiteStore(DocStore):
                 f"CREATE TABLE IF NOT EXISTS {self._table} "
                 "(key TEXT PRIMARY KEY, doc TEXT NOT NULL)"
             )
+            self._side_tables(conn)  # claims and aliases, made once here, not on every write
             conn.execute(
                 f"INSERT INTO {_META_TABLE} (collection, key_field, format) VALUES (?, ?, ?) "
                 "ON CONFLICT (collection) DO NOTHING",
@@ -1809,7 +1810,6 @@ class SQLiteStore(DocStore):
         """
         now = time.time()
         with self._transaction() as conn:
-            self._side_tables(conn)
             conn.execute(
                 f"INSERT INTO {self._claims_table} (name, owner, expires) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
@@ -1824,7 +1824,6 @@ class SQLiteStore(DocStore):
     def release(self, name: str, owner: str) -> None:
         """Drop the claim ``name`` if ``owner`` holds it."""
         with self._transaction() as conn:
-            self._side_tables(conn)
             conn.execute(
                 f"DELETE FROM {self._claims_table} WHERE name = ? AND owner = ?", (name, owner)
             )
@@ -1835,7 +1834,6 @@ class SQLiteStore(DocStore):
             return
         now = time.time()
         with self._transaction() as conn:
-            self._side_tables(conn)
             conn.executemany(
                 f"INSERT INTO {self._aliases_table} (alias, target, created) VALUES (?, ?, ?) "
                 "ON CONFLICT (alias) DO UPDATE SET target = excluded.target, "
@@ -1859,20 +1857,15 @@ class SQLiteStore(DocStore):
         conn = self._reader()
         found: dict[str, str] = {}
         with self._errors():
-            try:
-                for start in range(0, len(names), 500):
-                    chunk = list(names[start : start + 500])
-                    marks = ", ".join("?" * len(chunk))
-                    found.update(
-                        conn.execute(
-                            f"SELECT alias, target FROM {self._aliases_table} "
-                            f"WHERE alias IN ({marks})",
-                            chunk,
-                        ).fetchall()
-                    )
-            except sqlite3.OperationalError as err:
-                if "no such table" not in str(err):
-                    raise
+            for start in range(0, len(names), 500):
+                chunk = list(names[start : start + 500])
+                marks = ", ".join("?" * len(chunk))
+                found.update(
+                    conn.execute(
+                        f"SELECT alias, target FROM {self._aliases_table} WHERE alias IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                )
         return found
 
 
