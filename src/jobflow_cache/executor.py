@@ -410,9 +410,10 @@ class Cache:
                 if digest is not None:
                     refs.seen[value] = digest
                     return ("job", digest)
-            if dir_digests and "/" in value:
-                host, sep, path = value.partition(":")
-                candidate = (path if sep and not host.startswith("/") else value).rstrip("/")
+            if "/" in value and (dir_digests or shared_dirs):
+                host, sep, path = value.partition(":")  # "host:/path" names /path
+                path = path if sep and not host.startswith("/") else value
+                candidate = path.rstrip("/")
                 rest: list[str] = []
                 while candidate and candidate != "/":
                     owner = dir_digests.get(candidate)
@@ -421,15 +422,12 @@ class Cache:
                         return ("dir", [owner, "/".join(reversed(rest))])
                     candidate, _, tail = candidate.rpartition("/")
                     rest.append(tail)
-            if shared_dirs and "/" in value:
-                host, sep, path = value.partition(":")
-                found = self._stored_folder_owner(
-                    path if sep and not host.startswith("/") else value, refs.unowned
-                )
-                if found is not None:
-                    folder, owner, tail = found
-                    refs.seen[folder] = owner
-                    return ("dir", [owner, tail])
+                if shared_dirs:  # a folder of a job that ran in another process
+                    found = self._stored_folder_owner(path, refs.unowned)
+                    if found is not None:
+                        folder, owner, tail = found
+                        refs.seen[folder] = owner
+                        return ("dir", [owner, tail])
             return None
 
         # Only known job uuids and (with exclusive folders) strings holding a "/" can be
