@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import types
 import warnings
 
 __all__ = [
@@ -10,8 +14,11 @@ __all__ = [
     "CacheWarning",
     "CorruptEntryError",
     "FilesUnavailableError",
+    "InputTooLargeError",
+    "SettingsError",
     "StoreUnavailableError",
     "UnhashableInputError",
+    "trim_traceback",
     "warn",
 ]
 
@@ -47,6 +54,28 @@ class FilesUnavailableError(CacheError):
     """The files recorded for an entry cannot be found or do not match the manifest."""
 
 
+class SettingsError(CacheError, ValueError):
+    """A ``JOBFLOW_CACHE_*`` setting or the settings file is wrong: one line naming the
+    environment variable or file key, the bad value and the allowed values."""
+
+
+class InputTooLargeError(CacheError):
+    """A folder named in a job's inputs is too large to be hashed by content (too many files,
+    or too many bytes not hashed before); the job runs uncached.
+
+    Parameters
+    ----------
+    message
+        What went wrong.
+    path
+        The folder (or file) named in the inputs.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
+
+
 class StoreUnavailableError(CacheError):
     """The cache store cannot be reached (connection refused, bad spec, ...)."""
 
@@ -56,7 +85,12 @@ class CacheWarning(UserWarning):
 
 
 def warn(message: str, stacklevel: int = 2) -> None:
-    """Issue a :class:`CacheWarning`; where warnings are turned into errors, log it instead.
+    """Issue a :class:`CacheWarning` at the user's call; where warnings are turned into
+    errors, log it instead.
+
+    The warning names the first frame outside jobflow-cache and jobflow (the user's
+    ``run_locally`` call, or the manager that runs the job), not the line of the cache that
+    noticed the problem; ``stacklevel`` is used only when no such frame exists.
 
     Under ``python -W error`` or pytest's ``filterwarnings = ["error"]`` a warning raised inside
     a job would fail that job, and the cache must never fail a job that would succeed without
@@ -71,10 +105,64 @@ def warn(message: str, stacklevel: int = 2) -> None:
     ...     warn("jobflow-cache: something is off")  # logged, not raised
     """
     try:
-        warnings.warn(message, CacheWarning, stacklevel=stacklevel + 1)
+        warnings.warn(message, CacheWarning, stacklevel=_user_stacklevel(stacklevel + 1))
     except CacheWarning:
         logger.error(
             "%s (a CacheWarning, logged because warnings are errors here)",
             message,
             extra={"jfc_swallowed_warning": True},
         )
+
+
+def _library_dirs() -> tuple[str, ...]:
+    dirs = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
+    with contextlib.suppress(ImportError):
+        import jobflow
+
+        dirs.append(os.path.dirname(os.path.abspath(jobflow.__file__)) + os.sep)
+    dirs.append(os.path.abspath(contextlib.__file__))
+    return tuple(dirs)
+
+
+_LIBRARY: tuple[str, ...] | None = None
+
+
+def _user_stacklevel(fallback: int) -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in :func:`warn`) of the first frame outside
+    jobflow-cache and jobflow."""
+    global _LIBRARY
+    if _LIBRARY is None:
+        _LIBRARY = _library_dirs()
+    frame = sys._getframe(2)  # the caller of warn()
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level if frame is not None else fallback
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _ours(tb: types.TracebackType) -> bool:
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
+
+
+def trim_traceback(
+    tb: types.TracebackType | None, keep_first: bool = True
+) -> types.TracebackType | None:
+    """``tb`` without the frames of jobflow-cache (the first kept with ``keep_first``), so a
+    failed job shows the frames plain jobflow shows. An error raised by jobflow-cache itself
+    (its innermost frame is ours) keeps every frame.
+    """
+    entries = []
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    if not entries or _ours(entries[-1]):
+        return entries[0] if entries else None
+    kept = [e for i, e in enumerate(entries) if (keep_first and i == 0) or not _ours(e)]
+    trimmed: types.TracebackType | None = None
+    for entry in reversed(kept):
+        trimmed = types.TracebackType(trimmed, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return trimmed
