@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from jobflow_cache.files import ObjectArea
@@ -52,6 +52,8 @@ class PurgeReport:
 
     entries: int = 0
     digests: list[str] = dataclasses.field(default_factory=list)
+    #: entries removed (or that would be) because they consumed a matching entry
+    cascaded: list[str] = dataclasses.field(default_factory=list)
     gc: GCReport = dataclasses.field(default_factory=GCReport)
     dry_run: bool = False
 
@@ -149,6 +151,7 @@ def purge(
     dry_run: bool = False,
     gc: bool = True,
     keep_digests: int = 1000,
+    cascade: bool = True,
 ) -> PurgeReport:
     """Remove the matching entries, then the file objects only they referenced.
 
@@ -167,9 +170,15 @@ def purge(
         Also delete the file objects no remaining entry references.
     keep_digests
         How many of the removed digests the report lists.
+    cascade
+        Also remove every entry that consumed a matching entry, transitively
+        (:meth:`.CacheStore.dependents`): a result computed from a removed one would
+        otherwise be served beside a recomputed upstream result it does not come from. The
+        report lists them under ``cascaded`` (and counts them in ``entries``).
     """
     report = PurgeReport(dry_run=dry_run)
     candidates: set[str] = set()
+    matched: set[str] | None = set() if cascade and criteria else None
 
     def take(docs: list[dict[str, Any]]) -> list[str]:
         digests = [d["digest"] for d in docs if isinstance(d.get("digest"), str)]
@@ -178,8 +187,35 @@ def purge(
         report.entries += len(digests)
         room = keep_digests - len(report.digests)
         report.digests.extend(digests[: max(room, 0)])
+        if matched is not None:
+            matched.update(digests)
         return digests
 
+    _remove(cache, criteria, take, dry_run=dry_run)
+    extra: set[str] = set()
+    if matched:
+        report.cascaded = cache.dependents(matched)
+        extra = set(report.cascaded)
+        for start in range(0, len(report.cascaded), _BATCH):
+            batch = report.cascaded[start : start + _BATCH]
+            _remove(cache, {"digest": {"$in": batch}}, take, dry_run=dry_run)
+    if gc and candidates:
+        if dry_run:
+            report.gc = _dry_gc(cache, candidates, criteria, extra)
+        else:
+            report.gc = collect_garbage(cache, candidates)
+    return report
+
+
+def _remove(
+    cache: CacheStore,
+    criteria: dict[str, Any],
+    take: Callable[[list[dict[str, Any]]], list[str]],
+    *,
+    dry_run: bool,
+) -> None:
+    """Remove the entries matching ``criteria`` in batches (only count them in a dry run),
+    passing each batch of documents (digest and files) to ``take``."""
     if dry_run:
         batch: list[dict[str, Any]] = []
         for doc in cache.find(criteria, properties=["digest", "files"]):
@@ -188,29 +224,33 @@ def purge(
                 take(batch)
                 batch = []
         take(batch)
-    else:
-        # re-query after each removal: safe on every backend (no cursor outlives a delete)
-        previous: set[str] = set()
-        while True:
-            docs = list(cache.find(criteria, properties=["digest", "files"], limit=_BATCH))
-            digests = {d.get("digest") for d in docs}
-            if not docs or digests & previous:
-                if docs:
-                    logger.warning("purge: %d matching entries could not be removed", len(docs))
-                break
-            cache.remove(take(docs))
-            previous = {d for d in digests if isinstance(d, str)}
-    if gc and candidates:
-        if dry_run:
-            report.gc = _dry_gc(cache, candidates, criteria)
-        else:
-            report.gc = collect_garbage(cache, candidates)
-    return report
+        return
+    # re-query after each removal: safe on every backend (no cursor outlives a delete)
+    previous: set[str] = set()
+    while True:
+        docs = list(cache.find(criteria, properties=["digest", "files"], limit=_BATCH))
+        digests = {d.get("digest") for d in docs}
+        if not docs or digests & previous:
+            if docs:
+                logger.warning("purge: %d matching entries could not be removed", len(docs))
+            break
+        cache.remove(take(docs))
+        previous = {d for d in digests if isinstance(d, str)}
 
 
-def _dry_gc(cache: CacheStore, candidates: set[str], purged: dict[str, Any]) -> GCReport:
-    """Objects a purge of ``purged`` would free: referenced by no entry outside it."""
+def _dry_gc(
+    cache: CacheStore, candidates: set[str], purged: dict[str, Any], cascaded: set[str]
+) -> GCReport:
+    """Objects a purge of ``purged`` (and of the ``cascaded`` entries) would free: referenced
+    by no other entry."""
     rest: dict[str, Any] = {"$nor": [purged]} if purged else {"digest": {"$exists": False}}
     started = time.time()
-    unreferenced = _unreferenced(cache, candidates, rest)
+    unreferenced = set(candidates)
+    if unreferenced:
+        for doc in cache.find(rest, properties=["digest", "files"]):
+            if doc.get("digest") in cascaded:
+                continue
+            unreferenced.difference_update(_object_ids(doc))
+            if not unreferenced:
+                break
     return _sweep(ObjectArea(cache.objects_dir), unreferenced, started, remove=False)

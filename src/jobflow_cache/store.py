@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 #: Fields indexed in the underlying store (the digest index is unique).
 INDEXED_FIELDS = ("function", "name", "created", "last_hit", "valid", "source_uuid")
+
+#: Entries per write when a cascade marks them invalid.
+CASCADE_BATCH = 500
 
 #: Fields only needed to explain a miss: not read when an entry is looked up to be served.
 EXPLAIN_FIELDS = ("canonical_input", "arg_digests")
@@ -535,16 +538,119 @@ class CacheStore(MSONable):
         for digest, (n, when) in hits.items():
             self.record_hit(digest, n, when)
 
-    def invalidate(self, digest: str, reason: str) -> bool:
-        """Mark an entry invalid (kept for inspection, never served). True if it existed."""
-        doc = self.store.query_one({"digest": digest})
-        if doc is None:
-            return False
-        doc.pop("_id", None)
-        doc["valid"] = False
-        doc["invalid_reason"] = reason
-        self.store.update(doc, key="digest")
-        return True
+    def dependents(self, digests: Iterable[str]) -> list[str]:
+        """Digests of the entries that consumed any of ``digests``, transitively: each entry
+        whose ``consumed`` names one of them, the entries that consumed those, and so on.
+
+        The ``digests`` themselves are left out (unless one consumed another); the order is
+        breadth first (direct consumers first), each digest once.
+
+        One streamed pass over the entries (their ``digest`` and ``consumed`` fields only)
+        finds the consumers of every digest; memory grows with the number of consumed
+        links, not with the entries' size. A query per level of the cascade
+        (``{"consumed": {"$in": [...]}}``, which every backend answers) costs more on the
+        embedded SQLite store, which tests array fields in Python on each document: 0.18 s
+        per level for 10,000 entries, against 0.03 s for the whole pass.
+
+        Examples
+        --------
+        >>> from maggma.stores import MemoryStore
+        >>> cache = CacheStore(MemoryStore(), objects_dir="/tmp/objs")
+        >>> cache.connect()
+        >>> for name, up in [("a", []), ("b", ["a"]), ("c", ["b"]), ("d", [])]:
+        ...     cache.put(CacheEntry(digest=name * 32, scheme=SCHEME, function="m:f",
+        ...                          consumed=[u * 32 for u in up]))
+        >>> [d[0] for d in cache.dependents(["a" * 32])]
+        ['b', 'c']
+        """
+        return [digest for digest, _ in self._cascade(digests)]
+
+    def _cascade(self, digests: Iterable[str]) -> list[tuple[str, str]]:
+        """(dependent, the consumed digest it was reached through), breadth first."""
+        seen = set(digests)
+        if not seen:
+            return []
+        consumers: dict[str, list[str]] = {}
+        for doc in self.store.query({}, properties=["digest", "consumed"]):
+            digest, consumed = doc.get("digest"), doc.get("consumed")
+            if isinstance(digest, str) and isinstance(consumed, list):
+                for upstream in consumed:
+                    if isinstance(upstream, str):
+                        consumers.setdefault(upstream, []).append(digest)
+        found: list[tuple[str, str]] = []
+        frontier = sorted(seen)
+        while frontier:
+            level: list[str] = []
+            for upstream in frontier:
+                for digest in sorted(consumers.get(upstream, ())):
+                    if digest not in seen:
+                        seen.add(digest)
+                        found.append((digest, upstream))
+                        level.append(digest)
+            frontier = level
+        return found
+
+    def invalidate(
+        self, digests: str | Iterable[str], reason: str, *, cascade: bool = True
+    ) -> list[str]:
+        """Mark entries invalid (kept for inspection, never served: their jobs run again and
+        record sound entries in their place).
+
+        With ``cascade`` (the default), every entry that consumed one of them is invalidated
+        too, transitively (see :meth:`dependents`), with a reason naming the entry it
+        consumed. A job's result computed from a wrong upstream result (the static
+        calculation that parsed the OUTCAR of a relaxation run with a bad POTCAR) is then
+        recomputed as well.
+
+        Returns the digests of the entries marked invalid, those of ``digests`` that exist
+        first (an empty list when none exists: false in a boolean test, as before).
+        """
+        targets = [digests] if isinstance(digests, str) else list(dict.fromkeys(digests))
+        marked = self._mark_invalid([(digest, reason) for digest in targets])
+        if cascade and targets:
+            cascaded = [
+                (digest, f"{reason} (it consumed invalidated entry {via[:12]})")
+                for digest, via in self._cascade(targets)
+            ]
+            marked += self._mark_invalid(cascaded)
+        return marked
+
+    def _mark_invalid(self, reasons: list[tuple[str, str]]) -> list[str]:
+        """Set ``valid: False`` and the reason of each (digest, reason); the digests found.
+
+        Only these two fields are written (atomically where the store can), so a hit count
+        written at the same moment is not lost.
+        """
+        if not reasons:
+            return []
+        increment_many = getattr(self.store, "increment_many", None)  # SQLite, PostgreSQL
+        found: list[str] = []
+        if callable(increment_many):
+            for start in range(0, len(reasons), CASCADE_BATCH):
+                batch = reasons[start : start + CASCADE_BATCH]
+                exists = increment_many(
+                    [(d, {}, {"valid": False, "invalid_reason": why}) for d, why in batch]
+                )
+                found.extend(d for (d, _), ok in zip(batch, exists) if ok)
+            return found
+        collection = getattr(self.store, "_coll", None)  # MongoStore, MemoryStore
+        for digest, why in reasons:
+            if collection is not None and hasattr(collection, "update_one"):
+                result = collection.update_one(
+                    {"digest": digest}, {"$set": {"valid": False, "invalid_reason": why}}
+                )
+                if result.matched_count:
+                    found.append(digest)
+                continue
+            doc = self.store.query_one({"digest": digest})
+            if doc is None:
+                continue
+            doc.pop("_id", None)
+            doc["valid"] = False
+            doc["invalid_reason"] = why
+            self.store.update(doc, key="digest")
+            found.append(digest)
+        return found
 
     def remove(self, digests: list[str]) -> None:
         """Delete the entries of ``digests``, then their blobs (their file objects are left to

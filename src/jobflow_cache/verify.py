@@ -225,7 +225,9 @@ def _fix(cache: CacheStore, area: ObjectArea, problems: list[Problem]) -> list[P
             invalid.setdefault(p.digest, f"verify: {p.kind.value}: {p.message}")
     cache.remove(sorted(remove))
     for digest, reason in invalid.items():
-        cache.invalidate(digest, reason)
+        # no cascade: a damaged copy in the cache says nothing against the results that were
+        # computed from the entry while it was sound
+        cache.invalidate(digest, reason, cascade=False)
     corrupt = {p.xxh3 for p in problems if p.kind is ProblemKind.FILE_CORRUPT and p.xxh3}
     for xxh3 in corrupt:
         try:
