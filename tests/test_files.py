@@ -16,7 +16,7 @@ import pytest
 import xxhash
 
 from jobflow_cache import files
-from jobflow_cache.errors import CacheError, FilesUnavailableError
+from jobflow_cache.errors import CacheError, FilesUnavailableError, FolderConflictError
 from jobflow_cache.files import (
     FileRecord,
     ObjectArea,
@@ -88,9 +88,11 @@ def test_snapshot_records_regular_files_recursively(run: Path) -> None:
 
     snap = snapshot(run)
 
-    assert sorted(snap) == ["INCAR", "d1/d2/deep.txt"]
+    # folders are listed too (a new empty folder is part of what a job leaves)
+    assert sorted(snap) == ["INCAR", "d1", "d1/d2", "d1/d2/deep.txt", "empty_dir"]
     st = os.stat(run / "d1" / "d2" / "deep.txt")
-    assert snap["d1/d2/deep.txt"] == (st.st_mtime_ns, st.st_size, st.st_ino)
+    assert snap["d1/d2/deep.txt"] == (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns, 0)
+    assert snap["empty_dir"][4] == 2
 
 
 def test_changed_files_new_and_modified_not_untouched(run: Path) -> None:
@@ -137,7 +139,7 @@ def test_snapshot_exclude_patterns(run: Path) -> None:
     write(run / "sub" / "keep2.txt", b"k")
 
     exclude = ["*.log", "scratch/*", "__pycache__"]
-    assert sorted(snapshot(run, exclude)) == ["keep.txt", "sub/keep2.txt"]
+    assert sorted(snapshot(run, exclude)) == ["keep.txt", "scratch", "sub", "sub/keep2.txt"]
 
     before = snapshot(run, exclude)
     write(run / "another.log", b"l")
@@ -192,7 +194,7 @@ def test_exclusion_matches_fnmatchcase_of_path_or_basename(path: str) -> None:
     assert files._is_excluded(path, []) is False
 
 
-def test_snapshot_skips_symlinks(run: Path, tmp_path: Path) -> None:
+def test_snapshot_lists_symlinks_without_following_them(run: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     write(outside / "secret.txt", b"secret")
     write(run / "real.txt", b"real")
@@ -201,8 +203,11 @@ def test_snapshot_skips_symlinks(run: Path, tmp_path: Path) -> None:
     (run / "file_link").symlink_to(outside / "secret.txt")
     (run / "dir_link").symlink_to(outside, target_is_directory=True)
 
-    assert sorted(snapshot(run)) == ["real.txt"]
-    assert changed_files(run, before) == []
+    after = snapshot(run)
+    assert sorted(after) == ["dir_link", "file_link", "real.txt"]  # nothing below dir_link
+    assert after.targets == {"file_link": str(outside / "secret.txt"), "dir_link": str(outside)}
+    assert changed_files(run, before) == []  # regular files only
+    assert files.changed_paths(before, after) == ["dir_link", "file_link"]
 
 
 def test_snapshot_of_missing_folder_is_empty(tmp_path: Path) -> None:
@@ -232,18 +237,25 @@ def test_ingest_copy_hash_read_only_and_source_untouched(area: ObjectArea, run: 
     assert leftover_temps(area.root) == []
 
 
-def test_ingest_link_shares_inode_and_makes_source_read_only(area: ObjectArea, run: Path) -> None:
+def test_ingest_never_links_or_changes_the_source(area: ObjectArea, run: Path) -> None:
     content = b"linked content"
     src = write(run / "vasprun.xml", content, mode=0o644)
+    before = os.stat(src)
 
-    digest = area.ingest(src, mode="link")
+    digest = area.ingest(src, mode="link")  # "link" no longer hard-links the user's file
 
     obj = area.path_of(digest)
     assert digest == xxh(content)
-    assert os.stat(obj).st_ino == os.stat(src).st_ino
-    assert os.stat(obj).st_nlink == 2
+    after = os.stat(src)
+    assert os.stat(obj).st_ino != after.st_ino
+    assert (after.st_ino, after.st_mode, after.st_mtime_ns, after.st_nlink) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_mtime_ns,
+        1,
+    )
     assert perms(obj) == 0o444
-    assert perms(src) == 0o444
+    assert files.known_digest(after) == digest  # remembered: the next job's "before" state
     assert leftover_temps(area.root) == []
 
 
@@ -261,8 +273,9 @@ def test_ingest_dedups_equal_content(area: ObjectArea, run: Path, mode: str) -> 
     assert list(area.iter_objects()) == [(d1, len(content))]
     obj_stat = os.stat(area.path_of(d1))
     assert obj_stat.st_ino == object_ino  # the existing object was not rewritten
-    # link: the object is the first file's inode (2 names); the second keeps its own inode
-    assert obj_stat.st_nlink == (2 if mode == "link" else 1)
+    # the object is a copy in either mode: no run-folder file shares its inode
+    assert obj_stat.st_nlink == 1
+    assert os.stat(first).st_ino != obj_stat.st_ino
     assert os.stat(second).st_ino != obj_stat.st_ino
     assert os.stat(second).st_nlink == 1
     assert leftover_temps(area.root) == []
@@ -303,8 +316,8 @@ def test_record_manifest_sorted_with_modes(area: ObjectArea, run: Path) -> None:
     assert by_path["sub/data.bin"].mode == 0o600
     assert by_path["z_last.txt"].mode == 0o644
     assert by_path["z_last.txt"].size == 4
-    # the original mode was captured before link mode made the source read-only
-    assert perms(run / "run.sh") == 0o444
+    # recording never changes the user's files
+    assert perms(run / "run.sh") == 0o755
     assert area.has_all(records)
 
 
@@ -353,9 +366,11 @@ def recorded(area: ObjectArea, run: Path) -> list[FileRecord]:
     return area.record(run, ["run.sh", "out/OUTCAR"], mode="copy")
 
 
+@pytest.mark.skipif(IS_ROOT, reason="as root, link mode places copies")
 def test_materialize_link_shares_object_inode(
-    area: ObjectArea, recorded: list[FileRecord], tmp_path: Path
+    area: ObjectArea, recorded: list[FileRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(files, "LINK_MIN_SIZE", 0)
     dest = tmp_path / "new_run"
     nlinks = {r.path: os.stat(area.path_of(r.xxh3)).st_nlink for r in recorded}
 
@@ -396,31 +411,34 @@ def test_materialize_copy_is_writable_with_recorded_mode(
 
 @pytest.mark.skipif(IS_ROOT, reason="root ignores permission bits, so the write would succeed")
 def test_materialize_link_rejects_in_place_write(
-    area: ObjectArea, recorded: list[FileRecord], tmp_path: Path
+    area: ObjectArea, recorded: list[FileRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(files, "LINK_MIN_SIZE", 0)
     placed = area.materialize(recorded, tmp_path / "new_run", mode="link")
     with pytest.raises(PermissionError):
         placed[0].open("r+b")
     assert area.verify(recorded[0]) is None
 
 
-def test_materialize_replaces_existing_file(
+def test_materialize_never_overwrites_a_file_the_job_did_not_find(
     area: ObjectArea, recorded: list[FileRecord], tmp_path: Path
 ) -> None:
     dest = tmp_path / "new_run"
-    stale = write(dest / "out" / "OUTCAR", b"stale content, longer than the object")
+    stale = write(dest / "out" / "OUTCAR", b"another job's content")
     stale_ino = os.stat(stale).st_ino
 
-    area.materialize(recorded, dest, mode="copy")
-    assert (dest / "out" / "OUTCAR").read_bytes() == b"energy = -3.2\n"
-    assert os.stat(dest / "out" / "OUTCAR").st_ino != stale_ino
+    with pytest.raises(FolderConflictError, match="'out/OUTCAR' holds a file of 21 bytes"):
+        area.materialize(recorded, dest, mode="copy")
+    assert stale.read_bytes() == b"another job's content"
+    assert os.stat(stale).st_ino == stale_ino
+    assert not (dest / "run.sh").exists(), "nothing is placed when one path disagrees"
 
-    # twice in link mode: the second run finds the same inode already in place
+    stale.unlink()
+    area.materialize(recorded, dest, mode="copy")
+    placed = os.stat(dest / "out" / "OUTCAR")
+    # twice: the second run finds the recorded content already in place and leaves it
     area.materialize(recorded, dest, mode="link")
-    area.materialize(recorded, dest, mode="link")
-    obj = area.path_of(pick(recorded, "out/OUTCAR").xxh3)
-    assert os.stat(dest / "out" / "OUTCAR").st_ino == os.stat(obj).st_ino
-    assert os.stat(obj).st_nlink == 2
+    assert os.stat(dest / "out" / "OUTCAR").st_ino == placed.st_ino
     assert sorted(p.name for p in (dest / "out").iterdir()) == ["OUTCAR"]
     assert leftover_temps(dest) == []
 
@@ -502,7 +520,7 @@ def test_materialize_does_not_walk_through_symlinked_dir(
     dest.mkdir()
     (dest / "out").symlink_to(elsewhere, target_is_directory=True)
 
-    with pytest.raises(FilesUnavailableError, match="not a real directory"):
+    with pytest.raises(FolderConflictError, match="'out' is a symlink"):
         area.materialize(recorded, dest, mode="copy")
 
     assert list(elsewhere.iterdir()) == []

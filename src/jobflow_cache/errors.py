@@ -14,6 +14,7 @@ __all__ = [
     "CacheWarning",
     "CorruptEntryError",
     "FilesUnavailableError",
+    "FolderConflictError",
     "InputTooLargeError",
     "SettingsError",
     "StoreUnavailableError",
@@ -74,6 +75,13 @@ class InputTooLargeError(CacheError):
     def __init__(self, message: str, path: str = "") -> None:
         self.path = path
         super().__init__(message)
+
+
+class FolderConflictError(CacheError):
+    """A hit cannot be served into the run folder without destroying or hiding work: a path
+    the recorded job changed holds something else than what that job found (or left), or a
+    file the cache did not store is no longer in the recording run's folder. The job runs
+    (a miss whose reason is this error's message)."""
 
 
 class StoreUnavailableError(CacheError):

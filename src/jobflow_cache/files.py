@@ -1,4 +1,18 @@
-"""Run-folder manifests, content-addressed file objects, link/copy placement and verification."""
+"""Run-folder snapshots and change records, content-addressed file objects, and serving them.
+
+Recording a job compares a :func:`snapshot` of its run folder taken before it ran with one
+taken after, and keeps, for every path the job created, modified or deleted, the state it
+found ("before": absent, a file of known size and, when cheaply known, content digest, a
+symlink, a folder) and the state it left ("after": a file, a symlink with its target text, an
+empty folder, or deleted); see :class:`FileRecord`. Serving (:meth:`ObjectArea.materialize`)
+checks the whole folder against those records before changing anything: a path is changed
+only where it still holds the recorded "before" state (or already holds the "after" state);
+anything else raises :class:`~jobflow_cache.errors.FolderConflictError`, and the job runs.
+
+The object area never shares an inode with a folder a user or job can write (except with the
+opt-in ``link`` placement of large files, see :data:`LINK_MIN_SIZE`): files are stored and
+served as reflinks (copy-on-write clones) where the file system has them, copies elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +29,17 @@ import tempfile
 import time
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import pydantic
 import xxhash
 
-from jobflow_cache.errors import CacheError, FilesUnavailableError
+from jobflow_cache.errors import CacheError, FilesUnavailableError, FolderConflictError
+
+try:  # reflinks (FICLONE); not on every platform
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,10 +47,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_SIZE",
+    "LINK_MIN_SIZE",
+    "LIVE_FILE_PATTERNS",
     "FileRecord",
+    "FileState",
     "ObjectArea",
     "Snapshot",
     "changed_files",
+    "changed_paths",
+    "file_digest",
+    "known_digest",
+    "remember",
     "snapshot",
 ]
 
@@ -42,6 +68,29 @@ CHUNK_SIZE = 1 << 20
 
 OBJECT_MODE = 0o444
 """Permission bits of every object in an :class:`ObjectArea` (read-only for everyone)."""
+
+LINK_MIN_SIZE = 64 * 2**20
+"""With ``JOBFLOW_CACHE_FILES=link`` (opt-in), files of at least this many bytes are served as
+read-only hard links to their object instead of copies, where the file system has no reflinks
+and the process does not run as root (read-only bits do not stop root). Such a file cannot be
+written in place by a later job (``PermissionError``, as for any read-only file); replacing it
+(write a new file, rename over it) works. Every object's seal is checked before each hit."""
+
+LIVE_FILE_PATTERNS = (
+    "*-wal",
+    "*-shm",
+    "*-journal",
+    "*.lock",
+    "*.lck",
+    ".nfs*",
+    "*.pid",
+)
+"""Names of files that belong to a live process rather than to a job: SQLite's write-ahead
+log, shared memory and rollback journal of any database, lock files, NFS's silly-renamed
+open files. Never recorded, whatever ``FILES_EXCLUDE`` says; a database file whose ``-wal``,
+``-shm`` or ``-journal`` exists after the job is not recorded either (someone has it open)."""
+
+_SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 
 _NS = 1_000_000_000
 
@@ -54,32 +103,153 @@ _O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _HEX_FANOUT = re.compile(r"[0-9a-f]{2}")
 _HEX_REST = re.compile(r"[0-9a-f]{30}")
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
-Snapshot = dict[str, tuple[int, int, int]]
-"""Relative POSIX path -> ``(st_mtime_ns, st_size, st_ino)`` of every regular file of a folder."""
+#: Kinds of snapshot entries (last item of a :data:`Snapshot` value).
+_REG, _LNK, _DIR = 0, 1, 2
 
 PlaceMode = Literal["link", "copy"]
 
 
+class Snapshot(dict[str, tuple[int, int, int, int, int]]):
+    """Relative POSIX path -> ``(st_mtime_ns, st_size, st_ino, st_ctime_ns, kind)`` of every
+    regular file, symlink and folder below a run folder (``kind``: 0 file, 1 symlink, 2
+    folder). ``dev`` is the folder's device and ``targets`` the symlinks' target texts."""
+
+    def __init__(self, *args: Any, dev: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dev = dev
+        self.targets: dict[str, str] = {}
+
+
+class FileState(pydantic.BaseModel):
+    """What a path held before a job ran (see :attr:`FileRecord.before`).
+
+    Attributes
+    ----------
+    kind
+        ``"file"``, ``"symlink"`` or ``"dir"``.
+    size
+        Size of a file in bytes.
+    xxh3
+        ``xxh3_128`` of a file's content, ``""`` when it was not known cheaply (the content
+        was never hashed in this process): a folder holding a file there is then never
+        served into.
+    target
+        A symlink's target text.
+    """
+
+    kind: Literal["file", "symlink", "dir"] = "file"
+    size: int = 0
+    xxh3: str = ""
+    target: str = ""
+
+
 class FileRecord(pydantic.BaseModel):
-    """One file of a run folder, as kept in a cache entry's manifest.
+    """One path of a run folder the job changed, as kept in a cache entry's manifest.
 
     Attributes
     ----------
     path
         POSIX path relative to the run folder (never absolute, never containing ``..``).
     size
-        Size of the content in bytes.
+        Size of the content in bytes (files).
     xxh3
-        ``xxh3_128`` hex digest of the content; this is the object id in an :class:`ObjectArea`.
+        ``xxh3_128`` hex digest of the content (files); the object id in an
+        :class:`ObjectArea` when ``stored``.
     mode
-        Permission bits of the original file (e.g. ``0o755`` for an executable script).
+        Permission bits of the file (e.g. ``0o755`` for an executable script).
+    kind
+        What the job left: ``"file"``, ``"symlink"``, ``"dir"`` (an empty folder it made) or
+        ``"deleted"``.
+    target
+        A symlink's target text, exactly as the job wrote it (relative or absolute; never
+        followed).
+    stored
+        False for a file the cache did not keep (``MAX_FILE_SIZE``, ``FILES=none``): a hit
+        copies it from the recording run's folder when it is still there unchanged (same
+        size and digest), and otherwise runs the job.
+    before
+        What the path held when the job started: ``None`` when it did not exist.
     """
 
     path: str
-    size: int
-    xxh3: str
-    mode: int
+    size: int = 0
+    xxh3: str = ""
+    mode: int = 0
+    kind: Literal["file", "symlink", "dir", "deleted"] = "file"
+    target: str = ""
+    stored: bool = True
+    before: FileState | None = None
+
+    @property
+    def has_object(self) -> bool:
+        """Whether the record's content is an object of the area."""
+        return self.kind == "file" and self.stored
+
+
+# --------------------------------------------------------------------------- digest memo
+
+_MEMO: dict[tuple[int, int, int, int, int], str] = {}
+_MEMO_MAX = 500_000
+
+
+def _memo_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def known_digest(st: os.stat_result) -> str | None:
+    """The content digest of the regular file whose ``lstat`` is ``st``, when this process
+    hashed, stored or placed that file since it last changed (device, inode, size, mtime and
+    ctime all equal); otherwise None. Never reads the file."""
+    return _MEMO.get(_memo_key(st))
+
+
+def remember(path: str | os.PathLike[str], st: os.stat_result, xxh3: str) -> None:
+    """Remember that the file ``path`` whose ``lstat`` is ``st`` holds content ``xxh3`` (see
+    :func:`known_digest`); also tells :mod:`jobflow_cache.contents` when it is there."""
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[_memo_key(st)] = xxh3
+    contents = _contents_module()
+    if contents is not None:
+        with contextlib.suppress(Exception):
+            contents.remember(os.fspath(path), st, xxh3)
+
+
+@functools.cache
+def _contents_module() -> Any:
+    try:
+        from jobflow_cache import contents  # a later layer, optional
+    except ImportError:
+        return None
+    return contents if callable(getattr(contents, "remember", None)) else None
+
+
+def file_digest(path: str | os.PathLike[str], st: os.stat_result | None = None) -> str | None:
+    """The ``xxh3_128`` of the regular file ``path`` now (its ``lstat`` is ``st`` if known):
+    from the memo when it is unchanged since it was last hashed, else by reading it. None
+    when it is no regular file, vanished, or was written to while it was read."""
+    try:
+        st = st or os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        known = known_digest(st)
+        if known is not None:
+            return known
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW)
+        with open(fd, "rb", buffering=0) as stream:
+            first = os.fstat(stream.fileno())
+            if _memo_key(first) != _memo_key(st):
+                return None
+            digest, size = _hash_stream(stream)
+            after = os.fstat(stream.fileno())
+    except OSError:
+        return None
+    if size != st.st_size or _memo_key(after) != _memo_key(st):
+        return None
+    remember(path, st, digest)
+    return digest
 
 
 # --------------------------------------------------------------------------- helpers
@@ -236,14 +406,122 @@ def _make_parents(dest: Path, relpath: str) -> Path:
     return current / parts[-1]
 
 
+def _may_link() -> bool:
+    """Whether served files may be read-only hard links: never as root, whom read-only bits
+    do not stop (a write through the link would change the object and every folder sharing
+    it)."""
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid is None or geteuid() != 0
+
+
+def _readlink(path: Path, st: os.stat_result | None) -> str:
+    if st is None or not stat.S_ISLNK(st.st_mode):
+        return ""
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def _parent_problem(dest: Path, relpath: str, seen: dict[str, str]) -> str | None:
+    """Why the folders of ``relpath`` below ``dest`` cannot hold it (a component is a file
+    or a symlink), or None (they are real folders, or absent and made when placing)."""
+    prefix = ""
+    for part in relpath.split("/")[:-1]:
+        prefix = f"{prefix}/{part}" if prefix else part
+        state = seen.get(prefix)
+        if state is None:
+            st = _lstat(dest / prefix)
+            if st is None:
+                state = "absent"
+            elif stat.S_ISDIR(st.st_mode):
+                state = "dir"
+            else:
+                found = _describe(st, _readlink(dest / prefix, st))
+                state = f"{prefix!r} is {found}, not a folder"
+            seen[prefix] = state
+        if state == "absent":
+            return None
+        if state != "dir":
+            return state
+    return None
+
+
+def _holds_after(target: Path, current: os.stat_result | None, record: FileRecord) -> bool:
+    """Whether ``target`` already is in the state the recorded job left it in."""
+    if record.kind == "deleted":
+        return current is None
+    if current is None:
+        return False
+    if record.kind == "dir":
+        return stat.S_ISDIR(current.st_mode)
+    if record.kind == "symlink":
+        return stat.S_ISLNK(current.st_mode) and _readlink(target, current) == record.target
+    return (
+        stat.S_ISREG(current.st_mode)
+        and current.st_size == record.size
+        and file_digest(target, current) == record.xxh3
+    )
+
+
+def _holds_before(
+    target: Path,
+    current: os.stat_result | None,
+    before: FileState | None,
+    relpath: str,
+    deleted: set[str],
+) -> bool:
+    """Whether ``target`` is in the state the recorded job found (a folder: empty once the
+    paths the job deleted in it are gone)."""
+    if before is None:
+        return current is None
+    if current is None:
+        return False
+    if before.kind == "symlink":
+        return stat.S_ISLNK(current.st_mode) and _readlink(target, current) == before.target
+    if before.kind == "dir":
+        if not stat.S_ISDIR(current.st_mode):
+            return False
+        try:
+            names = os.listdir(target)
+        except OSError:
+            return False
+        return all(f"{relpath}/{name}" in deleted for name in names)
+    return (
+        bool(before.xxh3)
+        and stat.S_ISREG(current.st_mode)
+        and current.st_size == before.size
+        and file_digest(target, current) == before.xxh3
+    )
+
+
+def _source_of(
+    record: FileRecord, relpath: str, source_dir: str | os.PathLike[str] | None
+) -> tuple[Path, os.stat_result] | None:
+    """The file of the recording run's folder holding the content of ``record`` (not stored
+    in the cache), with its ``lstat``; None when it is gone or changed."""
+    if not source_dir:
+        return None
+    try:
+        path = _safe_file(Path(source_dir), relpath)
+        st = os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    if st.st_size != record.size or file_digest(path, st) != record.xxh3:
+        return None
+    return path, st
+
+
 # --------------------------------------------------------------------------- snapshots
 
 
 def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Snapshot:
-    """Record the state of the regular files below ``folder`` before a job runs.
+    """Record the state of the files, symlinks and folders below ``folder`` before a job runs.
 
-    The walk is recursive; symlinks (to files or directories) are skipped and never followed.
-    A missing ``folder`` gives an empty snapshot, since a job may create its own folder.
+    The walk is recursive; symlinks (to files or directories) are listed as symlinks (their
+    target text is kept in ``targets``) and never followed. Other special files (sockets,
+    fifos) are left out. A missing ``folder`` gives an empty snapshot, since a job may create
+    its own folder. Nothing is read: one ``stat`` per entry (and a ``readlink`` per symlink).
 
     Parameters
     ----------
@@ -251,13 +529,13 @@ def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Sna
         The run folder.
     exclude
         ``fnmatch`` glob patterns matched (case-sensitively) against both the relative POSIX
-        path and the basename; a matching file is left out and a matching directory is not
-        descended into.
+        path and the basename; a matching file is left out and a matching directory is
+        neither listed nor descended into.
 
     Returns
     -------
     Snapshot
-        ``{relpath: (st_mtime_ns, st_size, st_ino)}``.
+        ``{relpath: (st_mtime_ns, st_size, st_ino, st_ctime_ns, kind)}``.
 
     Examples
     --------
@@ -268,7 +546,11 @@ def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Sna
     ...     sorted(snapshot(Path(tmp), exclude=["*.log"]))
     ['INCAR']
     """
-    result: Snapshot = {}
+    try:
+        dev = os.stat(folder).st_dev
+    except FileNotFoundError:
+        return Snapshot()
+    result = Snapshot(dev=dev)
     excluded = _excluder(tuple(exclude))
     pending: list[tuple[str, str]] = [(os.fspath(folder), "")]
     while pending:
@@ -288,27 +570,52 @@ def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Sna
         for entry in items:
             relpath = prefix + entry.name
             try:
-                # without following symlinks, a symlink is neither a dir nor a file: skipped
-                if entry.is_dir(follow_symlinks=False):
-                    if not excluded(relpath):
-                        pending.append((entry.path, relpath + "/"))
-                    continue
-                if not entry.is_file(follow_symlinks=False) or excluded(relpath):
+                if excluded(relpath):
                     continue
                 st = entry.stat(follow_symlinks=False)
+                fmt = stat.S_IFMT(st.st_mode)
+                if fmt == stat.S_IFDIR:
+                    kind = _DIR
+                    pending.append((entry.path, relpath + "/"))
+                elif fmt == stat.S_IFREG:
+                    kind = _REG
+                elif fmt == stat.S_IFLNK:
+                    kind = _LNK
+                    result.targets[relpath] = os.readlink(entry.path)
+                else:
+                    continue
             except FileNotFoundError:  # vanished during the walk
                 continue
-            result[relpath] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            result[relpath] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns, kind)
     return result
+
+
+def changed_paths(before: Snapshot, after: Snapshot) -> list[str]:
+    """Sorted paths created, modified, replaced or deleted between two snapshots.
+
+    A folder counts only when it appeared or disappeared (its mtime changes with every file
+    made in it).
+    """
+    changed = []
+    for path in before.keys() | after.keys():
+        old, new = before.get(path), after.get(path)
+        if old == new:
+            continue
+        if old is not None and new is not None and old[4] == new[4] == _DIR:
+            continue
+        changed.append(path)
+    return sorted(changed)
 
 
 def changed_files(
     folder: str | os.PathLike[str], before: Snapshot, exclude: Sequence[str] = ()
 ) -> list[str]:
-    """List the files created or modified below ``folder`` since ``before`` was taken.
+    """List the regular files created or modified below ``folder`` since ``before`` was taken.
 
-    A file counts as changed when it is new or its mtime, size or inode differ. When several
-    jobs share one folder this yields only the files of the job that ran in between.
+    A file counts as changed when it is new or its mtime, size, ctime or inode differ. When
+    several jobs share one folder this yields only the files of the job that ran in between
+    (and of other processes that wrote there meanwhile). :func:`changed_paths` also lists
+    symlinks, folders and deletions.
 
     Parameters
     ----------
@@ -336,7 +643,98 @@ def changed_files(
     ['OUTCAR']
     """
     after = snapshot(folder, exclude)
-    return sorted(path for path, state in after.items() if before.get(path) != state)
+    return sorted(
+        path for path, state in after.items() if state[4] == _REG and before.get(path) != state
+    )
+
+
+def _live_database(folder: Path, relpath: str) -> bool:
+    """Whether ``relpath`` is an SQLite database someone has open: its ``-wal``, ``-shm`` or
+    ``-journal`` exists."""
+    return any(os.path.lexists(folder / (relpath + suffix)) for suffix in _SQLITE_SIDECARS)
+
+
+def _describe(st: os.stat_result | None, target: str = "") -> str:
+    if st is None:
+        return "nothing"
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symlink to {target!r}" if target else "a symlink"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if stat.S_ISREG(st.st_mode):
+        return f"a file of {st.st_size} bytes"
+    return "a special file"
+
+
+def _describe_state(state: FileState | None) -> str:
+    if state is None:
+        return "nothing"
+    if state.kind == "symlink":
+        return f"a symlink to {state.target!r}"
+    if state.kind == "dir":
+        return "an empty folder"
+    known = "" if state.xxh3 else ", content not known"
+    return f"a file of {state.size} bytes{known}"
+
+
+def _describe_after(record: FileRecord) -> str:
+    if record.kind == "deleted":
+        return "deleted it"
+    if record.kind == "symlink":
+        return f"left a symlink to {record.target!r}"
+    if record.kind == "dir":
+        return "left an empty folder"
+    return f"left a file of {record.size} bytes"
+
+
+def _clone_or_copy(src_fd: int, dst_fd: int) -> str:
+    """Copy the whole of ``src_fd`` to the empty ``dst_fd``: a reflink (FICLONE) where the
+    file system shares blocks, ``copy_file_range`` (in the kernel) elsewhere, read/write as a
+    last resort. Returns how: ``"reflink"``, ``"kernel"`` or ``"read"``."""
+    if fcntl is not None:
+        try:
+            fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+            return "reflink"
+        except OSError:
+            pass
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is not None:
+        try:
+            while copy_range(src_fd, dst_fd, 1 << 30):
+                pass
+            return "kernel"
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            os.lseek(src_fd, 0, os.SEEK_SET)
+            os.ftruncate(dst_fd, 0)
+            os.lseek(dst_fd, 0, os.SEEK_SET)
+    while True:
+        chunk = os.read(src_fd, CHUNK_SIZE)
+        if not chunk:
+            return "read"
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst_fd, view) :]
+
+
+def _same_state(a: os.stat_result | None, b: os.stat_result | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_mode) == (
+        b.st_ino,
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+        b.st_mode,
+    )
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 # --------------------------------------------------------------------------- object area
@@ -352,13 +750,18 @@ class ObjectArea:
     and no partial object ever appears under its final name. The root and its fan-out
     directories are created on demand.
 
+    An object never shares its inode with a run folder's file: files are stored as reflinks
+    (copy-on-write clones) where the file system has them and as copies elsewhere, and served
+    the same way; only the opt-in ``link`` placement hard-links large objects
+    (:data:`LINK_MIN_SIZE`) into a run folder, read-only, and never as root.
+
     Every object is *sealed*: the sub-second part of its mtime is set to a value derived from
     its digest. A write into an object (by root, which ignores its read-only mode, or by an
-    owner who made it writable, through any hard link to it, a run folder's included) sets
-    its mtime to the current time and breaks the seal. A ``stat`` therefore tells an object
-    that may be served from one that must be re-hashed first: an object whose seal is broken
-    is served, and sealed again, only when its hash still matches; otherwise it is not
-    served, and the next ingest of that content replaces it.
+    owner who made it writable) sets its mtime to the current time and breaks the seal. A
+    ``stat`` therefore tells an object that may be served from one that must be re-hashed
+    first: an object whose seal is broken is served, and sealed again, only when its hash
+    still matches; otherwise it is not served, and the next ingest of that content replaces
+    it.
 
     Parameters
     ----------
@@ -375,7 +778,7 @@ class ObjectArea:
     >>> run.mkdir()
     >>> _ = (run / "OUTCAR").write_text("energy = -1.0")
     >>> area = ObjectArea(tmp / "objects")
-    >>> records = area.record(run, ["OUTCAR"], mode="copy")
+    >>> records = area.record(run, ["OUTCAR"])
     >>> [(r.path, r.size) for r in records]
     [('OUTCAR', 13)]
     >>> placed = area.materialize(records, tmp / "new_run")
@@ -408,19 +811,19 @@ class ObjectArea:
 
     # ----------------------------------------------------------------- writing
 
-    def ingest(self, src: str | os.PathLike[str], mode: PlaceMode = "link") -> str:
+    def ingest(self, src: str | os.PathLike[str], mode: PlaceMode = "copy") -> str:
         """Store a file's content in the area and return its ``xxh3`` digest.
+
+        The source is cloned (reflink) where the file system can, copied otherwise; it is
+        never hard-linked, and its content, mode and times are never changed.
 
         Parameters
         ----------
         src
             A regular file; a symlink is refused, never followed.
         mode
-            ``"link"``: hard-link ``src`` into the area (zero copy). The source then shares the
-            object's inode and so also becomes read-only, which protects the object from
-            in-place writes. Falls back to a copy when linking is impossible (other filesystem,
-            ``EPERM``, ``EMLINK``, ...) or the inode cannot be made read-only.
-            ``"copy"``: copy the bytes to a temporary file, then publish it.
+            Accepted for compatibility; both ``"link"`` and ``"copy"`` store an independent
+            object.
 
         Returns
         -------
@@ -430,85 +833,76 @@ class ObjectArea:
         Raises
         ------
         CacheError
-            If ``src`` is not a regular file.
+            If ``src`` is not a regular file, or was written to while it was stored.
         OSError
             If reading ``src`` or writing the area fails.
 
         Notes
         -----
-        If a sound object with the same content already exists it is left untouched (dedup);
-        in link mode the source then keeps its own inode and permission bits. An existing
-        object that was written to since it was stored (its seal is broken and its hash does
-        not match), or that is not a regular file, is replaced. In link mode the seal changes
-        the sub-second part of the source's mtime. A process still holding ``src`` open for
-        writing can change a linked object after it was hashed; that breaks its seal.
+        If a sound object with the same content already exists it is left untouched (dedup).
+        An existing object that was written to since it was stored (its seal is broken and
+        its hash does not match), or that is not a regular file, is replaced.
         """
-        return self._ingest(Path(src), mode)[0]
-
-    def _ingest(self, src: Path, mode: PlaceMode) -> tuple[str, int]:
-        """Implement :meth:`ingest`; also return the number of bytes stored."""
         if mode not in ("link", "copy"):
             raise ValueError(f"mode must be 'link' or 'copy', not {mode!r}")
-        st = os.lstat(src)
-        if not stat.S_ISREG(st.st_mode):
-            raise CacheError(f"{src} is not a regular file (symlinks are not followed)")
+        return self._ingest(Path(src))[0]
+
+    def _ingest(self, src: Path) -> tuple[str, int, os.stat_result]:
+        """Implement :meth:`ingest`; also return the size and the source's ``stat`` (it held
+        the stored content at that ``stat``)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if mode == "link":
-            linked = self._ingest_link(src)
-            if linked is not None:
-                return linked
-        return self._ingest_copy(src)
-
-    def _ingest_link(self, src: Path) -> tuple[str, int] | None:
-        """Hard-link ``src`` into the area; ``None`` when a copy is needed instead."""
-        tmp = _tmp_name(self.root)
         try:
-            os.link(src, tmp, follow_symlinks=False)
+            src_fd = os.open(src, os.O_RDONLY | _O_NOFOLLOW)
         except OSError as err:
-            logger.debug("cannot hard-link %s into %s (%s); copying", src, self.root, err)
-            return None
-        try:
-            before = os.lstat(tmp)
-            if not stat.S_ISREG(before.st_mode):  # src swapped for a symlink meanwhile
-                raise CacheError(f"{src} is not a regular file (symlinks are not followed)")
-            if before.st_nlink > 2:
-                # src shares its inode with other names (a file placed by a hit, or linked by
-                # the job): sealing it would seal them too, maybe as an object of other content
-                logger.debug("%s has other hard links; copying", src)
-                return None
-            digest, size = _hash_file(tmp)
-            after = os.lstat(tmp)
-            if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, size):
-                raise CacheError(f"{src} was written to while it was being recorded")
-            final = self.path_of(digest)
-            if self._reusable(final, digest, size):
-                return digest, size
-            try:
-                os.chmod(tmp, OBJECT_MODE, follow_symlinks=False)
-            except OSError as err:  # e.g. EPERM: the inode belongs to another user
-                logger.debug("cannot make %s read-only (%s); copying", src, err)
-                return None
-            _seal(tmp, digest, after)
-            self._publish(tmp, final)
-            return digest, size
-        finally:
-            _unlink_quietly(tmp)
-
-    def _ingest_copy(self, src: Path) -> tuple[str, int]:
-        """Copy ``src`` into the area, hashing the bytes as they are written."""
-        src_fd = os.open(src, os.O_RDONLY | _O_NOFOLLOW)
+            if err.errno == errno.ELOOP:
+                raise CacheError(
+                    f"{src} is not a regular file (symlinks are not followed)"
+                ) from err
+            raise
         with open(src_fd, "rb", buffering=0) as source:
-            if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
-                raise CacheError(f"{src} is not a regular file")
-            tmp, digest, size = self._copy_hashed(source, self.root, OBJECT_MODE)
+            first = os.fstat(source.fileno())
+            if not stat.S_ISREG(first.st_mode):
+                raise CacheError(f"{src} is not a regular file (symlinks are not followed)")
+            tmp, digest, size = self._store_temp(source)
             try:
+                last = os.fstat(source.fileno())
+                if size != first.st_size or _memo_key(last) != _memo_key(first):
+                    raise CacheError(f"{src} was written to while it was being recorded")
                 final = self.path_of(digest)
                 if not self._reusable(final, digest, size):
                     _seal(tmp, digest)
                     self._publish(tmp, final)
-                return digest, size
             finally:
                 _unlink_quietly(tmp)
+        remember(src, first, digest)
+        return digest, size, first
+
+    def _store_temp(self, source: FileIO) -> tuple[Path, str, int]:
+        """A read-only temporary copy of ``source`` in the area (a reflink where possible),
+        with its digest and size."""
+        fd, name = tempfile.mkstemp(dir=self.root, prefix=_TMP_PREFIX)
+        tmp = Path(name)
+        try:
+            with open(fd, "w+b", buffering=0) as out:
+                cloned = False
+                if fcntl is not None:
+                    try:
+                        fcntl.ioctl(out.fileno(), _FICLONE, source.fileno())
+                        cloned = True
+                    except OSError:
+                        pass
+                if cloned:  # hash what was stored: the clone
+                    out.seek(0)
+                    digest, size = _hash_stream(out)
+                else:
+                    digest, size = _hash_stream(source, out)
+                if self.fsync:
+                    os.fsync(out.fileno())
+                os.fchmod(out.fileno(), OBJECT_MODE)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp, digest, size
 
     def _reusable(self, final: Path, xxh3: str, size: int) -> bool:
         """Whether an object already stored at ``final`` holds the content ``xxh3`` (then it is
@@ -552,24 +946,6 @@ class ObjectArea:
         else:
             _unlink_quietly(aside)
 
-    def _copy_hashed(self, source: FileIO, folder: Path, mode: int) -> tuple[Path, str, int]:
-        """Copy ``source`` to a new temporary file in ``folder`` with ``mode``, hashing the
-        bytes as they are written; return (temporary path, xxh3, size). The caller renames or
-        removes the temporary file."""
-        fd, name = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX)
-        tmp = Path(name)
-        try:
-            with open(fd, "wb") as out:
-                digest, size = _hash_stream(source, out)
-                out.flush()
-                if self.fsync:
-                    os.fsync(out.fileno())
-                os.fchmod(out.fileno(), mode)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        return tmp, digest, size
-
     def _publish(self, tmp: Path, final: Path) -> None:
         """Give the finished temporary file ``tmp`` its final name without clobbering.
 
@@ -587,17 +963,19 @@ class ObjectArea:
             os.replace(tmp, final)
 
     def record(
-        self, folder: Path, relpaths: Iterable[str], mode: PlaceMode = "link"
+        self, folder: Path, relpaths: Iterable[str], mode: PlaceMode = "copy"
     ) -> list[FileRecord]:
-        """Ingest files of a run folder and return their manifest.
+        """Ingest regular files of a run folder and return their manifest (each recorded as
+        created by the job: ``before`` is None). :meth:`record_changes` records everything a
+        job changed, with the states it found.
 
         Parameters
         ----------
         folder
             The run folder.
         relpaths
-            Relative POSIX paths below ``folder`` (e.g. from :func:`changed_files`); duplicates
-            and spellings such as ``"./a"`` are normalised.
+            Relative POSIX paths below ``folder``; duplicates and spellings such as ``"./a"``
+            are normalised.
         mode
             As for :meth:`ingest`.
 
@@ -619,18 +997,133 @@ class ObjectArea:
                 clean = _clean_relpath(relpath)
                 if clean in records:
                     continue
-                path = _safe_file(folder, clean)
-                file_mode = stat.S_IMODE(os.lstat(path).st_mode) & 0o777
-                digest, size = self._ingest(path, mode)
+                records[clean] = self._file_record(folder, clean, None, store=True)
             except (OSError, ValueError, CacheError) as err:
                 raise CacheError(f"cannot record {relpath!r} of {folder}: {err}") from err
-            records[clean] = FileRecord(path=clean, size=size, xxh3=digest, mode=file_mode)
         return [records[key] for key in sorted(records)]
+
+    def _file_record(
+        self, folder: Path, clean: str, before: FileState | None, *, store: bool
+    ) -> FileRecord:
+        """The record of the regular file ``clean`` below ``folder``: stored in the area, or
+        (``store`` False) only hashed."""
+        path = _safe_file(folder, clean)
+        if store:
+            digest, size, st = self._ingest(path)
+        else:
+            st = os.lstat(path)
+            found = file_digest(path, st)
+            if found is None:
+                raise CacheError(f"{path} was written to while it was being recorded")
+            digest, size = found, st.st_size
+        return FileRecord(
+            path=clean,
+            size=size,
+            xxh3=digest,
+            mode=stat.S_IMODE(st.st_mode) & 0o7777,
+            stored=store,
+            before=before,
+        )
+
+    def record_changes(
+        self,
+        folder: str | os.PathLike[str],
+        before: Snapshot,
+        after: Snapshot,
+        *,
+        max_size: int = 0,
+        store: bool = True,
+    ) -> list[FileRecord]:
+        """Record what a job changed in its run folder, between two :func:`snapshot`\\ s.
+
+        Every path created, modified, replaced or deleted gets one :class:`FileRecord` with
+        the state the job left and the state it found (``before``; a file's digest only when
+        :func:`known_digest` knows it, i.e. this process stored, placed or hashed it since
+        it last changed). Files are stored in the area (reflink or copy); a folder counts
+        only when the job made it and left it empty, or deleted it.
+
+        Parameters
+        ----------
+        folder
+            The run folder.
+        before, after
+            Snapshots taken before and after the job ran, with the same exclude patterns.
+        max_size
+            Files larger than this many bytes are hashed but not stored (0: no limit).
+        store
+            False: no file is stored, all are only hashed (``FILES=none``).
+
+        Raises
+        ------
+        CacheError
+            Chained to the cause when a path cannot be recorded (written to meanwhile, I/O
+            error); the caller then writes no entry.
+
+        Notes
+        -----
+        A file that matches :data:`LIVE_FILE_PATTERNS`, or an SQLite database whose ``-wal``,
+        ``-shm`` or ``-journal`` exists, is left out: it belongs to a live process.
+        """
+        folder = Path(folder)
+        live = _excluder(LIVE_FILE_PATTERNS)
+        occupied: set[str] = set()
+        for path in after:
+            parent = path.rpartition("/")[0]
+            while parent and parent not in occupied:
+                occupied.add(parent)
+                parent = parent.rpartition("/")[0]
+        records: list[FileRecord] = []
+        for path in changed_paths(before, after):
+            old, new = before.get(path), after.get(path)
+            if live(path):
+                continue
+            try:
+                state = self._before_state(before, path, old)
+                if new is None:
+                    records.append(FileRecord(path=path, kind="deleted", before=state))
+                elif new[4] == _DIR:
+                    if path not in occupied:
+                        records.append(FileRecord(path=path, kind="dir", mode=0, before=state))
+                elif new[4] == _LNK:
+                    target = os.readlink(folder / path)
+                    records.append(
+                        FileRecord(path=path, kind="symlink", target=target, before=state)
+                    )
+                else:
+                    if _live_database(folder, path):
+                        logger.debug("%s is an open SQLite database: not recorded", path)
+                        continue
+                    keep = store and not (max_size and new[1] > max_size)
+                    records.append(self._file_record(folder, path, state, store=keep))
+            except FileNotFoundError:  # gone since the snapshot: no longer the job's to serve
+                if new is not None and old is None:
+                    continue
+                raise CacheError(f"cannot record {path!r} of {folder}: it vanished") from None
+            except (OSError, ValueError, CacheError) as err:
+                raise CacheError(f"cannot record {path!r} of {folder}: {err}") from err
+        return records
+
+    @staticmethod
+    def _before_state(
+        before: Snapshot, path: str, old: tuple[int, int, int, int, int] | None
+    ) -> FileState | None:
+        if old is None:
+            return None
+        mtime, size, ino, ctime, kind = old
+        if kind == _DIR:
+            return FileState(kind="dir")
+        if kind == _LNK:
+            return FileState(kind="symlink", target=before.targets.get(path, ""))
+        known = _MEMO.get((before.dev, ino, size, mtime, ctime), "")
+        return FileState(kind="file", size=size, xxh3=known)
 
     # ----------------------------------------------------------------- reading
 
     def _usable(self, record: FileRecord) -> bool:
-        """Whether the object of ``record`` exists and holds its content (see :meth:`_sound`)."""
+        """Whether the object of ``record`` exists and holds its content (see :meth:`_sound`);
+        True for a record without an object."""
+        if not record.has_object:
+            return True
         try:
             path = self.path_of(record.xxh3)
             st = os.lstat(path)
@@ -643,13 +1136,29 @@ class ObjectArea:
 
         A ``stat`` each for sealed objects; an object whose seal is broken (written to, or
         stored before seals existed) is re-hashed, and sealed again when it still matches.
+        Records without an object (symlinks, folders, deletions, files not stored) count as
+        present: :meth:`materialize` checks those.
         """
         return all(self._usable(record) for record in records)
 
     def materialize(
-        self, records: Sequence[FileRecord], dest: Path, mode: PlaceMode = "link"
+        self,
+        records: Sequence[FileRecord],
+        dest: Path,
+        mode: PlaceMode = "copy",
+        *,
+        source_dir: str | os.PathLike[str] | None = None,
     ) -> list[Path]:
-        """Place the objects of a manifest into a run folder.
+        """Apply a manifest to a run folder: what the recorded job did, where it is safe.
+
+        First the whole folder is checked, and nothing is changed unless every path is
+        either already in the state the job left, or still in the state the job found
+        (``before``): then files are placed, symlinks made, empty folders created and
+        deleted paths removed. A path holding anything else (a file another job of this run
+        wrote, content that is not known to be the one the recorded job found) means the
+        job would have acted on other input, or that serving would destroy or hide work:
+        :class:`~jobflow_cache.errors.FolderConflictError` names it, and the caller runs the
+        job.
 
         Parameters
         ----------
@@ -659,30 +1168,29 @@ class ObjectArea:
             The new run folder; created if needed. Directories below it are created, but an
             existing symlink below it is never walked through.
         mode
-            ``"link"``: hard-link each object, so the placed file shares the object's inode and
-            is read-only like it (an in-place write cannot corrupt the cache). Where linking is
-            impossible (other filesystem, ``EPERM``, ``EMLINK``, ...) a copy is placed instead,
-            with the recorded permission bits, since a copy cannot harm the cache.
-            ``"copy"``: a writable copy with the recorded permission bits; the bytes are checked
-            against the recorded size and digest while copying.
+            ``"copy"``: every file is an independent, writable copy with the recorded
+            permission bits (a reflink where the file system has them).
+            ``"link"``: the same, except that files of at least :data:`LINK_MIN_SIZE` bytes
+            are hard links to their read-only object, where possible and not as root.
+        source_dir
+            The recording run's folder: files the cache did not store (``stored`` False) are
+            copied from there, when they still hold the recorded content.
 
         Returns
         -------
         list[Path]
-            The placed files, in the order of ``records``.
+            The paths of the records, in the order of ``records``.
 
         Raises
         ------
         FilesUnavailableError
-            Before anything is written, if a record's path is absolute or escapes ``dest``, or
-            if objects are missing or corrupt: no longer holding their content (the message
-            names their paths). Later, chained to the cause, if placing a file fails or a
-            copied object does not match its record; files placed before that stay in place.
-
-        Notes
-        -----
-        An existing file at a destination is replaced atomically (temporary name beside it,
-        then ``os.replace``).
+            Before anything is written, if a record's path is absolute or escapes ``dest``,
+            or objects are missing or corrupt (the message names their paths). Later,
+            chained to the cause, if placing a file fails.
+        FolderConflictError
+            Before anything is written, when ``dest`` disagrees with the records, or a file
+            that was not stored cannot be taken from ``source_dir``; later, when a path
+            changes while the folder is being served.
         """
         if mode not in ("link", "copy"):
             raise ValueError(f"mode must be 'link' or 'copy', not {mode!r}")
@@ -701,49 +1209,201 @@ class ObjectArea:
                 + ", ".join(missing)
             )
         dest = Path(dest)
+        steps = self._plan(records, cleaned, dest, source_dir)
         dest.mkdir(parents=True, exist_ok=True)
-        placed: list[Path] = []
-        for record, relpath in zip(records, cleaned):
+        link = mode == "link" and _may_link()
+        # deletions first (deepest folders last), then folders, files and symlinks
+        order = sorted(
+            range(len(steps)),
+            key=lambda i: (
+                {"delete": 0, "rmdir": 1}.get(steps[i][1], 2),
+                -cleaned[i].count("/") if steps[i][1] == "rmdir" else 0,
+                cleaned[i],
+            ),
+        )
+        for i in order:
+            record, action, current, source = steps[i]
+            if action == "keep":
+                continue
+            target = dest / cleaned[i]
             try:
-                target = _make_parents(dest, relpath)
-                if mode == "copy" or not self._place_link(record, target):
-                    self._place_copy(record, target)
+                self._apply(record, action, target, current, source, link, dest, cleaned[i])
+            except (FolderConflictError, FilesUnavailableError):
+                raise
             except OSError as err:
                 raise FilesUnavailableError(
                     f"cannot place {record.path!r} in {dest}: {err}"
                 ) from err
-            placed.append(target)
-        return placed
+        return [dest / relpath for relpath in cleaned]
 
-    def _place_link(self, record: FileRecord, target: Path) -> bool:
-        """Hard-link the object to ``target``; ``False`` when a copy is needed instead."""
-        tmp = _tmp_name(target.parent)
-        try:
+    def _plan(
+        self,
+        records: Sequence[FileRecord],
+        cleaned: Sequence[str],
+        dest: Path,
+        source_dir: str | os.PathLike[str] | None,
+    ) -> list[tuple[FileRecord, str, os.stat_result | None, tuple[Path, os.stat_result] | None]]:
+        """What :meth:`materialize` does for each record (``keep``, ``delete``, ``rmdir``,
+        ``mkdir``, ``symlink``, ``file``), with the ``lstat`` of the path it checked and the
+        source of a file that was not stored; raises when the folder disagrees."""
+        conflicts: list[str] = []
+        steps: list[
+            tuple[FileRecord, str, os.stat_result | None, tuple[Path, os.stat_result] | None]
+        ] = []
+        deleted = {c for r, c in zip(records, cleaned) if r.kind == "deleted"}
+        parents: dict[str, str] = {}
+        for record, relpath in zip(records, cleaned):
+            problem = _parent_problem(dest, relpath, parents)
+            if problem is not None:
+                conflicts.append(f"{relpath!r}: {problem}")
+                continue
+            target = dest / relpath
+            current = _lstat(target)
+            if _holds_after(target, current, record):
+                steps.append((record, "keep", current, None))
+                continue
+            if not _holds_before(target, current, record.before, relpath, deleted):
+                found = _describe(current, _readlink(target, current))
+                conflicts.append(
+                    f"{relpath!r} holds {found}, where the recorded job found "
+                    f"{_describe_state(record.before)} and {_describe_after(record)}"
+                )
+                continue
+            source = None
+            if record.kind == "deleted":
+                action = (
+                    "rmdir" if current is not None and stat.S_ISDIR(current.st_mode) else "delete"
+                )
+            elif record.kind == "dir":
+                action = "mkdir"
+            elif record.kind == "symlink":
+                action = "symlink"
+            else:
+                action = "file"
+                if not record.stored:
+                    source = _source_of(record, relpath, source_dir)
+                    if source is None:
+                        conflicts.append(
+                            f"{relpath!r} was not stored in the cache (FILES=none or "
+                            f"MAX_FILE_SIZE) and the recording run's folder {source_dir} no "
+                            "longer holds it unchanged"
+                        )
+                        continue
+            steps.append((record, action, current, source))
+        if conflicts:
+            more = f" (and {len(conflicts) - 3} more)" if len(conflicts) > 3 else ""
+            raise FolderConflictError(
+                f"the run folder {dest} does not hold what the recorded job found: "
+                + "; ".join(conflicts[:3])
+                + more
+            )
+        return steps
+
+    def _apply(
+        self,
+        record: FileRecord,
+        action: str,
+        target: Path,
+        current: os.stat_result | None,
+        source: tuple[Path, os.stat_result] | None,
+        link: bool,
+        dest: Path,
+        relpath: str,
+    ) -> None:
+        """Carry out one step of :meth:`materialize`, checking first that ``target`` is still
+        as it was when the folder was checked."""
+
+        def unchanged() -> None:
+            if not _same_state(_lstat(target), current):
+                raise FolderConflictError(
+                    f"{relpath!r} in {dest} changed while the cached result was served"
+                )
+
+        if action == "delete":
+            unchanged()
+            _unlink_quietly(target)
+            return
+        if action == "rmdir":
             try:
-                os.link(self.path_of(record.xxh3), tmp, follow_symlinks=False)
+                os.rmdir(target)
+            except FileNotFoundError:
+                pass
             except OSError as err:
-                logger.debug("cannot hard-link %s to %s (%s); copying", record.xxh3, target, err)
-                return False
+                raise FolderConflictError(
+                    f"{relpath!r} in {dest} is not empty, as it was for the recorded job"
+                ) from err
+            return
+        _make_parents(dest, relpath)
+        if action == "mkdir":
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(target)
+            return
+        if action == "symlink":
+            tmp = _tmp_name(target.parent)
+            os.symlink(record.target, tmp)
+            self._swap(tmp, target, current, unchanged)
+            return
+        tmp = self._placed_temp(record, target.parent, link, source)
+        self._swap(tmp, target, current, unchanged)
+        with contextlib.suppress(OSError):
+            remember(target, os.lstat(target), record.xxh3)
+
+    @staticmethod
+    def _swap(
+        tmp: Path, target: Path, current: os.stat_result | None, unchanged: Callable[[], None]
+    ) -> None:
+        """Rename ``tmp`` over ``target`` (an empty folder there is removed first)."""
+        try:
+            unchanged()
+            if current is not None and stat.S_ISDIR(current.st_mode):
+                os.rmdir(target)
             os.replace(tmp, target)
-            return True
         finally:
-            # rename() is a no-op when target already is the same inode: drop the extra name
             _unlink_quietly(tmp)
 
-    def _place_copy(self, record: FileRecord, target: Path) -> None:
-        """Copy the object to ``target`` with the recorded mode, checking size and digest."""
-        src_fd = os.open(self.path_of(record.xxh3), os.O_RDONLY | _O_NOFOLLOW)
-        with open(src_fd, "rb", buffering=0) as source:
-            tmp, digest, size = self._copy_hashed(source, target.parent, record.mode & 0o777)
+    def _placed_temp(
+        self,
+        record: FileRecord,
+        folder: Path,
+        link: bool,
+        source: tuple[Path, os.stat_result] | None,
+    ) -> Path:
+        """A temporary file in ``folder`` with the content of ``record``: a hard link to its
+        object (``link`` and large), else a reflink or a copy of its object, or of
+        ``source`` (checked unchanged after copying) for a file that was not stored."""
+        if source is None and link and record.size >= LINK_MIN_SIZE:
+            tmp = _tmp_name(folder)
             try:
-                if size != record.size or digest != record.xxh3:
-                    raise FilesUnavailableError(
-                        f"object {record.xxh3} for {record.path!r} is corrupt "
-                        f"(size {size}, xxh3 {digest})"
+                os.link(self.path_of(record.xxh3), tmp, follow_symlinks=False)
+                return tmp
+            except OSError as err:
+                logger.debug("cannot hard-link %s (%s); copying", record.xxh3, err)
+        src_path = self.path_of(record.xxh3) if source is None else source[0]
+        src_fd = os.open(src_path, os.O_RDONLY | _O_NOFOLLOW)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX)
+        tmp = Path(name)
+        try:
+            try:
+                _clone_or_copy(src_fd, fd)
+                if self.fsync:
+                    os.fsync(fd)
+                os.fchmod(fd, (record.mode & 0o7777) or 0o644)
+                size = os.fstat(fd).st_size
+                if source is not None and _memo_key(os.fstat(src_fd)) != _memo_key(source[1]):
+                    raise FolderConflictError(
+                        f"{src_path} changed while it was copied for {record.path!r}"
                     )
-                os.replace(tmp, target)
             finally:
-                _unlink_quietly(tmp)
+                os.close(fd)
+                os.close(src_fd)
+            if size != record.size:
+                raise FilesUnavailableError(
+                    f"object {record.xxh3} for {record.path!r} is corrupt (size {size})"
+                )
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp
 
     def verify(self, record: FileRecord) -> str | None:
         """Check one object against its record by re-hashing it.
@@ -751,10 +1411,13 @@ class ObjectArea:
         Returns
         -------
         str or None
-            ``None`` if the object exists with the recorded size and digest, otherwise a short
-            problem: ``"invalid xxh3"``, ``"missing"``, ``"not a regular file"``,
+            ``None`` if the object exists with the recorded size and digest (or the record
+            has no object: a symlink, folder, deletion or a file not stored), otherwise a
+            short problem: ``"invalid xxh3"``, ``"missing"``, ``"not a regular file"``,
             ``"size <actual> != <recorded>"`` or ``"xxh3 mismatch"``.
         """
+        if not record.has_object:
+            return None
         try:
             path = self.path_of(record.xxh3)
         except ValueError:
