@@ -177,7 +177,7 @@ def test_show_text_json_and_prefix_errors(built):
         '{"value":4.0,"steps":10,"dir_name":',
         "OUTCAR",
         f"source job   {relax.uuid} (index 1)",
-        "scheme       jfc1",
+        "scheme       jfc2",
     ):
         assert expected in text, expected
     data = as_json("show", digest[:6].upper())

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import uuid
+import zoneinfo
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -129,6 +130,8 @@ class MyList(list):  # type: ignore[type-arg]
 
 
 Pair = collections.namedtuple("Pair", "x y")
+PARIS_NOON = datetime.datetime(2024, 1, 1, 12, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))
+PLUS_ONE = datetime.timezone(datetime.timedelta(hours=1))
 
 
 @dataclasses.dataclass
@@ -177,6 +180,10 @@ floats = st.one_of(
 objects = st.one_of(
     st.sampled_from([Color.RED, Mode.FAST, Level.ONE, uuid.UUID(int=7), uuid.UUID(UUIDS[0])]),
     st.sampled_from([datetime.datetime(2024, 1, 2, 3, 4, 5), pathlib.Path("/run/a")]),
+    st.sampled_from([PARIS_NOON, PARIS_NOON.replace(tzinfo=PLUS_ONE), datetime.date(2024, 1, 1)]),
+    st.sampled_from([datetime.time(1, 2, tzinfo=PLUS_ONE), datetime.timedelta(days=1, seconds=2)]),
+    st.sampled_from([np.float32(1.5), np.int32(3), np.bool_(False), np.bytes_(b"a\x00")]),
+    st.sampled_from([np.complex64(1 + 2j), np.uint8(255), np.float16(-0.0), np.datetime64(1, "D")]),
     strings.map(MyStr),
     ints.map(MyInt),
     floats.map(MyFloat),
@@ -210,7 +217,23 @@ def monty_dicts(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, An
         },
         optional={"@version": st.just("1.0")},
     )
-    return st.one_of(base, array)
+    when = st.fixed_dictionaries(
+        {
+            "@module": st.just("datetime"),
+            "@class": st.just("datetime"),
+            "string": st.sampled_from(
+                [
+                    str(PARIS_NOON),
+                    "2024-01-01 12:00:00",
+                    "2024-01-01 12:00:00.5+00:00",
+                    "x",
+                    UUIDS[0],
+                ]
+            ),
+        },
+        optional={"@version": st.just("1.0")},
+    )
+    return st.one_of(base, array, when)
 
 
 values = st.recursive(
@@ -224,12 +247,15 @@ values = st.recursive(
         st.dictionaries(str_keys, st.one_of(leaves, st.lists(leaves, max_size=3)), max_size=4),
         st.dictionaries(keys, inner, max_size=3),
         st.frozensets(st.one_of(ints, strings, st.tuples(ints)), max_size=3),
+        st.sets(st.one_of(ints, strings, st.tuples(ints), st.frozensets(ints)), max_size=3),
         monty_dicts(inner),
         inner.map(lambda v: Pair(v, [v])),
         inner.map(lambda v: MyDict(a=v)),
         inner.map(lambda v: MyList([v])),
         inner.map(lambda v: collections.OrderedDict(b=v)),
         inner.map(lambda v: Box(v, label=UUIDS[1])),
+        inner.map(lambda v: Box((v, Pair(v, (v,))), label="t")),  # tuples in a JSON form
+        inner.map(lambda v: Settings(1.0, (v,))),
     ),
     max_leaves=14,
 )
@@ -314,8 +340,14 @@ def test_self_reference_and_runaway_as_dict_like_the_reference() -> None:
 
 @needs_speedups
 def test_plain_values_are_not_copied_and_impure_parts_are() -> None:
-    plain = {"a": [1, 2.5, "x", None, True], "b": ({"c": "d"},)}
+    plain = {"a": [1, 2.5, "x", None, True], "b": [{"c": "d"}]}
     assert SPEEDUPS.tree(plain, 0, MAX_DEPTH, hashing._canon, None, None, None) is plain
+    # a tuple is wrapped in its tag, its items kept as they are; in a JSON form it is a list
+    items = ({"c": "d"}, 1)
+    tagged = SPEEDUPS.tree({"b": items}, 0, MAX_DEPTH, hashing._canon, None, None, None)
+    assert tagged == {"b": {"\x00tuple": items}}
+    assert tagged["b"]["\x00tuple"] is items
+    assert SPEEDUPS.tree(items, 0, MAX_DEPTH, hashing._canon, None, None, None, False) is items
     mixed = {"a": [1, 2.5], "b": [math.nan], "@module": "m", "@class": "C", "@version": "1"}
     tree = SPEEDUPS.tree(mixed, 0, MAX_DEPTH, hashing._canon, None, None, None)
     assert tree == {"a": [1, 2.5], "b": [{"\x00float": "nan"}], "@module": "m", "@class": "C"}
@@ -513,6 +545,9 @@ def test_the_extension_is_built() -> None:
         )
     else:
         assert SPEEDUPS.__file__.endswith((".so", ".pyd"))
+        # built from the current source (jfc2 tags tuples), not a stale build of an older one
+        fresh = SPEEDUPS.tree((1,), 0, MAX_DEPTH, hashing._canon, None, None, None)
+        assert fresh == {"\x00tuple": (1,)}, "stale _speedups build: `pip install -e .` again"
 
 
 BLOCK_EXTENSION = """

@@ -1,16 +1,20 @@
 /* Optional accelerator for jobflow_cache.hashing (see the "Accelerator" section of its docstring).
  *
- * tree(obj, depth, max_depth, fallback, hook, exact, markers) walks a value once and returns a
- * tree that orjson encodes to exactly the bytes of the canonical tree of ``obj``:
+ * tree(obj, depth, max_depth, fallback, hook, exact, markers[, tuples]) walks a value once and
+ * returns a tree that orjson encodes to exactly the bytes of the canonical tree of ``obj``:
  *
  * - a node that is already canonical is returned as is (the same object, not a copy): exact str
- *   with a UTF-8 form, finite float, int in the signed 64-bit range, bool, None, and list, tuple
- *   (orjson writes a tuple as a list) or dict whose parts are all canonical;
+ *   with a UTF-8 form, finite float, int in the signed 64-bit range, bool, None, and list or dict
+ *   whose parts are all canonical;
+ * - an exact tuple becomes the one-key dict {"\x00tuple": items}, where items is the tuple itself
+ *   when all its parts are canonical (orjson writes a tuple as a JSON array), else a list; with
+ *   ``tuples`` false (inside an object's JSON form, hashing._InForm) a tuple is walked as a list;
  * - a dict that is canonical but for its monty "@version" key (beside "@module" and "@class") is
  *   copied without it, as hashing._drop_version does;
- * - every other node (subclasses, enums, numpy, sets, NaN and infinities, big ints, lone
- *   surrogates, dicts with non-str or NUL-prefixed keys, monty numpy dicts, containers nested
- *   deeper than max_depth, and str values the hook may replace) is handed to
+ * - every other node (subclasses such as namedtuples, enums, numpy scalars and arrays, sets,
+ *   datetimes, NaN and infinities, big ints, lone surrogates, dicts with non-str or NUL-prefixed
+ *   keys, monty numpy and datetime dicts (any "@class" of "array" or "datetime"), containers
+ *   nested deeper than max_depth, and str values the hook may replace) is handed to
  *   ``fallback(node, hook, depth)``, the pure-Python reference (hashing._canon), and its result
  *   takes the node's place in a copy of each enclosing container (copy on write).
  *
@@ -28,6 +32,7 @@
 
 typedef struct {
     int max_depth;
+    int tuples;         /* tag exact tuples (else they are lists) */
     PyObject *fallback; /* borrowed */
     PyObject *hook;     /* borrowed, may be Py_None */
     int every_str;      /* the hook may replace any str */
@@ -37,7 +42,7 @@ typedef struct {
 
 #define MAX_WALK_DEPTH 1000
 
-static PyObject *s_version, *s_module, *s_class, *s_array;
+static PyObject *s_version, *s_module, *s_class, *s_array, *s_datetime, *s_tuple_tag;
 static PyObject *unhashable_error; /* hashing._UnhashableError, set by configure() */
 
 /* If the pending exception is an _UnhashableError, append the path segment of the node it came
@@ -245,8 +250,9 @@ walk_dict(PyObject *obj, int depth, State *st)
     int drop_version = 0;
     PyObject *cls = at_keys ? PyDict_GetItemWithError(obj, s_class) : NULL;
     if (cls != NULL) {
-        if (!PyUnicode_CheckExact(cls) || PyUnicode_Compare(cls, s_array) == 0) {
-            return call_fallback(obj, depth, st); /* maybe a monty numpy array dict */
+        if (!PyUnicode_CheckExact(cls) || PyUnicode_Compare(cls, s_array) == 0 ||
+            PyUnicode_Compare(cls, s_datetime) == 0) {
+            return call_fallback(obj, depth, st); /* maybe a monty numpy or datetime dict */
         }
         if (PyDict_GetItemWithError(obj, s_module) != NULL &&
             PyDict_GetItemWithError(obj, s_version) != NULL) {
@@ -338,8 +344,25 @@ walk(PyObject *obj, int depth, State *st)
     if (t == &PyDict_Type) {
         return walk_dict(obj, depth, st);
     }
-    if (t == &PyList_Type || t == &PyTuple_Type) {
+    if (t == &PyList_Type || (t == &PyTuple_Type && !st->tuples)) {
         return walk_seq(obj, depth, st);
+    }
+    if (t == &PyTuple_Type) {
+        if (depth >= st->max_depth) {
+            return call_fallback(obj, depth, st); /* which raises */
+        }
+        PyObject *items = walk_seq(obj, depth, st);
+        if (items == NULL) {
+            return NULL;
+        }
+        PyObject *node = PyDict_New();
+        if (node == NULL || PyDict_SetItem(node, s_tuple_tag, items) < 0) {
+            Py_XDECREF(node);
+            Py_DECREF(items);
+            return NULL;
+        }
+        Py_DECREF(items);
+        return node;
     }
     return call_fallback(obj, depth, st);
 }
@@ -347,10 +370,17 @@ walk(PyObject *obj, int depth, State *st)
 static PyObject *
 speedups_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
+    if (nargs != 7 && nargs != 8) {
         PyErr_SetString(PyExc_TypeError,
-                        "tree(obj, depth, max_depth, fallback, hook, exact, markers)");
+                        "tree(obj, depth, max_depth, fallback, hook, exact, markers[, tuples])");
         return NULL;
+    }
+    int tuples = 1;
+    if (nargs == 8) {
+        tuples = PyObject_IsTrue(args[7]);
+        if (tuples < 0) {
+            return NULL;
+        }
     }
     long depth = PyLong_AsLong(args[1]);
     long max_depth = PyLong_AsLong(args[2]);
@@ -363,6 +393,7 @@ speedups_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     State st;
     st.max_depth = (int)max_depth;
+    st.tuples = tuples;
     st.fallback = args[3];
     st.hook = args[4];
     st.exact = args[5] == Py_None ? NULL : args[5];
@@ -403,7 +434,7 @@ static PyMethodDef speedups_methods[] = {
      "configure(error_type)\n--\n\n"
      "Set the exception class whose ``segments`` list collects error paths."},
     {"tree", (PyCFunction)(void (*)(void))speedups_tree, METH_FASTCALL,
-     "tree(obj, depth, max_depth, fallback, hook, exact, markers)\n--\n\n"
+     "tree(obj, depth, max_depth, fallback, hook, exact, markers, tuples=True)\n--\n\n"
      "Return a tree that orjson encodes like the canonical tree of obj (see the C source)."},
     {NULL, NULL, 0, NULL},
 };
@@ -420,7 +451,10 @@ PyInit__speedups(void)
     s_module = PyUnicode_InternFromString("@module");
     s_class = PyUnicode_InternFromString("@class");
     s_array = PyUnicode_InternFromString("array");
-    if (s_version == NULL || s_module == NULL || s_class == NULL || s_array == NULL) {
+    s_datetime = PyUnicode_InternFromString("datetime");
+    s_tuple_tag = PyUnicode_FromStringAndSize("\0tuple", 6);
+    if (s_version == NULL || s_module == NULL || s_class == NULL || s_array == NULL ||
+        s_datetime == NULL || s_tuple_tag == NULL) {
         return NULL;
     }
     return PyModule_Create(&speedups_module);

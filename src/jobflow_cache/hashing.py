@@ -7,9 +7,10 @@ keys) and hashed with xxh3-128. The encoding is identified by :data:`SCHEME`, wh
 entry records; any change to the rules below changes digests and needs a new scheme id (the
 golden tests in ``tests/test_hashing.py`` pin them).
 
-Digests are stable across processes, machines, ``PYTHONHASHSEED`` and dict insertion order, and
-across a monty JSON round trip of the arguments (``MontyEncoder``/``MontyDecoder``, which is how
-jobflow serialises job arguments when a flow is sent to a remote worker).
+The rule is Python's own: two values have one digest when they are ``==`` *and* of the same
+type, recursively (``(0, 1)`` and ``[0, 1]``, ``np.float32(x)`` and ``float(x)``, ``{1}`` and
+``frozenset({1})`` all differ), with the few deliberate equivalences listed at the end. Digests
+are stable across processes, machines, ``PYTHONHASHSEED`` and dict insertion order.
 
 Tag format
 ----------
@@ -22,11 +23,24 @@ prefixing one more NUL, so a user dict can never contain a key of the form
   ``{"\\x00float": "inf"}`` and ``"-inf"``: infinities (orjson would write ``null`` for them).
 * ``{"\\x00int": "-0x1f..."}``: an int outside the signed 64-bit range, as ``hex(n)`` (decimal
   conversion of huge ints is capped by ``sys.set_int_max_str_digits``).
-* ``{"\\x00bytes": "<hex>"}``: bytes and bytearray.
+* ``{"\\x00bytes": "<hex>"}``: bytes; ``{"\\x00bytearray": "<hex>"}``: bytearray.
 * ``{"\\x00str": "<hex>"}``: a str holding lone surrogates (no UTF-8 form), as the hex of its
   ``surrogatepass`` UTF-8 encoding.
 * ``{"\\x00complex": [re, im]}``: a complex number.
-* ``{"\\x00set": [...]}``: set and frozenset, elements sorted by their encoded bytes.
+* ``{"\\x00tuple": [...]}``: a tuple (a list is a JSON array).
+* ``{"\\x00tuple_sub": ["module:qualname", [...]]}``: a namedtuple, or any other tuple subclass
+  without ``as_dict``, by its class path (``Point(1, 2) == (1, 2)`` in Python, but the type
+  differs and the job reads ``.x``); one defined inside a function cannot be named: unhashable.
+* ``{"\\x00set": [...]}``: a set; ``{"\\x00frozenset": [...]}``: a frozenset; elements sorted by
+  their encoded bytes. Python says ``{1} == frozenset({1})``, but the types differ (one is
+  mutable and hashable only as the other), so by the rule they differ.
+* ``{"\\x00npscalar": [dtype, value]}``: a numpy scalar (number, bool_, str_, bytes_) with its
+  little-endian dtype string (``"<f4"``, ``"|b1"``, ``"<U3"``) and its Python value canonicalized.
+* ``{"\\x00datetime": [wall time, utc offset, zone]}``: a ``datetime.datetime`` (exact type):
+  its naive ISO wall time, its UTC offset in microseconds (None when naive) and its zone:
+  None (naive), ``["timezone", tzname]`` (a fixed offset), ``["zoneinfo:ZoneInfo", key]``, or
+  ``[tzinfo class path, str(tzinfo)]`` (pytz, dateutil). ``{"\\x00time": [...]}`` likewise for
+  ``datetime.time``; ``{"\\x00date": "YYYY-MM-DD"}``; ``{"\\x00timedelta": [d, s, us]}``.
 * ``{"\\x00dict": [[key, value], ...]}``: a dict with at least one key that is not a str; pairs
   of canonical key and value, sorted by encoded bytes.
 * ``{"\\x00ndarray": [dtype, shape, digest]}``: a numpy array whose buffer is its value: the
@@ -48,39 +62,75 @@ Rules
   tested before ``int``.
 * ``-0.0`` is kept distinct from ``0.0`` (different bits; results such as ``atan2`` can differ).
   All NaNs are one value; infinities are tagged.
-* list and tuple have the **same** encoding, a JSON list. This is deliberate: jobflow/monty
-  serialisation turns tuples into lists, so a flow sent to a worker must still hit.
-* dict: key order is irrelevant (orjson sorts keys). A dict whose keys are all str is a JSON object;
+* list and tuple differ (a tuple is tagged); a namedtuple is tagged with its class.
+* dict: key order is irrelevant, as in ``==`` (orjson sorts keys: ``{"a": 1, "b": 2}`` and
+  ``{"b": 2, "a": 1}`` are one value). A dict whose keys are all str is a JSON object;
   any other dict is a tagged pair list, so ``{1: "a"}`` and ``{"1": "a"}`` differ. Note that JSON
   turns int keys into str keys, so such dicts miss (never falsely hit) after a JSON round trip.
-* set/frozenset: one tag for both (they compare equal in Python, like list and tuple).
+* set and frozenset differ (two tags), as do bytes and bytearray.
 * numpy: arrays hash their raw buffer once (byte order normalised to little-endian and all NaNs
-  normalised to one bit pattern, so the digest does not depend on the machine). Numpy scalars are
-  the equivalent Python scalar (``np.float64(1.0)`` is ``1.0``), which is also what monty writes.
-  The monty dict of an array (``{"@module": "numpy", "@class": "array", "dtype", "data"}``) is
-  decoded back to the array, so an array and its serialised dict have one digest.
+  normalised to one bit pattern, so the digest does not depend on the machine). Numpy scalars
+  keep their dtype: ``np.float32(1)``, ``np.float64(1)``, ``1.0``, ``np.int64(1)``, ``1``,
+  ``np.bool_(True)`` and ``True`` are seven values (monty writes numpy scalars as Python
+  scalars, see "Deliberate equivalences"). The monty dict of an array (``{"@module": "numpy",
+  "@class": "array", "dtype", "data"}``) is decoded back to the array, so an array and its
+  serialised dict have one digest.
+* datetime: the zone is part of the value. ``12:00 Europe/Paris``, ``12:00+01:00`` (a fixed
+  offset) and naive ``12:00`` differ although the first two are ``==``; the same instant in the
+  same zone is one value; ``date(2024, 1, 1)`` and ``datetime(2024, 1, 1)`` differ. monty's dict
+  of a datetime (``{"@module": "datetime", "@class": "datetime", "string"}``) is decoded as
+  monty's decoder does (``fromisoformat``: a fixed offset), then tagged.
 * Callables (functions, bound methods, builtins, classes) become monty's callable dict
   ``{"@module", "@callable", "@bound"}``; lambdas and functions or classes defined inside functions
   are unhashable (they cannot be named, so they cannot be told apart).
-* Enums, MSONable objects (anything with ``as_dict``), dataclasses, pydantic models, Path, datetime,
-  UUID, bson ObjectId, ...: ``MontyEncoder().default(obj)`` gives their dict form, which is then
-  canonicalized, so an object and ``json.loads(json.dumps(obj, cls=MontyEncoder))`` have the same
+* Enums, MSONable objects (anything with ``as_dict``), dataclasses, pydantic models, Path,
+  datetime subclasses (pandas Timestamp), UUID, bson ObjectId, ...: ``MontyEncoder().default(obj)``
+  gives their dict form, which is then canonicalized (as a JSON form, see "Deliberate
+  equivalences"), so an object and ``json.loads(json.dumps(obj, cls=MontyEncoder))`` have the same
   digest. In a dict that has both ``"@module"`` and ``"@class"``, the ``"@version"`` key is dropped,
   so a library upgrade does not invalidate every entry.
-* Subclasses of dict, list, tuple, str, int and float that have no ``as_dict`` are their base value,
-  which is what JSON writes for them. Enum members are always encoded as enums (type-strict), even
-  ``str``/``int`` mixins; plain ``json.dumps`` collapses those to their value, so they miss (never
-  falsely hit) after such a round trip, while ``jsanitize`` keeps them.
+* Subclasses of dict, list, str, int and float that have no ``as_dict`` are their base value, which
+  is what JSON writes for them (tuple subclasses are tagged with their class, see above). Enum
+  members are always encoded as enums (type-strict), even ``str``/``int`` mixins; plain
+  ``json.dumps`` collapses those to their value, so they miss (never falsely hit) after such a round
+  trip, while ``jsanitize`` keeps them.
 * Anything else (open files, sockets, locks, generators, plain classes without ``as_dict``), and
   structures nested deeper than :data:`MAX_DEPTH` (e.g. self-referencing ones) raise
   :class:`~jobflow_cache.errors.UnhashableInputError` naming where the value sits, e.g.
   ``"structure.sites[3]"``.
 
-Deliberate equivalences (everything else is kept apart): list and tuple; set and frozenset; bytes
-and bytearray; a numpy scalar and its Python scalar; an array's memory layout, byte order and NaN
-bit patterns; an object (or array) and its monty dict; a JSON-type subclass and its base value; the
-``"@version"`` of a monty dict. The hook sees str values only (not dict keys, not the items of
-numpy string arrays; it does see the str objects in object arrays).
+Deliberate equivalences
+-----------------------
+Everything else is kept apart. Kept (``==`` values of different type, or values ``==`` cannot
+compare, that share a digest on purpose):
+
+* dict key order (``==`` ignores it too); set element order; a dict subclass (OrderedDict,
+  defaultdict), list, str, int or float subclass without ``as_dict`` and its base value (JSON
+  writes the base value; they are rare as job inputs);
+* an object (MSONable, dataclass, pydantic model, Enum, Path, ...) and its monty dict, an array
+  and its monty dict, a datetime and its monty dict as monty decodes it: jobflow sends a flow to
+  a FireWorks or jobflow-remote worker as monty JSON, and the objects must still hit there;
+* hence, inside an object's JSON form (what ``as_dict``, a dataclass's fields or a pydantic dump
+  give), values are hashed as monty's JSON holds them: tuples and namedtuples as lists, numpy
+  scalars as the Python scalars monty writes, datetimes with the fixed offset monty's decoder
+  gives back. An object is identified by its JSON form, which is all a worker receives (and
+  ``from_dict`` rebuilds it from): ``Settings(tags=("a",))`` and ``Settings(tags=["a"])`` are one
+  value, and a Maker with a tuple field hits on a worker. Values given directly as arguments,
+  or in lists, tuples, dicts and sets of them, keep every ``jfc2`` distinction;
+* the ``"@version"`` of a monty dict (a library upgrade must not invalidate every entry);
+* all NaNs (one value, as for the float NaN tag); an array's memory layout, byte order and NaN
+  bit patterns; a ``np.memmap`` and its array.
+
+Removed in ``jfc2`` (they shared a digest in ``jfc1``): list and tuple, set and frozenset, bytes
+and bytearray, a numpy scalar and its Python scalar, a namedtuple and its tuple, datetimes whose
+time zones differ in name only. JSON cannot hold them apart, so a flow's JSON round trip loses
+them: on a FireWorks/jobflow-remote worker the arguments come back from JSON (tuples as lists,
+numpy scalars as Python scalars, zones as fixed offsets) on *every* run, consistently, so a worker
+run still hits a previous worker run. A local run and a worker run of the same flow may miss each
+other where such values sit in the arguments: a miss, never a false hit.
+
+The hook sees str values only (not dict keys, not the items of numpy string arrays; it does see
+the str objects in object arrays and the value of a ``np.str_``).
 
 The call digest is the digest of ``["call", SCHEME, function, cache_version, [[name, sub_digest],
 ...]]`` with the pairs sorted by name, where each ``sub_digest`` is the digest of one argument's
@@ -89,15 +139,17 @@ canonical encoding.
 Accelerator
 -----------
 Most inputs are already canonical: exact str (with a UTF-8 form), finite float, int in the signed
-64-bit range, bool, None, and lists, tuples and str-keyed dicts of them. Their canonical tree is
-the value itself (a tuple encodes like a list), so walking them in Python, about 10x the cost of
-orjson's own encoding, buys nothing. The optional C extension ``jobflow_cache._speedups``
-(``_speedups.c``, built by ``setup.py`` with ``optional=True``) walks a value once, keeps every
-part that is already canonical as it is, drops the ``"@version"`` of monty dicts, and hands every
-other node (subclasses, enums, numpy, sets, NaN and infinities, big ints, lone surrogates, dicts
-with non-str or NUL-prefixed keys, monty numpy dicts, nesting beyond :data:`MAX_DEPTH`, str values
-the hook may replace) to the pure-Python rules above, whose result takes the node's place in a copy
-of its containers. The bytes hashed are therefore the same either way; the Python path is the
+64-bit range, bool, None, and lists, tuples and str-keyed dicts of them. Their canonical tree is the
+value itself (a tuple wrapped in its one-key tag dict), so walking them in Python, about 10x the
+cost of orjson's own encoding, buys nothing. The optional C extension ``jobflow_cache._speedups``
+(``_speedups.c``, built by ``setup.py`` with ``optional=True``) walks a value once, keeps every part
+that is already canonical as it is, wraps exact tuples in their tag, drops the ``"@version"`` of
+monty dicts, and hands every other node (subclasses, namedtuples, enums, numpy scalars and arrays,
+sets, datetimes, NaN and infinities, big ints, lone surrogates, dicts with non-str or NUL-prefixed
+keys, monty numpy and datetime dicts, nesting beyond :data:`MAX_DEPTH`, str values the hook may
+replace) to the pure-Python rules above, whose result takes the node's place in a copy of its
+containers. Inside an object's JSON form it walks tuples as lists and its fallback is the form's
+(``_canon_in_form``). The bytes hashed are therefore the same either way; the Python path is the
 reference, ``tests/test_speedups.py`` checks that both give identical encodings, errors and hook
 calls. Without a C compiler the package installs and runs without the extension; setting
 ``JOBFLOW_CACHE_SPEEDUPS=0`` (read at import) turns it off.
@@ -109,6 +161,7 @@ strings it may replace (an exact set and substrings), and only those reach it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import importlib
 import inspect
@@ -148,7 +201,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEME: str = "jfc1"
+SCHEME: str = "jfc2"
 """Identifier of the canonical encoding; recorded in every cache entry. Bump on any change."""
 
 MAX_DEPTH: int = 100
@@ -165,6 +218,15 @@ _T_BYTES = "\x00bytes"
 _T_STR = "\x00str"
 _T_COMPLEX = "\x00complex"
 _T_SET = "\x00set"
+_T_FROZENSET = "\x00frozenset"
+_T_TUPLE = "\x00tuple"
+_T_TUPLE_SUB = "\x00tuple_sub"
+_T_BYTEARRAY = "\x00bytearray"
+_T_NPSCALAR = "\x00npscalar"
+_T_DATETIME = "\x00datetime"
+_T_DATE = "\x00date"
+_T_TIME = "\x00time"
+_T_TIMEDELTA = "\x00timedelta"
 _T_DICT = "\x00dict"
 _T_NDARRAY = "\x00ndarray"
 _T_NDARRAY_ITEMS = "\x00ndarray_items"
@@ -293,7 +355,7 @@ def canonicalize(obj: Any, *, normalize_str: NormalizeStr | None = None, path: s
     Examples
     --------
     >>> canonicalize({"a": {3}, "b": (1, 2.0)})
-    {'a': {'\\x00set': [3]}, 'b': [1, 2.0]}
+    {'a': {'\\x00set': [3]}, 'b': {'\\x00tuple': [1, 2.0]}}
     >>> canonicalize(float("nan"))
     {'\\x00float': 'nan'}
     >>> canonicalize({1: "x"})
@@ -588,11 +650,39 @@ def _tree(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
     speedups = _speedups
     if speedups is None:
         return _canon(obj, hook, depth)
+    fallback, tuples = _canon, 1
+    if type(hook) is _InForm:  # an object's JSON form: tuples as lists, the fallback in form
+        hook, fallback, tuples = hook.hook, _canon_in_form, 0
     if hook is None:
-        return speedups.tree(obj, depth, MAX_DEPTH, _canon, None, None, None)
+        return speedups.tree(obj, depth, MAX_DEPTH, fallback, None, None, None, tuples)
     if type(hook) is Normalizer:
-        return speedups.tree(obj, depth, MAX_DEPTH, _canon, hook, hook.exact, hook.markers)
-    return speedups.tree(obj, depth, MAX_DEPTH, _canon, hook, None, None)
+        return speedups.tree(
+            obj, depth, MAX_DEPTH, fallback, hook, hook.exact, hook.markers, tuples
+        )
+    return speedups.tree(obj, depth, MAX_DEPTH, fallback, hook, None, None, tuples)
+
+
+class _InForm:
+    """The hook while canonicalizing an object's JSON form (see "Deliberate equivalences"):
+    there, values are what JSON holds (tuples as lists, numpy scalars as Python scalars,
+    datetimes with a fixed offset), so an object and its monty dict are one value."""
+
+    __slots__ = ("hook",)
+
+    def __init__(self, hook: NormalizeStr | None) -> None:
+        self.hook = hook
+
+    def __call__(self, value: str) -> tuple[str, Any] | None:
+        return None if self.hook is None else self.hook(value)
+
+
+def _canon_in_form(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
+    # The accelerator's fallback inside a JSON form: it passes the hook unwrapped.
+    return _canon(obj, _InForm(hook), depth)
+
+
+def _tuple_node(items: list[Any], hook: NormalizeStr | None) -> Any:
+    return items if type(hook) is _InForm else {_T_TUPLE: items}
 
 
 def _canon(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
@@ -606,8 +696,10 @@ def _canon(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
         return obj if _INT_MIN <= obj <= _INT_MAX else {_T_INT: hex(obj)}
     if obj is None or t is bool:
         return obj
-    if t is list or t is tuple:
+    if t is list:
         return _canon_seq(obj, hook, depth)
+    if t is tuple:
+        return _tuple_node(_canon_seq(obj, hook, depth), hook)
     if t is dict:
         return _canon_dict(obj, hook, depth)
     return _canon_other(obj, hook, depth)
@@ -679,8 +771,10 @@ def _canon_seq(seq: Sequence[Any], hook: NormalizeStr | None, depth: int) -> lis
                 append(item)  # leaves and common containers inlined: fewer calls per node
             elif t is str:
                 append(item if hook is None and item.isascii() else _canon_str(item, hook))
-            elif t is list or t is tuple:
+            elif t is list:
                 append(_canon_seq(item, hook, depth))
+            elif t is tuple:
+                append(_tuple_node(_canon_seq(item, hook, depth), hook))
             elif t is dict:
                 append(_canon_dict(item, hook, depth))
             else:
@@ -705,10 +799,15 @@ def _canon_dict(d: Mapping[Any, Any], hook: NormalizeStr | None, depth: int) -> 
     depth += 1
     cls, module = d.get("@class"), d.get("@module")
     # isinstance first: `==` of an array (or any odd object) with a str may raise
-    if isinstance(cls, str) and cls == "array" and isinstance(module, str) and module == "numpy":
-        array = _decode_numpy_dict(d)
-        if array is not None:
-            return _canon_ndarray(array, hook, depth)
+    if isinstance(cls, str) and isinstance(module, str):
+        if cls == "array" and module == "numpy":
+            array = _decode_numpy_dict(d)
+            if array is not None:
+                return _canon_ndarray(array, hook, depth)
+        elif cls == "datetime" and module == "datetime":
+            when = _decode_datetime_dict(d)
+            if when is not None:
+                return _canon_datetime(when)
     out: dict[str, Any] = {}
     str_keys = True
     key: Any = None
@@ -728,8 +827,10 @@ def _canon_dict(d: Mapping[Any, Any], hook: NormalizeStr | None, depth: int) -> 
                 or t is bool
             ):
                 canon = value  # leaves and common containers inlined: fewer calls per node
-            elif t is list or t is tuple:
+            elif t is list:
                 canon = _canon_seq(value, hook, depth)
+            elif t is tuple:
+                canon = _tuple_node(_canon_seq(value, hook, depth), hook)
             elif t is dict:
                 canon = _canon_dict(value, hook, depth)
             else:
@@ -761,7 +862,7 @@ def _canon_dict_pairs(d: Mapping[Any, Any], hook: NormalizeStr | None, depth: in
             raise
         pairs.append([canon_key, canon_value])
     if all(type(k) is str for k, _ in pairs):
-        # Every key is canonically a plain str (e.g. numpy str_ keys): the form of a str dict.
+        # Every key is canonically a plain str (e.g. str subclass keys): the form of a str dict.
         plain = {"\x00" + k if k[:1] == "\x00" else k: v for k, v in pairs}
         if len(plain) == len(pairs):
             return _drop_version(plain)
@@ -769,7 +870,9 @@ def _canon_dict_pairs(d: Mapping[Any, Any], hook: NormalizeStr | None, depth: in
     return {_T_DICT: pairs}
 
 
-def _canon_set(s: Iterable[Any], hook: NormalizeStr | None, depth: int) -> dict[str, Any]:
+def _canon_set(
+    s: Iterable[Any], hook: NormalizeStr | None, depth: int, tag: str = _T_SET
+) -> dict[str, Any]:
     if depth >= MAX_DEPTH:
         raise _too_deep()
     depth += 1
@@ -781,7 +884,7 @@ def _canon_set(s: Iterable[Any], hook: NormalizeStr | None, depth: int) -> dict[
             err.segments.append("{*}")
             raise
     items.sort(key=encode)
-    return {_T_SET: items}
+    return {tag: items}
 
 
 def _canon_other(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
@@ -798,10 +901,19 @@ def _canon_other(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
             return _canon_ndarray(obj, hook, depth)
         if isinstance(obj, np.generic):
             return _canon_numpy_scalar(obj, np, hook, depth)
-    if isinstance(obj, (set, frozenset)):
+    if isinstance(obj, frozenset):
+        return _canon_set(obj, hook, depth, _T_FROZENSET)
+    if isinstance(obj, set):
         return _canon_set(obj, hook, depth)
-    if isinstance(obj, (bytes, bytearray)):
-        return {_T_BYTES: bytes(obj).hex()}
+    if isinstance(obj, bytearray):
+        return {_T_BYTEARRAY: obj.hex()}
+    if isinstance(obj, bytes):
+        return {_T_BYTES: obj.hex()}
+    encode_time = _TIME_TYPES.get(type(obj))  # exact types: subclasses (pandas) go to monty
+    if encode_time is not None:
+        if type(hook) is _InForm and type(obj) is datetime.datetime:
+            obj = _as_monty_decodes(obj)
+        return encode_time(obj)
     if isinstance(obj, functools.partial):
         return _canon_partial(obj, hook, depth)
     if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
@@ -819,7 +931,12 @@ def _canon_other(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
         return {_T_COMPLEX: [_canon(obj.real, None, depth), _canon(obj.imag, None, depth)]}
     if isinstance(obj, Mapping):
         return _canon_dict(obj if isinstance(obj, dict) else dict(obj), hook, depth)
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, tuple):  # a namedtuple, or another tuple subclass: its class matters
+        if type(hook) is _InForm:
+            return _canon_seq(obj, hook, depth)
+        module, qualname = _qualified_name(type(obj))
+        return {_T_TUPLE_SUB: [f"{module}:{qualname}", _canon_seq(obj, hook, depth)]}
+    if isinstance(obj, list):
         return _canon_seq(obj, hook, depth)
     return _canon_via_monty(obj, hook, depth)
 
@@ -843,7 +960,7 @@ def _canon_via_monty(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
         ) from err
     if form is obj:
         raise _UnhashableError(f"{type(obj).__qualname__} object encodes to itself")
-    return _tree(form, hook, depth)
+    return _tree(form, hook if type(hook) is _InForm else _InForm(hook), depth)
 
 
 def _qualified_name(obj: Any) -> tuple[str, str]:
@@ -899,10 +1016,20 @@ def _canon_partial(obj: functools.partial[Any], hook: NormalizeStr | None, depth
 
 
 def _canon_numpy_scalar(obj: Any, np: Any, hook: NormalizeStr | None, depth: int) -> Any:
-    if isinstance(obj, (np.number, np.bool_, np.str_, np.bytes_)):
+    # The dtype is kept: np.float32(x), np.float64(x) and float(x) differ (see the module doc).
+    value: Any = None
+    if isinstance(obj, np.str_):
+        value = str.__str__(obj)  # .item() would drop trailing NULs
+    elif isinstance(obj, np.bytes_):
+        value = bytes(obj)
+    elif isinstance(obj, (np.number, np.bool_)):
         value = obj.item()
-        if not isinstance(value, np.generic):  # long double stays a numpy scalar
+        if isinstance(value, np.generic):  # long double stays a numpy scalar
+            value = None
+    if value is not None:
+        if type(hook) is _InForm:  # in a JSON form: the Python scalar monty writes
             return _canon(value, hook, depth)
+        return {_T_NPSCALAR: [_dtype_key(obj.dtype), _canon(value, hook, depth)]}
     # datetime64, timedelta64, void, long double: as a 0-d array, which keeps the dtype.
     return _canon_ndarray(np.asarray(obj), hook, depth)
 
@@ -966,6 +1093,80 @@ def _canon_ndarray_subclass(arr: Any, np: Any, hook: NormalizeStr | None, depth:
     if isinstance(arr, np.ma.MaskedArray):
         mask = _canon_ndarray(np.ma.getmaskarray(arr), hook, depth)
     return {_T_NDARRAY_SUB: [f"{cls.__module__}:{cls.__qualname__}", base, mask]}
+
+
+# --------------------------------------------------------------------------------------------------
+# datetime, date, time, timedelta (exact types)
+# --------------------------------------------------------------------------------------------------
+
+
+def _tz_key(tz: Any) -> Any:
+    # Which time zone, by name: Europe/Paris (zoneinfo), a fixed offset (timezone) and a naive
+    # value (None) differ even where their offsets agree.
+    if tz is None:
+        return None
+    if type(tz) is datetime.timezone:
+        return ["timezone", tz.tzname(None)]
+    cls = type(tz)
+    key = getattr(tz, "key", None) if cls.__module__ == "zoneinfo" else None
+    name = key if isinstance(key, str) else str(tz)  # pytz, dateutil: their str names the zone
+    return [f"{cls.__module__}:{cls.__qualname__}", name]
+
+
+def _offset(delta: datetime.timedelta | None) -> int | None:
+    return None if delta is None else delta // datetime.timedelta(microseconds=1)
+
+
+def _canon_datetime(obj: datetime.datetime) -> dict[str, Any]:
+    # The wall time, its UTC offset and the zone: the same instant in the same zone is one value
+    # (fold only matters where it changes the offset, which is then part of the node).
+    try:
+        offset = _offset(obj.utcoffset())
+        zone = _tz_key(obj.tzinfo)
+    except Exception as err:
+        raise _UnhashableError(f"datetime with an unusable tzinfo {obj.tzinfo!r}: {err}") from err
+    wall = obj.replace(tzinfo=None, fold=0).isoformat()
+    return {_T_DATETIME: [wall, offset, zone]}
+
+
+def _canon_time(obj: datetime.time) -> dict[str, Any]:
+    try:
+        offset = _offset(obj.utcoffset())
+        zone = _tz_key(obj.tzinfo)
+    except Exception as err:
+        raise _UnhashableError(f"time with an unusable tzinfo {obj.tzinfo!r}: {err}") from err
+    return {_T_TIME: [obj.replace(tzinfo=None, fold=0).isoformat(), offset, zone]}
+
+
+_TIME_TYPES: dict[type, Callable[[Any], Any]] = {
+    datetime.datetime: _canon_datetime,
+    datetime.date: lambda obj: {_T_DATE: obj.isoformat()},
+    datetime.time: _canon_time,
+    datetime.timedelta: lambda obj: {_T_TIMEDELTA: [obj.days, obj.seconds, obj.microseconds]},
+}
+
+
+def _as_monty_decodes(obj: datetime.datetime) -> datetime.datetime:
+    """The datetime monty's decoder makes of monty's dict of ``obj`` (a fixed-offset zone)."""
+    back = _decode_datetime_dict({"@module": "datetime", "@class": "datetime", "string": str(obj)})
+    return obj if back is None else back
+
+
+def _decode_datetime_dict(d: Mapping[Any, Any]) -> datetime.datetime | None:
+    """The datetime of monty's ``{"@module": "datetime", "@class": "datetime"}`` dict, or None.
+
+    As monty's decoder reads it (``fromisoformat``; its legacy fallback is not followed): a
+    datetime and its monty dict are one value, the dict's zone being a fixed offset.
+    """
+    if set(d).difference(("@version",)) != {"@module", "@class", "string"}:
+        return None
+    text = d["string"]
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 def _decode_numpy_dict(d: Mapping[Any, Any]) -> Any:
