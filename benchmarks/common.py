@@ -113,7 +113,7 @@ def spawn_worker(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("JOBFLOW_CACHE_")}
     full_env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        JOBFLOW_CACHE_CONFIG_FILE=str(cwd / "no-jobflow-cache-config.yaml"),
+        JOBFLOW_CACHE_CONFIG_FILE=os.devnull,
         PYTHONHASHSEED="0",
         **(env or {}),
     )

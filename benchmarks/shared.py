@@ -174,7 +174,7 @@ def _spawn(folder: Path, task: dict[str, Any], env: dict[str, str]) -> subproces
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("JOBFLOW_CACHE_")}
     full_env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        JOBFLOW_CACHE_CONFIG_FILE=str(folder / "no-config.yaml"),
+        JOBFLOW_CACHE_CONFIG_FILE=os.devnull,
         **env,
     )
     return subprocess.Popen(

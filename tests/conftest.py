@@ -27,7 +27,10 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(cwd)
     cache_dir = tmp_path / "jfc-cache"
     monkeypatch.setenv("JOBFLOW_CACHE_DIR", str(cache_dir))
-    monkeypatch.setenv("JOBFLOW_CACHE_CONFIG_FILE", str(tmp_path / "no-config.yaml"))
+    # an empty settings file: never the user's ~/.jobflow-cache.yaml (a named file must exist)
+    config = tmp_path / "no-config.yaml"
+    config.touch()
+    monkeypatch.setenv("JOBFLOW_CACHE_CONFIG_FILE", str(config))
     monkeypatch.delenv("JFC_FAIL", raising=False)
     return cache_dir
 

@@ -1,9 +1,12 @@
 """``cachetool``: inspect, purge, verify and explain the jobflow-cache store from the command line.
 
 Every command works on the configured cache store (``JOBFLOW_CACHE_*`` settings: the embedded
-SQLite store by default) or on the one given with ``--store``. ``--json`` prints only JSON on
-stdout; progress and messages go to stderr. Errors are one line on stderr with exit status 1
-(usage errors: 2); ``--debug`` shows tracebacks.
+SQLite store by default) or on the one given with ``--store`` (before or after the command).
+Tables are fitted to the terminal (``COLUMNS``), coloured on a terminal only (never with
+``NO_COLOR``), and show times relative to now; ``--json`` prints only JSON on stdout, with
+absolute times. Progress and messages go to stderr. Errors are one line on stderr with exit
+status 1 (usage errors: 2); ``--debug`` shows tracebacks. No command creates a store: on a
+fresh machine they say that nothing is cached yet.
 """
 
 from __future__ import annotations
@@ -11,15 +14,27 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
+from maggma.core import Sort
+from maggma.stores import MemoryStore
 from monty.serialization import loadfn
 from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
 
 from jobflow_cache import __version__
 from jobflow_cache.codec import UUID_RE
@@ -37,17 +52,19 @@ from jobflow_cache.explain import (
 )
 from jobflow_cache.files import ObjectArea
 from jobflow_cache.maintenance import (
+    ROW_FIELDS,
     SORT_FIELDS,
+    EntryRow,
     Filters,
-    iter_rows,
     parse_age,
     resolve_prefix,
     short_digest,
     stats,
 )
 from jobflow_cache.purge import GCReport, collect_garbage, purge
-from jobflow_cache.settings import get_settings
-from jobflow_cache.store import CacheStore, Outcome, store_from_spec
+from jobflow_cache.settings import CacheSettings, get_settings, setting_sources
+from jobflow_cache.sqlite_store import SQLiteStore
+from jobflow_cache.store import CacheStore, Outcome
 from jobflow_cache.verify import Problem, ProblemKind, verify
 
 __all__ = ["cli", "main"]
@@ -55,80 +72,34 @@ __all__ = ["cli", "main"]
 logger = logging.getLogger(__name__)
 
 _PAGE = 200
-_OUTPUT_CHARS = 600
+_OUTPUT_LINES = 40
+#: Seconds a database server may take to answer before cachetool gives up on it.
+CONNECT_TIMEOUT = 3.0
 
 
-# --------------------------------------------------------------------------- plumbing
+# --------------------------------------------------------------------------- output
 
 
-def _load_spec(text: str) -> Any:
-    """A store spec given on the command line: inline JSON (``{...}``) or a YAML/JSON file."""
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise StoreUnavailableError(f"malformed store spec (not JSON): {err}") from err
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise StoreUnavailableError(f"store spec file {path} does not exist")
-    try:
-        return loadfn(path)
-    except Exception as err:
-        raise StoreUnavailableError(f"malformed store spec file {path}: {err}") from err
+def _console(err: bool = False) -> Console:
+    """A rich console on the current stdout/stderr: width from the terminal or ``COLUMNS``
+    (80 when neither says), colour on a terminal only and never with ``NO_COLOR``."""
+    return Console(stderr=err, highlight=False, soft_wrap=False, emoji=False)
 
 
-class State:
-    """What the group's options set up: the cache store is opened on first use."""
-
-    def __init__(self, store: str | None, objects_dir: str | None, debug: bool) -> None:
-        self.spec = store
-        self.objects_dir = objects_dir
-        self.debug = debug
-        self._cache: CacheStore | None = None
-
-    def cache(self) -> CacheStore:
-        """The connected cache store (closed when the command ends)."""
-        if self._cache is None:
-            try:
-                settings = get_settings()
-            except (ValueError, ValidationError) as err:
-                raise CacheError(f"bad jobflow-cache settings: {_first_line(err)}") from err
-            if self.spec is None:
-                cache = CacheStore.from_settings(settings)
-            else:
-                cache = CacheStore(store_from_spec(_load_spec(self.spec)), settings.objects_dir())
-            if self.objects_dir is not None:
-                cache.objects_dir = str(Path(self.objects_dir).expanduser())
-            cache.connect()
-            click.get_current_context().call_on_close(cache.close)
-            self._cache = cache
-        return self._cache
+def _emit(out: Console, renderable: Any) -> None:
+    """Print ``renderable``; off a terminal without the padding rich leaves at line ends."""
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    text = "\n".join(line.rstrip() for line in captured.get().splitlines())
+    click.echo(text, err=out.stderr)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-class _Group(click.Group):
-    """A click group that turns cache and OS errors into one line on stderr (exit 1)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (CacheError, OSError) as err:
-            state = ctx.obj if isinstance(ctx.obj, State) else None
-            if state is not None and state.debug:
-                raise
-            raise click.ClickException(_first_line(err)) from err
-
-
-def _state() -> State:
-    return click.get_current_context().find_object(State) or State(None, None, False)
-
-
-def _cache() -> CacheStore:
-    return _state().cache()
+def _note(text: str) -> None:
+    """A message on stderr (dim on a terminal)."""
+    _console(err=True).print(Text(text, style="dim"), soft_wrap=True)
 
 
 def _echo_json(data: Any) -> None:
@@ -146,10 +117,41 @@ def _aware(value: datetime) -> datetime:
 
 
 def _when(value: Any) -> str:
-    """Local time, to the minute (``-`` for never)."""
+    """Absolute local time, to the second (``-`` for never)."""
     if not isinstance(value, datetime):
         return "-"
-    return _aware(value).astimezone().strftime("%Y-%m-%d %H:%M")
+    return _aware(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(value: Any, now: datetime | None = None) -> str:
+    """Time relative to now: ``just now``, ``12 min ago``, ``3 h ago``, ``5 d ago``; a date
+    after 60 days (``-`` for never).
+
+    Examples
+    --------
+    >>> from datetime import timedelta
+    >>> now = datetime(2026, 1, 31, 12, tzinfo=timezone.utc)
+    >>> [_ago(now - timedelta(seconds=s), now) for s in (5, 600, 3 * 3600, 5 * 86400)]
+    ['just now', '10 min ago', '3 h ago', '5 d ago']
+    """
+    if not isinstance(value, datetime):
+        return "-"
+    now = now or datetime.now(timezone.utc)
+    seconds = (now - _aware(value)).total_seconds()
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h ago"
+    if seconds < 60 * 86400:
+        return f"{int(seconds // 86400)} d ago"
+    return _aware(value).astimezone().strftime("%Y-%m-%d")
+
+
+def _when_ago(value: Any) -> str:
+    """``2026-01-31 12:00:00 (3 h ago)``."""
+    return "-" if not isinstance(value, datetime) else f"{_when(value)} ({_ago(value)})"
 
 
 def _size(n: int | float) -> str:
@@ -171,16 +173,305 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _table(rows: list[list[str]], right: Iterable[int] = ()) -> Iterator[str]:
-    """Aligned columns; ``right`` are the indexes of right-aligned ones."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    right = set(right)
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: ``flex`` columns are shortened (with ``…``) before others are dropped."""
+
+    header: str
+    justify: str = "left"
+    flex: bool = False
+    min_width: int = 6
+
+
+_GAP = 2  # spaces between columns
+
+
+def _fit(columns: list[Column], rows: list[list[Text]], width: int) -> list[int | None]:
+    """Column widths that fit ``width``: flexible columns are shortened from the right, then
+    columns are dropped from the right (``None``) until the table fits."""
+    natural = [
+        max([len(col.header), *(row[i].cell_len for row in rows)]) for i, col in enumerate(columns)
+    ]
+    widths: list[int | None] = list(natural)
+
+    def total() -> int:
+        shown = [w for w in widths if w is not None]
+        return sum(shown) + _GAP * (len(shown) - 1)
+
+    for i in reversed(range(len(columns))):
+        excess = total() - width
+        if excess <= 0:
+            break
+        w = widths[i]
+        if columns[i].flex and w is not None:
+            widths[i] = max(min(columns[i].min_width, w), w - excess)
+    for i in reversed(range(1, len(columns))):
+        if total() <= width:
+            break
+        widths[i] = None
+    return widths
+
+
+def _table(
+    columns: list[Column],
+    rows: list[list[Text]],
+    widths: list[int | None] | None = None,
+    header: bool = True,
+) -> tuple[Table, list[int | None]]:
+    """A borderless table fitted to the console (see :func:`_fit`)."""
+    console = _console()
+    widths = widths or _fit(columns, rows, console.width)
+    table = Table(
+        box=None,
+        pad_edge=False,
+        show_edge=False,
+        padding=(0, _GAP // 2),
+        show_header=header,
+        header_style="bold",
+        expand=False,
+    )
+    for col, width in zip(columns, widths):
+        if width is not None:
+            table.add_column(
+                col.header,
+                justify=col.justify,  # type: ignore[arg-type]
+                width=width,
+                no_wrap=True,
+                overflow="ellipsis",
+            )
     for row in rows:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        yield "  ".join(cells).rstrip()
+        table.add_row(*(cell for cell, width in zip(row, widths) if width is not None))
+    return table, widths
+
+
+def _print_table(columns: list[Column], rows: list[list[Text]], out: Console | None = None) -> None:
+    table, widths = _table(columns, rows)
+    _emit(out or _console(), table)
+    dropped = [col.header for col, w in zip(columns, widths) if w is None]
+    if dropped:
+        _note(f"({', '.join(dropped)} left out to fit {_console().width} columns; see --columns)")
+
+
+# --------------------------------------------------------------------------- opening the store
+
+
+def _mongo_uri_spec(uri: str) -> dict[str, Any]:
+    database = urlsplit(uri).path.lstrip("/") or "jobflow_cache"
+    return {
+        "type": "MongoURIStore",
+        "uri": uri,
+        "database": database,
+        "collection_name": "entries",
+    }
+
+
+def _load_spec(text: str) -> Any:
+    """A store spec given on the command line: a ``mongodb://`` or ``postgresql://`` URI,
+    inline JSON (``{...}``), or a YAML/JSON file holding a spec or a settings file's
+    ``STORE:`` key."""
+    stripped = text.strip()
+    if stripped.startswith(("mongodb://", "mongodb+srv://")):
+        return _mongo_uri_spec(stripped)
+    if stripped.startswith(("postgresql://", "postgres://")):
+        return {"type": "PostgresStore", "uri": stripped}
+    if stripped.startswith("{"):
+        try:
+            return _unwrap(json.loads(stripped))
+        except json.JSONDecodeError as err:
+            raise StoreUnavailableError(f"malformed store spec (not JSON): {err}") from err
+    path = Path(stripped).expanduser()
+    if not path.is_file():
+        raise StoreUnavailableError(
+            f"store spec file {path} does not exist (--store takes a file, inline JSON, "
+            "or a mongodb:// or postgresql:// URI)"
+        )
+    try:
+        loaded = loadfn(path)
+    except Exception as err:
+        raise StoreUnavailableError(f"malformed store spec file {path}: {err}") from err
+    return _unwrap(loaded)
+
+
+def _unwrap(spec: Any) -> Any:
+    """The store spec of a settings file (``STORE:`` with the spec under it), else ``spec``."""
+    if isinstance(spec, dict) and "@class" not in spec and "type" not in spec:
+        for key, value in spec.items():
+            if str(key).upper() == "STORE":
+                return _load_spec(value) if isinstance(value, str) else value
+    return spec
+
+
+def _with_timeouts(spec: Any) -> Any:
+    """A spec whose database server is given up on after :data:`CONNECT_TIMEOUT`; a
+    ``SQLiteStore`` spec without a table names the embedded store's (``entries``)."""
+    if not isinstance(spec, dict):
+        return spec
+    spec = dict(spec)
+    kind = str(spec.get("type") or spec.get("@class") or "")
+    if kind in ("MongoStore", "MongoURIStore", "GridFSStore"):
+        kwargs = dict(spec.get("mongoclient_kwargs") or {})
+        ms = int(CONNECT_TIMEOUT * 1000)
+        kwargs.setdefault("serverSelectionTimeoutMS", ms)
+        kwargs.setdefault("connectTimeoutMS", ms)
+        spec["mongoclient_kwargs"] = kwargs
+    elif kind == "PostgresStore":
+        spec.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    elif kind == "SQLiteStore":
+        spec.setdefault("collection_name", "entries")
+    return spec
+
+
+def _sqlite_tables(path: str) -> dict[str, int] | None:
+    """Row counts of the document tables of an SQLite file (None if it is no database)."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            names = [
+                row[0]
+                for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                if not row[0].startswith(("sqlite_", "jobflow_cache_"))
+                and not row[0].endswith(("_claims", "_aliases"))
+            ]
+            return {
+                name: db.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0] for name in names
+            }
+    except sqlite3.Error:
+        return None
+
+
+def _unreachable(cache: CacheStore, err: BaseException) -> StoreUnavailableError:
+    """One line for a store that cannot be reached: the server, and what to check."""
+    store = cache.store
+    kind = type(store).__name__
+    if kind in ("MongoStore", "MongoURIStore"):
+        uri = getattr(store, "uri", None)
+        where = (
+            urlsplit(uri).netloc.rpartition("@")[2]
+            if uri
+            else f"{getattr(store, 'host', '?')}:{getattr(store, 'port', '?')}"
+        )
+        return StoreUnavailableError(
+            f"cannot reach MongoDB at {where} within {CONNECT_TIMEOUT:.0f} s: check that the "
+            "server runs and is reachable from here, and the host, port and credentials of "
+            "the store spec"
+        )
+    if kind == "PostgresStore":
+        parts = urlsplit(str(getattr(store, "uri", "")))
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+        reason = _first_line(err).rpartition(": ")[2]
+        return StoreUnavailableError(
+            f"cannot reach PostgreSQL at {where} ({reason}): check that the server runs and "
+            "is reachable from here, and the host, port, database and credentials of the URI"
+        )
+    return StoreUnavailableError(_first_line(err))
+
+
+class State:
+    """What the group's options set up: the cache store is opened on first use, never made."""
+
+    def __init__(self, store: str | None, objects_dir: str | None, debug: bool) -> None:
+        self.spec = store
+        self.objects_dir = objects_dir
+        self.debug = debug
+        self._cache: CacheStore | None = None
+        #: why the store shown is empty and not the one configured (None: it is that one)
+        self.missing: str | None = None
+        self.location = ""
+
+    def settings(self) -> CacheSettings:
+        return get_settings()
+
+    def cache(self) -> CacheStore:
+        """The connected cache store (closed when the command ends)."""
+        if self._cache is not None:
+            return self._cache
+        settings = self.settings()
+        spec = _load_spec(self.spec) if self.spec is not None else settings.STORE
+        if isinstance(spec, str):
+            spec = _load_spec(spec)
+        if spec:
+            settings = settings.model_copy(update={"STORE": _with_timeouts(spec)})
+        cache = CacheStore.from_settings(settings)
+        if self.objects_dir is not None:
+            cache.objects_dir = str(Path(self.objects_dir).expanduser())
+        self.location = cache.name
+        self.missing = self._missing_table(cache)
+        if self.missing is not None:  # nothing to read: an empty stand-in, nothing created
+            _note(self.missing)
+            cache = CacheStore(MemoryStore(collection_name="empty"), cache.objects_dir)
+        try:
+            cache.connect()
+        except StoreUnavailableError as err:
+            raise _unreachable(cache, err.__cause__ or err) from err
+        click.get_current_context().call_on_close(cache.close)
+        if self.missing is None and isinstance(cache.store, SQLiteStore):
+            self._say_if_empty(cache.store)
+        self._cache = cache
+        return cache
+
+    @staticmethod
+    def _missing_table(cache: CacheStore) -> str | None:
+        store = cache.store
+        if not isinstance(store, SQLiteStore):
+            return None
+        path = store._file
+        if not os.path.exists(path):
+            return f"No cache at {path} yet: nothing has been cached there."
+        tables = _sqlite_tables(path)
+        if tables is None or store.collection_name in tables:
+            return None
+        others = ", ".join(f"{n} ({_plural(c, 'row')})" for n, c in tables.items()) or "none"
+        return (
+            f"{path} has no table {store.collection_name!r}: nothing cached there "
+            f"(its tables: {others}; the embedded store's is 'entries')."
+        )
+
+    @staticmethod
+    def _say_if_empty(store: SQLiteStore) -> None:
+        tables = _sqlite_tables(store._file) or {}
+        if tables.get(store.collection_name) == 0:
+            others = {n: c for n, c in tables.items() if c and n != store.collection_name}
+            if others:
+                listed = ", ".join(f"{n} ({_plural(c, 'row')})" for n, c in others.items())
+                _note(
+                    f"Table {store.collection_name!r} of {store._file} is empty; "
+                    f"the file's other tables: {listed}."
+                )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+class _Group(click.Group):
+    """A click group that turns cache and OS errors into one line on stderr (exit 1), and
+    Ctrl-C into ``Interrupted`` (exit 130); a closed pipe (``| head``) ends it quietly."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        except (CacheError, OSError) as err:
+            state = ctx.obj if isinstance(ctx.obj, State) else None
+            if state is not None and state.debug:
+                raise
+            raise click.ClickException(_first_line(err)) from err
+
+
+def _state() -> State:
+    return click.get_current_context().find_object(State) or State(None, None, False)
+
+
+def _cache() -> CacheStore:
+    return _state().cache()
 
 
 class _When(click.ParamType):
@@ -224,12 +515,41 @@ class _Prefix(click.ParamType):
 
 PREFIX = _Prefix()
 
+_STORE_HELP = (
+    "Cache store: a YAML/JSON file (a maggma spec like jobflow's JOB_STORE, or a settings "
+    "file with STORE:), inline JSON, or a mongodb:// or postgresql:// URI. Default: "
+    "JOBFLOW_CACHE_STORE / the settings file / the embedded SQLite store."
+)
+
+
+def _set_store(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        state = ctx.find_object(State)
+        if state is not None:
+            state.spec = value
+
+
+def _common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--store`` after the command too (``cachetool ls --store X``)."""
+    return click.option(
+        "--store",
+        metavar="SPEC",
+        expose_value=False,
+        is_eager=True,
+        callback=_set_store,
+        help=_STORE_HELP,
+    )(func)
+
 
 def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The selection options shared by ls, purge, verify and stats."""
     options = [
-        click.option("--name", help="Job name, or a glob such as 'relax*'."),
-        click.option("--function", help="Function path module:qualname, or a glob."),
+        click.option("--name", help="Job name or Maker class, or a glob such as 'relax*'."),
+        click.option(
+            "--function",
+            help="Function path module:qualname or the Maker's class path, or a glob "
+            "('*EmtRelaxMaker*').",
+        ),
         click.option("--since", type=_When(), help="Created at or after (date or age: 7d)."),
         click.option("--before", type=_When(), help="Created before (date or age: 30d)."),
         click.option("--invalid", is_flag=True, help="Only entries marked invalid."),
@@ -239,15 +559,17 @@ def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _filters(
+def _criteria(
     name: str | None,
     function: str | None,
     since: datetime | None,
     before: datetime | None,
     invalid: bool,
     **more: Any,
-) -> Filters:
-    return Filters(
+) -> dict[str, Any]:
+    """The maggma criteria of the filter options: ``--name`` and ``--function`` also match
+    the class of the Maker the entry's job was made by (``maker``)."""
+    filters = Filters(
         name=name,
         function=function,
         since=since,
@@ -255,6 +577,22 @@ def _filters(
         invalid=True if invalid else None,
         **more,
     )
+    criteria = filters.criteria()
+    alternatives = []
+    for field, value in (("name", name), ("function", function)):
+        if value is not None:
+            condition = criteria.pop(field)
+            maker = value if ":" in value or "*" in value or "?" in value else f"*:{value}"
+            maker_condition = Filters(function=maker).criteria()["function"]
+            alternatives.append({"$or": [{field: condition}, {"maker": maker_condition}]})
+    if not alternatives:
+        return criteria
+    parts = ([criteria] if criteria else []) + alternatives
+    return parts[0] if len(parts) == 1 else {"$and": parts}
+
+
+def _any_filter(*values: Any) -> bool:
+    return any(v not in (None, False, ()) for v in values)
 
 
 def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -268,12 +606,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="cachetool")
-@click.option(
-    "--store",
-    metavar="SPEC",
-    help="Cache store: a YAML/JSON file or inline JSON maggma spec (like jobflow's JOB_STORE). "
-    "Default: JOBFLOW_CACHE_STORE / the settings file / the embedded SQLite store.",
-)
+@click.option("--store", metavar="SPEC", help=_STORE_HELP)
 @click.option(
     "--objects-dir",
     metavar="DIR",
@@ -293,7 +626,8 @@ def cli(ctx: click.Context, store: str | None, objects_dir: str | None, debug: b
       cachetool explain 3f2c1a9b
       cachetool purge --unused-for 90d --dry-run
       cachetool verify --fix
-      cachetool --store ~/.jobflow-cache-mongo.yaml stats
+      cachetool config
+      cachetool ls --store mongodb://db.example.org/jobflow_cache
     """
     ctx.obj = State(store, objects_dir, debug)
     if debug:
@@ -306,6 +640,7 @@ def cli(ctx: click.Context, store: str | None, objects_dir: str | None, debug: b
 
 
 @cli.command()
+@_common_options
 @_json_option
 def info(as_json: bool) -> None:
     """Where the cache lives and how many entries it holds.
@@ -315,41 +650,186 @@ def info(as_json: bool) -> None:
       cachetool info
       cachetool info --json
     """
-    cache = _cache()
+    state = _state()
+    cache = state.cache()
     data = {
-        "store": cache.name,
+        "store": state.location,
+        "exists": state.missing is None,
         "objects_dir": cache.objects_dir,
         "entries": cache.count(),
-        "disabled": get_settings().DISABLE,
+        "disabled": state.settings().DISABLE,
     }
     if as_json:
         _echo_json(data)
-    else:
-        for key, value in data.items():
-            click.echo(f"{key:12} {value}")
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    for key, value in data.items():
+        if key != "exists":
+            grid.add_row(key, escape(str(value)))
+    _emit(_console(), grid)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@cli.command()
+@_json_option
+def config(as_json: bool) -> None:
+    """Every setting, its value, and where it came from: the environment
+    (JOBFLOW_CACHE_<NAME>), the settings file, or the default.
+
+    \b
+    Examples:
+      cachetool config
+      cachetool config --json
+      JOBFLOW_CACHE_FILES=copy cachetool config
+    """
+    rows = setting_sources()
+    if as_json:
+        _echo_json(
+            [
+                {"name": r.name, "value": r.value, "source": r.source, "origin": r.origin}
+                for r in rows
+            ]
+        )
+        return
+    styles = {"environment": "cyan", "file": "magenta", "default": "dim"}
+    columns = [Column("NAME"), Column("VALUE", flex=True, min_width=12), Column("SOURCE")]
+    cells = [
+        [
+            Text(r.name, style="bold"),
+            Text(_setting_text(r.value)),
+            Text(
+                f"{r.source} ({r.origin})" if r.origin else r.source,
+                style=styles.get(r.source, ""),
+            ),
+        ]
+        for r in rows
+    ]
+    _print_table(columns, cells)
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)
 
 
 # --------------------------------------------------------------------------- ls
 
 
-def _row_cells(cache: CacheStore, row: Any) -> list[str]:
-    files = f"{row.files} ({_size(row.files_size)})" if row.files else "-"
-    return [
-        short_digest(cache, row.digest),
-        row.name,
-        row.function,
-        _when(row.created),
-        _when(row.last_hit),
-        str(row.hits),
-        files,
-        "yes" if row.valid else "NO",
-    ]
+@dataclass(frozen=True)
+class _Row:
+    row: EntryRow
+    maker: str | None
+    short: str
 
 
-_HEADER = ["DIGEST", "NAME", "FUNCTION", "CREATED", "LAST HIT", "HITS", "FILES", "VALID"]
+#: ``--columns`` names: header, and how each column shrinks
+LS_COLUMNS: dict[str, Column] = {
+    "digest": Column("DIGEST", min_width=8),
+    "name": Column("NAME", flex=True, min_width=8),
+    "function": Column("FUNCTION", flex=True, min_width=12),
+    "maker": Column("MAKER", flex=True, min_width=10),
+    "created": Column("CREATED"),
+    "last-hit": Column("LAST HIT"),
+    "hits": Column("HITS", justify="right"),
+    "files": Column("FILES", justify="right"),
+    "valid": Column("VALID"),
+    "reason": Column("INVALID REASON", flex=True, min_width=10),
+}
+DEFAULT_COLUMNS = ("digest", "name", "function", "created", "last-hit", "hits", "files", "valid")
+
+
+def _cells(item: _Row, columns: Iterable[str], now: datetime) -> list[Text]:
+    row = item.row
+    invalid = not row.valid
+    values: dict[str, Callable[[], Text]] = {
+        "digest": lambda: Text(item.short, style="yellow"),
+        "name": lambda: Text(row.name, style="bold"),
+        "function": lambda: Text(row.function),
+        "maker": lambda: Text(item.maker or "-"),
+        "created": lambda: Text(_ago(row.created, now)),
+        "last-hit": lambda: Text(_ago(row.last_hit, now), style="green" if row.hits else "dim"),
+        "hits": lambda: Text(str(row.hits), style="bold green" if row.hits else "dim"),
+        "files": lambda: Text(
+            f"{row.files} ({_size(row.files_size)})" if row.files else "-",
+            style="" if row.files else "dim",
+        ),
+        "valid": lambda: Text("yes", style="green") if row.valid else Text("NO", style="bold red"),
+        "reason": lambda: Text(row.invalid_reason or "-", style="red" if invalid else "dim"),
+    }
+    cells = [values[name]() for name in columns]
+    if invalid:
+        for cell in cells:
+            cell.stylize("red")
+    return cells
+
+
+def _rows(
+    cache: CacheStore, criteria: dict[str, Any], sort: str, reverse: bool, limit: int
+) -> Iterator[_Row]:
+    order: dict[str, Sort | int] = {SORT_FIELDS[sort]: 1 if reverse else -1}
+    docs = cache.find(criteria, properties=[*ROW_FIELDS, "maker"], sort=order, limit=limit)
+    for doc in docs:
+        row = EntryRow.from_document(doc)
+        maker = doc.get("maker")
+        yield _Row(row, maker if isinstance(maker, str) else None, short_digest(cache, row.digest))
+
+
+class _Columns(click.ParamType):
+    name = "COLUMNS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(n.strip().lower() for n in str(value).split(",") if n.strip())
+        unknown = [n for n in names if n not in LS_COLUMNS]
+        if unknown or not names:
+            self.fail(
+                f"unknown column(s) {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(LS_COLUMNS)}",
+                param,
+                ctx,
+            )
+        return names
+
+
+def _print_rows(rows: Iterable[_Row], columns: tuple[str, ...], out: Console) -> int:
+    """The rows as tables of up to :data:`_PAGE` rows, the widths of the first (streamed)."""
+    now = datetime.now(timezone.utc)
+    spec = [LS_COLUMNS[name] for name in columns]
+    shown = 0
+    widths: list[int | None] | None = None
+    page: list[list[Text]] = []
+
+    def flush(page: list[list[Text]]) -> None:
+        nonlocal widths
+        table, fitted = _table(spec, page, widths, header=widths is None)
+        if widths is None:
+            widths = fitted
+            dropped = [c.header for c, w in zip(spec, fitted) if w is None]
+        else:
+            dropped = []
+        _emit(out, table)
+        if dropped:
+            _note(f"({', '.join(dropped)} left out to fit {out.width} columns; see --columns)")
+
+    for item in rows:
+        page.append(_cells(item, columns, now))
+        shown += 1
+        if len(page) == _PAGE:
+            flush(page)
+            page = []
+    if page:
+        flush(page)
+    return shown
 
 
 @cli.command("ls")
+@_common_options
 @_filter_options
 @click.option(
     "--sort",
@@ -362,6 +842,14 @@ _HEADER = ["DIGEST", "NAME", "FUNCTION", "CREATED", "LAST HIT", "HITS", "FILES",
 @click.option(
     "--limit", "-n", default=50, show_default=True, help="Show at most this many (0: all)."
 )
+@click.option(
+    "--columns",
+    "-c",
+    type=_Columns(),
+    default=",".join(DEFAULT_COLUMNS),
+    show_default=True,
+    help=f"Columns to show, comma-separated: {', '.join(LS_COLUMNS)}.",
+)
 @_json_option
 def ls_command(
     name: str | None,
@@ -372,49 +860,42 @@ def ls_command(
     sort: str,
     reverse: bool,
     limit: int,
+    columns: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """List cache entries, newest first.
 
-    Columns: unique digest prefix, job name, function, created, last hit, hits, files (count
-    and size), valid.
+    The table is fitted to the terminal: long names and functions are shortened, and columns
+    that do not fit are left out (say which with --columns). Times are relative to now; --json
+    gives them in full (ISO 8601, UTC).
 
     \b
     Examples:
       cachetool ls
       cachetool ls --name 'relax*' --since 7d
-      cachetool ls --function atomate2.vasp.jobs.core:RelaxMaker.make --sort hits
+      cachetool ls --function '*EmtRelaxMaker*' --sort hits
+      cachetool ls --columns digest,name,maker,hits
       cachetool ls --invalid --json
     """
     cache = _cache()
-    criteria = _filters(name, function, since, before, invalid).criteria()
-    rows = iter_rows(cache, criteria, sort=sort, descending=not reverse, limit=limit)
+    criteria = _criteria(name, function, since, before, invalid)
+    rows = _rows(cache, criteria, sort, reverse, limit)
     if as_json:  # streamed: the same text as one json.dumps(indent=2) of the whole list
         opening = "["
-        for row in rows:
-            data = {**row.to_dict(), "short": short_digest(cache, row.digest)}
+        for item in rows:
+            data = {**item.row.to_dict(), "maker": item.maker, "short": item.short}
             text = json.dumps(data, indent=2, default=_json_default).replace("\n", "\n  ")
             click.echo(f"{opening}\n  {text}", nl=False)
             opening = ","
         click.echo("[]" if opening == "[" else "\n]")
         return
-    shown = 0
-    page: list[list[str]] = []
-    for row in rows:
-        page.append(_row_cells(cache, row))
-        shown += 1
-        if len(page) == _PAGE:
-            for line in _table([_HEADER, *page], right=[5]):
-                click.echo(line)
-            page = []
-    if page or not shown:
-        if not shown:
-            click.echo("No entries.", err=True)
-            return
-        for line in _table([_HEADER, *page], right=[5]):
-            click.echo(line)
+    shown = _print_rows(rows, columns, _console())
+    if not shown:
+        if _state().missing is None:
+            _note("No entries.")
+        return
     if limit and shown == limit:
-        click.echo(f"(first {limit} shown; --limit 0 shows all)", err=True)
+        _note(f"(first {limit} shown; --limit 0 shows all)")
 
 
 # --------------------------------------------------------------------------- show
@@ -442,57 +923,97 @@ def _objects(cache: CacheStore) -> ObjectArea:
     return ObjectArea(cache.objects_dir)
 
 
-def _argument_lines(entry: CacheEntry) -> list[str]:
-    canonical = entry.canonical_input
-    rows = []
-    for name in sorted(entry.arg_digests):
-        value = render(canonical[name], 70) if canonical and name in canonical else "(not kept)"
-        rows.append([f"  {name}", entry.arg_digests[name][:12], value])
-    return list(_table(rows)) if rows else ["  (no arguments)"]
+def _pretty(text: str) -> str:
+    """JSON text indented (other text as it is)."""
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except (ValueError, TypeError):
+        return text
 
 
-def _show_text(entry: CacheEntry, cache: CacheStore, full: bool) -> Iterator[str]:
-    yield f"digest         {entry.digest}"
-    yield f"name           {entry.name}"
-    yield f"function       {entry.function}"
-    yield f"status         {_status(entry, cache)}"
+def _show(entry: CacheEntry, cache: CacheStore, full: bool, maker: str | None) -> None:
+    out = _console()
+    status = _status(entry, cache)
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column(overflow="fold")
+    head.add_row("digest", Text(entry.digest, style="yellow"))
+    head.add_row("name", entry.name)
+    head.add_row("function", entry.function)
+    if maker:
+        head.add_row("maker", maker)
+    head.add_row("status", Text(status, style="green" if status == "served on a hit" else "red"))
     if not entry.valid:
-        yield f"invalid        {entry.invalid_reason}"
-    yield f"created        {_when(entry.created)}"
-    yield f"hits           {entry.hits} (last {_when(entry.last_hit)})"
+        head.add_row("invalid", Text(str(entry.invalid_reason), style="red"))
+    head.add_row("created", _when_ago(entry.created))
+    head.add_row("hits", f"{entry.hits} (last {_when_ago(entry.last_hit)})")
+    _emit(out, head)
+
     note = "" if entry.canonical_input is not None else " (canonical input over the size cap)"
-    yield f"inputs{note}:"
-    yield from _argument_lines(entry)
-    output = entry.output
-    cut = not full and len(output) > _OUTPUT_CHARS
-    yield f"output ({_size(len(output))}{', truncated; --full shows all' if cut else ''}):"
-    yield "  " + (output[:_OUTPUT_CHARS] + " ..." if cut else output)
+    inputs = Table(box=None, pad_edge=False, show_header=False, padding=(0, 1))
+    inputs.add_column(style="bold", no_wrap=True)
+    inputs.add_column(style="dim", no_wrap=True)
+    inputs.add_column(overflow="fold")
+    canonical = entry.canonical_input
+    for name in sorted(entry.arg_digests):
+        kept = canonical is not None and name in canonical
+        value = render(canonical[name], 10_000) if kept else "(not kept)"  # type: ignore[index]
+        inputs.add_row(name, entry.arg_digests[name][:12], value)
+    if not entry.arg_digests:
+        inputs.add_row("(no arguments)", "", "")
+    _emit(out, Panel(inputs, title=f"inputs{note}", title_align="left", expand=False))
+
+    text = _pretty(entry.output)
+    lines = text.splitlines()
+    cut = not full and len(lines) > _OUTPUT_LINES
+    if cut:
+        text = "\n".join(lines[:_OUTPUT_LINES])
+    title = f"output ({_size(len(entry.output))})"
+    subtitle = f"{len(lines) - _OUTPUT_LINES} more lines: --full shows all" if cut else None
+    body = Syntax(text, "json", word_wrap=True, theme="ansi_dark", background_color="default")
+    _emit(out, Panel(body, title=title, title_align="left", subtitle=subtitle, expand=False))
     if entry.response:
         kinds = ", ".join(sorted(json.loads(entry.response)))
-        yield f"response       {kinds}{' (dynamic: makes new jobs)' if entry.dynamic else ''}"
-    yield f"files          {len(entry.files)} ({_size(entry.files_size)})"
-    rows = [[f"  {f.path}", _size(f.size), f.xxh3[:12], oct(f.mode)] for f in entry.files]
-    if rows:
-        yield from _table(rows, right=[1])
+        dynamic = " (dynamic: makes new jobs)" if entry.dynamic else ""
+        _emit(out, Text.assemble(("response  ", "bold"), f"{kinds}{dynamic}"))
+
+    files = Table(box=None, pad_edge=False, show_header=False, padding=(0, 1))
+    files.add_column(overflow="fold")
+    files.add_column(justify="right", no_wrap=True)
+    files.add_column(style="dim", no_wrap=True)
+    files.add_column(style="dim", no_wrap=True)
+    for f in entry.files:
+        files.add_row(f.path, _size(f.size), f.xxh3[:12], oct(f.mode))
     for path, size in sorted(entry.files_skipped.items()):
-        yield f"  {path}  {_size(size)}  not kept (over MAX_FILE_SIZE)"
-    yield "provenance:"
-    yield f"  source job   {entry.source_uuid} (index {entry.source_index})"
-    yield f"  run folder   {entry.source_dir or '-'}"
-    yield f"  host         {entry.host}"
-    yield f"  python       {entry.python}"
-    yield f"  duration     {_duration(entry.duration)}"
-    yield f"  scheme       {entry.scheme}   cache version {entry.cache_version or '-'}"
-    yield "  versions     " + ", ".join(f"{k} {v}" for k, v in sorted(entry.versions.items()))
-    yield f"  checksum     {entry.checksum}"
+        files.add_row(path, _size(size), "not kept", "(over MAX_FILE_SIZE)")
+    if entry.files or entry.files_skipped:
+        title = f"files: {len(entry.files)} ({_size(entry.files_size)})"
+        _emit(out, Panel(files, title=title, title_align="left", expand=False))
+    else:
+        _emit(out, Text.assemble(("files  ", "bold"), "none"))
+
+    prov = Table.grid(padding=(0, 2))
+    prov.add_column(style="bold")
+    prov.add_column(overflow="fold")
+    prov.add_row("source job", f"{entry.source_uuid} (index {entry.source_index})")
+    prov.add_row("run folder", entry.source_dir or "-")
+    prov.add_row("host", entry.host)
+    prov.add_row("python", entry.python)
+    prov.add_row("duration", _duration(entry.duration))
+    prov.add_row("scheme", f"{entry.scheme}   cache version {entry.cache_version or '-'}")
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(entry.versions.items()))
+    prov.add_row("versions", versions or "-")
+    prov.add_row("checksum", entry.checksum)
+    _emit(out, Panel(prov, title="provenance", title_align="left", expand=False))
 
 
 @cli.command()
+@_common_options
 @click.argument("digest", type=PREFIX)
-@click.option("--full", is_flag=True, help="Do not truncate the output.")
+@click.option("--full", is_flag=True, help="Do not shorten the output.")
 @_json_option
 def show(digest: str, full: bool, as_json: bool) -> None:
-    """Show one entry in full: inputs, output, files and provenance.
+    """Show one entry in full: inputs, output (indented JSON), files and provenance.
 
     \b
     Examples:
@@ -502,6 +1023,7 @@ def show(digest: str, full: bool, as_json: bool) -> None:
     """
     cache = _cache()
     doc = _find_document(cache, digest)
+    maker = doc.get("maker") if isinstance(doc.get("maker"), str) else None
     try:
         entry = CacheEntry.from_document(doc)
     except (ValidationError, TypeError, ValueError) as err:
@@ -513,14 +1035,14 @@ def show(digest: str, full: bool, as_json: bool) -> None:
     if as_json:
         _echo_json({**entry.model_dump(mode="json"), "status": _status(entry, cache)})
         return
-    for line in _show_text(entry, cache, full):
-        click.echo(line)
+    _show(entry, cache, full, maker)
 
 
 # --------------------------------------------------------------------------- invalidate
 
 
 @cli.command()
+@_common_options
 @click.argument("digests", type=PREFIX, nargs=-1, required=True)
 @click.option("--reason", default="invalidated with cachetool", show_default=True)
 def invalidate(digests: tuple[str, ...], reason: str) -> None:
@@ -541,10 +1063,6 @@ def invalidate(digests: tuple[str, ...], reason: str) -> None:
 # --------------------------------------------------------------------------- purge and gc
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else plural or word + 's'}"
-
-
 def _objects_text(report: GCReport) -> str:
     """``2 file objects, 5.9 KiB`` (and what run folders still hold)."""
     total = report.bytes_freed + report.bytes_linked
@@ -555,6 +1073,7 @@ def _objects_text(report: GCReport) -> str:
 
 
 @cli.command("purge")
+@_common_options
 @_filter_options
 @click.option("--older-than", type=_Age(), help="Created longer ago than this (30d, 12h).")
 @click.option("--unused-for", type=_Age(), help="Not served for this long (never: since made).")
@@ -592,6 +1111,11 @@ def purge_command(
       cachetool purge --digest 3f2c1a9b
       cachetool purge --all --yes
     """
+    if not _any_filter(name, function, since, before, invalid, older_than, unused_for, prefixes):
+        if not everything:
+            raise click.UsageError("say which entries: give a filter (see --help) or --all")
+    elif everything:
+        raise click.UsageError("--all cannot be combined with filters")
     cache = _cache()
     now = datetime.now(timezone.utc)
     if older_than is not None:
@@ -599,25 +1123,20 @@ def purge_command(
         before = cutoff if before is None else min(_aware(before), cutoff)
     digests = tuple(resolve_prefix(cache, prefix) for prefix in prefixes)
     unused = now - unused_for if unused_for is not None else None
-    filters = _filters(name, function, since, before, invalid, unused_since=unused, digests=digests)
-    if not filters and not everything:
-        raise click.UsageError("say which entries: give a filter (see --help) or --all")
-    if filters and everything:
-        raise click.UsageError("--all cannot be combined with filters")
-    criteria = filters.criteria()
+    criteria = _criteria(
+        name, function, since, before, invalid, unused_since=unused, digests=digests
+    )
     matching = cache.count(criteria)
     if not matching:
         if as_json:
             _echo_json(purge(cache, criteria, dry_run=True).to_dict())
         else:
-            click.echo("No entries match.", err=True)
+            _note("No entries match.")
         return
-    out = functools.partial(click.echo, err=as_json)
-    rows = [_row_cells(cache, row) for row in iter_rows(cache, criteria, limit=10)]
-    for line in _table([_HEADER, *rows], right=[5]):
-        out(line)
-    if matching > len(rows):
-        out(f"... and {matching - len(rows)} more")
+    out = _console(err=as_json)
+    _print_rows(_rows(cache, criteria, "created", False, 10), DEFAULT_COLUMNS, out)
+    if matching > 10:
+        _emit(out, f"... and {matching - 10} more")
     if dry_run:
         report = purge(cache, criteria, dry_run=True, gc=not no_gc)
     else:
@@ -635,6 +1154,7 @@ def purge_command(
 
 
 @cli.command()
+@_common_options
 @click.option("--dry-run", is_flag=True, help="Count only; delete nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_json_option
@@ -664,6 +1184,7 @@ def gc(dry_run: bool, yes: bool, as_json: bool) -> None:
 
 
 @cli.command("verify")
+@_common_options
 @_filter_options
 @click.option("--limit", "-n", default=0, help="Check at most this many entries (0: all).")
 @click.option("--quick", is_flag=True, help="Compare file sizes only; do not re-hash files.")
@@ -683,9 +1204,10 @@ def verify_command(
     """Check entries: they decode, outputs decode, checksums match, the scheme is current,
     every manifest file exists with its recorded size and xxh3.
 
-    Exit status 0 only when everything checked is sound. --fix invalidates broken entries
-    (undecodable and outdated-scheme ones are removed) and deletes corrupt file objects.
-    Entries already marked invalid are not checked.
+    Exit status 0 when everything checked is sound, or when --fix fixed every problem; 1 when
+    a problem remains. --fix invalidates broken entries (undecodable and outdated-scheme ones
+    are removed) and deletes corrupt file objects. Entries already marked invalid are not
+    checked.
 
     \b
     Examples:
@@ -695,7 +1217,7 @@ def verify_command(
       cachetool verify --json
     """
     cache = _cache()
-    criteria = _filters(name, function, since, before, invalid).criteria()
+    criteria = _criteria(name, function, since, before, invalid)
     total = cache.count(criteria)
     total = min(total, limit) if limit else total
     with click.progressbar(
@@ -710,43 +1232,56 @@ def verify_command(
             on_entry=lambda: bar.update(1),
         )
     broken = {p.digest for p in problems if p.digest}
+    unfixed = [p for p in problems if not p.fixed]
     if as_json:
         _echo_json(
             {
                 "checked": total,
                 "sound": not problems,
+                "fixed": bool(problems) and not unfixed,
                 "broken_entries": len(broken),
                 "problems": [p.to_dict() for p in problems],
             }
         )
     else:
-        for line in _problem_lines(cache, problems):
-            click.echo(line)
-        verdict = "all sound"
-        if problems:
-            verdict = f"{_plural(len(problems), 'problem')} in "
-            verdict += _plural(len(broken), "entry", "entries") + (" (fixed)" if fix else "")
-        click.echo(f"Checked {_plural(total, 'entry', 'entries')}: {verdict}.")
-    if problems:
+        out = _console()
+        for line in _problem_lines(problems):
+            _emit(out, line)
+        checked = f"Checked {_plural(total, 'entry', 'entries')}: "
+        if not problems:
+            _emit(out, Text(checked + "all sound.", style="green"))
+        else:
+            found = f"{_plural(len(problems), 'problem')} in "
+            found += _plural(len(broken), "entry", "entries")
+            if fix and not unfixed:
+                _emit(out, Text(f"{checked}{found}, all fixed.", style="yellow"))
+            elif fix:
+                _emit(out, Text(f"{checked}{found}, {len(unfixed)} not fixed.", style="red"))
+            else:
+                _emit(out, Text(f"{checked}{found}.", style="red"))
+    if unfixed:
         click.get_current_context().exit(1)
 
 
-def _problem_lines(cache: CacheStore, problems: list[Problem]) -> Iterator[str]:
+def _problem_lines(problems: list[Problem]) -> Iterator[Text]:
     for kind in ProblemKind:
         found = [p for p in problems if p.kind is kind]
         if not found:
             continue
-        yield f"{kind.value} ({len(found)}):"
+        yield Text(f"{kind.value} ({len(found)}):", style="bold red")
         for p in found:
             who = p.digest[:12] if p.digest else "cache"
-            done = f"  [{p.fixed}]" if p.fixed else ""
-            yield f"  {who}  {p.message}{done}"
+            line = Text.assemble("  ", (who, "yellow"), f"  {p.message}")
+            if p.fixed:
+                line.append(f"  [{p.fixed}]", style="green")
+            yield line
 
 
 # --------------------------------------------------------------------------- stats
 
 
 @cli.command("stats")
+@_common_options
 @click.option("--top", default=10, show_default=True, help="Functions listed (0: all).")
 @_json_option
 def stats_command(top: int, as_json: bool) -> None:
@@ -761,21 +1296,30 @@ def stats_command(top: int, as_json: bool) -> None:
     if as_json:
         _echo_json(result.to_dict())
         return
-    click.echo(f"entries        {result.entries} ({result.invalid} invalid)")
-    click.echo(f"hits           {result.hits} ({_duration(result.time_saved)} of compute saved)")
-    click.echo(f"file bytes     {_size(result.files_bytes)} named by manifests")
-    click.echo(
-        f"object area    {result.objects} objects, {_size(result.objects_bytes)} "
-        f"(dedup ratio {result.dedup_ratio:.2f})"
+    out = _console()
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    invalid = Text(f" ({result.invalid} invalid)", style="red" if result.invalid else "")
+    grid.add_row("entries", Text.assemble(str(result.entries), invalid))
+    grid.add_row("hits", f"{result.hits} ({_duration(result.time_saved)} of compute saved)")
+    grid.add_row("file bytes", f"{_size(result.files_bytes)} named by manifests")
+    grid.add_row(
+        "object area",
+        f"{result.objects} objects, {_size(result.objects_bytes)} "
+        f"(dedup ratio {result.dedup_ratio:.2f})",
     )
-    click.echo(f"created        {_when(result.oldest)} .. {_when(result.newest)}")
+    created = "-" if result.oldest is None else f"{_ago(result.oldest)} .. {_ago(result.newest)}"
+    grid.add_row("created", created)
     functions = list(result.functions.items())
     shown = functions[:top] if top else functions
-    click.echo(f"functions      {len(functions)}" + (":" if shown else ""))
-    for line in _table([[f"  {n}", f] for f, n in shown], right=[0]):
-        click.echo(line)
+    grid.add_row("functions", str(len(functions)))
+    _emit(out, grid)
+    if shown:
+        columns = [Column("ENTRIES", justify="right"), Column("FUNCTION", flex=True)]
+        _print_table(columns, [[Text(str(n)), Text(f)] for f, n in shown], out)
     if len(shown) < len(functions):
-        click.echo(f"  ... {len(functions) - len(shown)} more (--top 0 lists all)")
+        _emit(out, f"... {len(functions) - len(shown)} more (--top 0 lists all)")
 
 
 # --------------------------------------------------------------------------- explain
@@ -790,7 +1334,7 @@ def _explain_lines(now: Inputs, comparisons: list[Comparison], ranked: int) -> I
     yield f"Nearest {count} of {ranked} other cached entries of {now.function} (cached -> now):"
     for number, comp in enumerate(comparisons, 1):
         yield ""
-        yield f"{number}. {(comp.digest or '?')[:12]}  {comp.name}  created {_when(comp.created)}"
+        yield f"{number}. {(comp.digest or '?')[:12]}  {comp.name}  created {_ago(comp.created)}"
         if comp.cache_version is not None:
             old, new = comp.cache_version
             yield f"   cache_version: {old!r} -> {new!r}"
@@ -818,6 +1362,7 @@ _DIFFS = 20
 
 
 @cli.command()
+@_common_options
 @click.argument("target", required=False)
 @click.option(
     "--job",
@@ -889,7 +1434,7 @@ def explain(
         doc = _find_document(cache, PREFIX.convert(target, None, None))
         now = Inputs.from_document(doc)
         short = str(doc["digest"])[:12]
-        lines.append(f"Entry {short}  {now.name}  {now.function}  created {_when(now.created)}")
+        lines.append(f"Entry {short}  {now.name}  {now.function}  created {_ago(now.created)}")
     exclude = frozenset({now.digest}) if now.digest else frozenset()
     comparisons, ranked = nearest(cache, now, exclude=exclude, count=count)
     _finish(as_json, lines, now, comparisons, ranked)
@@ -929,5 +1474,11 @@ def _finish(
 
 
 def main() -> None:
-    """Console-script entry point: errors are one line on stderr, exit status 1 (usage: 2)."""
-    cli.main(prog_name="cachetool")
+    """Console-script entry point: errors are one line on stderr, exit status 1 (usage: 2);
+    Ctrl-C exits with 130; a closed pipe (``cachetool ls | head -2``) ends it quietly."""
+    try:
+        cli.main(prog_name="cachetool")
+    except BrokenPipeError:  # as click does for EPIPE: no traceback, no further writes
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)

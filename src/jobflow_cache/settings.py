@@ -5,12 +5,23 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
-__all__ = ["DEFAULT_CONFIG_FILE", "CacheSettings", "default_cache_dir", "get_settings"]
+from jobflow_cache.errors import SettingsError
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "CacheSettings",
+    "SettingSource",
+    "default_cache_dir",
+    "get_settings",
+    "read_config_file",
+    "setting_sources",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +96,13 @@ class CacheSettings(BaseSettings):
         None, description="Folder of the content-addressed file objects (default DIR/objects)."
     )
     FILES: Literal["link", "copy", "none"] = Field(
-        "link",
-        description="How run-folder files are recorded and put back on a hit: hard 'link' "
-        "(falls back to copy across file systems), 'copy', or 'none' (files not cached).",
+        "copy",
+        description="How run-folder files are kept and put back on a hit: 'copy' (independent "
+        "copies, reflinks where the file system has them), 'link' (the same, but with "
+        "run_locally(create_folders=True) files of 64 MiB and more are served as read-only "
+        "hard links, never as root), or 'none' (files are not stored, only their digests: a "
+        "hit copies them from the recording run's folder while they are unchanged there, "
+        "else the job runs). Recording never changes the user's files.",
     )
     FILES_EXCLUDE: list[str] = Field(
         default_factory=lambda: list(DEFAULT_FILES_EXCLUDE),
@@ -95,7 +110,10 @@ class CacheSettings(BaseSettings):
         "defaults (managers' bookkeeping and batch-script files): repeat those you keep.",
     )
     MAX_FILE_SIZE: int = Field(
-        0, description="Files larger than this many bytes are not cached (0: no limit)."
+        0,
+        description="Files larger than this many bytes are not stored, only their digests: a "
+        "hit copies them from the recording run's folder while they are unchanged there, else "
+        "the job runs (0: no limit).",
     )
     MAX_CANONICAL_INPUT: int = Field(
         65_536,
@@ -127,8 +145,24 @@ class CacheSettings(BaseSettings):
         "(FireWorks, jobflow-remote). Run folders are then recorded in the store, so a worker in "
         "a fresh process recognises an upstream job's folder among a job's inputs (prev_dir).",
     )
+    DIGEST_ENV: list[str] | str = Field(
+        default_factory=list,
+        description="Names of environment variables whose values enter every job's digest "
+        "(a comma-separated list, e.g. OMP_NUM_THREADS,MY_CODE_MODE); a job adds its own with "
+        "@cached_job(env=[...]) or metadata['jobflow_cache']['env']. An unset variable differs "
+        "from an empty one.",
+    )
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    def __init__(self, **values: Any) -> None:
+        """Validate; a bad value is one :class:`.SettingsError` line naming its source."""
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise SettingsError(_describe(err, values)) from None
+        except PydanticSettingsError as err:  # a value the environment source cannot parse
+            raise SettingsError(_describe_source_error(err)) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -136,21 +170,8 @@ class CacheSettings(BaseSettings):
         """Use the YAML file's values as defaults under explicit values and the environment."""
         if not isinstance(values, dict):
             return values
-        path = values.get("CONFIG_FILE") or os.environ.get(
-            f"{ENV_PREFIX}CONFIG_FILE", DEFAULT_CONFIG_FILE
-        )
-        file = Path(str(path)).expanduser()
-        if not file.is_file() or file.stat().st_size == 0:
-            return values
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"cannot parse jobflow-cache config file {file}: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ValueError(f"jobflow-cache config file {file} must hold a mapping")
-        return {**{k.upper(): v for k, v in loaded.items()}, **values}
+        loaded = read_config_file(values.get("CONFIG_FILE"))
+        return {**loaded, **values}
 
     def store_path(self) -> Path:
         """Path of the embedded default store's SQLite file."""
@@ -183,3 +204,145 @@ def get_settings() -> CacheSettings:
 def cache_disabled() -> bool:
     """True when ``JOBFLOW_CACHE_DISABLE`` is set to a true value (read on every call)."""
     return os.environ.get(f"{ENV_PREFIX}DISABLE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# -- where each setting comes from, and errors that say it ----------------------------------------
+def config_file(explicit: Any = None) -> tuple[Path, bool]:
+    """The settings file, and whether it was named (``CONFIG_FILE`` given or in the environment)
+    rather than the default ``~/.jobflow-cache.yaml``."""
+    named = explicit or os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
+    return Path(str(named or DEFAULT_CONFIG_FILE)).expanduser(), bool(named)
+
+
+def read_config_file(explicit: Any = None) -> dict[str, Any]:
+    """The settings of the YAML file (keys upper-cased); ``{}`` when the default file does not
+    exist or is ``os.devnull``. A named file that does not exist, cannot be parsed or holds no
+    mapping is a :class:`.SettingsError`."""
+    file, named = config_file(explicit)
+    if str(file) == os.devnull:  # "no settings file"
+        return {}
+    if not file.is_file():
+        if named:
+            raise SettingsError(
+                f"{ENV_PREFIX}CONFIG_FILE names {file}, which does not exist "
+                f"(unset it to use {DEFAULT_CONFIG_FILE} if present)"
+            )
+        return {}
+    if file.stat().st_size == 0:
+        return {}
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SettingsError(
+            f"cannot parse jobflow-cache config file {file}{line}: {problem}"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise SettingsError(f"jobflow-cache config file {file} must hold a mapping (KEY: value)")
+    return {str(k).upper(): v for k, v in loaded.items()}
+
+
+def _environment() -> dict[str, str]:
+    """``JOBFLOW_CACHE_*`` variables by field name (pydantic-settings ignores their case)."""
+    return {
+        k[len(ENV_PREFIX) :].upper(): v
+        for k, v in os.environ.items()
+        if k.upper().startswith(ENV_PREFIX)
+    }
+
+
+_ALLOWED = {
+    "bool_parsing": "expected a boolean (1/0, true/false, yes/no, on/off)",
+    "bool_type": "expected a boolean (1/0, true/false, yes/no, on/off)",
+    "int_parsing": "expected a whole number",
+    "int_type": "expected a whole number",
+    "float_parsing": "expected a number",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+}
+
+
+def _where(field: str, values: dict[str, Any]) -> str:
+    """Where a field's value came from: ``JOBFLOW_CACHE_FILES='x'`` or ``FILES in <file>``."""
+    env = _environment()
+    if field in values:
+        return f"{field}={values[field]!r}"
+    if field in env:
+        return f"{ENV_PREFIX}{field}={env[field]!r}"
+    file, _ = config_file(values.get("CONFIG_FILE"))
+    try:
+        in_file = read_config_file(values.get("CONFIG_FILE"))
+    except SettingsError:
+        in_file = {}
+    if field in in_file:
+        return f"{field}: {in_file[field]!r} in {file}"
+    return field
+
+
+def _describe(err: ValidationError, values: dict[str, Any]) -> str:
+    """One line for every problem of a validation error."""
+    parts = []
+    for problem in err.errors(include_url=False):
+        ctx = problem.get("ctx") or {}
+        cause = ctx.get("error")
+        if isinstance(cause, SettingsError):  # raised by the config-file validator
+            parts.append(str(cause))
+            continue
+        loc = problem.get("loc") or ()
+        field = str(loc[0]) if loc else ""
+        kind = problem.get("type", "")
+        if kind == "literal_error":
+            allowed = f"allowed values: {ctx.get('expected')}"
+        elif kind in _ALLOWED:
+            allowed = _ALLOWED[kind]
+        else:
+            allowed = str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
+        where = _where(field, values) if field else "settings"
+        parts.append(f"bad jobflow-cache setting {where}: {allowed}")
+    return "; ".join(parts) or "bad jobflow-cache settings"
+
+
+def _describe_source_error(err: Exception) -> str:
+    text = str(err)
+    import re
+
+    found = re.search(r'field "(\w+)"', text)
+    if found:
+        field = found.group(1).upper()
+        value = _environment().get(field)
+        shown = f"={value!r}" if value is not None else ""
+        return f"bad jobflow-cache setting {ENV_PREFIX}{field}{shown}: not valid JSON"
+    return f"bad jobflow-cache settings: {text.splitlines()[0] if text else type(err).__name__}"
+
+
+class SettingSource(NamedTuple):
+    """One effective setting: its name, value, and where the value came from."""
+
+    name: str
+    value: Any
+    source: str  # "environment", "file" or "default"
+    origin: str  # the environment variable, the file, or "" for a default
+
+
+def setting_sources(settings: CacheSettings | None = None) -> list[SettingSource]:
+    """Every setting with its effective value and where it came from (environment first, then
+    the settings file, then the default), like ``verdi config list``."""
+    settings = settings or get_settings()
+    env = _environment()
+    file, _ = config_file()
+    in_file = read_config_file()
+    rows = []
+    for name in CacheSettings.model_fields:
+        value = getattr(settings, name)
+        if name in env:
+            source, origin = "environment", f"{ENV_PREFIX}{name}"
+        elif name in in_file:
+            source, origin = "file", str(file)
+        else:
+            source, origin = "default", ""
+        rows.append(SettingSource(name, value, source, origin))
+    return rows
