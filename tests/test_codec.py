@@ -6,7 +6,9 @@ import datetime
 import enum
 import json
 import math
+import sys
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -203,3 +205,196 @@ def test_loads_of_objects_is_monty_s_decode(value) -> None:
         expected = MontyDecoder().decode(variant)
         for got in (loads(variant), loads(variant, json.loads(variant))):  # parsed already
             assert repr(got) == repr(_untag(expected) if "@jfc" in variant else expected)
+
+
+# -- Python types survive: a hit hands back what a computed run returns ----------------------
+
+
+class Phase(str, enum.Enum):
+    SOLID = "solid"
+
+
+class Spin(enum.IntEnum):
+    UP = 1
+
+
+TYPED = [
+    np.float32(0.1),
+    np.float64(1 / 3),
+    np.float16(-0.0),
+    np.float32("nan"),
+    np.float64("-inf"),
+    np.int64(-(2**63)),
+    np.int32(7),
+    np.uint64(2**64 - 1),
+    np.uint8(255),
+    np.bool_(True),
+    np.bool_(False),
+    np.complex128(1 - 2j),
+    np.complex64(0.5j),
+    np.str_("ab\x00c"),
+    np.str_(""),
+    np.bytes_(b"a\x00"),
+    np.datetime64("2020-01-02T03:04", "m"),
+    np.timedelta64(5, "s"),
+    np.longdouble(1) / 3,
+    np.arange(4, dtype=np.float32).reshape(2, 2),
+    np.array([1, 2], dtype=np.int8),
+    np.array([True, False]),
+    np.array([1 + 2j], dtype=np.complex64),
+    np.array(2.5, dtype=np.float32),
+    Color.RED,
+    Phase.SOLID,
+    Spin.UP,
+    (1, "a", None),
+    (),
+    {1, "x"},
+    frozenset({2.5}),
+    {"k": (np.float32(1.5), [np.int64(2)])},
+    [Phase.SOLID, (Spin.UP,), {np.int64(1): "int key", Phase.SOLID: "str-mixin key"}],
+]
+
+
+def same_typed(a, b) -> bool:
+    """Same type (numpy dtype included) and value all the way down; NaN is NaN."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
+    if isinstance(a, np.generic):
+        if a.dtype != b.dtype:
+            return False
+        if isinstance(a, np.bytes_):
+            return bytes(a) == bytes(b)
+        if isinstance(a, np.floating) and np.isnan(a):
+            return bool(np.isnan(b))
+        return bool(a == b) and (not isinstance(a, np.floating) or np.signbit(a) == np.signbit(b))
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(
+            any(same_typed(ka, kb) and same_typed(va, b[kb]) for kb in b) for ka, va in a.items()
+        )
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_typed(x, y) for x, y in zip(a, b))
+    if isinstance(a, (set, frozenset)):
+        return len(a) == len(b) and all(any(same_typed(x, y) for y in b) for x in a)
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+@pytest.mark.parametrize("value", TYPED, ids=lambda v: type(v).__name__)
+def test_loads_of_dumps_keeps_type_and_value(value) -> None:
+    back = loads(dumps(value))
+    assert type(back) is type(value)
+    assert same_typed(back, value)
+    text = dumps(value)  # and from a parsed tree, as the stores hand it over
+    assert same_typed(loads(text, json.loads(text)), value)
+
+
+numpy_scalars = st.one_of(
+    st.floats(width=32).map(np.float32),
+    st.floats().map(np.float64),
+    st.integers(-(2**63), 2**63 - 1).map(np.int64),
+    st.integers(0, 2**64 - 1).map(np.uint64),
+    st.booleans().map(np.bool_),
+    st.text(max_size=3).map(np.str_),
+    st.sampled_from([Color.RED, Phase.SOLID, Spin.UP]),
+)
+typed_values = st.recursive(
+    st.one_of(scalars, numpy_scalars),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.tuples(inner, inner),
+        st.dictionaries(st.text(max_size=3), inner, max_size=3),
+        st.dictionaries(numpy_scalars.filter(lambda x: x == x), inner, max_size=3),
+        st.frozensets(numpy_scalars.filter(lambda x: x == x), max_size=3),
+    ),
+    max_leaves=10,
+)
+
+
+@given(typed_values)
+def test_round_trip_keeps_numpy_and_enum_types(value) -> None:
+    assert same_typed(loads(dumps(value)), value)
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        {"dtype": "O", "value": 1},  # object: could hold anything
+        {"dtype": "|V8", "hex": "00" * 8},  # void / structured
+        {"dtype": "i4,f8", "hex": "00" * 12},
+        {"dtype": "<f8", "value": "1.0"},  # a str for a float
+        {"dtype": "<i8", "value": 1.5},
+        {"dtype": "|b1", "value": 1},
+        {"dtype": "<i1", "value": 300},  # does not fit
+        {"dtype": "<f8", "hex": "00"},  # wrong length
+        {"dtype": "os.system", "value": 1},
+        {"dtype": ["<f8"], "value": 1.0},
+        {"dtype": "<f8"},
+    ],
+)
+def test_a_numpy_tag_only_ever_makes_a_numpy_scalar(tag) -> None:
+    before = set(sys.modules)
+    with pytest.raises(CorruptEntryError):
+        loads(json.dumps({"@jfc": "numpy", **tag}))
+    assert set(sys.modules) == before  # nothing imported
+
+
+E2E = """
+import json, sys
+import numpy as np
+from jobflow import Flow, JobStore
+from maggma.stores import MemoryStore
+from jobflow_cache import run_locally
+from tests import value_jobs as vj
+
+def describe(value):
+    if isinstance(value, np.ndarray):
+        return ["ndarray", str(value.dtype), value.tolist()]
+    if isinstance(value, np.generic):
+        return [type(value).__name__, str(value.dtype), repr(value)]
+    if isinstance(value, dict):
+        return ["dict", sorted([describe(k), describe(v)] for k, v in value.items())]
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, [describe(v) for v in value]]
+    if isinstance(value, (set, frozenset)):
+        return [type(value).__name__, sorted(describe(v) for v in value)]
+    return [type(value).__qualname__, repr(value)]
+
+typed = vj.typed_values(0.1)
+scalar = vj.scalar_f32(0.25)
+echo = vj.echo_types(typed.output)
+flow = Flow([typed, scalar, echo])
+responses = run_locally(flow, store=JobStore(MemoryStore()), log=False, ensure_success=True)
+out = {}
+for job in (typed, scalar, echo):
+    response = responses[job.uuid][1]
+    out[job.name] = describe(response.output)
+    out[job.name + ":is"] = [type(response.output).__name__]
+print(json.dumps(out))
+"""
+
+
+def test_hits_hand_back_the_types_of_a_computed_run(counts, tmp_path) -> None:
+    """Cold run, then a warm run (all hits) in fresh processes: the responses hold the same
+    Python types (np.float32, np.int64, arrays with their dtype, Enums, tuples)."""
+    from tests.conftest import run_python
+
+    work = tmp_path / "work"
+    work.mkdir()
+    cold = json.loads(run_python(E2E, cwd=work))
+    ran = counts()
+    assert ran == {"typed_values": 1, "scalar_f32": 1, "echo_types": 1}
+    warm = json.loads(run_python(E2E, cwd=work))
+    assert counts() == ran, "the warm run must be served entirely from the cache"
+    assert warm == cold
+    typed = dict((json.dumps(k), v) for k, v in cold["typed_values"][1])
+    assert typed[json.dumps(["str", "'f32'"])][:2] == ["float32", "float32"]
+    assert typed[json.dumps(["str", "'i64'"])][:2] == ["int64", "int64"]
+    assert typed[json.dumps(["str", "'array'"])][:2] == ["ndarray", "float32"]
+    assert typed[json.dumps(["str", "'phase'"])][0] == "Phase"
+    assert typed[json.dumps(["str", "'spin'"])][0] == "Spin"
+    assert typed[json.dumps(["str", "'pair'"])][0] == "tuple"
+    assert typed[json.dumps(["Spin", "<Spin.UP: 1>"])][0] == "str"
+    assert cold["scalar_f32"][:2] == ["float32", "float32"]

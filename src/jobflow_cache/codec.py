@@ -1,8 +1,10 @@
 """How a job's return value is kept in an entry, and how it is adapted when served to a new job.
 
 Values are JSON text written with monty's encoder (so MSON objects, datetimes, Enums and NaN are
-exact on every backend), plus tags for the Python containers JSON cannot hold (tuples, sets,
-dicts with non-str keys), so a served ``Response.output`` has the types a computed one has.
+exact on every backend), plus tags for what JSON cannot hold (tuples, sets, frozensets, dicts with
+non-str keys, numpy scalars with their dtype) and Enum members written as monty's dict even when
+they mix in str or int (JSON would write their bare value), so a served ``Response.output`` has
+the types a computed one has (numpy arrays keep their dtype through monty's own array dict).
 Serving rewrites, in the text, the job uuids and run-folder paths of the run that recorded the
 entry into those of the run it is served to.
 
@@ -24,6 +26,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping
+from enum import Enum
 from importlib import metadata
 from typing import Any, NamedTuple
 
@@ -51,6 +54,10 @@ logger = logging.getLogger(__name__)
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TAG = "@jfc"
 _CONTAINERS = {"tuple": tuple, "set": set, "frozenset": frozenset}
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+# numpy scalar kinds a tag may hold: bool, ints, floats, complex, bytes, str, datetime64 and
+# timedelta64 (never object "O" or structured "V": decoding a tag only ever makes such a scalar)
+_NUMPY_KINDS = frozenset("biufcSUmM")
 # stateless (the encoder keeps state only with allow_unserializable_objects): one of each for
 # all calls, as json.dumps(obj, cls=MontyEncoder, ...) would build; building one costs ~5-15 us
 _ENCODER = MontyEncoder(separators=(",", ":"), allow_nan=True)
@@ -67,7 +74,59 @@ def _tag(obj: Any) -> Any:
         return [_tag(v) for v in obj]
     if kind is tuple or kind is set or kind is frozenset:
         return {TAG: kind.__name__, "items": [_tag(v) for v in obj]}
-    return obj  # scalars and objects: monty's encoder
+    if kind in _PLAIN:
+        return obj
+    if isinstance(obj, Enum):  # JSON would write a str/int mixin as its bare value
+        return _ENCODER.default(obj)
+    np = sys.modules.get("numpy")  # a numpy scalar exists only if numpy is imported
+    if np is not None and isinstance(obj, np.generic) and obj.dtype.kind in _NUMPY_KINDS:
+        return _numpy_tag(obj)
+    return obj  # objects: monty's encoder
+
+
+def _numpy_tag(obj: Any) -> dict[str, Any]:
+    """A numpy scalar with its dtype: its Python value when JSON holds that exactly (bool, int,
+    float up to 64 bits, str), else its raw bytes (a bytes_ keeps its trailing NULs)."""
+    dtype = obj.dtype
+    if dtype.kind in "biu" or (dtype.kind == "f" and dtype.itemsize <= 8):
+        return {TAG: "numpy", "dtype": dtype.str, "value": obj.item()}
+    if dtype.kind == "U":
+        return {TAG: "numpy", "dtype": dtype.str, "value": str.__str__(obj)}
+    data = bytes(obj) if dtype.kind == "S" else obj.tobytes()
+    return {TAG: "numpy", "dtype": dtype.str, "hex": data.hex()}
+
+
+def _numpy_scalar(node: dict[str, Any]) -> Any:
+    """The numpy scalar of a :func:`_numpy_tag` node; ValueError for anything else (a tag only
+    ever makes a numpy scalar of a plain kind, and imports nothing but numpy)."""
+    np = sys.modules.get("numpy") or importlib.import_module("numpy")
+    spec = node["dtype"]
+    if not isinstance(spec, str) or len(spec) > 32:
+        raise ValueError(f"bad numpy dtype in a cached value: {spec!r}")
+    dtype = np.dtype(spec)
+    if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"numpy dtype {spec!r} is not a scalar kind a cached value may hold")
+    try:
+        if "hex" in node:
+            data = bytes.fromhex(node["hex"])
+            if len(data) != dtype.itemsize:
+                raise ValueError(f"{len(data)} bytes for numpy dtype {spec!r}")
+            # bytes_ from its bytes: an array item would drop trailing NULs
+            value = np.bytes_(data) if dtype.kind == "S" else np.frombuffer(data, dtype=dtype)[0]
+        else:
+            raw = node["value"]
+            kind = dtype.kind
+            expected = (
+                bool if kind == "b" else int if kind in "iu" else str if kind == "U" else float
+            )
+            if type(raw) is not expected and not (expected is float and type(raw) is int):
+                raise ValueError(f"a {type(raw).__name__} for numpy dtype {spec!r}")
+            value = dtype.type(raw)
+    except OverflowError as err:
+        raise ValueError(str(err)) from err
+    if not isinstance(value, np.generic):
+        raise ValueError(f"numpy dtype {spec!r} made no numpy scalar")
+    return value
 
 
 def _untag(obj: Any) -> Any:
@@ -77,6 +136,8 @@ def _untag(obj: Any) -> Any:
         kind = obj.get(TAG)
         if kind is None:
             return {k: _untag(v) for k, v in obj.items()}
+        if kind == "numpy":
+            return _numpy_scalar(obj)
         items = [_untag(v) for v in obj["items"]]
         if kind == "dict":
             return {_freeze(k): v for k, v in items}

@@ -1,0 +1,60 @@
+"""Jobs returning values whose Python types JSON does not keep (numpy scalars and arrays, Enums
+with str/int mixins, tuples; jobflow's JobStore refuses sets): a hit must hand back the types a
+computed run returns.
+
+At module level so they import by path in any process; each counts its real executions in
+``JFC_COUNTS_FILE`` (see tests/jobs.py).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+from jobflow import job
+
+from tests.jobs import executed
+
+
+class Phase(str, enum.Enum):
+    SOLID = "solid"
+
+
+class Spin(enum.IntEnum):
+    UP = 1
+
+
+class Shape(enum.Enum):
+    CUBE = "cube"
+
+
+@job
+def typed_values(x: float):
+    """Return one of each type JSON would not keep."""
+    executed("typed_values")
+    return {
+        "f32": np.float32(x),
+        "f64": np.float64(x),
+        "i64": np.int64(3),
+        "flag": np.bool_(True),
+        "array": np.arange(3, dtype=np.float32) * np.float32(x),
+        "phase": Phase.SOLID,
+        "spin": Spin.UP,
+        "shape": Shape.CUBE,
+        "pair": (1, np.int32(2)),
+        Spin.UP: "int-mixin key",
+    }
+
+
+@job
+def scalar_f32(x: float):
+    """Return a bare numpy scalar (the whole output is the scalar)."""
+    executed("scalar_f32")
+    return np.float32(x) * 2
+
+
+@job
+def echo_types(value):
+    """Report the types a downstream job receives."""
+    executed("echo_types")
+    return {key: type(item).__name__ for key, item in value.items() if isinstance(key, str)}
