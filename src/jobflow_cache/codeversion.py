@@ -1,0 +1,905 @@
+"""Which code is the user's, and the digest of the user code a job runs.
+
+What counts as user code
+------------------------
+Code is **user code** unless its file lies inside an installed distribution or the standard
+library. Concretely, a module is *installed* when its file (symlinks resolved) is under one of
+
+* the standard library and site folders of ``sysconfig`` (``stdlib``, ``platstdlib``,
+  ``purelib``, ``platlib``) and of :mod:`site` (``getsitepackages``, the user site), or
+* any ``sys.path`` entry named ``site-packages`` or ``dist-packages`` (virtual environments,
+  Debian's system packages, folders added with :func:`site.addsitedir`).
+
+Everything else is user code: the script (``__main__``, also without a file, as with
+``python -c`` or a notebook), modules beside it, modules found through other ``sys.path`` entries
+(a project's ``src/`` or ``tests/`` folder, ``PYTHONPATH``) and **editable installs**, whose
+files stay in their source tree (a PEP 660 finder, a ``.pth`` file naming the tree, or
+``direct_url.json`` with ``"editable": true``, see :func:`editable_distributions`). Modules with
+no file (built-in, frozen) are installed. jobflow-cache itself is never user code (it is the
+tool, not the job). The answer is memoised per module.
+
+What the code digest covers
+---------------------------
+For a job function of user code: its own source, and transitively the user-code functions,
+classes and module-level constants it references. The references are found in the compiled
+code: the global and attribute names of the function's code and of every code object nested in
+it (comprehensions, inner functions, lambdas), resolved against the function's globals, and
+attribute chains through user modules (``helpers.scale``); closure cells; default arguments;
+``__wrapped__``. A user class counts with its source, the references of its methods and every
+user-code class of its MRO. A module-level constant of user code counts by value
+(:func:`jobflow_cache.hashing.digest_value`); a referenced global whose value cannot be hashed
+counts as a marker with its name and type (and warns once), so it never fails a job. The rest of
+a file does not count: an edit elsewhere in the script leaves the digest as it was.
+
+Sources are compared as token streams without comments, blank lines and indentation widths, so
+an edit of a comment or of whitespace between tokens changes nothing. Code whose source cannot be
+read (``python -c``, ``exec``) counts by its compiled form (bytecode, names, constants, nested
+code), which also ignores comments but changes with the Python version: reading a source needs a
+file, and the compiled form is all there is otherwise.
+
+For a method, the class of the instance counts too (with its MRO's user classes): a ``Maker``
+subclass of a script that inherits ``make`` from atomate2 but overrides a helper counts with its
+own source. Installed code is never hashed (an upgrade of atomate2 must not wipe a cache): the
+top-level packages it comes from are recorded (:func:`JobCode.packages`), and
+:func:`version_differences` says when an entry was recorded under other versions.
+
+An explicit ``cache_version`` replaces the job function's own source (the user takes
+responsibility for it, like redun's ``version=``); the user code it references still counts.
+Digests are memoised per function object (and instance class): code is read once per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import logging
+import os
+import re
+import site
+import sys
+import sysconfig
+import tokenize
+import types
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
+from fractions import Fraction
+from importlib import metadata
+from pathlib import PurePath
+from typing import Any
+from uuid import UUID
+from warnings import warn
+
+from jobflow_cache.errors import CacheWarning
+from jobflow_cache.hashing import digest_bytes, digest_value
+
+__all__ = [
+    "JobCode",
+    "argument_code",
+    "cache_version_slot",
+    "code_differences",
+    "code_digest",
+    "current_versions",
+    "editable_distributions",
+    "env_names",
+    "env_part",
+    "installed_roots",
+    "is_user_file",
+    "is_user_module",
+    "instance_type",
+    "job_code",
+    "packages_of",
+    "version_differences",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Most objects (functions, classes, constants) one code digest visits; past it the digest holds
+#: a marker and the job is still cached (its own source always counts).
+MAX_OBJECTS = 5_000
+
+#: Parts of the cache_version slot, in this order; a user ``cache_version`` comes last, verbatim.
+_PARTS = ("code", "uses", "args", "env")
+_OWN_PACKAGE = "jobflow_cache"
+
+#: Names of the parts, for :func:`code_differences`.
+_PART_NAMES = {
+    "code": "the job function's own source",
+    "uses": "the user code it uses (functions, classes, module-level constants)",
+    "args": "the user code passed in its arguments (functions, classes)",
+    "env": "the environment variables added to the digest",
+}
+
+
+# --------------------------------------------------------------------------- user code or not
+
+
+@functools.cache
+def installed_roots() -> tuple[str, ...]:
+    """Folders whose modules are installed code (see the module docstring), real paths."""
+    roots: set[str] = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        with suppress(KeyError):
+            roots.add(sysconfig.get_paths()[key])
+    with suppress(AttributeError):
+        roots.update(site.getsitepackages())
+    with suppress(AttributeError):
+        roots.add(site.getusersitepackages())
+    for entry in sys.path:
+        if os.path.basename(entry.rstrip(os.sep)) in {"site-packages", "dist-packages"}:
+            roots.add(entry)
+    return tuple(sorted({os.path.realpath(r) for r in roots if r}))
+
+
+def _site_like_entries() -> tuple[str, ...]:
+    # sys.path entries added after the first call (site.addsitedir) are site folders too
+    return tuple(
+        os.path.realpath(entry)
+        for entry in sys.path
+        if os.path.basename(entry.rstrip(os.sep)) in {"site-packages", "dist-packages"}
+    )
+
+
+def is_user_file(path: str, roots: Iterable[str] | None = None) -> bool:
+    """True when a source file ``path`` is user code: not inside any of ``roots``.
+
+    ``roots`` defaults to :func:`installed_roots` and the ``site-packages`` entries of
+    ``sys.path``.
+
+    Examples
+    --------
+    >>> is_user_file("/venv/lib/python3.11/site-packages/pkg/mod.py", ["/venv/lib/python3.11"])
+    False
+    >>> is_user_file("/home/me/project/helpers.py", ["/venv/lib/python3.11"])
+    True
+    """
+    return _is_user_file(path, tuple(roots) if roots is not None else None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_user_file(path: str, roots: tuple[str, ...] | None) -> bool:
+    if roots is None:
+        roots = installed_roots() + _site_like_entries()
+    real = os.path.realpath(path)
+    for root in roots:
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return False
+    return True
+
+
+_USER_MODULES: dict[str, bool] = {}
+
+
+def is_user_module(name: str) -> bool:
+    """True when the imported module ``name`` is user code (see the module docstring).
+
+    ``__main__`` is user code without a file (``python -c``) or with a file outside the site
+    folders (a script; ``python -m pytest`` runs installed code); a module not imported, built
+    in or frozen is not. jobflow-cache itself is not.
+
+    Examples
+    --------
+    >>> is_user_module("json"), is_user_module("jobflow_cache.hashing")
+    (False, False)
+    """
+    known = _USER_MODULES.get(name)
+    if known is not None:
+        return known
+    module = sys.modules.get(name)
+    if module is None:
+        return False  # not memoised: it may be imported later
+    result = _module_is_user(name, module)
+    _USER_MODULES[name] = result
+    return result
+
+
+def _module_is_user(name: str, module: types.ModuleType) -> bool:
+    if name == _OWN_PACKAGE or name.startswith(_OWN_PACKAGE + "."):
+        return False
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str) or not file:
+        return name == "__main__"  # python -c, a REPL, a notebook kernel
+    return is_user_file(file)
+
+
+def editable_distributions() -> dict[str, str]:
+    """Installed distributions that are editable installs: ``{name: source folder or URL}``.
+
+    Read from ``direct_url.json`` (``"dir_info": {"editable": true}``, PEP 610), which pip and
+    uv write for ``pip install -e``. Their modules are user code because their files are outside
+    the site folders; this tells which distribution they belong to.
+    """
+    found: dict[str, str] = {}
+    for dist in metadata.distributions():
+        with suppress(Exception):
+            text = dist.read_text("direct_url.json")
+            if not text:
+                continue
+            info = json.loads(text)
+            if isinstance(info, dict) and (info.get("dir_info") or {}).get("editable"):
+                found[dist.metadata["Name"]] = str(info.get("url", ""))
+    return found
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _tokens(source: str) -> str:
+    """The token stream of ``source`` without comments, blank lines and indentation widths."""
+    out: list[str] = []
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING}
+    lines = source.splitlines(keepends=True)
+    if lines and lines[0][:1] in " \t":  # a method's source is indented
+        import textwrap
+
+        source = textwrap.dedent(source)
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type in skip:
+                continue
+            if tok.type in (tokenize.INDENT, tokenize.DEDENT):
+                out.append(tokenize.tok_name[tok.type])
+            else:
+                out.append(f"{tok.type}:{tok.string}")
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return "raw:" + source
+    return "\x1f".join(out)
+
+
+def _code_fingerprint(code: types.CodeType) -> str:
+    """Bytecode, names and constants of ``code`` (nested code objects included, addresses not)."""
+    consts = [
+        _code_fingerprint(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts
+    ]
+    return repr((code.co_code.hex(), code.co_names, code.co_varnames, code.co_freevars, consts))
+
+
+def _source_fingerprint(obj: Any) -> str:
+    """``source:<digest>`` of ``obj``'s token stream, or ``code:<digest>`` of its bytecode."""
+    import inspect
+
+    try:
+        source = inspect.getsource(obj)
+    except (OSError, TypeError, IndexError):
+        code = getattr(obj, "__code__", None)
+        if isinstance(code, types.CodeType):
+            return "code:" + digest_bytes(_code_fingerprint(code).encode())
+        if isinstance(obj, type):  # a class without source: its methods' compiled code
+            parts = [
+                f"{name}={_source_fingerprint(value)}"
+                for name, value in sorted(vars(obj).items())
+                if isinstance(value, types.FunctionType)
+            ]
+            return "class:" + digest_bytes(repr((obj.__qualname__, parts)).encode())
+        return "repr:" + digest_bytes(repr(obj).encode())
+    return "source:" + digest_bytes(_tokens(source).encode())
+
+
+# --------------------------------------------------------------------------- the walk
+
+_PLAIN_DATA = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bytearray,
+    tuple,
+    list,
+    dict,
+    set,
+    frozenset,
+    Enum,
+    PurePath,
+    datetime,
+    date,
+    time,
+    timedelta,
+    Decimal,
+    Fraction,
+    UUID,
+)
+_WARNED: set[str] = set()
+#: jobflow objects whose serialised form holds uuids made fresh in every process.
+_RANDOM_IDS = frozenset({"Job", "Flow", "OutputReference", "Response"})
+
+
+def _is_user_function(func: types.FunctionType) -> bool:
+    file = func.__code__.co_filename
+    if file and not file.startswith("<") and os.path.isabs(file):
+        if not is_user_file(file):
+            return False
+        module = func.__module__
+        return not (isinstance(module, str) and module.startswith(_OWN_PACKAGE + "."))
+    # exec'd code (dataclass __init__, python -c): the module it was made for decides
+    return isinstance(func.__module__, str) and is_user_module(func.__module__)
+
+
+def _is_user_class(cls: type) -> bool:
+    module = getattr(cls, "__module__", None)
+    return isinstance(module, str) and is_user_module(module)
+
+
+def _top(module: Any) -> str | None:
+    if not isinstance(module, str) or not module or module == "__main__":
+        return None
+    return module.split(".", 1)[0]
+
+
+class _Walk:
+    """One transitive walk from a set of roots; ``items`` maps labels to fingerprints."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, str] = {}
+        self.packages: set[str] = set()
+        self.seen: set[int] = set()
+        self.keep: list[Any] = []  # keeps ids valid during the walk
+        self.stack: list[tuple[Any, frozenset[str]]] = []
+        self.count = 0
+
+    def add(self, obj: Any, names: frozenset[str] = frozenset()) -> None:
+        self.stack.append((obj, names))
+
+    def run(self) -> None:
+        while self.stack:
+            obj, names = self.stack.pop()
+            key = id(obj)
+            if isinstance(obj, types.ModuleType):
+                key = hash((key, names))  # a module is resolved against each set of names
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            self.keep.append(obj)
+            self.count += 1
+            if self.count > MAX_OBJECTS:
+                self.items["!truncated"] = str(MAX_OBJECTS)
+                self.stack.clear()
+                return
+            self._visit(obj, names)
+
+    def _visit(self, obj: Any, names: frozenset[str]) -> None:
+        if isinstance(obj, types.FunctionType):
+            self._function(obj)
+        elif isinstance(obj, types.MethodType):
+            self.add(obj.__func__)
+            owner = obj.__self__
+            self.add(owner if isinstance(owner, type) else type(owner))
+        elif isinstance(obj, functools.partial):
+            self.add(obj.func)
+            for value in (*obj.args, *obj.keywords.values()):
+                self.add(value)
+        elif isinstance(obj, type):
+            self._class(obj)
+        elif isinstance(obj, (staticmethod, classmethod)):
+            self.add(obj.__func__)
+        elif isinstance(obj, property):
+            for part in (obj.fget, obj.fset, obj.fdel):
+                if part is not None:
+                    self.add(part)
+        elif isinstance(obj, types.ModuleType):
+            if is_user_module(obj.__name__):
+                for name in names:
+                    value = getattr(obj, name, _MISSING)
+                    if value is not _MISSING:
+                        self.add(value, names)
+            else:
+                top = _top(obj.__name__)
+                if top:
+                    self.packages.add(top)
+        elif isinstance(obj, (types.BuiltinFunctionType, types.WrapperDescriptorType)):
+            return
+        else:
+            cls = type(obj)
+            if _is_user_class(cls):
+                self.add(cls)
+            wrapped = getattr(obj, "__wrapped__", None)  # functools.wraps around a callable
+            if callable(wrapped):
+                self.add(wrapped)
+
+    def _function(self, func: types.FunctionType) -> None:
+        if not _is_user_function(func):
+            top = _top(func.__module__)
+            if top:
+                self.packages.add(top)
+            # a decorator of installed code around user code (jobflow's @job keeps the
+            # function as .original, functools.wraps as __wrapped__)
+            for attr in ("__wrapped__", "original"):
+                inner = getattr(func, attr, None)
+                if isinstance(inner, (types.FunctionType, types.MethodType)):
+                    self.add(inner)
+            return
+        label = f"def {func.__module__}:{func.__qualname__}"
+        self.items[label] = _source_fingerprint(func)
+        self._references(func)
+
+    def _references(self, func: types.FunctionType) -> None:
+        names = _code_names(func.__code__)
+        globs = func.__globals__
+        module_name = globs.get("__name__", func.__module__)
+        for name in names:
+            if name in globs:
+                self._global(module_name, name, globs[name], names)
+            else:
+                module = sys.modules.get(name)  # an import inside the function
+                if module is not None:
+                    self.add(module, names)
+        for cell in func.__closure__ or ():
+            with suppress(ValueError):  # an empty cell
+                self._global(
+                    module_name, f"<closure {func.__qualname__}>", cell.cell_contents, names
+                )
+        for value in func.__defaults__ or ():
+            self._value(f"{module_name}:{func.__qualname__}<default>", value)
+        for key, value in (func.__kwdefaults__ or {}).items():
+            self._value(f"{module_name}:{func.__qualname__}<default {key}>", value)
+        wrapped = getattr(func, "__wrapped__", None)
+        if wrapped is not None:
+            self.add(wrapped)
+
+    def _global(self, module: str, name: str, value: Any, names: frozenset[str]) -> None:
+        if isinstance(
+            value,
+            (
+                types.FunctionType,
+                types.MethodType,
+                type,
+                types.ModuleType,
+                functools.partial,
+                staticmethod,
+                classmethod,
+                property,
+            ),
+        ):
+            self.add(value, names)
+        elif isinstance(value, (types.BuiltinFunctionType, types.WrapperDescriptorType)):
+            return
+        elif is_user_module(module):
+            self._value(f"{module}:{name}", value)
+        else:
+            self.add(value)
+
+    def _value(self, label: str, value: Any) -> None:
+        """A constant of user code: its value (a default, a module-level global, a cell)."""
+        if callable(value) and not isinstance(value, type) and not hasattr(value, "as_dict"):
+            self.add(value)  # a callable object: its class (and a wrapped function)
+            return
+        if isinstance(value, (types.FunctionType, type, types.ModuleType, functools.partial)):
+            self.add(value)
+            return
+        cls = type(value)
+        if _is_user_class(cls):
+            self.add(cls)
+        if isinstance(value, logging.Logger):
+            return
+        if cls.__module__.startswith("jobflow.") and cls.__name__ in _RANDOM_IDS:
+            self.items[f"const {label}"] = f"object:{cls.__qualname__}"  # fresh uuids each run
+            return
+        try:
+            self.items[f"const {label}"] = digest_value(value)
+            return
+        except Exception as err:
+            error = err
+        # no JSON form: its repr without addresses (a compiled regex, a sentinel, a lock)
+        try:
+            text = _ADDRESS_RE.sub("", repr(value))
+        except Exception:
+            text = ""
+        self.items[f"const {label}"] = (
+            f"repr:{cls.__module__}.{cls.__qualname__}:{digest_bytes(text.encode())}"
+        )
+        if (text and not _is_user_class(cls)) or label in _WARNED:
+            return
+        _WARNED.add(label)
+        warn(
+            f"jobflow-cache: the value of {label} (a {cls.__qualname__}), used by a job's code, "
+            f"cannot be hashed ({error}); only its repr counts in the job's digest, so set "
+            "cache_version when it changes in another way",
+            CacheWarning,
+            stacklevel=2,
+        )
+
+    def _class(self, cls: type) -> None:
+        if not _is_user_class(cls):
+            top = _top(getattr(cls, "__module__", None))
+            if top:
+                self.packages.add(top)
+            return
+        self.items[f"class {cls.__module__}:{cls.__qualname__}"] = _source_fingerprint(cls)
+        for value in vars(cls).values():
+            if isinstance(
+                value, (types.FunctionType, staticmethod, classmethod, property, functools.partial)
+            ):
+                self.add(value)
+        for base in cls.__mro__[1:]:
+            self.add(base)
+
+    def digest(self) -> str | None:
+        if not self.items:
+            return None
+        return digest_bytes(repr(sorted(self.items.items())).encode())[:16]
+
+
+_MISSING = object()
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _code_names(code: types.CodeType) -> frozenset[str]:
+    names: set[str] = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return frozenset(names)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@dataclasses.dataclass(frozen=True)
+class JobCode:
+    """The code parts of a job's digest.
+
+    Attributes
+    ----------
+    own
+        Fingerprint of the job function's own source (None: installed code, or replaced by an
+        explicit ``cache_version``).
+    uses
+        Digest of the user code it references, and of the instance's user classes for a method
+        (None: none).
+    packages
+        Top-level packages of the installed code it comes from (the function's, its class's
+        MRO, referenced functions and classes).
+    """
+
+    own: str | None
+    uses: str | None
+    packages: tuple[str, ...] = ()
+
+
+_JOB_CODES: weakref.WeakKeyDictionary[Any, dict[Any, JobCode]] = weakref.WeakKeyDictionary()
+
+
+def job_code(
+    function: Callable[..., Any], instance_type: type | None = None, *, versioned: bool = False
+) -> JobCode:
+    """The code parts of a job calling ``function`` (for a method, on an ``instance_type``).
+
+    ``versioned``: the user set ``cache_version``, which replaces the function's own source.
+    Memoised per function object and instance class.
+    """
+    try:
+        memo = _JOB_CODES.get(function)
+    except TypeError:
+        memo = None
+    key = (instance_type, versioned)
+    if memo is not None and key in memo:
+        return memo[key]
+    result = _job_code(function, instance_type, versioned)
+    path = f"{getattr(function, '__module__', '')}:{getattr(function, '__qualname__', '')}"
+    _PACKAGES.setdefault(path, set()).update(result.packages)
+    with suppress(TypeError):
+        _JOB_CODES.setdefault(function, {})[key] = result
+    return result
+
+
+def _job_code(function: Any, instance_type: type | None, versioned: bool) -> JobCode:
+    func = function.__func__ if isinstance(function, types.MethodType) else function
+    own: str | None = None
+    walk = _Walk()
+    if isinstance(func, types.FunctionType):
+        if _is_user_function(func):
+            if not versioned:
+                own = _source_fingerprint(func)[:48]
+            walk._references(func)
+        else:
+            top = _top(func.__module__)
+            if top:
+                walk.packages.add(top)
+    else:
+        walk.add(func)
+    if instance_type is not None:
+        walk.add(instance_type)
+    walk.run()
+    own_digest = None if own is None else digest_bytes(own.encode())[:16]
+    return JobCode(own_digest, walk.digest(), tuple(sorted(walk.packages)))
+
+
+_CODE_DIGESTS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+
+
+def code_digest(obj: Any) -> str | None:
+    """Digest of the user code of a callable or class ``obj`` (with what it references).
+
+    None when ``obj`` is installed code (named by its path alone). Memoised per object.
+
+    Examples
+    --------
+    >>> import json
+    >>> code_digest(json.dumps) is None
+    True
+    """
+    try:
+        return _CODE_DIGESTS[obj]
+    except (KeyError, TypeError):
+        pass
+    walk = _Walk()
+    walk.add(obj)
+    walk.run()
+    result = walk.digest()
+    with suppress(TypeError):
+        _CODE_DIGESTS[obj] = result
+    return result
+
+
+_MODULE_RE = re.compile(rb'"@module":"((?:[^"\\]|\\.)*)"')
+_ARG_CODES: dict[str, tuple[str, ...]] = {}
+
+
+def argument_code(encodings: Mapping[str, bytes], arg_digests: Mapping[str, str]) -> str | None:
+    """Digest of the user code named in the canonical arguments, or None when there is none.
+
+    A function or class passed as an argument is hashed by its ``module:qualname`` (monty's
+    form), and so is the class of an MSONable object: ``__main__:f`` names another function in
+    every script. This finds those of user code in the encodings (memoised per argument digest)
+    and digests their code.
+    """
+    found: list[str] = []
+    for name, data in encodings.items():
+        key = arg_digests.get(name, "")
+        cached = _ARG_CODES.get(key)
+        if cached is None:
+            cached = _argument_code(data)
+            if len(_ARG_CODES) > 10_000:
+                _ARG_CODES.clear()
+            _ARG_CODES[key] = cached
+        found.extend(f"{name}/{part}" for part in cached)
+    if not found:
+        return None
+    return digest_bytes(repr(sorted(found)).encode())[:16]
+
+
+def _argument_code(data: bytes) -> tuple[str, ...]:
+    if b'"@module"' not in data:
+        return ()
+    modules = {m.decode() for m in _MODULE_RE.findall(data)}
+    if not any(is_user_module(m) for m in modules if "\\" not in m):
+        return ()
+    import orjson
+
+    named: set[tuple[str, str]] = set()
+    stack = [orjson.loads(data)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            module = node.get("@module")
+            qualname = node.get("@callable", node.get("@class"))
+            if isinstance(module, str) and isinstance(qualname, str) and is_user_module(module):
+                named.add((module, qualname))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    parts = []
+    for module, qualname in sorted(named):
+        obj: Any = sys.modules.get(module)
+        for attr in qualname.split("."):
+            obj = getattr(obj, attr, _MISSING)
+            if obj is _MISSING:
+                break
+        digest = None if obj is _MISSING else code_digest(obj)
+        parts.append(f"{module}:{qualname}={digest or 'unresolved'}")
+    return tuple(parts)
+
+
+def env_names(*sources: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Sorted unique environment variable names from lists or comma-separated strings.
+
+    Examples
+    --------
+    >>> env_names("OMP_NUM_THREADS, MKL_NUM_THREADS", ["OMP_NUM_THREADS"])
+    ('MKL_NUM_THREADS', 'OMP_NUM_THREADS')
+    """
+    names: set[str] = set()
+    for source in sources:
+        if not source:
+            continue
+        items = source.split(",") if isinstance(source, str) else source
+        names.update(str(item).strip() for item in items if str(item).strip())
+    return tuple(sorted(names))
+
+
+def env_part(names: tuple[str, ...]) -> str | None:
+    """``NAME,NAME:<digest of their values>`` (an unset variable differs from an empty one)."""
+    if not names:
+        return None
+    values = [[name, os.environ.get(name)] for name in names]
+    return ",".join(names) + ":" + digest_bytes(json.dumps(values).encode())[:16]
+
+
+def cache_version_slot(
+    version: str | None, code: JobCode, args: str | None = None, env: str | None = None
+) -> str | None:
+    """The string digested in the cache_version slot: the code parts, then the user's version.
+
+    Examples
+    --------
+    >>> cache_version_slot("2", JobCode(None, None))
+    '2'
+    >>> cache_version_slot(None, JobCode("ab", "cd"), env="X:ef")
+    'code:ab|uses:cd|env:X:ef'
+    """
+    parts = [
+        f"{key}:{value}"
+        for key, value in zip(_PARTS, (code.own, code.uses, args, env))
+        if value is not None
+    ]
+    if not parts:
+        return version
+    if version is not None:
+        parts.append(f"version:{version}")
+    return "|".join(parts)
+
+
+def _split_slot(slot: str | None) -> dict[str, str]:
+    if slot is None:
+        return {}
+    parts: dict[str, str] = {}
+    rest = slot
+    while rest:
+        key, sep, tail = rest.partition(":")
+        if key not in _PARTS or not sep:
+            parts["version"] = rest  # a plain user version
+            break
+        if key in parts:
+            break
+        value, _, rest = tail.partition("|")
+        parts[key] = value  # env's value is NAMES:digest
+        if rest.startswith("version:"):
+            parts["version"] = rest[len("version:") :]
+            break
+    return parts
+
+
+def code_differences(recorded: str | None, now: str | None) -> list[str]:
+    """What changed between two cache_version slots, in words (for ``explain``).
+
+    Examples
+    --------
+    >>> code_differences("code:aa|uses:bb", "code:aa|uses:cc")
+    ['the user code it uses (functions, classes, module-level constants) changed']
+    >>> code_differences("code:aa|version:1", "code:aa|version:2")
+    ["cache_version '1' -> '2'"]
+    """
+    if recorded == now:
+        return []
+    old, new = _split_slot(recorded), _split_slot(now)
+    notes = []
+    for key in _PARTS:
+        if old.get(key) == new.get(key):
+            continue
+        if key == "env":
+            old_names = old.get(key, "").rpartition(":")[0]
+            new_names = new.get(key, "").rpartition(":")[0]
+            if old_names != new_names:
+                notes.append(
+                    f"the environment variables in the digest changed: "
+                    f"{old_names or '(none)'} -> {new_names or '(none)'}"
+                )
+            else:
+                notes.append(f"the value of an environment variable changed ({new_names})")
+        elif key not in old:
+            notes.append(f"{_PART_NAMES[key]} counts now but did not when recorded")
+        elif key not in new:
+            notes.append(f"{_PART_NAMES[key]} counted when recorded but does not now")
+        else:
+            notes.append(f"{_PART_NAMES[key]} changed")
+    if old.get("version") != new.get("version"):
+        notes.append(f"cache_version {old.get('version')!r} -> {new.get('version')!r}")
+    return notes
+
+
+# --------------------------------------------------------------------------- versions
+
+
+@functools.cache
+def _distribution_names() -> Mapping[str, list[str]]:
+    try:
+        return metadata.packages_distributions()
+    except Exception:  # a broken distribution's metadata
+        return {}
+
+
+@functools.lru_cache(maxsize=1024)
+def _version_of(name: str) -> tuple[str, str] | None:
+    """``(distribution, version)`` of a top-level import name or distribution name."""
+    with suppress(metadata.PackageNotFoundError, ValueError):
+        return name, metadata.version(name)
+    for dist in _distribution_names().get(name, ()):
+        with suppress(metadata.PackageNotFoundError, ValueError):
+            return dist, metadata.version(dist)
+    return None
+
+
+def current_versions(names: Iterable[str]) -> dict[str, str]:
+    """Versions installed now of ``names`` (distributions or top-level packages; ``python``)."""
+    import platform
+
+    versions: dict[str, str] = {}
+    for name in names:
+        if name == "python":
+            versions[name] = platform.python_version()
+            continue
+        found = _version_of(name)
+        if found is not None:
+            versions[found[0]] = found[1]
+    return versions
+
+
+def version_differences(recorded: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
+    """The packages (and Python) whose version differs between an entry and now, in words.
+
+    Only names recorded in the entry are compared; a package not installed now says so.
+
+    Examples
+    --------
+    >>> version_differences({"atomate2": "0.0.14", "python": "3.11.4"}, {"atomate2": "0.0.15",
+    ...     "python": "3.11.4"})
+    ['atomate2 0.0.14 -> 0.0.15']
+    """
+    notes = []
+    for name in sorted(recorded):
+        old, new = recorded[name], now.get(name)
+        if new is None:
+            notes.append(f"{name} {old} -> not installed")
+        elif old != new:
+            notes.append(f"{name} {old} -> {new}")
+    return notes
+
+
+_OWNERS: weakref.WeakKeyDictionary[Any, type | None] = weakref.WeakKeyDictionary()
+
+
+def _owner(function: Any) -> type | None:
+    """The class a function is defined in (from its qualname), or None."""
+    try:
+        return _OWNERS[function]
+    except (KeyError, TypeError):
+        pass
+    owner: Any = None
+    qualname = getattr(function, "__qualname__", "")
+    prefix = qualname.rpartition(".")[0] if isinstance(qualname, str) else ""
+    if prefix and "<" not in prefix:
+        owner = sys.modules.get(getattr(function, "__module__", None) or "")
+        for attr in prefix.split("."):
+            owner = getattr(owner, attr, None)
+    owner = owner if isinstance(owner, type) else None
+    with suppress(TypeError):
+        _OWNERS[function] = owner
+    return owner
+
+
+def instance_type(function: Callable[..., Any], args: Any) -> type | None:
+    """For a method called with its instance first (``Maker.make(maker, ...)``), the class of
+    that instance; else None."""
+    if not args:
+        return None
+    owner = _owner(function)
+    if owner is None or not isinstance(args[0], owner):
+        return None
+    return type(args[0])
+
+
+#: Top-level packages of the installed code each job function path came from in this process.
+_PACKAGES: dict[str, set[str]] = {}
+
+
+def packages_of(function_path: str) -> tuple[str, ...]:
+    """Top-level packages of the installed code the jobs of ``function_path`` came from in this
+    process (the function's and its Maker class's packages, referenced installed code)."""
+    return tuple(sorted(_PACKAGES.get(function_path, ())))
