@@ -11,6 +11,8 @@ from typing import Any, overload
 from jobflow import CURRENT_JOB
 from jobflow import job as jobflow_job
 
+from jobflow_cache.codeversion import env_names
+from jobflow_cache.errors import trim_traceback
 from jobflow_cache.executor import FilesMode, JobOptions, current_cache
 from jobflow_cache.hashing import CallDigest, bind_arguments, function_path
 from jobflow_cache.settings import cache_disabled
@@ -28,7 +30,10 @@ def _make_caching_call(func: Callable[..., Any], options: JobOptions) -> Callabl
             # called directly (``f.original(...)``), or caching is off: the plain function,
             # no digest computed, no store opened
             return func(*args, **kwargs)
-        return current_cache().call(job, func, args, kwargs, options)
+        try:
+            return current_cache().call(job, func, args, kwargs, options)
+        except BaseException as err:  # the job's own error: without the cache's frames
+            raise err.with_traceback(trim_traceback(err.__traceback__, keep_first=False))  # noqa: B904
 
     caching_call.__jobflow_cache__ = options  # type: ignore[attr-defined]
     return caching_call
@@ -57,6 +62,7 @@ def cached_job(
     *,
     cache_version: str | int | None = None,
     ignore: Iterable[str] = (),
+    env: Iterable[str] = (),
     files: FilesMode | None = None,
     enabled: bool = True,
     **job_kwargs: Any,
@@ -68,6 +74,7 @@ def cached_job(
     *,
     cache_version: str | int | None = None,
     ignore: Iterable[str] = (),
+    env: Iterable[str] = (),
     files: FilesMode | None = None,
     enabled: bool = True,
     **job_kwargs: Any,
@@ -89,6 +96,9 @@ def cached_job(
         made with another version are not served.
     ignore
         Names of arguments left out of the digest (e.g. ``"ncores"``, ``"verbose"``).
+    env
+        Names of environment variables whose values enter the digest (e.g.
+        ``["OMP_NUM_THREADS"]``), on top of the ``JOBFLOW_CACHE_DIGEST_ENV`` setting.
     files
         ``"link"``, ``"copy"`` or ``"none"``: how run-folder files are cached and restored.
     enabled
@@ -114,6 +124,7 @@ def cached_job(
             enabled=enabled,
             cache_version=None if cache_version is None else str(cache_version),
             ignore=tuple(ignore),
+            env=env_names(env),
             files=files,
         )
         unknown = set(options.ignore) - set(inspect.signature(inner).parameters)

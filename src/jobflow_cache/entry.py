@@ -49,6 +49,9 @@ CHECKSUM_FIELDS = frozenset(
         "source_index",
         "source_dir",
         "input_refs",
+        # provenance, not served: sealed so that an altered entry cannot hide the entries
+        # that consumed it from a cascading invalidation (it is then invalid, and runs)
+        "consumed",
     }
 )
 
@@ -122,15 +125,24 @@ def utcnow() -> datetime:
 def package_versions(function: str = "") -> dict[str, str]:
     """Versions of Python and the packages that matter for an entry's provenance.
 
-    The top-level package of ``function`` (``"atomate2.ase.jobs:..."`` -> atomate2) is included.
-    Versions are recorded, never hashed: an upgrade does not invalidate the cache by itself.
+    The top-level package of ``function`` (``"atomate2.ase.jobs:..."`` -> atomate2) is included,
+    and so are the distributions of the installed code its jobs came from in this process (a
+    Maker's class and its bases, installed functions and classes the job's user code uses; see
+    :func:`jobflow_cache.codeversion.packages_of`), under their distribution names. Versions are
+    recorded, never hashed: an upgrade does not invalidate the cache by itself.
 
     Examples
     --------
     >>> sorted(package_versions("jobflow.core.job:store_inputs"))[:2]
     ['jobflow', 'jobflow-cache']
     """
-    return dict(_versions(function.split(":", 1)[0].split(".", 1)[0]))
+    from jobflow_cache.codeversion import current_versions, packages_of
+
+    versions = dict(_versions(function.split(":", 1)[0].split(".", 1)[0]))
+    packages = packages_of(function)
+    if packages:
+        versions.update(current_versions(packages))
+    return versions
 
 
 @functools.lru_cache(maxsize=256)
@@ -198,6 +210,11 @@ class CacheEntry(BaseModel):
     scheme: str = Field(description="Hash scheme id the digest was made with.")
     function: str = Field(description="Import path 'module:qualname' of the job function.")
     name: str = Field("", description="Name of the job that recorded the entry.")
+    maker: str | None = Field(
+        None,
+        description="'module:qualname' of the class of the Maker the job was made by (its "
+        "own class, e.g. EmtRelaxMaker, not the class defining make); None for functions.",
+    )
     cache_version: str | None = Field(None, description="User cache_version, if any.")
     output: str = Field(
         "null",
@@ -225,6 +242,12 @@ class CacheEntry(BaseModel):
         default_factory=dict,
         description="Job uuids and run folders seen in the inputs -> digest of the job owning "
         "them; used to rewrite them in the output when the entry is served to a new flow.",
+    )
+    consumed: list[str] = Field(
+        default_factory=list,
+        description="Digests of the entries whose results this job consumed (sorted): "
+        "upstream jobs named by uuid in its inputs, and jobs whose run folders or files it "
+        "was given. Invalidating or purging one of them cascades to this entry.",
     )
     arg_digests: dict[str, str] = Field(
         default_factory=dict, description="Per-argument sub-digests (to explain misses)."

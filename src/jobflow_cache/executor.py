@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import glob
-import inspect
 import json
 import logging
 import os
@@ -27,19 +26,20 @@ import threading
 import time
 import types
 import uuid
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import bson
 from jobflow import Job, Response
 from jobflow.utils.uid import suid
 from maggma.stores import MemoryStore
 from monty.json import jsanitize
 
+from jobflow_cache import codeversion, contents
 from jobflow_cache.codec import (
     UUID_RE,
     DirRewrite,
@@ -53,17 +53,19 @@ from jobflow_cache.entry import CacheEntry, package_versions
 from jobflow_cache.errors import (
     CacheError,
     FilesUnavailableError,
+    FolderConflictError,
+    SettingsError,
     StoreUnavailableError,
     UnhashableInputError,
+    trim_traceback,
     warn,
 )
-from jobflow_cache.files import ObjectArea, PlaceMode, changed_files, snapshot
+from jobflow_cache.files import LIVE_FILE_PATTERNS, ObjectArea, PlaceMode, snapshot
 from jobflow_cache.hashing import (
     SCHEME,
     CallDigest,
     Normalizer,
     bind_arguments,
-    digest_bytes,
     digest_call,
     function_path,
 )
@@ -89,7 +91,13 @@ progress = logging.getLogger("jobflow.cache")
 #: ``cache_version``, ``ignore``, ``files``) and for the record we write (``digest``, ``outcome``,
 #: ``source_uuid``, ``scheme``), which is stored with the job's output in the JobStore.
 META_KEY = "jobflow_cache"
-OPTION_KEYS = ("enabled", "cache_version", "ignore", "files")
+OPTION_KEYS = ("enabled", "cache_version", "ignore", "files", "env", "cache_exposed_store")
+
+#: Why a job with ``expose_store=True`` ran uncached (``metadata["jobflow_cache"]["reason"]``).
+EXPOSED_STORE_REASON = (
+    "the job reads the JobStore (expose_store=True), which its digest does not cover; "
+    "set metadata['jobflow_cache']['cache_exposed_store'] = True to cache it anyway"
+)
 
 #: Functions never cached: jobflow's helper that only gathers a replaced flow's outputs (its
 #: arguments are unresolved references, and it is instantaneous).
@@ -98,12 +106,27 @@ _SKIP_QUALNAMES = frozenset(path.rpartition(":")[2] for path in SKIP_FUNCTIONS) 
 
 FilesMode = Literal["link", "copy", "none"]
 
+#: Strings the normaliser's exact set holds at most before the folder names in it are forgotten.
+_MAX_EXACT = 1_000_000
+
 #: Files in a run folder from which on a recorded job warns (once per folder) that listing the
 #: folder before and after every job costs time (~10 ms per 1,000 files on a slow disk).
 LARGE_FOLDER = 2_000
 
 _ACTIVE: contextvars.ContextVar[Cache | None] = contextvars.ContextVar(
     "jobflow_cache_active", default=None
+)
+
+#: What the manager running the current job knows of its run folders: True when every job has
+#: a folder of its own (``run_locally(create_folders=True)``), False when they share one; None
+#: outside ``run_locally``. It wins over ``Cache(exclusive_dirs=)`` and EXCLUSIVE_DIRS, and
+#: lasts one run only: the :class:`Cache` object given to ``run_locally`` is never changed.
+RUN_FOLDERS: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "jobflow_cache_run_folders", default=None
+)
+#: ``run_locally(files=)`` of the run of the current job (None: the cache's own ``files``).
+RUN_FILES: contextvars.ContextVar[FilesMode | None] = contextvars.ContextVar(
+    "jobflow_cache_run_files", default=None
 )
 
 
@@ -115,12 +138,19 @@ class JobOptions:
     cache_version: str | None = None
     ignore: tuple[str, ...] = ()
     files: FilesMode | None = None
+    #: names of environment variables whose values enter the digest (see codeversion)
+    env: tuple[str, ...] = ()
+    #: cache a job with ``expose_store=True`` too (it reads the JobStore, which is not hashed:
+    #: the user vouches that its result depends on its inputs only)
+    cache_exposed_store: bool = False
 
     def merged(self, overrides: Mapping[str, Any]) -> JobOptions:
         """These options updated by the option keys of ``overrides`` (metadata wins)."""
         values = {k: overrides[k] for k in OPTION_KEYS if k in overrides}
         if "ignore" in values:
             values["ignore"] = tuple(values["ignore"] or ())
+        if "env" in values:
+            values["env"] = codeversion.env_names(values["env"])
         if "cache_version" in values and values["cache_version"] is not None:
             values["cache_version"] = str(values["cache_version"])
         return JobOptions(**{**self.__dict__, **values}) if values else self
@@ -145,22 +175,53 @@ def job_options(job: Job, base: JobOptions | None = None) -> JobOptions:
     return base.merged(meta) if isinstance(meta, Mapping) else base
 
 
+#: Misses whose digests a :class:`CacheReport` keeps (the summary explains the first few).
+KEPT_MISSES = 20
+
+#: Why a job ran without the cache, by outcome (the summary's "uncached" reasons).
+UNCACHED_REASONS = {
+    "uncacheable": "input cannot be hashed",
+    "error": "cache store unavailable",
+    "disabled": "caching turned off for the job",
+}
+
+
 @dataclass
 class CacheReport:
-    """What one cache session did: outcome counts, executed and served jobs, time saved."""
+    """What one cache session did: outcome counts, executed and served jobs, time saved.
+
+    ``run_locally`` also fills ``failed`` (the job raised), ``not_run`` (skipped: a parent
+    failed or stopped the flow) and, when the whole run had no cache, ``off`` (why); its
+    summary is logged on the ``jobflow.cache`` logger at the end of a run (``log=True``).
+    """
 
     outcomes: Counter[str] = field(default_factory=Counter)
     served: list[str] = field(default_factory=list)
     executed: list[str] = field(default_factory=list)
     time_saved: float = 0.0
+    failed: list[str] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)
+    #: ``(job name, digest)`` of the first :data:`KEPT_MISSES` misses
+    misses: list[tuple[str, str]] = field(default_factory=list)
+    #: why no job of the run used the cache (disabled, unusable store, bad setting), if so
+    off: str | None = None
 
     @property
     def hits(self) -> int:
         """Number of jobs served from the cache."""
         return self.outcomes[Outcome.HIT.value]
 
+    def uncached(self) -> dict[str, int]:
+        """Jobs that ran without the cache, by reason."""
+        return {
+            reason: self.outcomes[outcome]
+            for outcome, reason in UNCACHED_REASONS.items()
+            if self.outcomes[outcome] and not (outcome == "error" and self.off)
+        }
+
     def summary(self) -> str:
-        """One line, e.g. ``"3 jobs: 2 served from cache, 1 executed; 4.1 s of compute saved"``.
+        """What happened, e.g. ``"3 jobs: 2 served from cache, 1 executed; 4.1 s of compute
+        saved"``; failed, not run and uncached jobs and a cache that was off are named too.
 
         Examples
         --------
@@ -168,21 +229,64 @@ class CacheReport:
         >>> report.served.append("relax")
         >>> report.summary()
         '1 job: 1 served from cache, 0 executed; 0.0 s of compute saved'
+        >>> report = CacheReport(executed=["a", "b"], failed=["b"], not_run=["c"])
+        >>> report.outcomes["uncacheable"] += 1
+        >>> print(report.summary().replace("; ", ";\\n"))
+        3 jobs: 0 served from cache, 2 executed (1 failed), 1 not run;
+        0.0 s of compute saved;
+        1 ran uncached (input cannot be hashed)
         """
-        total = len(self.served) + len(self.executed)
-        return (
-            f"{total} job{'' if total == 1 else 's'}: {len(self.served)} served from cache, "
-            f"{len(self.executed)} executed; {self.time_saved:.1f} s of compute saved"
-        )
+        total = len(self.served) + len(self.executed) + len(self.not_run)
+        executed = f"{len(self.executed)} executed"
+        if self.failed:
+            executed += f" ({len(self.failed)} failed)"
+        parts = [f"{len(self.served)} served from cache", executed]
+        if self.not_run:
+            parts.append(f"{len(self.not_run)} not run")
+        text = f"{total} job{'' if total == 1 else 's'}: {', '.join(parts)}"
+        if self.off is not None:
+            return f"{text}; cache off: {self.off}"
+        text += f"; {self.time_saved:.1f} s of compute saved"
+        uncached = self.uncached()
+        if uncached:
+            reasons = ", ".join(
+                f"{n} {reason}" if len(uncached) > 1 else reason for reason, n in uncached.items()
+            )
+            text += f"; {sum(uncached.values())} ran uncached ({reasons})"
+        return text
 
 
 @dataclass
 class _Refs:
-    """Job uuids and run folders seen while hashing one call -> digest of their owner job."""
+    """Job uuids and run folders seen while hashing one call.
+
+    ``seen`` maps each literal (a uuid, or the absolute run folder of a known job) to a key:
+    the digest of its owner job for the first literal of that digest (of that kind: uuid or
+    folder), ``"<digest>:<n>"`` for the n-th distinct one. Twin upstream jobs (same digest)
+    thus keep keys of their own, in the order hashing meets them, which is the order of the
+    inputs: a hit maps the recorded twins onto this call's twins one to one (the keys are
+    stored in ``CacheEntry.input_refs``; no store's key order matters).
+    """
 
     seen: dict[str, str] = field(default_factory=dict)
     #: absolute paths the store knows no owner folder of (asked once per call)
     unowned: set[str] = field(default_factory=set)
+    #: digests of the entries whose results this job consumed: upstream jobs named by uuid,
+    #: and jobs whose run folders (or files in them) the inputs name
+    consumed: set[str] = field(default_factory=set)
+    #: (kind, digest) -> distinct literals met so far
+    _twins: dict[tuple[bool, str], int] = field(default_factory=dict)
+
+    def refer(self, literal: str, digest: str, *, folder: bool) -> None:
+        """Note that ``literal`` (a job uuid, or with ``folder`` a run folder) belongs to
+        the job of ``digest``."""
+        if literal in self.seen:
+            return
+        kind = (folder, digest)
+        n = self._twins.get(kind, 0) + 1
+        self._twins[kind] = n
+        self.seen[literal] = digest if n == 1 else f"{digest}:{n}"
+        self.consumed.add(digest)
 
 
 class Cache:
@@ -213,8 +317,15 @@ class Cache:
         exclusive_dirs: bool = False,
         settings: CacheSettings | None = None,
     ) -> None:
-        self.settings = settings or get_settings()
         self._spec_error: CacheError | None = None
+        if settings is None:
+            try:
+                settings = get_settings()
+            except SettingsError as err:  # a bad setting never fails a workflow: cache off
+                settings = CacheSettings.model_construct()
+                self._spec_error = err
+                store = store or CacheStore(MemoryStore(collection_name="unusable"), "")
+        self.settings = settings
         if store is None:
             try:
                 store = CacheStore.from_settings(self.settings)
@@ -224,22 +335,31 @@ class Cache:
                     MemoryStore(collection_name="unusable"), self.settings.objects_dir()
                 )
         self.store = store
-        self.files: FilesMode = files or self.settings.FILES
+        self._files: FilesMode = files or self.settings.FILES
         # folders recorded in the store (and looked up there) only when the user says every job
         # of every worker has a folder of its own; run_locally(create_folders) knows it of its run
-        self.shared_dirs = self.settings.EXCLUSIVE_DIRS
-        self.exclusive_dirs = exclusive_dirs or self.shared_dirs
+        self._shared_dirs = self.settings.EXCLUSIVE_DIRS
+        self._exclusive_dirs = exclusive_dirs or self._shared_dirs
         self.dedup = self.settings.DEDUP
         self.objects = ObjectArea(self.store.objects_dir)
         self.report = CacheReport()
         self.job_digests: dict[str, str] = {}  # job uuid -> digest (last index wins)
-        self.dir_digests: dict[str, str] = {}  # exclusive run folder -> digest
+        self.dir_digests: dict[str, str] = {}  # run folder of a job -> digest
+        self._dir_jobs: dict[str, str] = {}  # run folder -> uuid of the job that ran there
+        self._shared_folders: set[str] = set()  # run folders where several jobs ran
+        # strings the normaliser is asked about without a marker: known job uuids (kept in
+        # step with job_digests, see _know_job) and the names met in run folders
+        self._exact: set[str] = set()
+        self._exact_jobs = 0
+        self._contents_db = contents.default_database(self.settings.DIR)
         self._connected = False
         self._broken: str | None = None
         self._exclude_cache: dict[str, list[str]] = {}
         self._base_excludes = list(self.settings.FILES_EXCLUDE)
         self._own_paths: list[tuple[str, str]] | None = None  # object area, SQLite file
         self._large_folders: set[str] = set()
+        # job uuid -> why its hit could not be served into its folder (a miss, see _serve_hit)
+        self._conflicts: dict[str, str] = {}
         self._coordinator: Coordinator | None = None
         self._coordination_checked = False
         self._token = uuid.uuid4().hex[:8]
@@ -247,6 +367,38 @@ class Cache:
         self._lock = threading.Lock()
         self._active = 0
         self._writer: WriteBehind | None = None
+
+    @property
+    def files(self) -> FilesMode:
+        """How run-folder files are recorded and restored: the running ``run_locally``'s
+        ``files=`` (:data:`RUN_FILES`), else this cache's."""
+        return RUN_FILES.get() or self._files
+
+    @files.setter
+    def files(self, value: FilesMode) -> None:
+        self._files = value
+
+    @property
+    def exclusive_dirs(self) -> bool:
+        """Whether the current job's run folder is its own: what the running manager knows
+        (:data:`RUN_FOLDERS`, set by ``run_locally`` for one run), else the value this cache
+        was made with (or EXCLUSIVE_DIRS)."""
+        known = RUN_FOLDERS.get()
+        return self._exclusive_dirs if known is None else known
+
+    @exclusive_dirs.setter
+    def exclusive_dirs(self, value: bool) -> None:
+        self._exclusive_dirs = bool(value)
+
+    @property
+    def shared_dirs(self) -> bool:
+        """Whether run folders are recorded in the store and looked up there
+        (EXCLUSIVE_DIRS), unless the running manager knows its jobs share a folder."""
+        return self._shared_dirs and RUN_FOLDERS.get() is not False
+
+    @shared_dirs.setter
+    def shared_dirs(self, value: bool) -> None:
+        self._shared_dirs = bool(value)
 
     # -- lifecycle --------------------------------------------------------------------------
     def connect(self) -> bool:
@@ -273,14 +425,15 @@ class Cache:
     def _fail(self, err: BaseException) -> None:
         if self._broken is None:
             self._broken = str(err)
-            which = (
-                "configured by JOBFLOW_CACHE_STORE cannot be built"
-                if self._spec_error is not None
-                else f"{self.store.name} is unavailable"
-            )
+            if isinstance(err, SettingsError):
+                which = f"is off: {err}"
+            elif self._spec_error is not None:
+                which = f"store configured by JOBFLOW_CACHE_STORE cannot be built ({err})"
+            else:
+                which = f"store {self.store.name} is unavailable ({err})"
+            self.report.off = which
             warn(
-                f"jobflow-cache: the cache store {which} ({err}); "
-                "jobs run uncached for the rest of this run",
+                f"jobflow-cache: the cache {which}; jobs run uncached for the rest of this run",
                 stacklevel=4,
             )
 
@@ -363,6 +516,38 @@ class Cache:
         else:
             warn(message, stacklevel=4)
 
+    @contextmanager
+    def accepting(self, job: Job) -> Iterator[None]:
+        """Around jobflow's ``Job.run(store)`` of ``job`` (``run_locally`` does this): the
+        entry of a job that runs inside is written only when the block ends without an error,
+        that is once jobflow has accepted the output and stored it in the JobStore. An output
+        the JobStore refuses (an int over 64 bits in a MongoDB or ``MemoryStore``) fails the
+        job there, and then nothing is recorded. With DEDUP, the claim on the digest is let
+        go after the entry is written (or dropped).
+        """
+        held = _Held()
+        token = _HELD.set(held)
+        accepted = False
+        try:
+            yield
+            accepted = True
+        finally:
+            _HELD.reset(token)
+            try:
+                if accepted:
+                    for cache, recorded, entry in held.entries:
+                        try:
+                            cache._put(entry)
+                        except Exception as err:  # recording must never fail the job
+                            _warn_not_cached(recorded, err)
+                    if held.after and held.entries:
+                        self.flush()  # in the store before the waiters are let go
+                elif held.entries:
+                    logger.debug("%s failed after its function returned: not cached", job.name)
+            finally:
+                for callback in held.after:
+                    callback()
+
     # -- reading and writing the store ------------------------------------------------------
     def _lookup(self, digest: str) -> Lookup:
         writer = self._writer
@@ -398,45 +583,130 @@ class Cache:
 
     # -- hashing ----------------------------------------------------------------------------
     def _normalizer(self, refs: _Refs) -> Normalizer:
-        job_digests, dir_digests = self.job_digests, self.dir_digests
-        shared_dirs = self.shared_dirs
-        stored_uuids = self._lineage_in_store()
+        """The string hook of one call's hashing (cwd: the job's run folder).
+
+        * a known job's uuid becomes ``("job", digest)``;
+        * a string naming an existing file or folder (absolute, or relative to the run
+          folder) counts by content (:mod:`.contents`): inside the run folder of a known job
+          that is not this job's folder (prev_dir), ``("dir", [owner digest, relative path,
+          content])``, without the folder's own path, so a rebuilt flow with new folders hits
+          and a hit rewrites the old folder to the new one; elsewhere ``(kind, [the string,
+          content])``, the path as written kept (the job may return it);
+        * a path inside a known job's folder that does not exist here (a folder on another
+          host) becomes ``("dir", [owner digest, relative path, ["missing"]])``.
+        """
+        job_digests = self.job_digests
+        stored = self._lineage_in_store()
+        exact = self._exact
+        if len(job_digests) != self._exact_jobs:  # someone filled job_digests directly
+            exact.update(job_digests)
+            self._exact_jobs = len(job_digests)
+        contents.use_database(self._contents_db)
+        try:
+            cwd = os.getcwd()
+            names = frozenset(os.listdir(cwd))
+        except OSError:  # no run folder to speak of: only absolute paths count
+            cwd, names = "", frozenset()
+        if names and not names <= exact:
+            if len(exact) > _MAX_EXACT:  # a very long run: forget the folder names met
+                exact.clear()
+                exact.update(job_digests)
+            exact.update(names)
 
         def normalize(value: str) -> tuple[str, Any] | None:
             if len(value) == 36:
                 digest = job_digests.get(value)
-                if digest is None and stored_uuids and UUID_RE.fullmatch(value):
+                if digest is None and stored and UUID_RE.fullmatch(value):
                     digest = self._stored_job_digest(value, refs.unowned)
+                    if digest is not None:
+                        self._know_job(value, digest)
                 if digest is not None:
-                    refs.seen[value] = digest
+                    refs.refer(value, digest, folder=False)
                     return ("job", digest)
-            if "/" in value and (dir_digests or shared_dirs):
-                host, sep, path = value.partition(":")  # "host:/path" names /path
-                path = path if sep and not host.startswith("/") else value
-                candidate = path.rstrip("/")
-                rest: list[str] = []
-                while candidate and candidate != "/":
-                    owner = dir_digests.get(candidate)
-                    if owner is not None:
-                        refs.seen[candidate] = owner
-                        return ("dir", [owner, "/".join(reversed(rest))])
-                    candidate, _, tail = candidate.rpartition("/")
-                    rest.append(tail)
-                if shared_dirs:  # a folder of a job that ran in another process
-                    found = self._stored_folder_owner(path, refs.unowned)
-                    if found is not None:
-                        folder, owner, tail = found
-                        refs.seen[folder] = owner
-                        return ("dir", [owner, tail])
+            if "/" in value or value in names:
+                return self._normalize_path(value, cwd, refs, stored)
             return None
 
-        # Only known job uuids and (with exclusive folders) strings holding a "/" can be
-        # replaced; hashing calls normalize for those strings only (the live dict is checked).
-        markers: tuple[str, ...] = ("/",) if self.exclusive_dirs or dir_digests else ()
-        if stored_uuids:  # any uuid may be an upstream job's that ran in another process
+        # hashing calls normalize only for the strings in `exact` (the live set) or holding a
+        # marker: any path holds a "/" or is a name in the run folder
+        markers: tuple[str, ...] = ("/",)
+        if stored:  # any uuid may be an upstream job's that ran in another process
             markers = (*markers, "-")
+        return Normalizer(normalize, exact=exact, markers=markers)
 
-        return Normalizer(normalize, exact=job_digests, markers=markers)
+    def _normalize_path(
+        self, value: str, cwd: str, refs: _Refs, stored: bool
+    ) -> tuple[str, Any] | None:
+        """See :meth:`_normalizer`; None for a string that names nothing here."""
+        host, sep, rest = value.partition(":")
+        remote = bool(sep) and rest.startswith("/") and "/" not in host  # "host:/path"
+        path = rest if remote else value
+        if path.strip("/") == "":  # "/" names the whole machine: a separator, no input
+            return None
+        if path.startswith("/"):
+            absolute = os.path.normpath(path)
+        elif cwd:
+            absolute = os.path.normpath(os.path.join(cwd, path))
+        else:
+            return None
+        owned = self._folder_owner(absolute, cwd, refs, stored)
+        node = contents.describe(absolute, self._input_excludes(absolute))
+        if owned is None and node is not None and self.dir_digests:
+            # a known folder reached through a symlink (/scratch -> /lustre/scratch)
+            real = os.path.realpath(absolute)
+            if real != absolute:
+                owned = self._folder_owner(real, cwd, refs, stored)
+        if owned is not None:
+            folder, owner, tail = owned
+            refs.refer(folder, owner, folder=True)
+            return ("dir", [owner, tail, node if node is not None else ["missing"]])
+        if node is None:
+            return None
+        return (node[0], [value, *node[1:]])
+
+    def _folder_owner(
+        self, path: str, cwd: str, refs: _Refs, stored: bool
+    ) -> tuple[str, str, str] | None:
+        """(folder, digest, rest) of the known job whose run folder holds the absolute,
+        normalised ``path``: a folder where exactly that job ran, which is neither this job's
+        run folder nor one holding it (a shared folder is no job's own)."""
+        dir_digests = self.dir_digests
+        found: tuple[str, str, str] | None = None
+        if dir_digests:
+            candidate, rest = path, ""
+            while candidate and candidate != "/":
+                owner = dir_digests.get(candidate)
+                if owner is not None:
+                    found = (candidate, owner, rest)
+                    break
+                candidate, _, tail = candidate.rpartition("/")
+                rest = f"{tail}/{rest}" if rest else tail
+        if found is None and stored:  # a folder of a job that ran in another process
+            found = self._stored_folder_owner(path, refs.unowned)
+        if found is None:
+            return None
+        folder = found[0]
+        if folder in self._shared_folders or cwd == folder or cwd.startswith(folder + "/"):
+            return None
+        return found
+
+    def _input_excludes(self, path: str) -> Sequence[str]:
+        """Patterns of files left out of a folder named in the inputs: those recording leaves
+        out (a batch system's queue.out, the cache's own files)."""
+        try:
+            return self._excludes(path)
+        except Exception:  # its own paths could not be resolved: the settings' patterns
+            return self._base_excludes
+
+    def _know_job(self, job_uuid: str, digest: str) -> None:
+        """Record that ``job_uuid`` is a job of ``digest`` (job_digests and the exact set)."""
+        job_digests = self.job_digests
+        in_step = self._exact_jobs == len(job_digests)
+        new = job_uuid not in job_digests
+        job_digests[job_uuid] = digest
+        self._exact.add(job_uuid)
+        if in_step and new:
+            self._exact_jobs += 1
 
     def digest(
         self,
@@ -456,12 +726,23 @@ class Cache:
             arguments = bind_arguments(function, args, kwargs, ignore=options.ignore)
         except TypeError as err:
             raise _CallMismatchError(str(err)) from err
-        return digest_call(
-            path,
-            arguments,
-            cache_version=_script_version(path, function, options.cache_version),
-            normalize_str=self._normalizer(refs),
+        # user code (not installed packages) counts by its source, see jobflow_cache.codeversion
+        code = codeversion.job_code(
+            function,
+            codeversion.instance_type(function, args),
+            versioned=options.cache_version is not None,
         )
+        env = codeversion.env_part(
+            codeversion.env_names(options.env, getattr(self.settings, "DIGEST_ENV", None))
+        )
+        normalize = self._normalizer(refs)
+        version = codeversion.cache_version_slot(options.cache_version, code, env=env)
+        call = digest_call(path, arguments, cache_version=version, normalize_str=normalize)
+        named = codeversion.argument_code(call.encodings, call.arg_digests)
+        if named is not None:  # user functions or classes in the arguments: their code too
+            version = codeversion.cache_version_slot(options.cache_version, code, named, env)
+            call = digest_call(path, arguments, cache_version=version, normalize_str=normalize)
+        return call
 
     # -- the interception core --------------------------------------------------------------
     def call(
@@ -487,6 +768,14 @@ class Cache:
         options = job_options(job, options)
         if not options.enabled or cache_disabled():
             return self._uncached(job, function, args, kwargs, Outcome.DISABLED, options)
+        if job.config.expose_store and not options.cache_exposed_store:
+            # it reads the JobStore (CURRENT_JOB.store), which its digest cannot see
+            logger.debug("%s reads the JobStore (expose_store=True): not cached", job.name)
+            self._executing(job, options, None, Outcome.UNCACHEABLE)
+            meta = job.metadata.get(META_KEY)
+            if isinstance(meta, dict):
+                meta["reason"] = EXPOSED_STORE_REASON
+            return function(*args, **kwargs)
         if not self.connect():
             return self._uncached(job, function, args, kwargs, Outcome.ERROR, options)
         self._report_write_errors()
@@ -520,7 +809,7 @@ class Cache:
             served = self._serve_hit(job, found.entry, refs, options)
             if served is not None:
                 return served
-            outcome = Outcome.INVALID
+            outcome = Outcome.MISS if job.uuid in self._conflicts else Outcome.INVALID
         elif found.outcome is Outcome.INVALID:
             warn(
                 f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} is not used: "
@@ -544,6 +833,12 @@ class Cache:
         digest = entry.digest
         try:
             response = self._serve(job, entry, refs, options)
+        except FolderConflictError as err:  # not a cache problem: the job runs (a miss)
+            self._conflicts[job.uuid] = str(err)
+            progress.info(
+                "Not served - %s (%s) <- %s: %s; running it", job.name, job.uuid, digest[:12], err
+            )
+            return None
         except Exception as err:  # whatever goes wrong, the job runs instead
             warn(
                 f"jobflow-cache: cached entry {digest[:12]} of job {job.name!r} cannot be "
@@ -588,16 +883,28 @@ class Cache:
                     return served
         if claims is None:
             return run()
-        try:
-            with Heartbeat(claims, digest, owner, self.settings.LEASE):
-                response = run()
-            self.flush()  # the entry is in the store before the waiters are let go
-            return response
-        finally:
+
+        def release() -> None:
             try:
                 claims.release(digest, owner)
             except Exception as err:  # the lease runs out by itself
                 logger.warning("could not release the claim on %s: %s", digest[:12], err)
+
+        held = _HELD.get()
+        try:
+            with Heartbeat(claims, digest, owner, self.settings.LEASE):
+                response = run()
+        except BaseException:
+            release()
+            raise
+        if held is not None:  # the entry is written once jobflow accepts the output: then
+            held.after.append(release)  # the waiters are let go (see accepting)
+        else:
+            try:
+                self.flush()  # the entry is in the store before the waiters are let go
+            finally:
+                release()
+        return response
 
     def _await_claim(
         self,
@@ -669,19 +976,23 @@ class Cache:
         cwd = os.getcwd()  # the physical path (no symlinks), as Path.cwd() gives it
         before = None
         unrecordable: BaseException | None = None
-        if files_mode != "none":
-            try:
-                before = snapshot(cwd, self._excludes(cwd))
-            except Exception as err:
-                # without a snapshot the job's files cannot be told apart: run, record nothing
-                # (an entry without its files would later be served incomplete)
-                unrecordable = err
-            else:
-                self._check_folder_size(cwd, len(before))
+        # listed with FILES=none too: the files the job writes are then recorded by digest
+        # only, and a hit takes them from this folder (or runs the job when they changed)
+        try:
+            before = snapshot(cwd, self._excludes(cwd))
+        except Exception as err:
+            # without a snapshot the job's files cannot be told apart: run, record nothing
+            # (an entry without its files would later be served incomplete)
+            unrecordable = err
+        else:
+            self._check_folder_size(cwd, len(before))
         # registered before running: a child of a job that fails (OnMissing.PASS/NONE) still
         # sees the same digest in place of its uuid on every run
         self._register(job, call_digest.digest)
         self._executing(job, options, call_digest.digest, outcome)
+        conflict = self._conflicts.pop(job.uuid, None)
+        if conflict is not None and isinstance(job.metadata.get(META_KEY), dict):
+            job.metadata[META_KEY]["reason"] = conflict
         started = time.perf_counter()
         returned = function(*args, **kwargs)  # a failure propagates: nothing is recorded
         duration = time.perf_counter() - started
@@ -704,10 +1015,19 @@ class Cache:
             # objects such as pymatgen Structures are not bit-identical after a JSON round trip,
             # so live objects would give the new jobs other digests than their replays
             response = _replayed(response, replay)
+        held = _HELD.get()
+        if held is None and _jobflow_rejects(response.output):
+            # jobflow fails this job right after we return (its JobStore refuses the output):
+            # its error, not ours, is shown, and nothing is recorded
+            logger.debug("output of %s would not be accepted by jobflow: not cached", job.name)
+            return response
         try:
             if before is not None:
                 self._record_files(entry, cwd, before, files_mode)
-            self._put(entry)  # last: its files are safely stored
+            if held is not None:  # written once jobflow has stored the output (see accepting)
+                held.entries.append((self, job, entry))
+            else:
+                self._put(entry)  # last: its files are safely stored
         except Exception as err:  # recording must never fail a job that succeeded
             _warn_not_cached(job, err)
         else:
@@ -753,6 +1073,7 @@ class Cache:
             scheme=call_digest.scheme,
             function=call_digest.function,
             name=job.name,
+            maker=_maker_of(job),
             cache_version=call_digest.cache_version,
             output=output,
             response=response_text,
@@ -761,6 +1082,8 @@ class Cache:
             source_index=job.index,
             source_dir=cwd,
             input_refs=dict(refs.seen),
+            # provenance: invalidating or purging one of these cascades to this entry
+            consumed=sorted(refs.consumed - {call_digest.digest}),
             arg_digests=dict(call_digest.arg_digests),
             canonical_input=canonical,
             versions=package_versions(call_digest.function),
@@ -792,7 +1115,8 @@ class Cache:
                 if store_path:  # the file and its -wal / -shm / -journal
                     own.append((Path(store_path).expanduser().resolve().as_posix(), "*"))
                 self._own_paths = own
-            patterns = self._base_excludes
+            # files of live processes (SQLite journals, locks) are never a job's
+            patterns = [*self._base_excludes, *LIVE_FILE_PATTERNS]
             prefix = cwd.rstrip("/") + "/"
             for path, suffix in self._own_paths:
                 if path.startswith(prefix) and len(path) > len(prefix):
@@ -814,25 +1138,33 @@ class Cache:
         )
 
     def _record_files(self, entry: CacheEntry, cwd: str, before: Any, mode: FilesMode) -> None:
-        changed = changed_files(cwd, before, self._excludes(cwd))
-        if not changed:
-            return
-        folder = Path(cwd)
-        limit = self.settings.MAX_FILE_SIZE
-        if limit:
-            sizes = {path: (folder / path).stat().st_size for path in changed}
-            entry.files_skipped = {path: size for path, size in sizes.items() if size > limit}
-            changed = [path for path in changed if path not in entry.files_skipped]
-        if changed:
-            entry.files = self.objects.record(folder, changed, mode=self._place_mode(mode))
-            entry.files_size = sum(f.size for f in entry.files)
+        """Record what the job changed in ``cwd`` since the snapshot ``before``: every path
+        with the state it found and the state it left (:meth:`.ObjectArea.record_changes`).
+        Files over MAX_FILE_SIZE, and every file with FILES=none, are recorded by digest only
+        (``files_skipped``): a hit takes them from this folder while they are unchanged."""
+        after = snapshot(cwd, self._excludes(cwd))
+        records = self.objects.record_changes(
+            cwd,
+            before,
+            after,
+            max_size=self.settings.MAX_FILE_SIZE,
+            store=mode != "none",
+        )
+        if records:
+            entry.files = records
+            entry.files_size = sum(r.size for r in records if r.has_object)
+            entry.files_skipped = {
+                r.path: r.size for r in records if r.kind == "file" and not r.stored
+            }
 
     def _place_mode(self, mode: FilesMode) -> PlaceMode:
-        """How files move between run folders and the object area: hard links only where each
-        job has a folder of its own. In a folder shared by several jobs, a later job may
-        rewrite a file (two VASP jobs writing OUTCAR); a hard link to a read-only object would
-        make that fail (EACCES), and a writable one would let it change the cached object."""
-        return "link" if mode != "copy" and self.exclusive_dirs else "copy"
+        """How a hit places files: independent copies (reflinks where the file system has
+        them), except with the opt-in FILES=link where each job has a folder of its own:
+        then files of at least ``files.LINK_MIN_SIZE`` are read-only hard links to their
+        object (never as root). In a folder shared by several jobs, a later job may rewrite
+        a file in place (two VASP jobs writing OUTCAR), which a read-only link would make
+        fail (EACCES). Recording never links: the user's files keep their inode and mode."""
+        return "link" if mode == "link" and self.exclusive_dirs else "copy"
 
     # -- serving ----------------------------------------------------------------------------
     def _serve(self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions) -> Response:
@@ -852,18 +1184,19 @@ class Cache:
             # the folder itself and the files the job wrote; other paths that happen to lie in
             # it (inputs, in a shared folder) are not the job's and keep pointing where they did
             dirs[entry.source_dir] = DirRewrite(cwd, _manifest_paths(entry), hosts)
-        # a job's uuid and its folder map to the same digest: keep the two kinds apart
+        # a job's uuid and its folder map to the same digest: keep the two kinds apart; twin
+        # upstream jobs have keys of their own (see _Refs), so each keeps its uuid and folder
         now_uuid: dict[str, str] = {}
         now_dir: dict[str, str] = {}
-        for literal, digest in refs.seen.items():
-            (now_uuid if UUID_RE.fullmatch(literal) else now_dir)[digest] = literal
-        for old, digest in entry.input_refs.items():
+        for literal, key in refs.seen.items():
+            (now_uuid if UUID_RE.fullmatch(literal) else now_dir)[key] = literal
+        for old, key in entry.input_refs.items():
             if UUID_RE.fullmatch(old):
-                new = now_uuid.get(digest)
+                new = now_uuid.get(key)
                 if new is not None and new != old:
                     uuids[old] = new
-            else:  # an upstream job's exclusive folder: all of it moved
-                new = now_dir.get(digest)
+            else:  # an upstream job's run folder: all of it moved
+                new = now_dir.get(key)
                 if new is not None and new != old:
                     dirs.setdefault(old, DirRewrite(new, None, hosts))
         parts: dict[str, Any] = {}
@@ -875,7 +1208,11 @@ class Cache:
             parts = loads(rewrite_text(text, uuids, dirs))
         output = loads(rewrite_text(entry.output, uuids, dirs))
         if entry.files:
-            self.objects.materialize(entry.files, Path(cwd), mode=place)
+            # checks the whole folder first: raises FolderConflictError (the job runs) where
+            # serving would overwrite or hide work, before anything is changed
+            self.objects.materialize(
+                entry.files, Path(cwd), mode=place, source_dir=entry.source_dir
+            )
         # the schema check jobflow applies to the function's return value
         return Response.from_job_returns(
             _replayed(Response(output=output), parts), job.output_schema
@@ -894,19 +1231,37 @@ class Cache:
         """Count a job that is about to run and (``mark``) record why in its metadata."""
         self.report.outcomes[outcome.value] += 1
         self.report.executed.append(job.name)
+        if digest is not None and len(self.report.misses) < KEPT_MISSES:
+            self.report.misses.append((job.name, digest))
         if mark:
             self._mark(job, options, digest, outcome, None)
 
     def _register(self, job: Job, digest: str) -> None:
-        self.job_digests[job.uuid] = digest
+        """Remember that ``job`` (its uuid and its run folder, the cwd) is a job of ``digest``.
+
+        A folder where jobs of two uuids ran is shared (the default ``run_locally``, FireWorks'
+        singleshot): paths in it are hashed as they are written, never as a job's folder.
+        Outside ``run_locally`` (or with EXCLUSIVE_DIRS) the uuid and the folder are also
+        recorded in the store, for jobs that run in other processes (prev_dir).
+        """
+        self._know_job(job.uuid, digest)
         aliases: dict[str, str] = {}
-        if self.exclusive_dirs:
+        try:
             cwd = os.getcwd()
-            self.dir_digests[cwd] = digest
-            if self.shared_dirs:  # for workers in other processes (prev_dir in their inputs)
-                aliases[cwd] = digest
-        if self._lineage_in_store():
+        except OSError:  # the run folder is gone: nothing to know of it
+            cwd = ""
+        if cwd:
+            ran_here = self._dir_jobs.get(cwd)
+            if ran_here is not None and ran_here != job.uuid:
+                self._shared_folders.add(cwd)
+            elif cwd not in self._shared_folders:
+                self._dir_jobs[cwd] = job.uuid
+                self.dir_digests[cwd] = digest
+        lineage = self._lineage_in_store()
+        if lineage:
             aliases[job.uuid] = digest
+            if cwd:  # for workers in other processes (prev_dir in their inputs)
+                aliases[cwd] = digest
         if aliases:
             claims = self._coordination()
             if claims is not None:
@@ -1017,6 +1372,19 @@ def _replayed(response: Response, parts: Mapping[str, Any]) -> Response:
 
 
 @functools.cache
+def _maker_of(job: Job) -> str | None:
+    """``module:qualname`` of the class of the instance whose method the job runs (the Maker
+    the user made the job with), None for a plain function."""
+    function = job.function
+    owner = getattr(function, "__self__", None)
+    if owner is None and isinstance(function, _Intercept):
+        owner = function._instance
+    if owner is None or isinstance(owner, (types.ModuleType, type)):
+        return None
+    cls = type(owner)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def _this_host() -> str:
     return socket.gethostname()
 
@@ -1038,56 +1406,39 @@ def _manifest_paths(entry: CacheEntry) -> frozenset[str]:
 
 
 def _jobflow_rejects(output: Any) -> bool:
-    """True when jobflow itself cannot store ``output`` (it then fails the job)."""
+    """True when jobflow cannot store ``output`` in a JobStore (it then fails the job).
+
+    Used where the cache cannot see jobflow store the output (``@cached_job`` under another
+    manager; ``run_locally`` records only after jobflow has stored it, see
+    :meth:`Cache.accepting`): jobflow's own conversion (``Job.run``: ``jsanitize(strict=True,
+    enum_values=True, allow_bson=True)``), then the BSON encoding of MongoDB and mongomock
+    (``MemoryStore``, ``JSONStore``), the stores jobflow runs with, which refuse integers
+    beyond 64 bits, say. An output only another kind of JobStore would accept is not cached.
+    """
     try:
-        jsanitize(output, strict=True, enum_values=True, allow_bson=True)
-    except (AttributeError, TypeError, ValueError):
+        sanitized = jsanitize(output, strict=True, enum_values=True, allow_bson=True)
+        bson.encode({"output": sanitized})
+    except Exception:  # AttributeError, TypeError, ValueError, OverflowError, InvalidDocument
         return True
     return False
 
 
+@dataclass
+class _Held:
+    """Entries of jobs running inside :meth:`Cache.accepting`, held until jobflow has stored
+    their outputs, and what to do after (release a claim)."""
+
+    entries: list[tuple[Cache, Job, CacheEntry]] = field(default_factory=list)
+    after: list[Callable[[], None]] = field(default_factory=list)
+
+
+_HELD: contextvars.ContextVar[_Held | None] = contextvars.ContextVar(
+    "jobflow_cache_held", default=None
+)
+
+
 def _warn_not_cached(job: Job, err: BaseException | str) -> None:
     warn(f"jobflow-cache: result of job {job.name!r} was not cached: {err}", stacklevel=3)
-
-
-def _script_version(path: str, function: Callable[..., Any], version: str | None) -> str | None:
-    """``cache_version`` of a call; for a function of a script (``__main__``) its source too.
-
-    ``__main__:relax`` names a different function in every script, so two scripts with a job of
-    the same name would share digests: the function's source code tells them apart.
-    """
-    if not path.startswith("__main__:"):
-        return version
-    try:
-        tag = _SOURCE_TAGS.get(function)
-    except TypeError:  # not weakly referenceable
-        tag = None
-    if tag is None:
-        tag = _source_tag(function)
-        with suppress(TypeError):
-            _SOURCE_TAGS[function] = tag
-    return tag if version is None else f"{version}|{tag}"
-
-
-#: Source tag of each script function seen (reading the source costs ~0.1 ms a call).
-_SOURCE_TAGS: weakref.WeakKeyDictionary[Callable[..., Any], str] = weakref.WeakKeyDictionary()
-
-
-def _source_tag(function: Callable[..., Any]) -> str:
-    try:
-        source = inspect.getsource(function)
-    except (OSError, TypeError):  # no source file (python -c, notebooks): the compiled code
-        code = getattr(function, "__code__", None)
-        source = _code_fingerprint(code) if isinstance(code, types.CodeType) else repr(function)
-    return "source:" + digest_bytes(source.encode())
-
-
-def _code_fingerprint(code: types.CodeType) -> str:
-    """Bytecode, names and constants of ``code`` (nested code objects included, addresses not)."""
-    consts = [
-        _code_fingerprint(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts
-    ]
-    return repr((code.co_code.hex(), code.co_names, code.co_varnames, consts))
 
 
 def _safe_path(function: Callable[..., Any]) -> str:
@@ -1107,8 +1458,14 @@ def current_cache() -> Cache:
     active = _ACTIVE.get()
     if active is not None:
         return active
-    settings = get_settings()
-    if _default_cache is None or _default_cache.settings is not settings:
+    try:
+        settings: CacheSettings | None = get_settings()
+    except SettingsError:  # Cache() warns once and runs every job uncached
+        settings = None
+    if _default_cache is None or (
+        _default_cache.settings is not settings
+        and not (settings is None and isinstance(_default_cache._spec_error, SettingsError))
+    ):
         _default_cache = Cache(settings=settings)
     return _default_cache
 
@@ -1146,4 +1503,7 @@ class _Intercept:
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         if self._instance is not None:
             args = (self._instance, *args)
-        return self._cache.call(self._job, self._function, args, kwargs, JobOptions())
+        try:
+            return self._cache.call(self._job, self._function, args, kwargs, JobOptions())
+        except BaseException as err:  # the job's own error: without the cache's frames
+            raise err.with_traceback(trim_traceback(err.__traceback__, keep_first=False))  # noqa: B904

@@ -34,9 +34,11 @@ from monty.json import MontyDecoder, MontyEncoder
 from monty.serialization import loadfn
 
 from jobflow_cache.codec import UUID_RE
+from jobflow_cache.codeversion import code_differences, current_versions, version_differences
+from jobflow_cache.entry import package_versions
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.executor import META_KEY, Cache, JobOptions, job_options
-from jobflow_cache.hashing import bind_arguments, encode
+from jobflow_cache.hashing import SCHEME, bind_arguments, encode
 from jobflow_cache.store import CacheStore, Outcome, store_from_spec
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "Comparison",
     "Difference",
     "Inputs",
+    "SchemeDifference",
     "compare",
     "diff",
     "job_from_file",
@@ -173,6 +176,20 @@ class Difference:
         return {"path": self.path, "cached": render(self.cached), "now": render(self.now)}
 
 
+@dataclasses.dataclass(frozen=True)
+class SchemeDifference(Difference):
+    """The entry was recorded under another hash scheme (``cached``) than this version's
+    (``now``): its digest was computed by other rules, so no call of this version ever finds
+    it (a clean miss); ``cachetool purge --outdated`` removes such entries."""
+
+    def describe(self, width: int = 60) -> str:
+        """``recorded under hash scheme jfc1 (now jfc2): ...``."""
+        return (
+            f"recorded under hash scheme {self.cached} (now {self.now}): a clean miss, never "
+            "served (purge --outdated removes it)"
+        )
+
+
 def _join(path: str, key: str) -> str:
     key = _key(key)
     return f"{path}.{key}" if _IDENTIFIER.fullmatch(key) else f"{path}[{key!r}]"
@@ -236,6 +253,10 @@ class Inputs:
     name: str = ""
     created: datetime | None = None
     unresolved: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: the hash scheme of an entry (None: a call hashed now, under :data:`.SCHEME`)
+    scheme: str | None = None
+    #: package versions: recorded in the entry, or installed now for a call
+    versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> Inputs:
@@ -248,6 +269,7 @@ class Inputs:
                 canonical = None
         arg_digests = doc.get("arg_digests")
         created = doc.get("created")
+        versions = doc.get("versions")
         return cls(
             function=str(doc.get("function", "")),
             cache_version=doc.get("cache_version"),
@@ -256,6 +278,8 @@ class Inputs:
             digest=doc.get("digest"),
             name=str(doc.get("name", "")),
             created=created if isinstance(created, datetime) else None,
+            scheme=doc.get("scheme") if isinstance(doc.get("scheme"), str) else None,
+            versions=versions if isinstance(versions, dict) else {},
         )
 
 
@@ -274,6 +298,12 @@ class Comparison:
     cache_version: tuple[str | None, str | None] | None = None
     differences: list[Difference] = dataclasses.field(default_factory=list)
     not_kept: list[str] = dataclasses.field(default_factory=list)
+    #: the entry's hash scheme when it is not the current one (it can never be served)
+    scheme: str | None = None
+    #: what changed in the code parts of the digest (own source, used code, env, version)
+    code_notes: list[str] = dataclasses.field(default_factory=list)
+    #: packages recorded in the entry under another version than now (``"atomate2 a -> b"``)
+    version_notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -295,8 +325,15 @@ def compare(now: Inputs, cached: Inputs) -> Comparison:
     (['a'], ['b'], ['b[0]: 1 -> 2'])
     """
     result = Comparison(cached.digest, cached.name, cached.created)
+    if cached.scheme is not None and cached.scheme != SCHEME:
+        result.scheme = cached.scheme
+        result.differences.append(SchemeDifference("(hash scheme)", cached.scheme, SCHEME))
     if now.cache_version != cached.cache_version:
         result.cache_version = (cached.cache_version, now.cache_version)
+        result.code_notes = code_differences(cached.cache_version, now.cache_version)
+    if cached.versions:
+        now_versions = now.versions or current_versions(cached.versions)
+        result.version_notes = version_differences(cached.versions, now_versions)
     names = sorted(set(now.arg_digests) | set(cached.arg_digests) | set(now.unresolved))
     for name in names:
         if name in now.unresolved:
@@ -481,6 +518,7 @@ def job_inputs(job: Job, cache: CacheStore, job_store: JobStore | None = None) -
         None if unresolved else call.digest,
         job.name,
         unresolved=unresolved,
+        versions=package_versions(call.function),
     )
 
 
@@ -525,6 +563,8 @@ def job_outcome(
         "CacheWarning names it).",
         Outcome.ERROR.value: "ran uncached: the cache store was unavailable.",
     }
+    if outcome == Outcome.HIT.value and digest:
+        return [f"{head} {said[outcome]}", *served_version_notes(cache, digest)], None
     if outcome in said or not digest:
         return [f"{head} {said.get(outcome, 'ran uncached.')}"], None
     lines = [f"{head}: {outcome} (digest {digest})."]
@@ -539,3 +579,23 @@ def job_outcome(
     else:
         lines.append("It was recorded after it ran; compared with the other entries:")
     return lines, entry
+
+
+def served_version_notes(cache: CacheStore, digest: str) -> list[str]:
+    """Lines saying that entry ``digest`` was recorded under other package versions than the
+    ones installed now (empty when they are the same, or the entry is gone).
+
+    Installed code is never hashed (an upgrade of atomate2 does not invalidate its entries), so
+    a hit may come from another version of the packages the job's code comes from: this says so.
+    """
+    try:
+        doc = next(iter(cache.find({"digest": digest}, properties=["versions"], limit=1)), None)
+    except Exception:  # explaining never fails on a store problem
+        return []
+    recorded = doc.get("versions") if isinstance(doc, Mapping) else None
+    if not isinstance(recorded, dict) or not recorded:
+        return []
+    notes = version_differences(recorded, current_versions(recorded))
+    if not notes:
+        return []
+    return ["It was recorded under other package versions than now: " + ", ".join(notes) + "."]
