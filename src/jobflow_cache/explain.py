@@ -104,6 +104,18 @@ def _render_tag(tag: str, payload: Any) -> str:
         return "{" + ", ".join(map(_plain, payload)) + "}" if payload else "set()"
     if tag == "dict":
         return "{" + ", ".join(f"{_plain(k)}: {_plain(v)}" for k, v in payload) + "}"
+    if tag == "tuple" and isinstance(payload, list):
+        return "(" + ", ".join(map(_plain, payload)) + ("," if len(payload) == 1 else "") + ")"
+    if tag == "tuple_sub" and isinstance(payload, list) and len(payload) == 2:
+        return f"{str(payload[0]).rpartition(':')[2]}{_render_tag('tuple', payload[1])}"
+    if tag in ("frozenset", "bytearray"):
+        return f"{tag}({_render_tag('set' if tag == 'frozenset' else 'bytes', payload)})"
+    if tag == "npscalar" and isinstance(payload, list) and len(payload) == 2:
+        return f"numpy {payload[0]} {_plain(payload[1])}"
+    if tag in ("datetime", "time") and isinstance(payload, list) and len(payload) == 3:
+        wall, _offset, zone = payload
+        where = "naive" if zone is None else str(zone[-1]) if isinstance(zone, list) else zone
+        return f"{tag}({wall}, {where})"
     if tag == "ndarray":
         dtype, shape, digest = payload
         return f"ndarray({dtype}, {tuple(shape)}, xxh3 {digest[:8]})"

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from jobflow_cache.files import ObjectArea
+from jobflow_cache.hashing import SCHEME
 from jobflow_cache.store import CacheStore
 
 __all__ = ["GCReport", "PurgeReport", "collect_garbage", "purge"]
@@ -152,6 +153,7 @@ def purge(
     gc: bool = True,
     keep_digests: int = 1000,
     cascade: bool = True,
+    outdated_schemes: bool = False,
 ) -> PurgeReport:
     """Remove the matching entries, then the file objects only they referenced.
 
@@ -175,7 +177,13 @@ def purge(
         (:meth:`.CacheStore.dependents`): a result computed from a removed one would
         otherwise be served beside a recomputed upstream result it does not come from. The
         report lists them under ``cascaded`` (and counts them in ``entries``).
+    outdated_schemes
+        Only the matching entries recorded under another hash scheme than :data:`.SCHEME`
+        (they can never be served: ``cachetool purge --outdated``).
     """
+    if outdated_schemes:
+        outdated = {"scheme": {"$ne": SCHEME}}
+        criteria = {"$and": [criteria, outdated]} if criteria else outdated
     report = PurgeReport(dry_run=dry_run)
     candidates: set[str] = set()
     matched: set[str] | None = set() if cascade and criteria else None
