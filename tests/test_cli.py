@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +22,7 @@ from monty.serialization import dumpfn
 
 from jobflow_cache import (
     CacheEntry,
+    CacheSettings,
     CacheStore,
     CacheWarning,
     ObjectArea,
@@ -56,17 +60,15 @@ def test_installed_console_script(isolated_cache, run_dir):
     assert json.loads(proc.stdout)["entries"] == 1
 
 
-def test_unreachable_store_is_one_line_exit_1(tmp_path, monkeypatch):
+def test_a_blocked_cache_dir_is_no_traceback_and_nothing_is_created(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("JOBFLOW_CACHE_DIR", str(blocker / "sub"))
-    exe = shutil.which("cachetool") or os.path.join(os.path.dirname(os.sys.executable), "cachetool")
-    if not os.path.exists(exe):
-        pytest.skip("the cachetool console script is not installed in this environment")
-    proc = subprocess.run([exe, "info"], capture_output=True, text=True, check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("Error: ")
+    proc = subprocess.run([console_script(), "info"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert proc.stderr.startswith("No cache at ")
     assert "Traceback" not in proc.stderr
+    assert blocker.read_text() == ""
 
 
 # --------------------------------------------------------------------------- the full CLI
@@ -169,15 +171,16 @@ def test_show_text_json_and_prefix_errors(built):
     digest = digest_of("relax")
     text = ok("show", digest[:6]).stdout
     for expected in (
-        f"digest         {digest}",
-        "function       tests.jobs:RelaxMaker.make",
-        "status         served on a hit",
+        f"digest    {digest}",
+        "function  tests.jobs:RelaxMaker.make",
+        "status    served on a hit",
         "RelaxMaker(name='relax', settings={}, steps=10)",
         "value  ",
-        '{"value":4.0,"steps":10,"dir_name":',
+        '"value": 4.0,',  # the output as indented JSON, one field a line
+        '"steps": 10,',
         "OUTCAR",
-        f"source job   {relax.uuid} (index 1)",
-        "scheme       jfc2",
+        f"source job  {relax.uuid} (index 1)",
+        "scheme      jfc",
     ):
         assert expected in text, expected
     data = as_json("show", digest[:6].upper())
@@ -295,8 +298,9 @@ def test_verify_reports_by_kind_and_fixes(built, isolated_cache):
     assert invoke("verify", "--function", "tests.jobs:RelaxMaker.make").exit_code == 0
 
     fixed = invoke("verify", "--fix")
-    assert fixed.exit_code == 1
+    assert fixed.exit_code == 0, "everything found was fixed"
     assert "[invalidated]" in fixed.stdout
+    assert fixed.stdout.endswith("Checked 5 entries: 2 problems in 2 entries, all fixed.\n")
     assert ok("verify").stdout == "Checked 5 entries: all sound.\n"
     assert {e["name"] for e in as_json("ls", "--invalid")} == {"add", "write_files"}
 
@@ -312,8 +316,10 @@ def test_stats(built):
     assert data["objects"] == 4
     assert data["files_bytes"] == data["objects_bytes"]
     text = ok("stats", "--top", "1").stdout
-    assert "entries        5 (0 invalid)" in text
-    assert "  ... 2 more (--top 0 lists all)" in text
+    assert "entries      5 (0 invalid)" in text
+    assert "created      just now .. just now" in text
+    assert "      2  tests.jobs:RelaxMaker.make" in text
+    assert "... 2 more (--top 0 lists all)" in text
 
 
 def test_explain_an_entry_a_job_uuid_and_a_job_file(built):
@@ -422,7 +428,7 @@ def test_explain_job_file_of_a_cached_job_uses_its_options(isolated_cache, tmp_p
     recorded = store.query_one({"uuid": job.uuid})["metadata"]["jobflow_cache"]["digest"]
     data = as_json("explain", "--job", str(path))
     assert data["job"]["digest"] == recorded
-    assert data["job"]["cache_version"] == "2"
+    assert data["job"]["cache_version"].endswith("2")
     assert "verbose" not in data["job"]["arg_digests"]
     assert "would be served from the cache" in data["summary"][0]
     assert counts() == {"cached_scale": 1}
@@ -442,3 +448,264 @@ def test_explain_job_file_of_a_script_function_is_one_clear_error(tmp_path):
     assert "__main__:add" in result.stderr
     assert "defined in a script" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- issue 12: a first hour
+# without friction. Every item runs under CliRunner and as the installed script (COLUMNS=80).
+
+
+@dataclass
+class EmtRelaxMaker(jobs.RelaxMaker):
+    """A Maker that inherits ``make``: entries record this class, not RelaxMaker."""
+
+    name: str = "emt relax"
+
+
+def script(*args: str, env: dict[str, str] | None = None, **kwargs):
+    return subprocess.run(
+        [console_script(), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "80", **(env or {})},
+        check=False,
+        **kwargs,
+    )
+
+
+def test_a_fresh_home_read_only_commands_create_nothing(isolated_cache):
+    for args in (["ls"], ["stats"], ["info"], ["verify"], ["gc", "--dry-run"], ["ls", "--json"]):
+        result = invoke(*args)
+        assert result.exit_code == 0, (args, result.output)
+        assert result.stderr.startswith(f"No cache at {isolated_cache / 'cache.sqlite'} yet"), args
+        assert "Traceback" not in result.output
+    assert json.loads(invoke("ls", "--json").stdout) == []
+    assert json.loads(invoke("stats", "--json").stdout)["entries"] == 0
+    assert "no cache entry" in invoke("show", "abcd").stderr
+    proc = script("stats")
+    assert proc.returncode == 0, proc.stderr
+    assert "entries      0 (0 invalid)" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert not isolated_cache.exists(), "no command makes a store"
+
+
+def test_stats_of_an_empty_existing_cache(isolated_cache):
+    with CacheStore.from_settings():
+        pass  # the embedded store, made and empty
+    assert (isolated_cache / "cache.sqlite").exists()
+    text = ok("stats").stdout
+    assert "entries      0 (0 invalid)" in text
+    assert "functions    0" in text
+    proc = script("stats")
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def many_entries(n: int) -> None:
+    with CacheStore.from_settings() as cache:
+        for i in range(n):
+            digest = f"{i:08x}" + "0" * 24
+            cache.put(CacheEntry(digest=digest, scheme="jfc2", function="m:f", name=f"j{i}"))
+
+
+def test_a_closed_pipe_ends_quietly(isolated_cache):
+    many_entries(400)  # far more than a pipe buffer holds as JSON
+    for command in ("ls --limit 0 | head -2", "ls --json --limit 0 | head -2"):
+        proc = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {console_script()} {command}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COLUMNS": "80"},
+            check=False,
+        )
+        assert len(proc.stdout.splitlines()) == 2, command
+        assert proc.stderr == "", (command, proc.stderr)  # no traceback, no "Exception ignored"
+        assert proc.returncode in (0, 1, 141), proc.returncode
+
+
+def test_tables_fit_80_and_120_columns(built):
+    for width in (80, 120):
+        proc = script("ls", env={"COLUMNS": str(width)})
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 6
+        assert max(len(line) for line in lines) <= width, (width, lines)
+        assert lines[0].split()[-1] == "VALID", "every column is shown at 80 already"
+        assert "\x1b[" not in proc.stdout, "no colour off a terminal"
+    wide = script("ls", env={"COLUMNS": "120"}).stdout
+    assert "tests.jobs:RelaxMaker.make" in wide
+    narrow = script("ls", env={"COLUMNS": "80"}).stdout
+    assert "tests.jobs:RelaxMaker.make" not in narrow, "the long function is shortened at 80"
+    assert "\u2026" in narrow
+    tiny = script("ls", env={"COLUMNS": "40"})
+    assert max(len(line) for line in tiny.stdout.splitlines()) <= 40
+    assert "left out to fit 40 columns; see --columns" in tiny.stderr
+    assert "just now" in wide, "times are relative"
+    created = [e["created"] for e in entries()]
+    assert all(datetime.fromisoformat(c).tzinfo is not None for c in created), "JSON: absolute"
+
+
+def test_columns_and_colour(built):
+    result = ok("ls", "--columns", "digest,hits,valid")
+    assert result.stdout.splitlines()[0].split() == ["DIGEST", "HITS", "VALID"]
+    bad = invoke("ls", "--columns", "digest,bogus")
+    assert bad.exit_code == 2
+    assert "unknown column(s) bogus" in bad.stderr
+    ok("invalidate", digest_of("add")[:8], "--reason", "wrong")
+    coloured = script("ls", env={"FORCE_COLOR": "1", "TTY_COMPATIBLE": "1"}).stdout
+    invalid_line = next(line for line in coloured.splitlines() if "NO" in line)
+    assert "\x1b[1;31mNO" in invalid_line, "invalid entries are red"
+    plain = script("ls", env={"FORCE_COLOR": "1", "NO_COLOR": "1"}).stdout
+    assert "\x1b[3" not in plain, "NO_COLOR: no colour"
+
+
+def test_show_prints_indented_json_and_absolute_times(built):
+    digest = digest_of("write_files")
+    proc = script("show", digest[:8], env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    created = as_json("show", digest[:8])["created"]
+    assert created[:16].replace("T", " ") in ok("show", digest[:8]).stdout.replace("T", " ") or (
+        "(just now)" in proc.stdout
+    )
+    assert "(just now)" in proc.stdout
+    assert '"file":' in proc.stdout, "the output dict, one key a line"
+
+
+def test_verify_fix_exits_0_when_everything_was_fixed(built, isolated_cache):
+    with CacheStore.from_settings() as cache:
+        doc = dict(next(cache.find({"name": "add"})))
+        doc["output"] = "999"
+        cache.store.update(doc, key="digest")
+    assert script("verify").returncode == 1
+    proc = script("verify", "--fix")
+    assert proc.returncode == 0, proc.stdout
+    assert "all fixed." in proc.stdout
+    assert script("verify").returncode == 0
+
+
+def test_settings_errors_are_one_line_naming_the_variable(isolated_cache, tmp_path, monkeypatch):
+    error = one_line_error(CliRunner().invoke(cli, ["ls"], env={"JOBFLOW_CACHE_FILES": "hardlink"}))
+    assert "JOBFLOW_CACHE_FILES='hardlink'" in error
+    assert error.endswith("allowed values: 'link', 'copy' or 'none'")
+    proc = script("ls", env={"JOBFLOW_CACHE_DEDUP": "maybe"})
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert "JOBFLOW_CACHE_DEDUP='maybe': expected a boolean (1/0, true/false" in proc.stderr
+    config = tmp_path / "settings.yaml"
+    config.write_text("FILES: hard\n")
+    proc = script("stats", env={"JOBFLOW_CACHE_CONFIG_FILE": str(config)})
+    assert proc.stderr == f"Error: bad jobflow-cache setting FILES: 'hard' in {config}: " + (
+        "allowed values: 'link', 'copy' or 'none'\n"
+    )
+    config.write_text("FILES: [unclosed\n")
+    proc = script("stats", env={"JOBFLOW_CACHE_CONFIG_FILE": str(config)})
+    assert proc.stderr.startswith(f"Error: cannot parse jobflow-cache config file {config}")
+    assert proc.stderr.count("\n") == 1
+    missing = tmp_path / "nowhere.yaml"
+    proc = script("ls", env={"JOBFLOW_CACHE_CONFIG_FILE": str(missing)})
+    assert proc.returncode == 1
+    assert f"JOBFLOW_CACHE_CONFIG_FILE names {missing}, which does not exist" in proc.stderr
+
+
+def test_config_lists_every_setting_and_its_source(isolated_cache, tmp_path, monkeypatch):
+    config = tmp_path / "settings.yaml"
+    config.write_text("MAX_FILE_SIZE: 1000\n")
+    monkeypatch.setenv("JOBFLOW_CACHE_CONFIG_FILE", str(config))
+    monkeypatch.setenv("JOBFLOW_CACHE_DEDUP", "1")
+    rows = {r["name"]: r for r in as_json("config")}
+    assert rows["DEDUP"] == {
+        "name": "DEDUP",
+        "value": True,
+        "source": "environment",
+        "origin": "JOBFLOW_CACHE_DEDUP",
+    }
+    assert (rows["MAX_FILE_SIZE"]["value"], rows["MAX_FILE_SIZE"]["source"]) == (1000, "file")
+    assert rows["MAX_FILE_SIZE"]["origin"] == str(config)
+    assert rows["LEASE"]["source"] == "default"
+    assert set(rows) == set(CacheSettings.model_fields)
+    proc = script("config")
+    assert proc.returncode == 0, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()[1:]) <= 80
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("DEDUP"))
+    assert line.split() == ["DEDUP", "True", "environment"]
+    assert proc.stdout.startswith(f"Settings file: {config}\n")
+    assert not isolated_cache.exists()
+
+
+def test_store_forms_before_and_after_the_command(built, isolated_cache, tmp_path):
+    path = str(isolated_cache / "cache.sqlite")
+    settings_form = tmp_path / "settings.yaml"
+    settings_form.write_text(f"STORE:\n  type: SQLiteStore\n  path: {path}\n")
+    assert len(as_json("ls", "--store", str(settings_form))) == 5
+    assert len(as_json("--store", str(settings_form), "ls")) == 5
+    bare = json.dumps({"type": "SQLiteStore", "path": path})  # the embedded table by default
+    assert as_json("stats", "--store", bare)["entries"] == 5
+    proc = script("ls", "--store", bare, "--json")
+    assert len(json.loads(proc.stdout)) == 5
+    other = json.dumps({"type": "SQLiteStore", "path": path, "collection_name": "cache"})
+    result = invoke("ls", "--store", other)
+    assert result.exit_code == 0
+    assert f"{path} has no table 'cache'" in result.stderr
+    assert "entries (5 rows)" in result.stderr
+    fresh = tmp_path / "fresh.sqlite"
+    result = invoke("ls", "--store", json.dumps({"type": "SQLiteStore", "path": str(fresh)}))
+    assert result.stderr.startswith(f"No cache at {fresh} yet")
+    assert not fresh.exists()
+
+
+def test_unreachable_servers_are_one_line(isolated_cache):
+    error = one_line_error(invoke("ls", "--store", "mongodb://127.0.0.1:1/jfc"))
+    assert error.startswith("Error: cannot reach MongoDB at 127.0.0.1:1 within 2 s: check")
+    proc = script("--store", "postgresql://me@127.0.0.1:1/jfc", "stats")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("Error: cannot reach PostgreSQL at 127.0.0.1:1")
+    assert "Topology" not in proc.stderr
+
+
+def test_entries_record_the_makers_class_and_globs_match_it(isolated_cache, tmp_path, counts):
+    run_locally(EmtRelaxMaker().make(1.0), log=False)
+    run_locally(jobs.RelaxMaker().make(2.0), log=False)
+    found = as_json("ls", "--function", "*EmtRelaxMaker*")
+    assert [(e["name"], e["maker"]) for e in found] == [
+        ("emt relax", "tests.test_cli:EmtRelaxMaker")
+    ]
+    assert found[0]["function"] == "tests.jobs:RelaxMaker.make", "make is RelaxMaker's"
+    assert [e["name"] for e in as_json("ls", "--name", "EmtRelaxMaker")] == ["emt relax"]
+    assert len(as_json("ls", "--function", "tests.jobs:RelaxMaker.make")) == 2
+    assert "MAKER" in script("ls", "--columns", "digest,maker").stdout
+
+
+def test_ctrl_c_interrupts_as_usual(isolated_cache, tmp_path):
+    """A real SIGINT to a process running a flow: the summary so far is printed, the status
+    is KeyboardInterrupt's, and the cache holds the finished jobs, sound."""
+    flow_script = tmp_path / "flow.py"
+    flow_script.write_text(
+        "import time\nfrom pathlib import Path\nfrom jobflow import Flow, job\n"
+        "from jobflow_cache import run_locally\n\n"
+        "@job\ndef add(a, b):\n    return a + b\n\n"
+        "@job\ndef slow(x):\n    Path('started').write_text('')\n    time.sleep(120)\n"
+        "    return x\n\n"
+        "a = add(1, 2)\nb = add(a.output, 3)\nc = slow(b.output)\n"
+        "run_locally(Flow([a, b, c, add(c.output, 1)]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(flow_script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started = tmp_path / "started"
+    for _ in range(600):
+        if started.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert started.exists(), proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, stderr)
+    assert "Interrupted (KeyboardInterrupt) - 3 jobs: 0 served from cache, 3 executed" in stdout
+    assert stderr.rstrip().endswith("KeyboardInterrupt")
+    assert stderr.count('File "') <= 4, stderr  # the script, run_locally, Job.run, the job
+    assert [e["name"] for e in entries()] == ["add", "add"], "finished jobs are cached"
+    assert ok("verify").stdout == "Checked 2 entries: all sound.\n"

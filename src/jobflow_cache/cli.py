@@ -17,7 +17,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,7 +62,7 @@ from jobflow_cache.maintenance import (
     stats,
 )
 from jobflow_cache.purge import GCReport, collect_garbage, purge
-from jobflow_cache.settings import CacheSettings, get_settings, setting_sources
+from jobflow_cache.settings import CacheSettings, config_file, get_settings, setting_sources
 from jobflow_cache.sqlite_store import SQLiteStore
 from jobflow_cache.store import CacheStore, Outcome
 from jobflow_cache.verify import Problem, ProblemKind, verify
@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 _PAGE = 200
 _OUTPUT_LINES = 40
 #: Seconds a database server may take to answer before cachetool gives up on it.
-CONNECT_TIMEOUT = 3.0
+CONNECT_TIMEOUT = 2.0
 
 
 # --------------------------------------------------------------------------- output
@@ -262,7 +262,7 @@ def _print_table(columns: list[Column], rows: list[list[Text]], out: Console | N
 def _mongo_uri_spec(uri: str) -> dict[str, Any]:
     database = urlsplit(uri).path.lstrip("/") or "jobflow_cache"
     return {
-        "type": "MongoURIStore",
+        "type": "MongoStore",
         "uri": uri,
         "database": database,
         "collection_name": "entries",
@@ -696,15 +696,16 @@ def config(as_json: bool) -> None:
         )
         return
     styles = {"environment": "cyan", "file": "magenta", "default": "dim"}
+    file, named = config_file()
+    exists = file.is_file() or str(file) == os.devnull
+    state = "" if exists else " (not found: none used)" if not named else " (not found)"
+    click.echo(f"Settings file: {file}{state}")
     columns = [Column("NAME"), Column("VALUE", flex=True, min_width=12), Column("SOURCE")]
     cells = [
         [
             Text(r.name, style="bold"),
             Text(_setting_text(r.value)),
-            Text(
-                f"{r.source} ({r.origin})" if r.origin else r.source,
-                style=styles.get(r.source, ""),
-            ),
+            Text(r.source, style=styles.get(r.source, "")),
         ]
         for r in rows
     ]
@@ -770,13 +771,19 @@ def _cells(item: _Row, columns: Iterable[str], now: datetime) -> list[Text]:
 
 def _rows(
     cache: CacheStore, criteria: dict[str, Any], sort: str, reverse: bool, limit: int
-) -> Iterator[_Row]:
+) -> Generator[_Row, None, None]:
     order: dict[str, Sort | int] = {SORT_FIELDS[sort]: 1 if reverse else -1}
     docs = cache.find(criteria, properties=[*ROW_FIELDS, "maker"], sort=order, limit=limit)
-    for doc in docs:
-        row = EntryRow.from_document(doc)
-        maker = doc.get("maker")
-        yield _Row(row, maker if isinstance(maker, str) else None, short_digest(cache, row.digest))
+    try:
+        for doc in docs:
+            row = EntryRow.from_document(doc)
+            maker = doc.get("maker")
+            maker = maker if isinstance(maker, str) else None
+            yield _Row(row, maker, short_digest(cache, row.digest))
+    finally:
+        close = getattr(docs, "close", None)
+        if close is not None:
+            close()
 
 
 class _Columns(click.ParamType):
@@ -880,6 +887,8 @@ def ls_command(
     cache = _cache()
     criteria = _criteria(name, function, since, before, invalid)
     rows = _rows(cache, criteria, sort, reverse, limit)
+    # closed while the store is open, also when the reader of a pipe has gone (| head)
+    click.get_current_context().call_on_close(rows.close)
     if as_json:  # streamed: the same text as one json.dumps(indent=2) of the whole list
         opening = "["
         for item in rows:

@@ -49,6 +49,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
+import threading
 import traceback
 import types
 from collections import defaultdict
@@ -69,7 +71,17 @@ from mongomock_ng.filtering import filter_applies, resolve_sort_key
 from mongomock_ng.helpers import patch_datetime_awareness_in_document
 from monty.json import jsanitize
 
-from jobflow_cache.executor import Cache, FilesMode, _Intercept, is_cached_function
+from jobflow_cache.errors import trim_traceback
+from jobflow_cache.executor import (
+    RUN_FILES,
+    RUN_FOLDERS,
+    Cache,
+    CacheReport,
+    FilesMode,
+    _Intercept,
+    is_cached_function,
+    progress,
+)
 from jobflow_cache.settings import cache_disabled
 from jobflow_cache.store import CacheStore
 
@@ -150,11 +162,23 @@ raise_immediately
         initialize_logger(fmt=log if isinstance(log, str) else "")
     flow = get_flow(flow, allow_external_references=allow_external_references)
 
-    manager = _LocalManager(_indexed_view(store), session, root, create_folders, raise_immediately)
-    with session.activate() if session is not None else nullcontext():
-        manager_log.info("Started executing jobs locally")
-        finished_successfully = manager.run(flow)
-        manager_log.info("Finished executing jobs locally")
+    manager = _LocalManager(
+        _indexed_view(store), session, root, create_folders, raise_immediately, files
+    )
+    try:
+        with (
+            session.activate() if session is not None else nullcontext(),
+            _progress(manager.report, show=not log),
+        ):
+            manager_log.info("Started executing jobs locally")
+            finished_successfully = manager.run(flow)
+            manager_log.info("Finished executing jobs locally")
+    except BaseException as err:  # Ctrl-C: what was done (the cache is written); the job's
+        if log:  # error: the frames of plain jobflow
+            _log_summary(manager.report, session, interrupted=isinstance(err, KeyboardInterrupt))
+        raise err.with_traceback(trim_traceback(err.__traceback__, keep_first=False))  # noqa: B904
+    if log:
+        _log_summary(manager.report, session)
 
     if ensure_success and not finished_successfully:
         raise RuntimeError("Flow did not finish running successfully")
@@ -168,15 +192,104 @@ def _session(
     if cache is False or cache_disabled():
         return None
     if isinstance(cache, Cache):
-        session = cache
-        if create_folders:
-            session.exclusive_dirs = True
-    else:
-        cache_store = cache if isinstance(cache, CacheStore) else None
-        session = Cache(cache_store, files=files, exclusive_dirs=create_folders)
-    if files is not None:
-        session.files = files
-    return session
+        # never changed: what this run knows of its folders (create_folders) and its files=
+        # hold for its own jobs only (RUN_FOLDERS and RUN_FILES, see _LocalManager._execute)
+        return cache
+    cache_store = cache if isinstance(cache, CacheStore) else None
+    return Cache(cache_store, files=files, exclusive_dirs=create_folders)
+
+
+# -- the run's summary and progress ---------------------------------------------------------------
+#: Misses the summary explains (each costs one query of the nearest entries of its function).
+EXPLAINED_MISSES = 3
+
+
+def _off_reason() -> str:
+    if cache_disabled():
+        return "JOBFLOW_CACHE_DISABLE is set"
+    return "run_locally(cache=False)"
+
+
+def _log_summary(report: CacheReport, session: Cache | None, interrupted: bool = False) -> None:
+    """Log what the run did on ``jobflow.cache``; for the first misses that have a near cached
+    entry of the same function, the field that differs and the command that shows more."""
+    head = "Interrupted (KeyboardInterrupt) - " if interrupted else "Cache summary - "
+    progress.info("%s%s", head, report.summary())
+    if session is None or report.off is not None or not report.misses:
+        return
+    hinted: list[str] = []
+    try:
+        for digest, line in _miss_hints(report, session):
+            hinted.append(digest)
+            progress.info("  %s", line)
+    except Exception as err:  # explaining is a courtesy: never fail the run for it
+        logger.debug("could not explain the misses: %s", err)
+    others = [(name, digest) for name, digest in report.misses if digest not in hinted]
+    if others and (hinted or report.hits):  # a rerun that missed: which digests to explain
+        shown = ", ".join(f"{name} {digest[:8]}" for name, digest in others[:EXPLAINED_MISSES])
+        more = len(report.executed) - len(hinted) - min(len(others), EXPLAINED_MISSES)
+        shown += f" and {more} more" if more > 0 else ""
+        progress.info("  missed: %s (cachetool explain DIGEST says why)", shown)
+
+
+def _miss_hints(report: CacheReport, session: Cache) -> Iterator[tuple[str, str]]:
+    # explain sits above local in the layers; imported here, only when there are misses
+    from jobflow_cache.explain import Inputs, nearest
+
+    store = session.store
+    explained = 0
+    recorded_now = frozenset(digest for _, digest in report.misses)  # compare with older ones
+    for name, digest in report.misses:
+        if explained == EXPLAINED_MISSES:
+            break
+        doc = next(iter(store.find({"digest": digest}, limit=1)), None)
+        if doc is None:  # not recorded (the job failed)
+            continue
+        now = Inputs.from_document(doc)
+        comparisons, _ = nearest(store, now, exclude=recorded_now, count=1)
+        if not comparisons:
+            continue
+        explained += 1
+        best = comparisons[0]
+        if best.differences:
+            first = best.differences[0]
+            what = f"{first.path} {first.cached} \u2192 {first.now}"
+            more = len(best.differences) - 1
+            what += f" (+{more} more)" if more else ""
+        elif best.cache_version is not None:
+            what = f"cache_version {best.cache_version[0]} \u2192 {best.cache_version[1]}"
+        else:
+            what = ", ".join(best.changed or best.only_now or best.only_cached) or "inputs"
+        yield digest, f"{name}: {what}; cachetool explain {digest[:8]}"
+
+
+@contextmanager
+def _progress(report: CacheReport, show: bool) -> Iterator[None]:
+    """A live count of the run's jobs on stderr, on a terminal only (and without log lines)."""
+    if not show or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    def text() -> str:
+        done = len(report.served) + len(report.executed)
+        return f"{done} jobs done ({len(report.served)} served from cache)"
+
+    console = Console(stderr=True)
+    with console.status(text()) as status:
+        stop = threading.Event()
+
+        def refresh() -> None:
+            while not stop.wait(0.25):
+                status.update(text())
+
+        thread = threading.Thread(target=refresh, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
 
 # -- the manager loop (jobflow/managers/local.py) --------------------------------------------------
@@ -190,14 +303,18 @@ class _LocalManager:
         root_dir: Path,
         create_folders: bool,
         raise_immediately: bool,
+        files: FilesMode | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
+        self.files = files  # run_locally(files=): for this run's jobs only
         self.root_dir = root_dir
         self.create_folders = create_folders
         self.raise_immediately = raise_immediately
         self.stopped_parents: set[str] = set()
         self.errored: set[str] = set()
+        # the run's summary: the session's report, or one of its own when there is no cache
+        self.report = cache.report if cache is not None else CacheReport(off=_off_reason())
         self.responses: dict[str, dict[int, Response]] = defaultdict(dict)
         self.stop_jobflow = False
 
@@ -217,12 +334,14 @@ class _LocalManager:
 
     def _run_job(self, job: Job, parents: list[str]) -> tuple[Response | None, bool]:
         if self.stop_jobflow:
+            self.report.not_run.append(job.name)
             return None, True
 
         if not self.stopped_parents.isdisjoint(parents):
             # stop children has been called for one of the jobs' parents
             manager_log.info(f"{job.name} is a child of a job with stop_children=True, skipping...")
             self.stopped_parents.add(job.uuid)
+            self.report.not_run.append(job.name)
             return None, False
 
         if (
@@ -230,16 +349,26 @@ class _LocalManager:
             and job.config.on_missing_references == OnMissing.ERROR
         ):
             self.errored.add(job.uuid)
+            self.report.not_run.append(job.name)
             return None, False
 
         if self.raise_immediately:
-            response = self._execute(job)
-        else:
             try:
                 response = self._execute(job)
             except Exception:
-                manager_log.info(f"{job.name} failed with exception:\n{traceback.format_exc()}")
+                self.report.failed.append(job.name)
+                raise
+        else:
+            try:
+                response = self._execute(job)
+            except Exception as err:
+                # the frames plain jobflow shows: none of the cache's
+                shown = traceback.format_exception(
+                    type(err), err, trim_traceback(err.__traceback__)
+                )
+                manager_log.info(f"{job.name} failed with exception:\n{''.join(shown)}")
                 self.errored.add(job.uuid)
+                self.report.failed.append(job.name)
                 return None, False
 
         self.responses[job.uuid][job.index] = response
@@ -283,18 +412,32 @@ class _LocalManager:
         """``job.run(store)``, its function call going through the cache (or none at all)."""
         function = job.function
         if self.cache is None:
+            self.report.executed.append(job.name)
             if not is_cached_function(function):
                 return job.run(store=self.store)
             stand_in: Any = _Undecorated(function)
-        elif is_cached_function(function):
-            return job.run(store=self.store)  # @cached_job: intercepts itself (activated cache)
-        else:
-            stand_in = _Intercept(self.cache, job, function)
-        job.function = stand_in
+            job.function = stand_in
+            try:
+                return job.run(store=self.store)
+            finally:
+                job.function = function
+        # what this run knows of its folders wins over Cache(exclusive_dirs=) and
+        # EXCLUSIVE_DIRS, for its own jobs only; and an entry is written once jobflow has
+        # stored the job's output (Cache.accepting)
+        folders = RUN_FOLDERS.set(self.create_folders)
+        files = RUN_FILES.set(self.files)
         try:
-            return job.run(store=self.store)
+            with self.cache.accepting(job):
+                if is_cached_function(function):  # @cached_job: intercepts itself
+                    return job.run(store=self.store)
+                job.function = _Intercept(self.cache, job, function)
+                try:
+                    return job.run(store=self.store)
+                finally:
+                    job.function = function
         finally:
-            job.function = function
+            RUN_FILES.reset(files)
+            RUN_FOLDERS.reset(folders)
 
 
 class _Undecorated:
