@@ -120,7 +120,7 @@ def test_failed_job_is_not_recorded(counts, job_store, cache_store, run_dir, mon
     assert cache_store.count() == 1
 
 
-def test_files_are_linked_into_the_new_run_folder(counts, job_store, cache_store, tmp_path):
+def test_files_are_copied_into_the_new_run_folder(counts, job_store, cache_store, tmp_path):
     root1, root2 = tmp_path / "run1", tmp_path / "run2"
     w1 = jobs.write_files("x", size=3)
     r1 = jobs.read_back(w1.output)
@@ -139,9 +139,11 @@ def test_files_are_linked_into_the_new_run_folder(counts, job_store, cache_store
     for rel in ("result.txt", "sub/data.bin"):
         old, new = old_dir / rel, new_dir / rel
         assert new.read_bytes() == old.read_bytes()
-        assert new.stat().st_ino == old.stat().st_ino, "hard link to the same object"
-        assert new.stat().st_nlink >= 3  # old folder, object area, new folder
-        assert not new.stat().st_mode & 0o222, "linked files are read-only"
+        # independent copies (issue 11): no inode shared with the object area or another run
+        assert new.stat().st_ino != old.stat().st_ino
+        assert new.stat().st_nlink == 1
+        assert old.stat().st_nlink == 1, "recording never hard-links the user's file"
+        assert new.stat().st_mode & 0o200, "a served file is writable, as the job left it"
     assert job_store.get_output(r2.uuid) == 3
 
 
@@ -498,7 +500,8 @@ def test_files_none_records_no_files_but_restores_an_entrys_files(
     assert meta(job_store, w.uuid)["outcome"] == "hit"
     folder = next((tmp_path / "b").iterdir())
     assert (folder / "result.txt").read_text() == "n\n" * 10
-    # recorded with files=none: the entry has no files, and a hit restores none
+    # recorded with files=none: the entry lists the files by digest only (issue 11); a hit
+    # copies them from the recording folder while they are unchanged there, else runs
     x = jobs.write_files("m")
     x.update_metadata({META_KEY: {"files": "none"}})
     run_in(tmp_path / "c", x, job_store, cache_store)
@@ -506,7 +509,15 @@ def test_files_none_records_no_files_but_restores_an_entrys_files(
     run_in(tmp_path / "d", y, job_store, cache_store)
     assert counts()["write_files"] == 2
     assert meta(job_store, y.uuid)["outcome"] == "hit"
-    assert list(next((tmp_path / "d").iterdir()).iterdir()) == []
+    served = next((tmp_path / "d").iterdir())
+    assert (served / "result.txt").read_text() == "m\n" * 10
+    assert (served / "sub" / "data.bin").read_bytes() == b"m" * 10
+    (next((tmp_path / "c").iterdir()) / "result.txt").write_text("edited")
+    z = jobs.write_files("m")
+    run_in(tmp_path / "e", z, job_store, cache_store)
+    assert counts()["write_files"] == 3, "the source changed: the job runs"
+    assert meta(job_store, z.uuid)["outcome"] == "miss"
+    assert "result.txt" in meta(job_store, z.uuid)["reason"]
 
 
 def test_partial_files_of_a_failed_job_are_never_recorded(
@@ -533,14 +544,23 @@ def test_files_over_max_file_size_are_skipped_and_listed(
     w1 = jobs.write_files("abcd", size=10)
     run_in(tmp_path / "run1", w1, job_store, cache_store, ensure_success=True)
     (entry,) = cache_store.entries()
-    assert [f.path for f in entry.files] == ["sub/data.bin"]
+    assert [(f.path, f.stored) for f in entry.files] == [
+        ("result.txt", False),
+        ("sub/data.bin", True),
+    ]
     assert entry.files_skipped == {"result.txt": 50}
     w2 = jobs.write_files("abcd", size=10)
     run_in(tmp_path / "run2", w2, job_store, cache_store, ensure_success=True)
     assert counts() == {"write_files": 1}
     new_dir = Path(job_store.get_output(w2.uuid)["dir_name"])
     assert (new_dir / "sub/data.bin").read_bytes() == b"abcd" * 10
-    assert not (new_dir / "result.txt").exists(), "a skipped file is not restored"
+    # a skipped file is copied from the recording folder, where it is unchanged (issue 11)
+    assert (new_dir / "result.txt").read_text() == "abcd\n" * 10
+    old_dir = Path(job_store.get_output(w1.uuid)["dir_name"])
+    (old_dir / "result.txt").write_text("gone")
+    w3 = jobs.write_files("abcd", size=10)
+    run_in(tmp_path / "run3", w3, job_store, cache_store, ensure_success=True)
+    assert counts() == {"write_files": 2}, "no longer there unchanged: the job runs"
 
 
 # -- entries and hit counts written behind, in batches, during a run -------------------------------

@@ -8,7 +8,10 @@ import multiprocessing
 import os
 import random
 import stat
+import subprocess
+import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+REPO = Path(__file__).resolve().parents[1]
 
 
 def xxh(data: bytes) -> str:
@@ -649,3 +653,342 @@ def test_module_doctests() -> None:
     result = doctest.testmod(files)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+# --------------------------------------------------------------------------- before/after records
+
+
+def test_record_changes_keeps_before_and_after_states(area: ObjectArea, run: Path) -> None:
+    known = write(run / "known.txt", b"written by an earlier job\n")
+    area.record(run, ["known.txt"])  # an earlier job recorded it: its digest is remembered
+    write(run / "unknown.txt", b"the user's file\n")
+    write(run / "WAVECAR", b"wave")
+    area.record(run, ["WAVECAR"])
+    write(run / "kept.txt", b"untouched", mode=0o640)
+    kept = os.stat(run / "kept.txt")
+    before = snapshot(run)
+
+    with known.open("a") as fh:
+        fh.write("appended\n")
+    with (run / "unknown.txt").open("a") as fh:
+        fh.write("appended\n")
+    (run / "WAVECAR").unlink()
+    (run / "latest").symlink_to("known.txt")
+    (run / "empty" / "deeper").mkdir(parents=True)
+    records = {r.path: r for r in area.record_changes(run, before, snapshot(run))}
+
+    assert sorted(records) == ["WAVECAR", "empty/deeper", "known.txt", "latest", "unknown.txt"]
+    assert records["known.txt"].before == files.FileState(
+        size=26, xxh3=xxh(b"written by an earlier job\n")
+    )
+    assert records["known.txt"].xxh3 == xxh(b"written by an earlier job\nappended\n")
+    assert records["unknown.txt"].before == files.FileState(size=16, xxh3="")  # not known
+    assert records["WAVECAR"].kind == "deleted"
+    assert records["WAVECAR"].before == files.FileState(size=4, xxh3=xxh(b"wave"))
+    assert (records["latest"].kind, records["latest"].target) == ("symlink", "known.txt")
+    assert records["empty/deeper"].kind == "dir"  # "empty" holds it: not recorded itself
+    st = os.stat(run / "kept.txt")
+    assert (st.st_ino, st.st_mode, st.st_mtime_ns) == (kept.st_ino, kept.st_mode, kept.st_mtime_ns)
+
+
+def test_materialize_applies_deletions_symlinks_and_folders(area: ObjectArea, run: Path) -> None:
+    write(run / "WAVECAR", b"wave")
+    area.record(run, ["WAVECAR"])
+    before = snapshot(run)
+    (run / "WAVECAR").unlink()
+    (run / "latest").symlink_to("OUTCAR")
+    (run / "abs").symlink_to("/nonexistent/target")
+    (run / "scratch").mkdir()
+    write(run / "OUTCAR", b"energy")
+    records = area.record_changes(run, before, snapshot(run))
+
+    dest = run.parent / "served"
+    write(dest / "WAVECAR", b"wave")  # what the recorded job found
+    area.materialize(records, dest)
+    assert not (dest / "WAVECAR").exists()
+    assert os.readlink(dest / "latest") == "OUTCAR"
+    assert os.readlink(dest / "abs") == "/nonexistent/target"
+    assert (dest / "scratch").is_dir()
+    assert not any((dest / "scratch").iterdir())
+    assert (dest / "OUTCAR").read_bytes() == b"energy"
+
+    other = run.parent / "other"
+    write(other / "WAVECAR", b"a WAVECAR of another job")
+    with pytest.raises(FolderConflictError, match="'WAVECAR' holds a file of 24 bytes"):
+        area.materialize(records, other)
+    assert sorted(p.name for p in other.iterdir()) == ["WAVECAR"], "nothing was changed"
+
+
+def test_materialize_refuses_a_file_whose_before_content_is_unknown(
+    area: ObjectArea, run: Path
+) -> None:
+    write(run / "energies.csv", b"a,1\n")  # the user's file, never hashed by the cache
+    before = snapshot(run)
+    with (run / "energies.csv").open("a") as fh:
+        fh.write("b,2\n")
+    records = area.record_changes(run, before, snapshot(run))
+    dest = run.parent / "served"
+    write(dest / "energies.csv", b"a,1\n")
+    with pytest.raises(FolderConflictError, match="content not known"):
+        area.materialize(records, dest)
+    assert (dest / "energies.csv").read_bytes() == b"a,1\n"
+    # a folder that already holds what the job left needs nothing
+    write(dest / "energies.csv", b"a,1\nb,2\n")
+    area.materialize(records, dest)
+
+
+def test_unstored_files_come_from_the_source_folder_only_unchanged(
+    area: ObjectArea, run: Path
+) -> None:
+    before = snapshot(run)
+    write(run / "big.bin", b"x" * 5000)
+    write(run / "small.txt", b"s")
+    records = area.record_changes(run, before, snapshot(run), max_size=1000)
+    big = pick(records, "big.bin")
+    assert (big.stored, big.size, big.xxh3) == (False, 5000, xxh(b"x" * 5000))
+    assert list(area.iter_objects()) == [(xxh(b"s"), 1)]
+    assert area.has_all(records)
+    assert area.verify(big) is None
+
+    area.materialize(records, run.parent / "a", source_dir=run)
+    assert (run.parent / "a" / "big.bin").read_bytes() == b"x" * 5000
+    write(run / "big.bin", b"y" * 5000)
+    with pytest.raises(FolderConflictError, match=r"'big\.bin' was not stored"):
+        area.materialize(records, run.parent / "b", source_dir=run)
+    assert not (run.parent / "b").exists()
+    with pytest.raises(FolderConflictError):
+        area.materialize(records, run.parent / "c", source_dir=None)
+
+
+def test_live_sqlite_files_are_not_recorded(area: ObjectArea, run: Path) -> None:
+    import sqlite3
+
+    db = run / "other.sqlite"
+    holder = sqlite3.connect(db)
+    try:
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("CREATE TABLE t (x)")
+        holder.commit()
+        before = snapshot(run, files.LIVE_FILE_PATTERNS)
+        writer = sqlite3.connect(db)
+        with writer:
+            writer.execute("INSERT INTO t VALUES (1)")
+        writer.close()
+        write(run / "result.txt", b"r")
+        assert (run / "other.sqlite-wal").exists()
+        records = area.record_changes(run, before, snapshot(run, files.LIVE_FILE_PATTERNS))
+    finally:
+        holder.close()
+    assert [r.path for r in records] == ["result.txt"]
+
+
+# --------------------------------------------------------------------------- end to end
+# Real flows in fresh processes (tests/files_jobs.py), compared file by file with jobflow.
+
+
+def tree(folder: Path) -> dict[str, object]:
+    """Every path below ``folder``: file bytes and mode, symlink target text, or a folder."""
+    found: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                found[rel] = ("symlink", os.readlink(path))
+            elif path.is_dir():
+                found[rel] = "dir"
+            else:
+                found[rel] = (path.read_bytes(), perms(path))
+    return found
+
+
+def job_trees(root: Path) -> list[dict[str, object]]:
+    """The trees of the job folders of a create_folders=True run (names differ per run)."""
+    return sorted((tree(p) for p in root.iterdir()), key=repr)
+
+
+def run_flow(
+    tmp_path: Path,
+    scenario: str,
+    root: Path,
+    variant: str = "1",
+    engine: str = "cache",
+    create: bool = False,
+    env: dict[str, str] | None = None,
+) -> dict[str, int]:
+    """Run a scenario's flow in a fresh process; return its executions per job."""
+    counts = tmp_path / f"counts-{uuid_hex()}"
+    environ = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JFC_COUNTS_FILE": str(counts),
+        **(env or {}),
+    }
+    args = [scenario, str(root), variant, engine, "1" if create else "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.files_jobs", *args],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = counts.read_text().split() if counts.exists() else []
+    return dict(Counter(lines))
+
+
+def uuid_hex() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def test_shared_folder_append_loses_no_line(tmp_path: Path) -> None:
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    run_flow(tmp_path, "energies", plain, "1", engine="plain")
+    assert run_flow(tmp_path, "energies", cached, "1") == {"append_energy": 2}
+    assert tree(cached) == tree(plain)
+
+    # a fresh folder, same flow: both served (the second finds what it found when it was
+    # recorded: the first job's line), and the folder is jobflow's
+    fresh = tmp_path / "fresh"
+    assert run_flow(tmp_path, "energies", fresh, "1") == {}
+    assert tree(fresh) == tree(plain)
+
+    # rebuilt flow, same folder: the first job reruns (new input) and appends its line; the
+    # second finds energies.csv holding that line, not what it found when it was recorded,
+    # so it runs too instead of copying its recorded energies.csv over the new line
+    run_flow(tmp_path, "energies", plain, "3", engine="plain")
+    assert run_flow(tmp_path, "energies", cached, "3") == {"append_energy": 2}
+    assert tree(cached) == tree(plain)
+    assert (cached / "energies.csv").read_text().count("\n") == 4
+
+
+def test_served_job_deletes_what_the_job_deleted(tmp_path: Path) -> None:
+    plain, first, served = tmp_path / "plain", tmp_path / "first", tmp_path / "served"
+    run_flow(tmp_path, "wavecar", plain, engine="plain")
+    assert run_flow(tmp_path, "wavecar", first) == {"write_wavecar": 1, "delete_wavecar": 1}
+    assert run_flow(tmp_path, "wavecar", served) == {}
+    assert not (served / "WAVECAR").exists()
+    assert tree(served) == tree(plain) == tree(first)
+    # again in the same folders: the same final state as jobflow's rerun
+    run_flow(tmp_path, "wavecar", plain, engine="plain")
+    assert run_flow(tmp_path, "wavecar", served) == {}
+    assert tree(served) == tree(plain)
+
+
+def test_symlinks_and_empty_folders_are_restored(tmp_path: Path) -> None:
+    plain, first, served = tmp_path / "plain", tmp_path / "first", tmp_path / "served"
+    run_flow(tmp_path, "links", plain, engine="plain")
+    assert run_flow(tmp_path, "links", first) == {"links_and_dirs": 1}
+    assert run_flow(tmp_path, "links", served) == {}
+    assert tree(served) == tree(plain)
+    assert os.readlink(served / "absolute") == "/nonexistent/jfc/target"
+    assert (served / "scratch" / "empty").is_dir()
+    plain_c, first_c, served_c = tmp_path / "plain_c", tmp_path / "first_c", tmp_path / "srv_c"
+    run_flow(tmp_path, "links", plain_c, engine="plain", create=True)
+    # the same inputs: served from the shared-folder entry into a folder of its own
+    assert run_flow(tmp_path, "links", first_c, create=True) == {}
+    assert run_flow(tmp_path, "links", served_c, create=True) == {}
+    assert job_trees(first_c) == job_trees(served_c) == job_trees(plain_c)
+
+
+@pytest.mark.parametrize("files_mode", ["copy", "link"])
+def test_downstream_append_to_a_served_file(
+    tmp_path: Path, isolated_cache: Path, files_mode: str
+) -> None:
+    env = {"JOBFLOW_CACHE_FILES": files_mode}
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    assert run_flow(tmp_path, "downstream", first, "1", create=True, env=env) == {
+        "write_out": 1,
+        "append_line": 1,
+    }
+    (first_outcar,) = first.glob("*/OUTCAR")
+    # recording left the user's file alone: own inode, writable, mode unchanged
+    assert os.stat(first_outcar).st_nlink == 1
+    assert perms(first_outcar) == 0o644
+    assert first_outcar.read_text() == "energy x\nappended 1\n"
+
+    counts = run_flow(tmp_path, "downstream", second, "2", create=True, env=env)
+    assert counts == {"append_line": 1}, "the writer is served, the appender runs"
+    (second_outcar,) = second.glob("*/OUTCAR")
+    assert second_outcar.read_text() == "energy x\nappended 2\n"
+    assert first_outcar.read_text() == "energy x\nappended 1\n", "other run's folder unchanged"
+
+    plain = tmp_path / "plain"
+    run_flow(tmp_path, "downstream", plain, "3", engine="plain", create=True)
+    assert run_flow(tmp_path, "downstream", third, "3", create=True, env=env) == {"append_line": 1}
+    assert job_trees(third) == job_trees(plain)  # the object still holds the writer's file
+    area = ObjectArea(isolated_cache / "objects")
+    objects = list(area.iter_objects())
+    assert objects
+    assert all(
+        area.verify(FileRecord(path="x", size=size, xxh3=digest)) is None
+        for digest, size in objects
+    )
+
+
+@pytest.mark.parametrize(
+    "env", [{"JOBFLOW_CACHE_MAX_FILE_SIZE": "1000"}, {"JOBFLOW_CACHE_FILES": "none"}]
+)
+def test_files_not_stored_are_served_only_from_an_unchanged_source(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    plain, first = tmp_path / "plain", tmp_path / "first"
+    run_flow(tmp_path, "big", plain, engine="plain")
+    assert run_flow(tmp_path, "big", first, env=env) == {"big_file": 1}
+    served = tmp_path / "served"
+    assert run_flow(tmp_path, "big", served, env=env) == {}
+    assert tree(served) == tree(plain)
+
+    (first / "big.bin").write_bytes(b"changed")
+    again = tmp_path / "again"
+    assert run_flow(tmp_path, "big", again, env=env) == {"big_file": 1}, "the job runs"
+    assert tree(again) == tree(plain)
+
+
+def test_a_live_wal_in_the_shared_folder_is_neither_recorded_nor_replaced(
+    tmp_path: Path, isolated_cache: Path
+) -> None:
+    import sqlite3
+
+    import jobflow_cache
+    from jobflow_cache.store import CacheStore
+    from tests import files_jobs
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    db = shared / "cache.sqlite"
+    holder = sqlite3.connect(db)  # another program's live database in the run folder
+    try:
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("CREATE TABLE t (x)")
+        holder.commit()
+        jobflow_cache.run_locally(
+            files_jobs.poke_database(str(db), "a"), root_dir=shared, ensure_success=True
+        )
+        wal = os.stat(shared / "cache.sqlite-wal")
+        store = CacheStore.from_settings()
+        store.connect()
+        try:
+            (doc,) = list(store.find({}, properties=["files"]))
+        finally:
+            store.close()
+        assert [r["path"] for r in doc["files"]] == ["result.txt"]
+
+        holder.execute("INSERT INTO t VALUES ('held')")
+        holder.commit()
+        wal = os.stat(shared / "cache.sqlite-wal")
+        jobflow_cache.run_locally(
+            files_jobs.poke_database(str(db), "a"), root_dir=shared, ensure_success=True
+        )
+        after = os.stat(shared / "cache.sqlite-wal")
+        assert after.st_ino == wal.st_ino, "the live WAL was not replaced"
+        rows = sorted(r[0] for r in holder.execute("SELECT x FROM t"))
+        # served (result.txt is as the job left it); the database keeps what it holds
+        assert rows == ["a", "held"]
+        assert (shared / "result.txt").read_text() == "a"
+        assert holder.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        holder.close()

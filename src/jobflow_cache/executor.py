@@ -727,18 +727,15 @@ class Cache:
         except TypeError as err:
             raise _CallMismatchError(str(err)) from err
         # user code (not installed packages) counts by its source, see jobflow_cache.codeversion
-        code = codeversion.job_code(
-            function,
-            codeversion.instance_type(function, args),
-            versioned=options.cache_version is not None,
-        )
+        instance = codeversion.instance_type(function, args)
+        code = codeversion.job_code(function, instance, versioned=options.cache_version is not None)
         env = codeversion.env_part(
             codeversion.env_names(options.env, getattr(self.settings, "DIGEST_ENV", None))
         )
         normalize = self._normalizer(refs)
         version = codeversion.cache_version_slot(options.cache_version, code, env=env)
         call = digest_call(path, arguments, cache_version=version, normalize_str=normalize)
-        named = codeversion.argument_code(call.encodings, call.arg_digests)
+        named = codeversion.argument_code(call.encodings, call.arg_digests, instance)
         if named is not None:  # user functions or classes in the arguments: their code too
             version = codeversion.cache_version_slot(options.cache_version, code, named, env)
             call = digest_call(path, arguments, cache_version=version, normalize_str=normalize)
