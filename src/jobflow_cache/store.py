@@ -31,7 +31,7 @@ from jobflow_cache.entry import (
     unpack_document,
     utcnow,
 )
-from jobflow_cache.errors import CacheError, StoreUnavailableError
+from jobflow_cache.errors import CacheError, SettingsError, StoreUnavailableError
 from jobflow_cache.hashing import SCHEME
 from jobflow_cache.settings import CacheSettings, get_settings
 from jobflow_cache.sqlite_store import SQLiteStore
@@ -231,7 +231,10 @@ class CacheStore(MSONable):
         blob_store: Store | None = None,
         blob_threshold: int | None = None,
     ) -> None:
-        settings = get_settings()
+        try:
+            settings = get_settings()
+        except SettingsError:  # the Cache that runs jobs uncached on a bad setting makes one
+            settings = CacheSettings.model_construct()
         if store is None:
             store = default_store(settings)
         self.store = store
