@@ -262,7 +262,7 @@ def test_golden_encoding_shows_the_tag_format() -> None:
 # -- stability across processes ----------------------------------------------------------------
 
 VALUE_CODE = """
-import datetime, enum, pathlib
+import datetime, enum, pathlib, zoneinfo
 import numpy as np
 value = {
     "set": {f"s{i}" for i in range(64)},
@@ -273,6 +273,9 @@ value = {
     "path": pathlib.Path("runs/relax"),
     "when": datetime.datetime(2020, 1, 1),
     "array": np.arange(10.0),
+    "jfc2": [(1, (2.5,)), frozenset({"a", 3}), {frozenset({1}), (2,)}, np.float32(0.1),
+             np.int64(7), np.bool_(True), bytearray(b"x"), datetime.date(2020, 1, 2),
+             datetime.datetime(2020, 6, 1, 12, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))],
 }
 """
 
