@@ -504,3 +504,35 @@ def test_version_differences_and_env_names() -> None:
     ]
     assert version_differences({"a": "1"}, {"a": "1", "b": "2"}) == []
     assert env_names(" A,B ", ("B", "C"), None) == ("A", "B", "C")
+
+
+def _cell(path: Path, text: str, module: object) -> None:
+    """Run a notebook cell (its own file, as IPython gives each cell) in ``module``."""
+    path.write_text(text)
+    exec(compile(text, str(path), "exec"), vars(module))
+
+
+def test_a_redefined_helper_is_seen_in_the_same_process(tmp_path: Path) -> None:
+    """A notebook re-runs the cell of a helper, not the job's: the memo must not hide it."""
+    import types
+
+    source = tmp_path / "cell.py"
+    source.write_text("def helper(x):\n    return x + 1\n\ndef job(x):\n    return helper(x)\n")
+    module = types.ModuleType("jfc_test_cells")
+    module.__file__ = str(source)
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(source.read_text(), str(source), "exec"), module.__dict__)
+        first = job_code(module.job)
+        assert job_code(module.job) is first, "memoised"
+        _cell(tmp_path / "cell2.py", "def helper(x):\n    return x + 2\n", module)
+        second = job_code(module.job)
+        assert second.uses != first.uses, "the new helper counts"
+        assert second.own == first.own
+        named = {"f": b'{"@bound":null,"@callable":"helper","@module":"jfc_test_cells"}'}
+        before = codeversion.argument_code(named, {"f": "d1"})
+        _cell(tmp_path / "cell3.py", "def helper(x):\n    return x + 3\n", module)
+        assert before is not None
+        assert codeversion.argument_code(named, {"f": "d1"}) != before
+    finally:
+        del sys.modules[module.__name__]

@@ -85,6 +85,7 @@ __all__ = [
     "code_differences",
     "code_digest",
     "current_versions",
+    "describe_slot",
     "editable_distributions",
     "env_names",
     "env_part",
@@ -254,7 +255,12 @@ def _tokens(source: str) -> str:
 def _code_fingerprint(code: types.CodeType) -> str:
     """Bytecode, names and constants of ``code`` (nested code objects included, addresses not)."""
     consts = [
-        _code_fingerprint(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts
+        _code_fingerprint(c)
+        if isinstance(c, types.CodeType)
+        else repr(sorted(map(repr, c)))  # `x in {"a", "b"}`: set order varies between processes
+        if isinstance(c, frozenset)
+        else repr(c)
+        for c in code.co_consts
     ]
     return repr((code.co_code.hex(), code.co_names, code.co_varnames, code.co_freevars, consts))
 
@@ -330,7 +336,10 @@ def _is_user_class(cls: type) -> bool:
 def _top(module: Any) -> str | None:
     if not isinstance(module, str) or not module or module == "__main__":
         return None
-    return module.split(".", 1)[0]
+    top = module.split(".", 1)[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return None  # the Python version is recorded
+    return top
 
 
 class _Walk:
@@ -343,6 +352,9 @@ class _Walk:
         self.keep: list[Any] = []  # keeps ids valid during the walk
         self.stack: list[tuple[Any, frozenset[str]]] = []
         self.count = 0
+        #: (namespace, name, value) of every global resolved: a memoised digest holds while
+        #: each name still holds its value (a notebook cell that redefines a helper)
+        self.deps: list[tuple[dict[str, Any], str, Any]] = []
 
     def add(self, obj: Any, names: frozenset[str] = frozenset()) -> None:
         self.stack.append((obj, names))
@@ -388,6 +400,7 @@ class _Walk:
                 for name in names:
                     value = getattr(obj, name, _MISSING)
                     if value is not _MISSING:
+                        self.deps.append((vars(obj), name, value))
                         self.add(value, names)
             else:
                 top = _top(obj.__name__)
@@ -425,6 +438,7 @@ class _Walk:
         module_name = globs.get("__name__", func.__module__)
         for name in names:
             if name in globs:
+                self.deps.append((globs, name, globs[name]))
                 self._global(module_name, name, globs[name], names)
             else:
                 module = sys.modules.get(name)  # an import inside the function
@@ -563,7 +577,10 @@ class JobCode:
     packages: tuple[str, ...] = ()
 
 
-_JOB_CODES: weakref.WeakKeyDictionary[Any, dict[Any, JobCode]] = weakref.WeakKeyDictionary()
+_Deps = tuple[tuple[dict[str, Any], str, Any], ...]
+_JOB_CODES: weakref.WeakKeyDictionary[Any, dict[Any, tuple[JobCode, _Deps]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def job_code(
@@ -580,16 +597,20 @@ def job_code(
         memo = None
     key = (instance_type, versioned)
     if memo is not None and key in memo:
-        return memo[key]
-    result = _job_code(function, instance_type, versioned)
+        found, deps = memo[key]
+        if all(namespace.get(name, _MISSING) is value for namespace, name, value in deps):
+            return found
+    result, walked = _job_code(function, instance_type, versioned)
     path = f"{getattr(function, '__module__', '')}:{getattr(function, '__qualname__', '')}"
     _PACKAGES.setdefault(path, set()).update(result.packages)
     with suppress(TypeError):
-        _JOB_CODES.setdefault(function, {})[key] = result
+        _JOB_CODES.setdefault(function, {})[key] = (result, tuple(walked))
     return result
 
 
-def _job_code(function: Any, instance_type: type | None, versioned: bool) -> JobCode:
+def _job_code(
+    function: Any, instance_type: type | None, versioned: bool
+) -> tuple[JobCode, list[tuple[dict[str, Any], str, Any]]]:
     func = function.__func__ if isinstance(function, types.MethodType) else function
     own: str | None = None
     walk = _Walk()
@@ -608,10 +629,12 @@ def _job_code(function: Any, instance_type: type | None, versioned: bool) -> Job
         walk.add(instance_type)
     walk.run()
     own_digest = None if own is None else digest_bytes(own.encode())[:16]
-    return JobCode(own_digest, walk.digest(), tuple(sorted(walk.packages)))
+    return JobCode(own_digest, walk.digest(), tuple(sorted(walk.packages))), walk.deps
 
 
-_CODE_DIGESTS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+_CODE_DIGESTS: weakref.WeakKeyDictionary[Any, tuple[str | None, _Deps]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def code_digest(obj: Any) -> str | None:
@@ -626,30 +649,38 @@ def code_digest(obj: Any) -> str | None:
     True
     """
     try:
-        return _CODE_DIGESTS[obj]
+        result, deps = _CODE_DIGESTS[obj]
     except (KeyError, TypeError):
         pass
+    else:
+        if all(namespace.get(name, _MISSING) is value for namespace, name, value in deps):
+            return result
     walk = _Walk()
     walk.add(obj)
     walk.run()
     result = walk.digest()
     with suppress(TypeError):
-        _CODE_DIGESTS[obj] = result
+        _CODE_DIGESTS[obj] = (result, tuple(walk.deps))
     return result
 
 
 _MODULE_RE = re.compile(rb'"@module":"((?:[^"\\]|\\.)*)"')
-_ARG_CODES: dict[str, tuple[str, ...]] = {}
+#: user-code ``(module, qualname)`` named in each argument (by its digest)
+_ARG_CODES: dict[str, tuple[tuple[str, str], ...]] = {}
 
 
-def argument_code(encodings: Mapping[str, bytes], arg_digests: Mapping[str, str]) -> str | None:
+def argument_code(
+    encodings: Mapping[str, bytes], arg_digests: Mapping[str, str], covered: type | None = None
+) -> str | None:
     """Digest of the user code named in the canonical arguments, or None when there is none.
 
     A function or class passed as an argument is hashed by its ``module:qualname`` (monty's
     form), and so is the class of an MSONable object: ``__main__:f`` names another function in
     every script. This finds those of user code in the encodings (memoised per argument digest)
-    and digests their code.
+    and digests their code. ``covered``: a class whose code counts already (a method's
+    instance class, see :func:`job_code`), left out so that the call is not digested twice.
     """
+    skip = (covered.__module__, covered.__qualname__) if covered is not None else None
     found: list[str] = []
     for name, data in encodings.items():
         key = arg_digests.get(name, "")
@@ -659,13 +690,26 @@ def argument_code(encodings: Mapping[str, bytes], arg_digests: Mapping[str, str]
             if len(_ARG_CODES) > 10_000:
                 _ARG_CODES.clear()
             _ARG_CODES[key] = cached
-        found.extend(f"{name}/{part}" for part in cached)
+        for module, qualname in cached:
+            if (module, qualname) != skip:
+                found.append(f"{name}/{module}:{qualname}={_named_code(module, qualname)}")
     if not found:
         return None
     return digest_bytes(repr(sorted(found)).encode())[:16]
 
 
-def _argument_code(data: bytes) -> tuple[str, ...]:
+def _named_code(module: str, qualname: str) -> str:
+    """Code digest of the object ``module:qualname`` names now (resolved on every call: a
+    notebook may redefine it)."""
+    obj: Any = sys.modules.get(module)
+    for attr in qualname.split("."):
+        obj = getattr(obj, attr, _MISSING)
+        if obj is _MISSING:
+            return "unresolved"
+    return code_digest(obj) or "installed"
+
+
+def _argument_code(data: bytes) -> tuple[tuple[str, str], ...]:
     if b'"@module"' not in data:
         return ()
     modules = {m.decode() for m in _MODULE_RE.findall(data)}
@@ -685,16 +729,7 @@ def _argument_code(data: bytes) -> tuple[str, ...]:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-    parts = []
-    for module, qualname in sorted(named):
-        obj: Any = sys.modules.get(module)
-        for attr in qualname.split("."):
-            obj = getattr(obj, attr, _MISSING)
-            if obj is _MISSING:
-                break
-        digest = None if obj is _MISSING else code_digest(obj)
-        parts.append(f"{module}:{qualname}={digest or 'unresolved'}")
-    return tuple(parts)
+    return tuple(sorted(named))
 
 
 def env_names(*sources: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -705,6 +740,8 @@ def env_names(*sources: Iterable[str] | str | None) -> tuple[str, ...]:
     >>> env_names("OMP_NUM_THREADS, MKL_NUM_THREADS", ["OMP_NUM_THREADS"])
     ('MKL_NUM_THREADS', 'OMP_NUM_THREADS')
     """
+    if not any(sources):
+        return ()
     names: set[str] = set()
     for source in sources:
         if not source:
@@ -764,6 +801,29 @@ def _split_slot(slot: str | None) -> dict[str, str]:
             parts["version"] = rest[len("version:") :]
             break
     return parts
+
+
+def describe_slot(slot: str | None) -> str:
+    """The cache_version slot of an entry in words, for ``cachetool show``.
+
+    Examples
+    --------
+    >>> describe_slot("code:aa|uses:bb|env:OMP_NUM_THREADS:cc|version:2")
+    'version 2; own source aa; uses user code bb; env OMP_NUM_THREADS'
+    >>> describe_slot(None)
+    '-'
+    """
+    parts = _split_slot(slot)
+    words = []
+    if "version" in parts:
+        words.append(f"version {parts['version']}")
+    labels = {"code": "own source", "uses": "uses user code", "args": "user code in arguments"}
+    for key, label in labels.items():
+        if key in parts:
+            words.append(f"{label} {parts[key]}")
+    if "env" in parts:
+        words.append(f"env {parts['env'].rpartition(':')[0]}")
+    return "; ".join(words) or "-"
 
 
 def code_differences(recorded: str | None, now: str | None) -> list[str]:

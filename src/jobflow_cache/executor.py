@@ -106,6 +106,10 @@ _SKIP_QUALNAMES = frozenset(path.rpartition(":")[2] for path in SKIP_FUNCTIONS) 
 
 FilesMode = Literal["link", "copy", "none"]
 
+#: Files a workflow manager writes into a run folder after the job's function returned
+#: (jobflow-remote's file JobStore of the job's outputs): left out of folders named in inputs.
+_MANAGER_OUTPUT_FILES = ("remote_job_data*.json",)
+
 #: Strings the normaliser's exact set holds at most before the folder names in it are forgotten.
 _MAX_EXACT = 1_000_000
 
@@ -690,13 +694,16 @@ class Cache:
             return None
         return found
 
-    def _input_excludes(self, path: str) -> Sequence[str]:
+    def _input_excludes(self, path: str) -> tuple[str, ...]:
         """Patterns of files left out of a folder named in the inputs: those recording leaves
-        out (a batch system's queue.out, the cache's own files)."""
+        out (a batch system's queue.out, the cache's own files), and the files a manager
+        writes into a run folder after the job's function returned (jobflow-remote's JobStore
+        file, which holds the run's uuids): no job reads them as its upstream's results."""
         try:
-            return self._excludes(path)
+            patterns = self._excludes(path)
         except Exception:  # its own paths could not be resolved: the settings' patterns
-            return self._base_excludes
+            patterns = self._base_excludes
+        return (*patterns, *_MANAGER_OUTPUT_FILES)
 
     def _know_job(self, job_uuid: str, digest: str) -> None:
         """Record that ``job_uuid`` is a job of ``digest`` (job_digests and the exact set)."""
