@@ -27,9 +27,13 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx_click",
+    "sphinx_click",  # before jfc_docs, which connects to its events
     "jfc_docs",  # docs/_ext/jfc_docs.py: tables generated from the pydantic models
 ]
+
+# No smart quotes or dashes: "--limit" must stay two hyphens (never an en-dash) and quotes
+# straight, so commands copied from a page work
+smartquotes = False
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"

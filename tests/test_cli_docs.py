@@ -9,9 +9,13 @@ and that the README's command-line section names only real commands and options.
 
 from __future__ import annotations
 
+import html
 import re
 import shlex
+import subprocess
+import sys
 
+import pytest
 from click.testing import CliRunner
 
 from jobflow_cache.cli import cli
@@ -66,3 +70,52 @@ def test_the_readme_section_uses_real_commands_and_options():
         assert used <= options, (args, used - options)
         result = CliRunner().invoke(cli, [*args, "--help"])
         assert result.exit_code == 0, result.output
+
+
+def test_the_rendered_check_fails_on_raw_directives_and_dashed_options():
+    """docs/_ext/jfc_docs.py fails the build on what issue 12 saw rendered."""
+    pytest.importorskip("sphinx")
+    sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+    try:
+        import jfc_docs
+    finally:
+        sys.path.remove(str(ROOT / "docs" / "_ext"))
+    from docutils import nodes
+    from docutils.utils import new_document
+    from sphinx.errors import ExtensionError
+
+    for text in (".. option:: --version", "cachetool ls \u2013limit 20"):
+        doc = new_document("page")
+        doc += nodes.paragraph("", "", nodes.Text(text))
+        with pytest.raises(ExtensionError, match="the rendered page shows"):
+            jfc_docs._check_rendered(None, doc, "page")
+    doc = new_document("page")
+    doc += nodes.paragraph("", "", nodes.Text("cachetool ls --limit 20, pages 3\u20134"))
+    jfc_docs._check_rendered(None, doc, "page")
+
+
+@pytest.mark.slow
+def test_the_reference_page_renders_every_option(tmp_path):
+    """Build the HTML site (warnings are errors) and read the command-line reference."""
+    pytest.importorskip("sphinx_click")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-q", "-W", "-b", "html", "docs", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "reference" / "cli.html").read_text()
+    text = html.unescape(re.sub(r"<[^>]+>", "", page))
+    assert ".. option::" not in text
+    assert ".. click::" not in text
+    assert "\u2013" not in text
+    for name, command in cli.commands.items():
+        assert f'id="cachetool-{name}"' in page, name
+        for param in command.params:
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    assert opt in text, (name, opt)
+    assert "$ cachetool ls --name 'relax*' --since 7d" in text

@@ -11,6 +11,11 @@ entry schema pages are written by the code they describe and cannot drift from i
     :checksum: jobflow_cache.entry.CHECKSUM_FIELDS
     ```
 
+The command-line reference is rendered by sphinx-click; its help texts are reStructuredText
+there, so ``*`` in globs is escaped and the ``Examples:`` blocks become console code blocks.
+A rendered page that still shows a raw directive (``.. option::``) or an option whose ``--``
+became an en-dash (an en-dash before ``limit``) fails the build, whatever ``-W`` says.
+
 The toctree of ``index.md`` names two pages other work adds (``cli.md``, ``performance.md``);
 while one of them does not exist yet, its toctree line is dropped with an info message instead
 of failing the ``-W`` build.
@@ -31,6 +36,7 @@ from docutils.parsers.rst import directives
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from sphinx.application import Sphinx
+from sphinx.errors import ExtensionError
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
@@ -164,9 +170,65 @@ def _reread_root(
     return [app.config.root_doc]
 
 
+_LITERAL = re.compile(r"(``.*?``)")
+
+
+def _escape_rst(line: str) -> str:
+    """``*`` escaped outside inline literals (globs such as 'relax*' are no emphasis)."""
+    parts = _LITERAL.split(line)
+    return "".join(p if p.startswith("``") else p.replace("*", "\\*") for p in parts)
+
+
+def _click_description(app: Sphinx, ctx: Any, lines: list[str]) -> None:
+    """Escape globs, and turn a click ``\\b`` block of examples into a console code block."""
+    out: list[str] = []
+    examples = False
+    for line in lines:
+        if line.strip() == "| Examples:":
+            out += ["Examples:", "", ".. code-block:: console", ""]
+            examples = True
+        elif examples and line.startswith("| "):
+            out.append("   $ " + line[2:].strip())
+        else:
+            if examples:
+                out.append("")
+                examples = False
+            out.append(_escape_rst(line))
+    lines[:] = out
+
+
+def _click_options(app: Sphinx, ctx: Any, lines: list[str]) -> None:
+    lines[:] = [_escape_rst(line) for line in lines]
+
+
+#: what a page must never show: a directive that was not parsed, an option mangled into a dash
+RAW_DIRECTIVE = re.compile(r"(?m)^\s*\.\. [a-z][a-z:-]*::")
+DASHED_OPTION = re.compile(r"[\u2013\u2014][a-z]")
+
+
+def _check_rendered(app: Sphinx, doctree: nodes.document, docname: str) -> None:
+    """Fail the build when a page shows raw reStructuredText or an en-dash option."""
+    for node in doctree.findall(nodes.Text):
+        text = node.astext()
+        for pattern, what in (
+            (RAW_DIRECTIVE, "a raw directive"),
+            (DASHED_OPTION, "an option whose -- became a dash"),
+        ):
+            found = pattern.search(text)
+            if found:
+                raise ExtensionError(
+                    f"{docname}: the rendered page shows {what}: {found.group(0).strip()!r} "
+                    f"in {text[:80]!r}"
+                )
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
-    """Register the directive and the toctree filter."""
+    """Register the directive, the toctree filter, the click helpers and the page check."""
     app.add_directive("pydantic-fields", PydanticFields)
     app.connect("source-read", _drop_missing_optional_pages)
     app.connect("env-get-outdated", _reread_root)
+    app.connect("doctree-resolved", _check_rendered)
+    if "sphinx_click" in app.extensions or "sphinx_click" in app.config.extensions:
+        app.connect("sphinx-click-process-description", _click_description)
+        app.connect("sphinx-click-process-options", _click_options)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
