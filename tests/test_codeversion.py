@@ -536,3 +536,57 @@ def test_a_redefined_helper_is_seen_in_the_same_process(tmp_path: Path) -> None:
         assert codeversion.argument_code(named, {"f": "d1"}) != before
     finally:
         del sys.modules[module.__name__]
+
+
+def test_explain_says_what_code_and_which_versions_differ() -> None:
+    import jobflow
+
+    from jobflow_cache.explain import Inputs, compare, served_version_notes
+
+    cached = Inputs("m:f", "code:aa|uses:bb", {"a": "1"}, versions={"jobflow": "0.0.1"})
+    now = Inputs("m:f", "code:aa|uses:cc", {"a": "1"}, versions={"jobflow": jobflow.__version__})
+    result = compare(now, cached)
+    assert result.code_notes == [
+        "the user code it uses (functions, classes, module-level constants) changed"
+    ]
+    assert result.version_notes == [f"jobflow 0.0.1 -> {jobflow.__version__}"]
+
+    class Store:  # what served_version_notes reads of a CacheStore
+        def find(self, criteria, properties=None, limit=0):
+            return iter([{"digest": criteria["digest"], "versions": {"jobflow": "0.0.1"}}])
+
+    (line,) = served_version_notes(Store(), "x")  # type: ignore[arg-type]
+    assert f"jobflow 0.0.1 -> {jobflow.__version__}" in line
+
+
+def test_code_without_a_source_file_counts_by_its_bytecode(project: Project) -> None:
+    """``python -c``: no file to read, the compiled code tells two versions apart."""
+    code = textwrap.dedent(
+        """
+        import json, os
+        from jobflow import Flow, job
+        from jobflow_cache import run_locally
+
+        @job
+        def compute(x):
+            with open(os.environ["JFC_COUNTS_FILE"], "a") as fh:
+                fh.write("compute\\n")
+            return x + 1
+
+        j = compute(1)
+        print("RESULT " + json.dumps(run_locally(Flow([j]), log=False)[j.uuid][1].output))
+        """
+    )
+    environ = {**os.environ, "JFC_COUNTS_FILE": str(project.counts_file)}
+
+    def run(text: str) -> tuple[object, int]:
+        proc = subprocess.run(
+            [PYTHON, "-c", text], cwd=project.root, env=environ, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        return json.loads(line[7:]), project.counts_file.read_text().count("compute")
+
+    assert run(code) == (2, 1)
+    assert run(code + "\n# a comment\n") == (2, 1), "same code: served"
+    assert run(code.replace("x + 1", "x + 2")) == (3, 2), "changed code: runs"
