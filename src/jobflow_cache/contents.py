@@ -386,8 +386,8 @@ def _exclusion(exclude: Callable[[str], bool] | Sequence[str]) -> Callable[[str]
 def tree_digest(
     folder: str | os.PathLike[str],
     exclude: Callable[[str], bool] | Sequence[str] = (),
-    max_files: int = MAX_TREE_FILES,
-    max_bytes_unknown: int = MAX_TREE_BYTES,
+    max_files: int | None = None,
+    max_bytes_unknown: int | None = None,
 ) -> TreeDigest:
     """Digest of a folder's tree: relative names, kinds, sizes, content digests, executable
     bits, symlink targets (not followed below ``folder``; a link to a regular file counts its
@@ -401,9 +401,10 @@ def tree_digest(
         Glob patterns (as for :func:`jobflow_cache.files.snapshot`: matched against the relative
         path and the name; a matching folder is not entered) or a predicate on the relative path.
     max_files
-        Entries walked at most.
+        Entries walked at most (default :data:`MAX_TREE_FILES`).
     max_bytes_unknown
-        Bytes of files the memo does not know that may be read.
+        Bytes of files the memo does not know that may be read (default
+        :data:`MAX_TREE_BYTES`).
 
     Raises
     ------
@@ -424,6 +425,8 @@ def tree_digest(
     (1, True)
     """
     root = os.fspath(folder)
+    max_files = MAX_TREE_FILES if max_files is None else max_files
+    max_bytes_unknown = MAX_TREE_BYTES if max_bytes_unknown is None else max_bytes_unknown
     excluded = _exclusion(exclude)
     records: list[list[Any]] = []
     files: list[tuple[int, str, os.stat_result]] = []  # index in records, path, stat
@@ -506,8 +509,8 @@ def tree_digest(
 def describe(
     path: str,
     exclude: Callable[[str], bool] | Sequence[str] = (),
-    max_files: int = MAX_TREE_FILES,
-    max_bytes_unknown: int = MAX_TREE_BYTES,
+    max_files: int | None = None,
+    max_bytes_unknown: int | None = None,
 ) -> list[str] | None:
     """What an input string that may name a path stands for, by content, or None when it names
     nothing (then it is hashed as the string it is).
