@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -173,6 +173,19 @@ class CacheSettings(BaseSettings):
         loaded = read_config_file(values.get("CONFIG_FILE"))
         return {**loaded, **values}
 
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> CacheSettings:
+        """Relative ``DIR`` and ``OBJECTS_DIR`` are made absolute once, when the settings are
+        made: against the working folder (where ``run_locally`` or ``cachetool`` starts), or
+        against the folder the process started in when that happens inside a running job (a
+        ``@cached_job`` under jobflow's own manager, whose run folder may be the job's own):
+        never against a job's run folder, which would give every job a cache of its own."""
+        base = _resolution_base()
+        self.DIR = _absolute(self.DIR, base)
+        if self.OBJECTS_DIR is not None:
+            self.OBJECTS_DIR = _absolute(self.OBJECTS_DIR, base)
+        return self
+
     def store_path(self) -> Path:
         """Path of the embedded default store's SQLite file."""
         return Path(self.DIR).expanduser() / "cache.sqlite"
@@ -180,6 +193,29 @@ class CacheSettings(BaseSettings):
     def objects_dir(self) -> Path:
         """Folder of the content-addressed file objects."""
         return Path(self.OBJECTS_DIR or Path(self.DIR) / "objects").expanduser()
+
+
+#: The working folder when jobflow_cache was imported (where the script or worker started).
+_START_DIR = os.getcwd()
+
+
+def _resolution_base() -> str:
+    """Folder relative cache paths are resolved against (see ``CacheSettings``)."""
+    try:
+        from jobflow import CURRENT_JOB
+
+        in_job = CURRENT_JOB.job is not None
+    except Exception:  # jobflow not importable here: no job is running
+        in_job = False
+    try:
+        return _START_DIR if in_job else os.getcwd()
+    except OSError:  # the working folder was removed
+        return _START_DIR
+
+
+def _absolute(path: Path, base: str) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else Path(os.path.normpath(os.path.join(base, path)))
 
 
 _cached: tuple[tuple[tuple[str, str], ...], CacheSettings] | None = None
@@ -202,8 +238,39 @@ def get_settings() -> CacheSettings:
 
 
 def cache_disabled() -> bool:
-    """True when ``JOBFLOW_CACHE_DISABLE`` is set to a true value (read on every call)."""
-    return os.environ.get(f"{ENV_PREFIX}DISABLE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """True when ``DISABLE`` is set: ``JOBFLOW_CACHE_DISABLE`` to a true value, or, when that
+    variable is unset or empty, ``DISABLE: true`` in the settings file (the environment wins,
+    as for every setting). Read on every call; settings that cannot be read count as not
+    disabled (the cache then warns once and runs every job uncached)."""
+    value = os.environ.get(f"{ENV_PREFIX}DISABLE", "").strip().lower()
+    if value:
+        return value in {"1", "true", "yes", "on"}
+    return _file_disables()
+
+
+#: (settings file, its stat) -> its DISABLE, for :func:`cache_disabled` (called for every job:
+#: a stat instead of reading the file or building the settings, ~45 us).
+_file_disable: tuple[tuple[Any, ...], bool] | None = None
+
+
+def _file_disables() -> bool:
+    global _file_disable
+    file = os.environ.get(f"{ENV_PREFIX}CONFIG_FILE") or DEFAULT_CONFIG_FILE
+    try:
+        st = os.stat(os.path.expanduser(file))
+    except (OSError, ValueError):
+        return False
+    key = (file, st.st_ino, st.st_size, st.st_mtime_ns)
+    if _file_disable is not None and _file_disable[0] == key:
+        return _file_disable[1]
+    try:
+        disabled = TypeAdapter(bool).validate_python(
+            read_config_file().get("DISABLE", False) or False
+        )
+    except Exception:  # a bad settings file: said by the cache (and cachetool), not here
+        disabled = False
+    _file_disable = (key, disabled)
+    return disabled
 
 
 # -- where each setting comes from, and errors that say it ----------------------------------------
