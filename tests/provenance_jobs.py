@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jobflow import CURRENT_JOB, Flow, job
+from jobflow import CURRENT_JOB, Flow, JobConfig, job
 
 from jobflow_cache import cached_job
 from tests.jobs import executed
@@ -76,9 +76,9 @@ def huge_cached(n: int):
     return 2**70 + n
 
 
-@job(expose_store=True)
+@job(config=JobConfig(expose_store=True))
 def reads_store(n: int):
-    """Reads the JobStore (expose_store=True): what it finds there is no input of it."""
+    """Reads the JobStore (``JobConfig(expose_store=True)``): what it finds there is no input."""
     executed("reads_store")
     return n + CURRENT_JOB.store.count()
 
@@ -101,3 +101,13 @@ def write_here(tag: str):
     executed("write_here")
     Path("here.txt").write_text(tag)
     return {"dir_name": os.getcwd(), "tag": tag}
+
+
+@job
+def folder_knowledge(tag: str):
+    """What the running cache knows of this job's folder (``tag`` keeps each call distinct)."""
+    from jobflow_cache.executor import current_cache
+
+    executed("folder_knowledge")
+    cache = current_cache()
+    return {"tag": tag, "exclusive": cache.exclusive_dirs, "shared": cache.shared_dirs}
