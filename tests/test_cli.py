@@ -179,8 +179,8 @@ def test_show_text_json_and_prefix_errors(built):
         '"value": 4.0,',  # the output as indented JSON, one field a line
         '"steps": 10,',
         "OUTCAR",
-        f"source job  {relax.uuid} (index 1)",
-        "scheme      jfc",
+        f"  source job    {relax.uuid} (index 1)",
+        "  scheme        jfc2",
     ):
         assert expected in text, expected
     data = as_json("show", digest[:6].upper())
@@ -561,7 +561,9 @@ def test_show_prints_indented_json_and_absolute_times(built):
     digest = digest_of("write_files")
     proc = script("show", digest[:8], env={"COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
-    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    boxed = [line for line in proc.stdout.splitlines() if line[:1] in "\u256d\u2502\u2570"]
+    assert boxed, "inputs, output and files are panels"
+    assert max(len(line) for line in boxed) <= 80, "panels fit the terminal"
     created = as_json("show", digest[:8])["created"]
     assert created[:16].replace("T", " ") in ok("show", digest[:8]).stdout.replace("T", " ") or (
         "(just now)" in proc.stdout
@@ -624,9 +626,10 @@ def test_config_lists_every_setting_and_its_source(isolated_cache, tmp_path, mon
     assert set(rows) == set(CacheSettings.model_fields)
     proc = script("config")
     assert proc.returncode == 0, proc.stderr
-    assert max(len(line) for line in proc.stdout.splitlines()[1:]) <= 80
     line = next(line for line in proc.stdout.splitlines() if line.startswith("DEDUP"))
-    assert line.split() == ["DEDUP", "True", "environment"]
+    assert line.split() == ["DEDUP", "environment", "True"]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("FILES_EXCLUDE"))
+    assert line.endswith('".jobflow-cache-*"]'), "values are whole"
     assert proc.stdout.startswith(f"Settings file: {config}\n")
     assert not isolated_cache.exists()
 

@@ -30,6 +30,7 @@ def cachetool_lines(text: str) -> list[list[str]]:
     found = []
     for line in text.splitlines():
         line = line.removeprefix("$ ").split("||")[0].split("|")[0].split("#")[0].strip()
+        line = re.sub(r"^(?:[A-Z_]+=\S*\s+)+", "", line)  # JOBFLOW_CACHE_X=1 cachetool ...
         if line.startswith("cachetool "):
             found.append(shlex.split(line)[1:])
     return found

@@ -30,7 +30,6 @@ from maggma.stores import MemoryStore
 from monty.serialization import loadfn
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
@@ -662,13 +661,9 @@ def info(as_json: bool) -> None:
     if as_json:
         _echo_json(data)
         return
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column(overflow="fold")
-    for key, value in data.items():
+    for key, value in data.items():  # plain lines: paths are never cut, they get copied
         if key != "exists":
-            grid.add_row(key, escape(str(value)))
-    _emit(_console(), grid)
+            click.echo(f"{key:12} {value}")
 
 
 # --------------------------------------------------------------------------- config
@@ -700,16 +695,22 @@ def config(as_json: bool) -> None:
     exists = file.is_file() or str(file) == os.devnull
     state = "" if exists else " (not found: none used)" if not named else " (not found)"
     click.echo(f"Settings file: {file}{state}")
-    columns = [Column("NAME"), Column("VALUE", flex=True, min_width=12), Column("SOURCE")]
-    cells = [
-        [
-            Text(r.name, style="bold"),
-            Text(_setting_text(r.value)),
-            Text(r.source, style=styles.get(r.source, "")),
-        ]
-        for r in rows
-    ]
-    _print_table(columns, cells)
+    out = _console()
+    width = max(len(r.name) for r in rows)
+    lines = [Text(f"{'NAME':{width}}  {'SOURCE':11}  VALUE", style="bold")]
+    for r in rows:  # the value last and whole: paths and specs are copied from here
+        lines.append(
+            Text.assemble(
+                (f"{r.name:{width}}  ", "bold"),
+                (f"{r.source:11}  ", styles.get(r.source, "")),
+                _setting_text(r.value),
+            )
+        )
+    for line in lines:
+        if out.is_terminal:
+            out.print(line, soft_wrap=True)
+        else:
+            click.echo(line.plain)
 
 
 def _setting_text(value: Any) -> str:
@@ -943,20 +944,23 @@ def _pretty(text: str) -> str:
 def _show(entry: CacheEntry, cache: CacheStore, full: bool, maker: str | None) -> None:
     out = _console()
     status = _status(entry, cache)
-    head = Table.grid(padding=(0, 2))
-    head.add_column(style="bold")
-    head.add_column(overflow="fold")
-    head.add_row("digest", Text(entry.digest, style="yellow"))
-    head.add_row("name", entry.name)
-    head.add_row("function", entry.function)
-    if maker:
-        head.add_row("maker", maker)
-    head.add_row("status", Text(status, style="green" if status == "served on a hit" else "red"))
+    head = [
+        ("digest", Text(entry.digest, style="yellow")),
+        ("name", Text(entry.name)),
+        ("function", Text(entry.function)),
+        ("maker", Text(maker or "-")),
+        ("status", Text(status, style="green" if status == "served on a hit" else "bold red")),
+        ("created", Text(_when_ago(entry.created))),
+        ("hits", Text(f"{entry.hits} (last {_when_ago(entry.last_hit)})")),
+    ]
     if not entry.valid:
-        head.add_row("invalid", Text(str(entry.invalid_reason), style="red"))
-    head.add_row("created", _when_ago(entry.created))
-    head.add_row("hits", f"{entry.hits} (last {_when_ago(entry.last_hit)})")
-    _emit(out, head)
+        head.insert(5, ("invalid", Text(str(entry.invalid_reason), style="red")))
+    for key, value in head:  # whole lines, never cut
+        line = Text.assemble((f"{key:9} ", "bold"), value)
+        if out.is_terminal:
+            out.print(line, soft_wrap=True)
+        else:
+            click.echo(line.plain)
 
     note = "" if entry.canonical_input is not None else " (canonical input over the size cap)"
     inputs = Table(box=None, pad_edge=False, show_header=False, padding=(0, 1))
@@ -966,8 +970,8 @@ def _show(entry: CacheEntry, cache: CacheStore, full: bool, maker: str | None) -
     canonical = entry.canonical_input
     for name in sorted(entry.arg_digests):
         kept = canonical is not None and name in canonical
-        value = render(canonical[name], 10_000) if kept else "(not kept)"  # type: ignore[index]
-        inputs.add_row(name, entry.arg_digests[name][:12], value)
+        shown = render(canonical[name], 10_000) if kept else "(not kept)"  # type: ignore[index]
+        inputs.add_row(name, entry.arg_digests[name][:12], shown)
     if not entry.arg_digests:
         inputs.add_row("(no arguments)", "", "")
     _emit(out, Panel(inputs, title=f"inputs{note}", title_align="left", expand=False))
@@ -1001,19 +1005,20 @@ def _show(entry: CacheEntry, cache: CacheStore, full: bool, maker: str | None) -
     else:
         _emit(out, Text.assemble(("files  ", "bold"), "none"))
 
-    prov = Table.grid(padding=(0, 2))
-    prov.add_column(style="bold")
-    prov.add_column(overflow="fold")
-    prov.add_row("source job", f"{entry.source_uuid} (index {entry.source_index})")
-    prov.add_row("run folder", entry.source_dir or "-")
-    prov.add_row("host", entry.host)
-    prov.add_row("python", entry.python)
-    prov.add_row("duration", _duration(entry.duration))
-    prov.add_row("scheme", f"{entry.scheme}   cache version {entry.cache_version or '-'}")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(entry.versions.items()))
-    prov.add_row("versions", versions or "-")
-    prov.add_row("checksum", entry.checksum)
-    _emit(out, Panel(prov, title="provenance", title_align="left", expand=False))
+    _emit(out, Text("provenance", style="bold"))
+    for key, text in (  # plain lines: paths are never cut, they get copied
+        ("source job", f"{entry.source_uuid} (index {entry.source_index})"),
+        ("run folder", entry.source_dir or "-"),
+        ("host", entry.host),
+        ("python", entry.python),
+        ("duration", _duration(entry.duration)),
+        ("scheme", entry.scheme),
+        ("cache version", entry.cache_version or "-"),
+        ("versions", versions or "-"),
+        ("checksum", entry.checksum),
+    ):
+        click.echo(f"  {key:13} {text}")
 
 
 @cli.command()
