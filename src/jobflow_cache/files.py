@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import pydantic
@@ -201,8 +202,18 @@ def _memo_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
 def known_digest(st: os.stat_result) -> str | None:
     """The content digest of the regular file whose ``lstat`` is ``st``, when this process
     hashed, stored or placed that file since it last changed (device, inode, size, mtime and
-    ctime all equal); otherwise None. Never reads the file."""
-    return _MEMO.get(_memo_key(st))
+    ctime all equal), or :mod:`jobflow_cache.contents`' memo knows it (a file named in the
+    inputs, a large file hashed by another process of this host); otherwise None. Never reads
+    the file."""
+    digest = _MEMO.get(_memo_key(st))
+    if digest is None:
+        contents = _contents_module()
+        if contents is not None:
+            try:
+                digest = contents.memo().get(st)
+            except Exception:  # an optional shortcut: unknown
+                digest = None
+    return digest if isinstance(digest, str) else None
 
 
 def remember(path: str | os.PathLike[str], st: os.stat_result, xxh3: str) -> None:
@@ -223,7 +234,10 @@ def _contents_module() -> Any:
         from jobflow_cache import contents  # a later layer, optional
     except ImportError:
         return None
-    return contents if callable(getattr(contents, "remember", None)) else None
+    usable = callable(getattr(contents, "remember", None)) and callable(
+        getattr(contents, "memo", None)
+    )
+    return contents if usable else None
 
 
 def file_digest(path: str | os.PathLike[str], st: os.stat_result | None = None) -> str | None:
@@ -1114,8 +1128,10 @@ class ObjectArea:
             return FileState(kind="dir")
         if kind == _LNK:
             return FileState(kind="symlink", target=before.targets.get(path, ""))
-        known = _MEMO.get((before.dev, ino, size, mtime, ctime), "")
-        return FileState(kind="file", size=size, xxh3=known)
+        then = SimpleNamespace(
+            st_dev=before.dev, st_ino=ino, st_size=size, st_mtime_ns=mtime, st_ctime_ns=ctime
+        )
+        return FileState(kind="file", size=size, xxh3=known_digest(then) or "")  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------- reading
 
