@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -199,10 +200,21 @@ def main() -> None:
         f"{size(sum(p.stat().st_size for p in objects))})"
     )
     print(f"  runs     {root / 'run1'}, {root / 'run2'}")
-    print(f"look inside: JOBFLOW_CACHE_DIR={cache_dir} cachetool info")
+    print(f"look inside: JOBFLOW_CACHE_DIR={cache_dir} {cachetool()} ls")
     if second["executed"] or not same:
         print(f"run 2 executed {second['executed']} jobs: the cache did not serve everything")
         sys.exit(1)
+
+
+def cachetool() -> str:
+    """How to call the cachetool installed beside this Python (``.venv/bin/cachetool`` when
+    the venv is not activated), so the hint works as printed."""
+    tool = Path(sys.executable).parent / "cachetool"
+    found = shutil.which("cachetool")
+    if found and Path(found).resolve() == tool.resolve():
+        return "cachetool"
+    relative = os.path.relpath(tool)
+    return relative if not relative.startswith("..") else str(tool)
 
 
 if __name__ == "__main__":
