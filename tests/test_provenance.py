@@ -157,6 +157,7 @@ def test_purge_cascades_and_can_opt_out(potcar, counts, tmp_path):
 
     report = purge(store, {"name": "static"})
     assert report.cascaded == [summarize]
+    assert report.gc.objects == dry.gc.objects >= 1, "static.out: referenced by no other entry"
     assert sorted(d["name"] for d in store.find({}, properties=["name"])) == ["by_uuid", "relax"]
     store.close()
 
