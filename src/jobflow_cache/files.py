@@ -701,16 +701,30 @@ def _describe_after(record: FileRecord) -> str:
     return f"left a file of {record.size} bytes"
 
 
+_CLONELESS: set[int] = set()  # devices whose file system has no reflinks
+
+
+def _may_clone(fd: int) -> bool:
+    """Whether a reflink into the file ``fd`` is worth trying (not known to fail there)."""
+    return fcntl is not None and os.fstat(fd).st_dev not in _CLONELESS
+
+
+def _no_clone(fd: int, err: OSError) -> None:
+    """Remember a file system without reflinks (not a one-off failure: across devices)."""
+    if err.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
+        _CLONELESS.add(os.fstat(fd).st_dev)
+
+
 def _clone_or_copy(src_fd: int, dst_fd: int) -> str:
     """Copy the whole of ``src_fd`` to the empty ``dst_fd``: a reflink (FICLONE) where the
     file system shares blocks, ``copy_file_range`` (in the kernel) elsewhere, read/write as a
     last resort. Returns how: ``"reflink"``, ``"kernel"`` or ``"read"``."""
-    if fcntl is not None:
+    if _may_clone(dst_fd):
         try:
             fcntl.ioctl(dst_fd, _FICLONE, src_fd)
             return "reflink"
-        except OSError:
-            pass
+        except OSError as err:
+            _no_clone(dst_fd, err)
     copy_range = getattr(os, "copy_file_range", None)
     if copy_range is not None:
         try:
@@ -898,18 +912,11 @@ class ObjectArea:
         tmp = Path(name)
         try:
             with open(fd, "w+b", buffering=0) as out:
-                cloned = False
-                if fcntl is not None:
-                    try:
-                        fcntl.ioctl(out.fileno(), _FICLONE, source.fileno())
-                        cloned = True
-                    except OSError:
-                        pass
-                if cloned:  # hash what was stored: the clone
-                    out.seek(0)
-                    digest, size = _hash_stream(out)
-                else:
-                    digest, size = _hash_stream(source, out)
+                # a reflink, or a copy in the kernel; then the stored bytes are hashed (one
+                # read from the page cache), so the digest is that of what was stored
+                _clone_or_copy(source.fileno(), out.fileno())
+                out.seek(0)
+                digest, size = _hash_stream(out)
                 if self.fsync:
                     os.fsync(out.fileno())
                 os.fchmod(out.fileno(), OBJECT_MODE)
