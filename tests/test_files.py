@@ -719,6 +719,20 @@ def test_materialize_applies_deletions_symlinks_and_folders(area: ObjectArea, ru
     assert sorted(p.name for p in other.iterdir()) == ["WAVECAR"], "nothing was changed"
 
 
+def test_absolute_links_into_the_run_folder_follow_it(area: ObjectArea, run: Path) -> None:
+    before = snapshot(run)
+    write(run / "OUTCAR", b"energy")
+    (run / "inside").symlink_to(run / "OUTCAR")
+    (run / "outside").symlink_to("/nonexistent/elsewhere")
+    records = area.record_changes(run, before, snapshot(run))
+    dest = run.parent / "served"
+    area.materialize(records, dest, source_dir=run)
+    assert os.readlink(dest / "inside") == str(dest / "OUTCAR")
+    assert os.readlink(dest / "outside") == "/nonexistent/elsewhere"
+    assert (dest / "inside").read_bytes() == b"energy"
+    area.materialize(records, dest, source_dir=run)  # already as the job leaves it
+
+
 def test_materialize_refuses_a_file_whose_before_content_is_unknown(
     area: ObjectArea, run: Path
 ) -> None:

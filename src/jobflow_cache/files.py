@@ -461,6 +461,25 @@ def _parent_problem(dest: Path, relpath: str, seen: dict[str, str]) -> str | Non
     return None
 
 
+def _moved_links(record: FileRecord, old: str, new: str) -> FileRecord:
+    """``record`` with absolute symlink targets inside the recording folder ``old`` moved to
+    the served folder ``new``, as the job would have written them there."""
+
+    def moved(target: str) -> str | None:
+        prefix = old.rstrip("/")
+        if old == new or not prefix or not (target == prefix or target.startswith(prefix + "/")):
+            return None
+        return new.rstrip("/") + target[len(prefix) :]
+
+    update: dict[str, Any] = {}
+    if record.kind == "symlink" and (target := moved(record.target)) is not None:
+        update["target"] = target
+    before = record.before
+    if before is not None and before.kind == "symlink" and (found := moved(before.target)):
+        update["before"] = before.model_copy(update={"target": found})
+    return record.model_copy(update=update) if update else record
+
+
 def _holds_after(target: Path, current: os.stat_result | None, record: FileRecord) -> bool:
     """Whether ``target`` already is in the state the recorded job left it in."""
     if record.kind == "deleted":
@@ -1232,6 +1251,8 @@ class ObjectArea:
                 + ", ".join(missing)
             )
         dest = Path(dest)
+        if source_dir is not None:
+            records = [_moved_links(r, os.fspath(source_dir), os.fspath(dest)) for r in records]
         steps = self._plan(records, cleaned, dest, source_dir)
         dest.mkdir(parents=True, exist_ok=True)
         link = mode == "link" and _may_link()
