@@ -31,6 +31,7 @@ from jobflow_cache import (
     run_locally,
 )
 from jobflow_cache.cli import cli
+from jobflow_cache.hashing import SCHEME
 from tests import jobs
 
 
@@ -712,3 +713,62 @@ def test_ctrl_c_interrupts_as_usual(isolated_cache, tmp_path):
     assert stderr.count('File "') <= 4, stderr  # the script, run_locally, Job.run, the job
     assert [e["name"] for e in entries()] == ["add", "add"], "finished jobs are cached"
     assert ok("verify").stdout == "Checked 2 entries: all sound.\n"
+
+
+def chain_of_entries() -> dict[str, str]:
+    """a <- b <- c (b consumed a's output, c b's), d alone, o of an old scheme."""
+    digests = {name: name * 32 for name in "abcd"}
+    digests["o"] = "0" * 32
+    with CacheStore.from_settings() as cache:
+        for name, up in [("a", ""), ("b", "a"), ("c", "b"), ("d", ""), ("o", "")]:
+            cache.put(
+                CacheEntry(
+                    digest=digests[name],
+                    scheme="jfc1" if name == "o" else SCHEME,
+                    function="m:f",
+                    name=name,
+                    consumed=[digests[up]] if up else [],
+                )
+            )
+    return digests
+
+
+def validity() -> dict[str, bool]:
+    return {e["name"]: e["valid"] for e in entries()}
+
+
+def test_invalidate_asks_before_the_cascade(isolated_cache):
+    chain_of_entries()
+    refused = invoke("invalidate", "aaaa", input="n\n")
+    assert refused.exit_code == 1
+    assert "Invalidated too, because they consumed these (--no-cascade leaves them):" in (
+        refused.stderr
+    )
+    assert "Invalidate 3 entries? [y/N]" in refused.stderr
+    assert not [name for name, valid in validity().items() if not valid], "nothing changed"
+    done = ok("invalidate", "aaaa", "--reason", "bad POTCAR", input="y\n")
+    assert done.stdout.splitlines() == [
+        "invalidated aaaaaaaa: bad POTCAR",
+        "invalidated bbbbbbbb: bad POTCAR (consumed an invalidated entry)",
+        "invalidated cccccccc: bad POTCAR (consumed an invalidated entry)",
+    ]
+    assert validity() == {"a": False, "b": False, "c": False, "d": True, "o": True}
+    proc = script("invalidate", "dddd", "--no-cascade")
+    assert proc.stdout == "invalidated dddddddd: invalidated with cachetool\n"
+
+
+def test_purge_cascades_to_dependents_and_removes_outdated_schemes(isolated_cache):
+    chain_of_entries()
+    dry = ok("purge", "--digest", "bbbb", "--dry-run")
+    assert "Removed too, because they consumed these" in dry.stdout
+    assert "would remove 2 entries" in dry.stdout
+    kept = as_json("purge", "--digest", "bbbb", "--no-cascade", "--yes")
+    assert (kept["entries"], kept["cascaded"]) == (1, [])
+    assert sorted(validity()) == ["a", "c", "d", "o"]
+    gone = as_json("purge", "--digest", "aaaa", "--yes")
+    assert (gone["entries"], gone["cascaded"]) == (1, [])  # c consumed b, which is gone
+    outdated = script("purge", "--outdated", "--yes")
+    assert outdated.returncode == 0, outdated.stderr
+    assert "Removed 1 entry" in outdated.stdout
+    assert sorted(validity()) == ["c", "d"]
+    assert ok("purge", "--outdated", "--dry-run").stderr == "No entries match.\n"

@@ -50,6 +50,7 @@ from jobflow_cache.explain import (
     render,
 )
 from jobflow_cache.files import ObjectArea
+from jobflow_cache.hashing import SCHEME
 from jobflow_cache.maintenance import (
     ROW_FIELDS,
     SORT_FIELDS,
@@ -1055,23 +1056,52 @@ def show(digest: str, full: bool, as_json: bool) -> None:
 # --------------------------------------------------------------------------- invalidate
 
 
+_CASCADE_HELP = (
+    "Leave the entries that consumed these (their jobs used these outputs) as they are. By "
+    "default they go too: a result computed from a wrong one is wrong as well."
+)
+
+
+def _show_dependents(cache: CacheStore, dependents: list[str], out: Console, verb: str) -> None:
+    """The entries a cascade reaches (the first 10 as a table)."""
+    _emit(out, Text(f"{verb} too, because they consumed these (--no-cascade leaves them):"))
+    criteria = {"digest": {"$in": dependents[:10]}}
+    _print_rows(_rows(cache, criteria, "created", False, 10), DEFAULT_COLUMNS, out)
+    if len(dependents) > 10:
+        _emit(out, f"... and {len(dependents) - 10} more")
+
+
 @cli.command()
 @_common_options
 @click.argument("digests", type=PREFIX, nargs=-1, required=True)
 @click.option("--reason", default="invalidated with cachetool", show_default=True)
-def invalidate(digests: tuple[str, ...], reason: str) -> None:
+@click.option("--no-cascade", is_flag=True, help=_CASCADE_HELP)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before invalidating dependents.")
+def invalidate(digests: tuple[str, ...], reason: str, no_cascade: bool, yes: bool) -> None:
     """Mark entries invalid: kept for inspection, never served (the job runs again).
+
+    The entries that consumed them, transitively (a static calculation that parsed the
+    OUTCAR of a relaxation with a wrong POTCAR), are invalidated too: they are listed and
+    you are asked first, unless --yes. --no-cascade leaves them as they are.
 
     \b
     Examples:
       cachetool invalidate 3f2c1a9b
-      cachetool invalidate 3f2c1a9b 77e0d2c4 --reason "wrong pseudopotentials"
+      cachetool invalidate 3f2c1a9b 77e0d2c4 --reason "wrong pseudopotentials" --yes
+      cachetool invalidate 3f2c1a9b --no-cascade
     """
     cache = _cache()
-    resolved = [resolve_prefix(cache, prefix) for prefix in digests]
-    for full in resolved:
-        cache.invalidate(full, reason)
-        click.echo(f"invalidated {short_digest(cache, full)}: {reason}")
+    resolved = list(dict.fromkeys(resolve_prefix(cache, prefix) for prefix in digests))
+    dependents = [] if no_cascade else cache.dependents(resolved)
+    if dependents:
+        _show_dependents(cache, dependents, _console(err=True), "Invalidated")
+        if not yes:
+            total = len(resolved) + len(dependents)
+            click.confirm(f"Invalidate {total} entries?", abort=True, err=True)
+    marked = cache.invalidate(resolved, reason, cascade=not no_cascade)
+    for full in marked:
+        why = reason if full in resolved else f"{reason} (consumed an invalidated entry)"
+        click.echo(f"invalidated {short_digest(cache, full)}: {why}")
 
 
 # --------------------------------------------------------------------------- purge and gc
@@ -1096,6 +1126,12 @@ def _objects_text(report: GCReport) -> str:
 @click.option("--dry-run", is_flag=True, help="Show what would go; delete nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--no-gc", is_flag=True, help="Keep the file objects of removed entries.")
+@click.option(
+    "--outdated",
+    is_flag=True,
+    help="Entries of an older hash scheme (never served: their jobs miss cleanly).",
+)
+@click.option("--no-cascade", is_flag=True, help=_CASCADE_HELP)
 @_json_option
 def purge_command(
     name: str | None,
@@ -1110,12 +1146,15 @@ def purge_command(
     dry_run: bool,
     yes: bool,
     no_gc: bool,
+    outdated: bool,
+    no_cascade: bool,
     as_json: bool,
 ) -> None:
     """Remove entries, then the file objects no remaining entry uses.
 
-    Asks for confirmation unless --yes. Objects still used by any remaining entry (including
-    entries marked invalid) are never deleted.
+    The entries that consumed a removed one go too, transitively (--no-cascade keeps them);
+    they are listed before anything is removed. Asks for confirmation unless --yes. Objects
+    still used by any remaining entry (including entries marked invalid) are never deleted.
 
     \b
     Examples:
@@ -1123,9 +1162,11 @@ def purge_command(
       cachetool purge --unused-for 30d --yes
       cachetool purge --function 'tests.jobs:*' --invalid
       cachetool purge --digest 3f2c1a9b
+      cachetool purge --outdated --yes
       cachetool purge --all --yes
     """
-    if not _any_filter(name, function, since, before, invalid, older_than, unused_for, prefixes):
+    chosen = (name, function, since, before, invalid, older_than, unused_for, prefixes, outdated)
+    if not _any_filter(*chosen):
         if not everything:
             raise click.UsageError("say which entries: give a filter (see --help) or --all")
     elif everything:
@@ -1140,23 +1181,31 @@ def purge_command(
     criteria = _criteria(
         name, function, since, before, invalid, unused_since=unused, digests=digests
     )
-    matching = cache.count(criteria)
-    if not matching:
+    options = {"gc": not no_gc, "cascade": not no_cascade, "outdated_schemes": outdated}
+    preview = purge(cache, criteria, dry_run=True, **options)
+    if not preview.entries:
         if as_json:
-            _echo_json(purge(cache, criteria, dry_run=True).to_dict())
+            _echo_json(preview.to_dict())
         else:
             _note("No entries match.")
         return
+    listed = criteria
+    if outdated:
+        old_scheme = {"scheme": {"$ne": SCHEME}}
+        listed = {"$and": [criteria, old_scheme]} if criteria else old_scheme
+    matching = preview.entries - len(preview.cascaded)
     out = _console(err=as_json)
-    _print_rows(_rows(cache, criteria, "created", False, 10), DEFAULT_COLUMNS, out)
+    _print_rows(_rows(cache, listed, "created", False, 10), DEFAULT_COLUMNS, out)
     if matching > 10:
         _emit(out, f"... and {matching - 10} more")
+    if preview.cascaded:
+        _show_dependents(cache, preview.cascaded, out, "Removed")
     if dry_run:
-        report = purge(cache, criteria, dry_run=True, gc=not no_gc)
+        report = preview
     else:
         if not yes:
-            click.confirm(f"Remove {matching} entries?", abort=True, err=True)
-        report = purge(cache, criteria, gc=not no_gc)
+            click.confirm(f"Remove {preview.entries} entries?", abort=True, err=True)
+        report = purge(cache, criteria, **options)
     if as_json:
         _echo_json(report.to_dict())
         return
