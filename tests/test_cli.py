@@ -772,3 +772,33 @@ def test_purge_cascades_to_dependents_and_removes_outdated_schemes(isolated_cach
     assert "Removed 1 entry" in outdated.stdout
     assert sorted(validity()) == ["c", "d"]
     assert ok("purge", "--outdated", "--dry-run").stderr == "No entries match.\n"
+
+
+def test_ctrl_c_in_cachetool_is_no_traceback(built):
+    proc = subprocess.Popen(
+        [console_script(), "purge", "--all"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for _ in range(300):  # wait for the question
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+        if len(entries()) == 5 and _waiting(proc):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (1, 130), (proc.returncode, stderr)
+    assert "Traceback" not in stderr
+    assert len(entries()) == 5, "nothing removed"
+
+
+def _waiting(proc: subprocess.Popen) -> bool:
+    """True once the process sleeps (in the prompt's read), as far as /proc tells."""
+    try:
+        with open(f"/proc/{proc.pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1].startswith("S")
+    except OSError:
+        return True

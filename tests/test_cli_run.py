@@ -158,3 +158,41 @@ def test_a_bad_setting_never_fails_a_workflow(runner, counts, monkeypatch):
     assert len(cache_warnings(record)) == 1, [str(w.message) for w in record]
     assert job_store.get_output(job.uuid) == 3
     assert counts()["add"] + counts()["cached_add"] == 2
+
+
+def test_progress_on_a_terminal_only(tmp_path):
+    """log=False: a live count on stderr when it is a terminal, nothing otherwise."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "from jobflow import Flow\nfrom jobflow_cache import run_locally\nfrom tests import jobs\n"
+        "first = jobs.add(1, 2)\n"
+        "run_locally(Flow([first, *(jobs.add(first.output, i) for i in range(20))]), log=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    plain = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert (plain.returncode, plain.stdout, plain.stderr) == (0, "", "")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, stderr=follower, stdout=follower
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    assert b"jobs done" in shown, shown
