@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -877,6 +878,45 @@ def test_shared_folder_append_loses_no_line(tmp_path: Path) -> None:
     assert run_flow(tmp_path, "energies", cached, "3") == {"append_energy": 2}
     assert tree(cached) == tree(plain)
     assert (cached / "energies.csv").read_text().count("\n") == 4
+
+
+def test_a_users_file_the_jobs_append_to(tmp_path: Path) -> None:
+    """The user's energies.csv (a header, older than the run): its content before the first
+    job is hashed (small, not known yet), so a fresh folder holding the same header is served,
+    and one holding another header runs the jobs."""
+
+    def folder(name: str, header: bytes) -> Path:
+        path = write(tmp_path / name / "energies.csv", header)
+        time.sleep(2.1)  # not hashed in its first two seconds (see files.prehash)
+        return path.parent
+
+    plain = folder("plain", b"name,energy\n")
+    run_flow(tmp_path, "energies", plain, "1", engine="plain")
+    assert run_flow(tmp_path, "energies", folder("first", b"name,energy\n")) == {"append_energy": 2}
+    fresh = folder("fresh", b"name,energy\n")
+    assert run_flow(tmp_path, "energies", fresh) == {}
+    assert tree(fresh) == tree(plain)
+
+    other_plain = folder("other_plain", b"name;energy\n")
+    run_flow(tmp_path, "energies", other_plain, "1", engine="plain")
+    other = folder("other", b"name;energy\n")
+    assert run_flow(tmp_path, "energies", other) == {"append_energy": 2}
+    assert tree(other) == tree(other_plain)
+
+
+def test_prehash_is_bounded_and_skips_known_and_recent_files(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = [write(run / f"old{i}.txt", b"x" * 100 + bytes([i])) for i in range(3)]
+    big = write(run / "big.bin", b"b" * (files.PREHASH_MAX_FILE + 1))
+    snap = snapshot(run)
+    assert files.prehash(run, snap) == 0, "all changed in the last two seconds"
+    monkeypatch.setattr(files, "_RACY_NS", 0)
+    assert files.prehash(run, snap, budget=202) == 202  # two of the three fit the budget
+    assert files.prehash(run, snap) == 101  # the third; the first two are known now
+    assert files.prehash(run, snap) == 0
+    assert files.known_digest(os.stat(old[2])) == xxh(b"x" * 100 + bytes([2]))
+    assert files.known_digest(os.stat(big)) is None
 
 
 def test_served_job_deletes_what_the_job_deleted(tmp_path: Path) -> None:

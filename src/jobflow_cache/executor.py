@@ -60,7 +60,7 @@ from jobflow_cache.errors import (
     trim_traceback,
     warn,
 )
-from jobflow_cache.files import LIVE_FILE_PATTERNS, ObjectArea, PlaceMode, snapshot
+from jobflow_cache.files import LIVE_FILE_PATTERNS, ObjectArea, PlaceMode, prehash, snapshot
 from jobflow_cache.hashing import (
     SCHEME,
     CallDigest,
@@ -355,6 +355,7 @@ class Cache:
         # step with job_digests, see _know_job) and the names met in run folders
         self._exact: set[str] = set()
         self._exact_jobs = 0
+        self._names_known: frozenset[str] = frozenset()
         self._contents_db = contents.default_database(self.settings.DIR)
         self._connected = False
         self._broken: str | None = None
@@ -608,14 +609,15 @@ class Cache:
         contents.use_database(self._contents_db)
         try:
             cwd = os.getcwd()
-            names = frozenset(os.listdir(cwd))
+            names = contents.folder_names(cwd)
         except OSError:  # no run folder to speak of: only absolute paths count
             cwd, names = "", frozenset()
-        if names and not names <= exact:
+        if names and names is not self._names_known and not names <= exact:
             if len(exact) > _MAX_EXACT:  # a very long run: forget the folder names met
                 exact.clear()
                 exact.update(job_digests)
             exact.update(names)
+        self._names_known = names  # the same listing again (cached): nothing to add
 
         def normalize(value: str) -> tuple[str, Any] | None:
             if len(value) == 36:
@@ -990,6 +992,10 @@ class Cache:
             unrecordable = err
         else:
             self._check_folder_size(cwd, len(before))
+            try:  # small files not known yet: their content is the "before" state a hit checks
+                prehash(cwd, before)
+            except Exception as err:  # only a shortcut: their before-states stay unknown
+                logger.debug("could not hash the files of %s: %s", cwd, err)
         # registered before running: a child of a job that fails (OnMissing.PASS/NONE) still
         # sees the same digest in place of its uuid on every run
         self._register(job, call_digest.digest)
