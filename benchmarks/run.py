@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_files, bench_flows, bench_hashing, bench_store
+from benchmarks import bench_contents, bench_files, bench_flows, bench_hashing, bench_store
 from benchmarks import shared as bench_shared
 from benchmarks.common import ROOT, Mode, machine_facts, table
 from benchmarks.targets import evaluate, targets_table
@@ -39,6 +39,7 @@ BENCHMARKS = {
     "hashing": "digest time of structures, input sets, arrays vs joblib/json/orjson/xxh3",
     "store": "store lookup/insert latency by size, concurrent writers, cachetool",
     "files": "materialising run folders by hard link vs copy",
+    "contents": "content digests of files/folders named in inputs: first, memoised, other process",
     "shared": "8 writer processes per backend (SQLite, PostgreSQL), lookups, claims, leases",
 }
 
@@ -144,6 +145,8 @@ def render(results: dict[str, Any]) -> list[str]:
         sections += bench_store.store_tables(results["store"])
     if results.get("files"):
         sections.append(bench_files.files_table(results["files"]))
+    if results.get("contents"):
+        sections.append(bench_contents.contents_table(results["contents"]))
     if results.get("shared"):
         sections += bench_shared.shared_tables(results["shared"])
     if results.get("targets"):
@@ -235,6 +238,10 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> None:
         files = _guard("files", results, lambda: bench_files.run_files(mode))
         if files:
             results["files"] = files
+    if "contents" in selected:
+        found = _guard("contents", results, lambda: bench_contents.run_contents(mode))
+        if found:
+            results["contents"] = found
     if "shared" in selected:
         shared = _guard("shared", results, lambda: bench_shared.run_shared(mode))
         if shared:

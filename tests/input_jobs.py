@@ -158,8 +158,17 @@ def pair(first: str, second: str) -> list[str]:
 
 
 # -- flows -------------------------------------------------------------------------------------
-def build(scenario: str, variant: str, decorated: bool = False) -> Flow:
-    """The flow of a scenario; ``variant`` is what changes between runs."""
+def build(scenario: str, variant: str, decorated: bool = False, root: str = ".") -> Flow:
+    """The flow of a scenario; ``variant`` is what changes between runs.
+
+    ``poscar-A`` and ``poscar-B`` are the two jobs of ``poscar-abs`` as flows of their own,
+    each run in a process of its own in one folder (FireWorks' ``rlaunch singleshot``)."""
+    if scenario == "poscar-A":
+        w = cached_write_poscar if decorated else write_poscar
+        return Flow([w(float(variant), True)], name=scenario)
+    if scenario == "poscar-B":
+        r = cached_read_lattice if decorated else read_lattice
+        return Flow([r(str(Path(root, "POSCAR").resolve()))], name=scenario)
     if scenario in ("poscar-abs", "poscar-rel"):
         w, r = (
             (cached_write_poscar, cached_read_lattice)
@@ -195,7 +204,7 @@ def anonymised(value: Any, root: str) -> Any:
 
 def run(scenario: str, root: str, variant: str, engine: str, create: bool) -> dict[str, Any]:
     """Run one flow; its outputs by job name (anonymised)."""
-    flow = build(scenario, variant, decorated=engine == "decorated")
+    flow = build(scenario, variant, decorated=engine == "decorated", root=root)
     Path(root).mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"root_dir": root, "create_folders": create, "ensure_success": True}
     if engine == "cache":

@@ -84,6 +84,20 @@ def test_rewritten_file_is_never_served_the_old_value(scenario, engine, create, 
     assert [o["read_lattice"] for o in outputs] == [1.0, 2.0, 2.0]
 
 
+@pytest.mark.parametrize("engine", ["decorated", "cache"])
+def test_one_job_per_process_in_one_folder(engine, tmp_path, counts):
+    """FireWorks' rlaunch singleshot: every job in a process of its own, all in one folder.
+    B names A's POSCAR by its absolute path; A rewrites it with another lattice: B reruns."""
+    steps = [("poscar-A", "1.0"), ("poscar-B", ""), ("poscar-A", "2.0"), ("poscar-B", "")]
+    steps += steps[2:]  # unchanged: both served
+    expected = [in_process(s, tmp_path / "plain", v, "plain", False) for s, v in steps]
+    counts.reset()
+    outputs = [fresh(s, tmp_path / "cached", v, engine, False) for s, v in steps]
+    assert outputs == expected
+    assert [o.get("read_lattice") for o in outputs[1::2]] == [1.0, 2.0, 2.0]
+    assert counts() == Counter(write_poscar=2, read_lattice=2)
+
+
 # -- class 1: another job changes a file in the upstream job's folder ------------------------
 @pytest.mark.parametrize(
     ("engine", "create"), [("cache", False), ("cache", True), ("decorated", True)]

@@ -63,6 +63,7 @@ __all__ = [
     "TreeDigest",
     "describe",
     "file_digest",
+    "folder_names",
     "memo",
     "remember",
     "tree_digest",
@@ -122,6 +123,7 @@ class ContentMemo:
         self._memo: dict[Key, str] = {}
         self._lock = threading.Lock()
         self._db_path = Path(db_path) if db_path is not None else None
+        self.db_str = os.fspath(db_path) if db_path is not None else None
         self._db: sqlite3.Connection | None = None
         self._db_failed = False
         self.stats: Counter[str] = Counter()
@@ -274,6 +276,8 @@ def use_database(path: str | os.PathLike[str] | None) -> None:
     A no-op when the memo already uses that file; the in-process digests are kept either way.
     """
     global _MEMO
+    if path is not None and _MEMO.db_path is not None and os.fspath(path) == _MEMO.db_str:
+        return  # the common case, without building a Path
     new = Path(path) if path is not None else None
     if _MEMO.db_path == new:
         return
@@ -350,6 +354,29 @@ def remember(path: str | os.PathLike[str], st: os.stat_result | None, digest: st
         return
     if stat.S_ISREG(st.st_mode) and isinstance(digest, str) and len(digest) == 32:
         _MEMO.put(st, digest)
+
+
+# --------------------------------------------------------------------------- folder names
+
+_LISTINGS: dict[str, tuple[int, int, int, frozenset[str]]] = {}
+_LISTINGS_MAX = 1_000
+_LISTING_CACHED_FROM = 32  # smaller folders are listed again (it costs about a stat)
+
+
+def folder_names(folder: str) -> frozenset[str]:
+    """The names in ``folder`` (not recursive), answered from the last listing while the
+    folder's (inode, mtime, ctime) are unchanged since a listing taken :data:`RACY_NS` or more
+    after its last change (an entry added or removed changes them)."""
+    st = os.stat(folder)
+    cached = _LISTINGS.get(folder)
+    if cached is not None and cached[:3] == (st.st_ino, st.st_mtime_ns, st.st_ctime_ns):
+        return cached[3]
+    names = frozenset(os.listdir(folder))
+    if len(names) >= _LISTING_CACHED_FROM and _settled(st, time.time_ns()):
+        if len(_LISTINGS) >= _LISTINGS_MAX:
+            _LISTINGS.clear()
+        _LISTINGS[folder] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, names)
+    return names
 
 
 # --------------------------------------------------------------------------- trees
