@@ -192,7 +192,10 @@ def main() -> None:
             f"run 2 rebuilt the flow (new UUIDs, new run folders) and executed none of its jobs: "
             f"{first['seconds'] / max(second['seconds'], 1e-9):.0f}x faster."
         )
-    print(f"run 2's {len(outcars)} OUTCAR files: {linked} are hard links to the cache's copies.")
+    stored = {p.read_bytes() for p in objects}
+    restored = sum(p.read_bytes() in stored for p in outcars)
+    how = f"{linked} of them hard links" if linked else "copies: editing one leaves the cache"
+    print(f"run 2's {len(outcars)} OUTCAR files: {restored} restored from the cache ({how}).")
     print("\nwhere the cache lives")
     print(f"  store    {second['store']}  ({second['entries']} entries)")
     print(

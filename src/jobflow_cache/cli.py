@@ -673,8 +673,10 @@ def info(as_json: bool) -> None:
 @cli.command()
 @_json_option
 def config(as_json: bool) -> None:
-    """Every setting, its value, and where it came from: the environment
-    (JOBFLOW_CACHE_<NAME>), the settings file, or the default.
+    """Every setting, its value and where it came from.
+
+    The source is the environment (JOBFLOW_CACHE_<NAME>), the settings file
+    (JOBFLOW_CACHE_CONFIG_FILE, default ~/.jobflow-cache.yaml) or the default.
 
     \b
     Examples:
