@@ -435,7 +435,9 @@ class Cache:
             elif self._spec_error is not None:
                 which = f"store configured by JOBFLOW_CACHE_STORE cannot be built ({err})"
             else:
-                which = f"store {self.store.name} is unavailable ({err})"
+                # one line: pymongo appends its whole topology to a server selection timeout
+                reason = str(err).strip().split("\n")[0].split(", Topology Description")[0]
+                which = f"store {self.store.name} is unavailable ({reason})"
             self.report.off = which
             warn(
                 f"jobflow-cache: the cache {which}; jobs run uncached for the rest of this run",
