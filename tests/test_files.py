@@ -734,6 +734,20 @@ def test_absolute_links_into_the_run_folder_follow_it(area: ObjectArea, run: Pat
     area.materialize(records, dest, source_dir=run)  # already as the job leaves it
 
 
+def test_differences_name_what_a_folder_no_longer_holds(area: ObjectArea, run: Path) -> None:
+    write(run / "gone.txt", b"g")
+    area.record(run, ["gone.txt"])
+    before = snapshot(run)
+    write(run / "OUTCAR", b"energy")
+    (run / "latest").symlink_to("OUTCAR")
+    (run / "gone.txt").unlink()
+    records = area.record_changes(run, before, snapshot(run))
+    assert files.differences(run, records) == []
+    write(run / "OUTCAR", b"patched")
+    write(run / "gone.txt", b"back")
+    assert files.differences(run, records) == ["OUTCAR", "gone.txt"]
+
+
 def test_materialize_refuses_a_file_whose_before_content_is_unknown(
     area: ObjectArea, run: Path
 ) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "Snapshot",
     "changed_files",
     "changed_paths",
+    "differences",
     "file_digest",
     "known_digest",
     "prehash",
@@ -496,6 +497,27 @@ def _holds_after(target: Path, current: os.stat_result | None, record: FileRecor
         and current.st_size == record.size
         and file_digest(target, current) == record.xxh3
     )
+
+
+def differences(folder: str | os.PathLike[str], records: Iterable[FileRecord]) -> list[str]:
+    """The paths of a manifest that ``folder`` does not hold as the recorded job left them
+    (content, symlink target, empty folder, deletion); an empty list when it still holds
+    everything the job wrote. Files are compared by size, then by digest (the memo answers
+    for files stored, placed or hashed in this process since they last changed). Paths the
+    job did not touch are not looked at."""
+    folder = Path(folder)
+    differ = []
+    for record in records:
+        try:
+            target = folder / _clean_relpath(record.path)
+            same = _parent_problem(folder, record.path, {}) is None and _holds_after(
+                target, _lstat(target), record
+            )
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            differ.append(record.path)
+    return differ
 
 
 def _holds_before(
