@@ -356,7 +356,10 @@ class Cache:
         self._exact: set[str] = set()
         self._exact_jobs = 0
         self._names_known: frozenset[str] = frozenset()
-        self._contents_db = contents.default_database(self.settings.DIR)
+        # absolute now: a relative cache folder must not be found again in each job's folder
+        self._contents_db = contents.default_database(
+            os.path.abspath(os.path.expanduser(self.settings.DIR))
+        )
         self._connected = False
         self._broken: str | None = None
         self._exclude_cache: dict[str, list[str]] = {}
