@@ -1,0 +1,160 @@
+"""Issue 11, class 1: files and folders named by inputs are part of what a job reads.
+
+Every scenario changes a file a job reads (through an upstream's rewrite, a patch, or the
+user's edit) between two runs of a rebuilt flow; the cache world must give plain jobflow's
+outputs and files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.differential.harness import (
+    FOLDERS,
+    LOCAL,
+    SHARED,
+    Scenario,
+    World,
+    cases,
+    check_scenario,
+    write,
+)
+
+P = "tests.differential.programs:"
+
+
+def _params(world: World) -> None:
+    write(world.data / "params.txt", "alpha = 1.0\n")
+
+
+def _edit_params(world: World, step: int) -> None:
+    write(world.data / "params.txt", "alpha = 2.0\n")  # same size: only the bytes differ
+
+
+def _edit_params_keep_mtime(world: World, step: int) -> None:
+    path = world.data / "params.txt"
+    before = path.stat()
+    write(path, "alpha = 2.0\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _inputs(world: World) -> None:
+    write(world.data / "inputs" / "a.txt", "a = 1\n")
+    write(world.data / "inputs" / "sub" / "b.txt", "b = 1\n")
+
+
+def _edit_inputs(world: World, step: int) -> None:
+    write(world.data / "inputs" / "sub" / "b.txt", "b = 2\n")
+
+
+def _add_input(world: World, step: int) -> None:
+    write(world.data / "inputs" / "c.txt", "c = 3\n")
+
+
+def _incar(world: World) -> None:
+    write(world.run_dir / "INCAR", "ENCUT = 520\n")
+
+
+def _edit_incar(world: World, step: int) -> None:
+    write(world.run_dir / "INCAR", "ENCUT = 600\n")
+
+
+SCENARIOS = {
+    "poscar_path": Scenario(
+        P + "poscar_path",
+        "A writes POSCAR (lattice from its input, changed in run 2), returns its path; B reads it",
+        ran={2: ["write_poscar", "read_poscar"]},
+        xfail={v: "B is served the value of the old POSCAR" for v in SHARED},
+    ),
+    "poscar_relative": Scenario(
+        P + "poscar_relative",
+        "B reads the relative name 'POSCAR' in the shared folder; A's output is unchanged",
+        variants=SHARED,
+        ran={2: ["read_poscar"]},
+        xfail={v: "a relative file name is hashed as a string" for v in SHARED},
+    ),
+    "poscar_in_document": Scenario(
+        P + "poscar_in_document",
+        "the POSCAR path is nested in A's output document",
+        ran={2: ["read_poscar_doc"]},
+        xfail={v: "B is served the value of the old POSCAR" for v in SHARED},
+    ),
+    "poscar_unchanged": Scenario(
+        P + "poscar_unchanged",
+        "nothing changes: with a folder per job both jobs are served",
+        served={2: ["write_poscar", "read_poscar"]},
+        count_variants=FOLDERS,
+    ),
+    "patched_prev_dir": Scenario(
+        P + "patched_prev_dir",
+        "P patches A's OUTCAR after A finished (a new patch in run 2); B reads A's folder",
+        ran={2: ["patch_outcar", "read_outcar"]},
+        xfail={"*": "B is served the OUTCAR as it was before the new patch"},
+    ),
+    "prev_dir_rewritten": Scenario(
+        P + "prev_dir_rewritten",
+        "A's input changes; B reads A's OUTCAR through prev_dir",
+        ran={2: ["write_outcar", "read_outcar"]},
+        xfail={v: "B is served the old OUTCAR's lines" for v in SHARED},
+    ),
+    "user_file": Scenario(
+        P + "user_file",
+        "the user edits an input file (same path, same size) between the runs",
+        setup=_params,
+        between=_edit_params,
+        ran={2: ["read_file"]},
+        xfail={"*": "a file path input is hashed by its path, not its content"},
+    ),
+    "user_file_path_object": Scenario(
+        P + "user_file_path_object",
+        "the same, the file given as a pathlib.Path",
+        setup=_params,
+        between=_edit_params,
+        variants=LOCAL,
+        ran={2: ["read_file"]},
+        xfail={"*": "a file path input is hashed by its path, not its content"},
+    ),
+    "user_file_mtime_restored": Scenario(
+        P + "user_file",
+        "the user edits an input file and restores its mtime (os.utime): the bytes still differ",
+        setup=_params,
+        between=_edit_params_keep_mtime,
+        variants=("shared-local",),
+        ran={2: ["read_file"]},
+        xfail={"*": "a file path input is hashed by its path, not its content"},
+    ),
+    "user_folder_edited": Scenario(
+        P + "user_folder",
+        "the user edits a file deep in an input folder",
+        setup=_inputs,
+        between=_edit_inputs,
+        ran={2: ["read_folder"]},
+        xfail={"*": "a folder input is hashed by its path, not its tree"},
+    ),
+    "user_folder_new_file": Scenario(
+        P + "user_folder",
+        "the user adds a file to an input folder",
+        setup=_inputs,
+        between=_add_input,
+        variants=("shared-local", "folders-deco"),
+        ran={2: ["read_folder"]},
+        xfail={"*": "a folder input is hashed by its path, not its tree"},
+    ),
+    "relative_input_file": Scenario(
+        P + "user_file_relative",
+        "an input file named relative to the shared run folder ('INCAR'), edited",
+        setup=_incar,
+        between=_edit_incar,
+        variants=SHARED,
+        ran={2: ["read_file"]},
+        xfail={"*": "a relative file name is hashed as a string"},
+    ),
+}
+
+
+@pytest.mark.parametrize(("name", "variant"), cases(SCENARIOS))
+def test_inputs(name: str, variant: str, tmp_path: Path) -> None:
+    check_scenario(SCENARIOS[name], variant, tmp_path)
