@@ -460,6 +460,7 @@ def _start(world: World, scenario: Scenario, step: int) -> tuple[subprocess.Pope
         **world.env,
         "JFC_DIFF_SPEC": str(spec_file),
         "JFC_COUNTS_FILE": str(world.path / f"counts{step}.txt"),
+        "JFC_DIFF_STEP": str(step),  # an environment that changes between the runs
     }
     command = (
         [PYTHON, str(world.path / scenario.script.format(step=step))]
@@ -552,6 +553,9 @@ class Normaliser:
         if isinstance(value, list):
             return [self.tree(v, drop) for v in value]
         if isinstance(value, dict):
+            if "<type>" in value and drop:  # a typed() mapping: its items are [key, value]
+                items = [i for i in value["items"] if not (isinstance(i[0], str) and i[0] in drop)]
+                value = {**value, "items": items}
             return {self.text(k): self.tree(v, drop) for k, v in value.items() if k not in drop}
         return value
 

@@ -436,3 +436,25 @@ def read_knob(x: int):
     """Reads a file it does not name in its inputs: invisible to any digest, by design."""
     executed("read_knob")
     return x * int((data_dir() / "knob.txt").read_text())
+
+
+# -- more attacks: what a job can read besides bytes -------------------------------------------
+@task
+def read_named(path: str):
+    """Its result depends on the file's name as well as its bytes."""
+    executed("read_named")
+    return {"name": Path(path).name, "where": path, "text": Path(path).read_text()}
+
+
+@task
+def list_folder(folder: str):
+    """Its result names the folder it was given."""
+    executed("list_folder")
+    return {"folder": folder, "files": sorted(p.name for p in Path(folder).iterdir())}
+
+
+@task
+def read_env_knob(x: int):
+    """Reads an environment variable (seen only through DIGEST_ENV)."""
+    executed("read_env_knob")
+    return {"x": x, "knob": os.environ.get("JFC_DIFF_STEP")}

@@ -351,3 +351,21 @@ def a2_static_field(step: int, run: Runner) -> None:
 # -- the harness's own check -------------------------------------------------------------------
 def hidden_input(step: int, run: Runner) -> None:
     run(j.read_knob(2))
+
+
+# -- more attacks ------------------------------------------------------------------------------
+def same_content_other_path(step: int, run: Runner) -> None:
+    """Run 2 names another file with the same bytes: the result names the file."""
+    run(j.read_named(str(j.data_dir() / ("a.txt" if step == 1 else "b.txt"))))
+
+
+def same_tree_other_folder(step: int, run: Runner) -> None:
+    run(j.list_folder(str(j.data_dir() / ("set1" if step == 1 else "set2"))))
+
+
+def user_symlink(step: int, run: Runner) -> None:
+    run(j.read_file(str(j.data_dir() / "current.txt")))
+
+
+def env_knob(step: int, run: Runner) -> None:
+    run(j.read_env_knob(1))

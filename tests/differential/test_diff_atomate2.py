@@ -29,6 +29,12 @@ def _served(names: tuple[str, ...]):
     return check
 
 
+#: what a hit of an ASE task document still gets wrong
+HIT_TYPES = (
+    "a served TaskDoc's response holds builtins.float where the computed one holds "
+    "numpy.float64 (ionic step energies, forces)"
+)
+
 SCENARIOS = {
     "a2_relax_fmax_changed": Scenario(
         P + "a2_relax_static",
@@ -42,6 +48,7 @@ SCENARIOS = {
         variants=FOLDERS,
         drop_keys=CLOCK_KEYS,
         check=_served(("EMT relaxation", "EMT static")),
+        xfail={"*": HIT_TYPES},
     ),
     "a2_static_field_changed": Scenario(
         P + "a2_static_field",
@@ -49,6 +56,7 @@ SCENARIOS = {
         variants=("folders-local",),
         drop_keys=CLOCK_KEYS,
         check=_served(("EMT relaxation",)),
+        xfail={"*": HIT_TYPES},
     ),
 }
 

@@ -25,6 +25,7 @@ MODULE = '''"""A user's own module (not an installed package)."""
 from tests.differential.jobs import executed, task
 
 import helpers
+from helpers import scale
 
 FACTOR = {factor}
 
@@ -213,6 +214,12 @@ SCENARIOS = {
         "usermod:program",
         _module(body="helpers.scale(x)", factor=3),
         "a helper in another user module is edited",
+        ran={2: ["energy"]},
+    ),
+    "imported_helper_edited": _scenario(
+        "usermod:program",
+        _module(body="scale(x)", factor=3),
+        "a helper imported by name (from helpers import scale) is edited",
         ran={2: ["energy"]},
     ),
     "module_unrelated_edit": _scenario(

@@ -62,6 +62,28 @@ def _edit_incar(world: World, step: int) -> None:
     write(world.run_dir / "INCAR", "ENCUT = 600\n")
 
 
+def _twins(world: World) -> None:
+    for name in ("a.txt", "b.txt"):
+        write(world.data / name, "same bytes\n")
+    for folder in ("set1", "set2"):
+        write(world.data / folder / "x.txt", "same tree\n")
+
+
+def _delete_params(world: World, step: int) -> None:
+    (world.data / "params.txt").unlink()
+
+
+def _linked(world: World) -> None:
+    write(world.data / "v1.txt", "version 1\n")
+    write(world.data / "v2.txt", "version 2\n")
+    (world.data / "current.txt").symlink_to("v1.txt")
+
+
+def _relink(world: World, step: int) -> None:
+    (world.data / "current.txt").unlink()
+    (world.data / "current.txt").symlink_to("v2.txt")
+
+
 SCENARIOS = {
     "poscar_path": Scenario(
         P + "poscar_path",
@@ -151,6 +173,43 @@ SCENARIOS = {
         variants=SHARED,
         ran={2: ["read_file"]},
         xfail={"*": "a relative file name is hashed as a string"},
+    ),
+    "same_content_other_path": Scenario(
+        P + "same_content_other_path",
+        "run 2 names another file with the same bytes; the job's result names its file",
+        setup=_twins,
+        variants=("shared-local", "folders-deco"),
+        ran={2: ["read_named"]},
+    ),
+    "same_tree_other_folder": Scenario(
+        P + "same_tree_other_folder",
+        "run 2 names another folder with the same tree; the job's result names its folder",
+        setup=_twins,
+        variants=("shared-local", "folders-deco"),
+        ran={2: ["list_folder"]},
+    ),
+    "input_file_deleted": Scenario(
+        P + "user_file",
+        "the user deletes the input file: the job must fail as in jobflow, not be served",
+        setup=_params,
+        between=_delete_params,
+        variants=("shared-local", "folders-deco"),
+        ran={2: ["read_file"]},
+    ),
+    "input_symlink_retargeted": Scenario(
+        P + "user_symlink",
+        "the input path is a symlink the user points at another file between the runs",
+        setup=_linked,
+        between=_relink,
+        variants=("shared-local", "folders-deco"),
+        ran={2: ["read_file"]},
+    ),
+    "digest_env": Scenario(
+        P + "env_knob",
+        "a job reads an environment variable named in DIGEST_ENV; its value changes",
+        env={"JOBFLOW_CACHE_DIGEST_ENV": "JFC_DIFF_STEP"},
+        variants=("shared-local", "folders-deco"),
+        ran={2: ["read_env_knob"]},
     ),
 }
 
