@@ -369,3 +369,8 @@ def user_symlink(step: int, run: Runner) -> None:
 
 def env_knob(step: int, run: Runner) -> None:
     run(j.read_env_knob(1))
+
+
+def parent_relative_file(step: int, run: Runner) -> None:
+    """An input named relative to the job's own folder: '../params.txt' is run/params.txt."""
+    run(j.read_file("../params.txt"))

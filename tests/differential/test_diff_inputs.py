@@ -84,6 +84,14 @@ def _relink(world: World, step: int) -> None:
     (world.data / "current.txt").symlink_to("v2.txt")
 
 
+def _root_params(world: World) -> None:
+    write(world.run_dir / "params.txt", "alpha = 1.0\n")
+
+
+def _edit_root_params(world: World, step: int) -> None:
+    write(world.run_dir / "params.txt", "alpha = 2.0\n")
+
+
 SCENARIOS = {
     "poscar_path": Scenario(
         P + "poscar_path",
@@ -202,6 +210,14 @@ SCENARIOS = {
         setup=_linked,
         between=_relink,
         variants=("shared-local", "folders-deco"),
+        ran={2: ["read_file"]},
+    ),
+    "parent_relative_file": Scenario(
+        P + "parent_relative_file",
+        "with a folder per job, '../params.txt' (relative to the job's folder) is edited",
+        setup=_root_params,
+        between=_edit_root_params,
+        variants=FOLDERS,
         ran={2: ["read_file"]},
     ),
     "digest_env": Scenario(
