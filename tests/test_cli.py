@@ -679,6 +679,12 @@ def test_entries_record_the_makers_class_and_globs_match_it(isolated_cache, tmp_
     assert "MAKER" in script("ls", "--columns", "digest,maker").stdout
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C acts as in a terminal. pytest-xdist workers ignore SIGINT, and a
+    child inherits an ignored signal, so Python would never raise KeyboardInterrupt in it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_interrupts_as_usual(isolated_cache, tmp_path):
     """A real SIGINT to a process running a flow: the summary so far is printed, the status
     is KeyboardInterrupt's, and the cache holds the finished jobs, sound."""
@@ -698,6 +704,7 @@ def test_ctrl_c_interrupts_as_usual(isolated_cache, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_default,
     )
     started = tmp_path / "started"
     for _ in range(600):
@@ -781,6 +788,7 @@ def test_ctrl_c_in_cachetool_is_no_traceback(built):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_default,
     )
     for _ in range(300):  # wait for the question
         if proc.poll() is not None:

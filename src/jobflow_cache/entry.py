@@ -233,7 +233,8 @@ class CacheEntry(BaseModel):
     files_skipped: dict[str, int] = Field(
         default_factory=dict,
         description="Run-folder files the job wrote but the cache did not keep (larger than "
-        "MAX_FILE_SIZE): relative path -> size in bytes. A hit's folder lacks them.",
+        "MAX_FILE_SIZE, or FILES=none): relative path -> size in bytes. A hit copies them from "
+        "the recording folder while they are unchanged there; otherwise the job runs.",
     )
     source_uuid: str = Field("", description="uuid of the job that recorded the entry.")
     source_index: int = Field(1, description="index of the job that recorded the entry.")

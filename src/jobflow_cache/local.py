@@ -234,7 +234,7 @@ def _log_summary(report: CacheReport, session: Cache | None, interrupted: bool =
 
 def _miss_hints(report: CacheReport, session: Cache) -> Iterator[tuple[str, str]]:
     # explain sits above local in the layers; imported here, only when there are misses
-    from jobflow_cache.explain import Inputs, nearest
+    from jobflow_cache.explain import Inputs, nearest, render
 
     store = session.store
     explained = 0
@@ -253,7 +253,7 @@ def _miss_hints(report: CacheReport, session: Cache) -> Iterator[tuple[str, str]
         best = comparisons[0]
         if best.differences:
             first = best.differences[0]
-            what = f"{first.path} {first.cached} \u2192 {first.now}"
+            what = f"{first.path} {render(first.cached, 40)} \u2192 {render(first.now, 40)}"
             more = len(best.differences) - 1
             what += f" (+{more} more)" if more else ""
         elif best.cache_version is not None:
