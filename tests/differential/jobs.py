@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from jobflow import CURRENT_JOB, Flow, Maker, Response, job
+from jobflow import CURRENT_JOB, Flow, JobConfig, Maker, Response, job
 
 
 def task(*args: Any, **kwargs: Any) -> Any:
@@ -334,7 +334,7 @@ def add(a: int, b: int = 0):
     return a + b
 
 
-@task(expose_store=True)
+@task(config=JobConfig(expose_store=True))
 def count_docs(x: int):
     """Reads the JobStore it is given."""
     executed("count_docs")

@@ -50,6 +50,7 @@ SCENARIOS = {
         P + "huge_output",
         "an output over 64 bits fails jobflow's store in both worlds, in both runs",
         ran={2: ["huge"]},
+        failures_expected=True,
         variants=("shared-local", "shared-deco", "folders-local"),
     ),
     "expose_store": Scenario(

@@ -97,20 +97,17 @@ SCENARIOS = {
         P + "poscar_path",
         "A writes POSCAR (lattice from its input, changed in run 2), returns its path; B reads it",
         ran={2: ["write_poscar", "read_poscar"]},
-        xfail={v: "B is served the value of the old POSCAR" for v in SHARED},
     ),
     "poscar_relative": Scenario(
         P + "poscar_relative",
         "B reads the relative name 'POSCAR' in the shared folder; A's output is unchanged",
         variants=SHARED,
         ran={2: ["read_poscar"]},
-        xfail={v: "a relative file name is hashed as a string" for v in SHARED},
     ),
     "poscar_in_document": Scenario(
         P + "poscar_in_document",
         "the POSCAR path is nested in A's output document",
         ran={2: ["read_poscar_doc"]},
-        xfail={v: "B is served the value of the old POSCAR" for v in SHARED},
     ),
     "poscar_unchanged": Scenario(
         P + "poscar_unchanged",
@@ -122,13 +119,11 @@ SCENARIOS = {
         P + "patched_prev_dir",
         "P patches A's OUTCAR after A finished (a new patch in run 2); B reads A's folder",
         ran={2: ["patch_outcar", "read_outcar"]},
-        xfail={"*": "B is served the OUTCAR as it was before the new patch"},
     ),
     "prev_dir_rewritten": Scenario(
         P + "prev_dir_rewritten",
         "A's input changes; B reads A's OUTCAR through prev_dir",
         ran={2: ["write_outcar", "read_outcar"]},
-        xfail={v: "B is served the old OUTCAR's lines" for v in SHARED},
     ),
     "user_file": Scenario(
         P + "user_file",
@@ -136,7 +131,6 @@ SCENARIOS = {
         setup=_params,
         between=_edit_params,
         ran={2: ["read_file"]},
-        xfail={"*": "a file path input is hashed by its path, not its content"},
     ),
     "user_file_path_object": Scenario(
         P + "user_file_path_object",
@@ -145,7 +139,6 @@ SCENARIOS = {
         between=_edit_params,
         variants=LOCAL,
         ran={2: ["read_file"]},
-        xfail={"*": "a file path input is hashed by its path, not its content"},
     ),
     "user_file_mtime_restored": Scenario(
         P + "user_file",
@@ -154,7 +147,6 @@ SCENARIOS = {
         between=_edit_params_keep_mtime,
         variants=("shared-local",),
         ran={2: ["read_file"]},
-        xfail={"*": "a file path input is hashed by its path, not its content"},
     ),
     "user_folder_edited": Scenario(
         P + "user_folder",
@@ -162,7 +154,6 @@ SCENARIOS = {
         setup=_inputs,
         between=_edit_inputs,
         ran={2: ["read_folder"]},
-        xfail={"*": "a folder input is hashed by its path, not its tree"},
     ),
     "user_folder_new_file": Scenario(
         P + "user_folder",
@@ -171,7 +162,6 @@ SCENARIOS = {
         between=_add_input,
         variants=("shared-local", "folders-deco"),
         ran={2: ["read_folder"]},
-        xfail={"*": "a folder input is hashed by its path, not its tree"},
     ),
     "relative_input_file": Scenario(
         P + "user_file_relative",
@@ -180,7 +170,6 @@ SCENARIOS = {
         between=_edit_incar,
         variants=SHARED,
         ran={2: ["read_file"]},
-        xfail={"*": "a relative file name is hashed as a string"},
     ),
     "same_content_other_path": Scenario(
         P + "same_content_other_path",
@@ -199,6 +188,7 @@ SCENARIOS = {
     "input_file_deleted": Scenario(
         P + "user_file",
         "the user deletes the input file: the job must fail as in jobflow, not be served",
+        failures_expected=True,
         setup=_params,
         between=_delete_params,
         variants=("shared-local", "folders-deco"),
