@@ -880,6 +880,11 @@ def _version_of(name: str) -> tuple[str, str] | None:
     """``(distribution, version)`` of a top-level import name or distribution name."""
     with suppress(metadata.PackageNotFoundError, ValueError):
         return name, metadata.version(name)
+    if is_user_module(name):
+        # user code is not installed code (see the module docstring): no distribution of the
+        # site folders holds it, and the name-to-distribution map reads every installed
+        # distribution's file list (~0.1 s, paid by the first entry a process records)
+        return None
     for dist in _distribution_names().get(name, ()):
         with suppress(metadata.PackageNotFoundError, ValueError):
             return dist, metadata.version(dist)
