@@ -367,9 +367,20 @@ def folder_names(folder: str) -> frozenset[str]:
     """The names in ``folder`` (not recursive), answered from the last listing while the
     folder's (inode, mtime, ctime) are unchanged since a listing taken :data:`RACY_NS` or more
     after its last change (an entry added or removed changes them)."""
-    st = os.stat(folder)
     cached = _LISTINGS.get(folder)
-    if cached is not None and cached[:3] == (st.st_ino, st.st_mtime_ns, st.st_ctime_ns):
+    if cached is None:  # listed first: a small folder, never kept, needs no stat
+        names = frozenset(os.listdir(folder))
+        if len(names) < _LISTING_CACHED_FROM:
+            return names
+        st = os.stat(folder)  # after the listing: a change in between only makes it unsettled
+        # (or changes the key), so a stale listing is never kept under a newer key
+        if _settled(st, time.time_ns()):
+            if len(_LISTINGS) >= _LISTINGS_MAX:
+                _LISTINGS.clear()
+            _LISTINGS[folder] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, names)
+        return names
+    st = os.stat(folder)
+    if cached[:3] == (st.st_ino, st.st_mtime_ns, st.st_ctime_ns):
         return cached[3]
     names = frozenset(os.listdir(folder))
     if len(names) >= _LISTING_CACHED_FROM and _settled(st, time.time_ns()):

@@ -27,7 +27,7 @@ import time
 import types
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -592,8 +592,10 @@ class Cache:
             self.store.record_hit(digest)
 
     # -- hashing ----------------------------------------------------------------------------
-    def _normalizer(self, refs: _Refs) -> Normalizer:
-        """The string hook of one call's hashing (cwd: the job's run folder).
+    def _normalizer(self, refs: _Refs, strings: bool = True) -> Normalizer:
+        """The string hook of one call's hashing (cwd: the job's run folder); ``strings=False``
+        when the arguments hold no str at all (:func:`_holds_no_str`): the hook is then never
+        called, and the run folder is not listed for bare names.
 
         * a known job's uuid becomes ``("job", digest)``;
         * a string naming an existing file or folder (absolute, or relative to the run
@@ -614,7 +616,7 @@ class Cache:
         contents.use_database(self._contents_db)
         try:
             cwd = os.getcwd()
-            names = contents.folder_names(cwd)
+            names = contents.folder_names(cwd) if strings else frozenset()
         except OSError:  # no run folder to speak of: only absolute paths count
             cwd, names = "", frozenset()
         if names and names is not self._names_known and not names <= exact:
@@ -746,7 +748,7 @@ class Cache:
         env = codeversion.env_part(
             codeversion.env_names(options.env, getattr(self.settings, "DIGEST_ENV", None))
         )
-        normalize = self._normalizer(refs)
+        normalize = self._normalizer(refs, strings=not _holds_no_str(arguments.values()))
         version = codeversion.cache_version_slot(options.cache_version, code, env=env)
         call = digest_call(path, arguments, cache_version=version, normalize_str=normalize)
         named = codeversion.argument_code(call.encodings, call.arg_digests, instance)
@@ -1378,6 +1380,37 @@ class Cache:
 #: The Response fields besides ``output`` that an entry keeps; the first three make new jobs.
 _DYNAMIC_PARTS = ("replace", "addition", "detour")
 _RESPONSE_PARTS = (*_DYNAMIC_PARTS, "stored_data", "stop_children", "stop_jobflow")
+
+
+#: Values :func:`_holds_no_str` looks at before it gives up (and says a str may be there).
+_NO_STR_BUDGET = 64
+
+
+def _holds_no_str(values: Iterable[Any]) -> bool:
+    """True when ``values`` are only numbers, bools, None and lists, tuples and dicts of them
+    (dict keys aside: hashing never normalises them), so that no str reaches a hashing hook;
+    False when a str or any other object may be there, or after :data:`_NO_STR_BUDGET` items.
+
+    Examples
+    --------
+    >>> _holds_no_str([1, 2.0, None, [True, (3,)], {"a": 4}]), _holds_no_str([[1, "x"]])
+    (True, False)
+    """
+    stack = list(values)
+    budget = _NO_STR_BUDGET
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is int or kind is float or kind is bool or value is None:
+            continue
+        if kind is list or kind is tuple or kind is dict:
+            budget -= len(value)
+            if budget < 0:
+                return False
+            stack.extend(value.values() if kind is dict else value)
+            continue
+        return False
+    return True
 
 
 def _replayed(response: Response, parts: Mapping[str, Any]) -> Response:
