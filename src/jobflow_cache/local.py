@@ -82,7 +82,7 @@ from jobflow_cache.executor import (
     is_cached_function,
     progress,
 )
-from jobflow_cache.settings import cache_disabled
+from jobflow_cache.settings import cache_disabled, file_read_once
 from jobflow_cache.store import CacheStore
 
 if TYPE_CHECKING:
@@ -167,6 +167,7 @@ raise_immediately
     )
     try:
         with (
+            file_read_once(),  # the settings file's DISABLE: once for the run's jobs
             session.activate() if session is not None else nullcontext(),
             _progress(manager.report, show=not log),
         ):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -240,12 +243,33 @@ def get_settings() -> CacheSettings:
 def cache_disabled() -> bool:
     """True when ``DISABLE`` is set: ``JOBFLOW_CACHE_DISABLE`` to a true value, or, when that
     variable is unset or empty, ``DISABLE: true`` in the settings file (the environment wins,
-    as for every setting). Read on every call; settings that cannot be read count as not
-    disabled (the cache then warns once and runs every job uncached)."""
+    as for every setting). The variable is read on every call, the file too except inside a
+    ``run_locally`` run, which reads it once when it starts (:func:`file_read_once`); settings
+    that cannot be read count as not disabled (the cache then warns once and runs every job
+    uncached)."""
     value = os.environ.get(f"{ENV_PREFIX}DISABLE", "").strip().lower()
     if value:
         return value in {"1", "true", "yes", "on"}
+    fixed = _RUN_FILE_DISABLES.get()
+    if fixed is not None:
+        return fixed
     return _file_disables()
+
+
+#: The settings file's DISABLE as the running ``run_locally`` read it when it started (None:
+#: no run): a stat of the file for each job costs about as much as the rest of the check.
+_RUN_FILE_DISABLES: ContextVar[bool | None] = ContextVar("_RUN_FILE_DISABLES", default=None)
+
+
+@contextmanager
+def file_read_once() -> Iterator[None]:
+    """Inside the block, :func:`cache_disabled` takes the settings file's ``DISABLE`` as it
+    was when the block began (``JOBFLOW_CACHE_DISABLE`` is still read on every call)."""
+    token = _RUN_FILE_DISABLES.set(_file_disables())
+    try:
+        yield
+    finally:
+        _RUN_FILE_DISABLES.reset(token)
 
 
 #: (settings file, its stat) -> its DISABLE, for :func:`cache_disabled` (called for every job:
