@@ -602,11 +602,7 @@ def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Sna
     ...     sorted(snapshot(Path(tmp), exclude=["*.log"]))
     ['INCAR']
     """
-    try:
-        dev = os.stat(folder).st_dev
-    except FileNotFoundError:
-        return Snapshot()
-    result = Snapshot(dev=dev)
+    result = Snapshot()
     excluded = _excluder(tuple(exclude))
     pending: list[tuple[str, str]] = [(os.fspath(folder), "")]
     while pending:
@@ -614,7 +610,7 @@ def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Sna
         try:
             with os.scandir(directory) as entries:
                 items = list(entries)
-        except FileNotFoundError:
+        except FileNotFoundError:  # the run folder itself: an empty snapshot
             continue
         except NotADirectoryError:
             if not prefix:
@@ -623,6 +619,11 @@ def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Sna
         except PermissionError:
             logger.warning("snapshot: cannot read directory %s, skipped", directory)
             continue
+        if not prefix and items:  # the device of the files' memo keys (none: not needed)
+            try:
+                result.dev = os.stat(directory).st_dev
+            except FileNotFoundError:  # gone since it was listed
+                return Snapshot()
         for entry in items:
             relpath = prefix + entry.name
             try:
@@ -668,7 +669,7 @@ def prehash(
     left out (a write within the same time stamp tick could go unseen). Files this process
     stored, placed or hashed before are known already and cost nothing, so in a steady shared
     folder only the files other programs wrote are read. Returns the bytes read."""
-    folder = Path(folder)
+    folder = os.fspath(folder)
     read = 0
     now = time.time_ns()
     for relpath, (mtime, size, ino, ctime, kind) in snap.items():
@@ -681,7 +682,7 @@ def prehash(
             continue
         if read + size > budget:
             break
-        path = folder / relpath
+        path = os.path.join(folder, relpath)
         try:
             st = os.lstat(path)
         except OSError:
@@ -1174,6 +1175,9 @@ class ObjectArea:
         A file that matches :data:`LIVE_FILE_PATTERNS`, or an SQLite database whose ``-wal``,
         ``-shm`` or ``-journal`` exists, is left out: it belongs to a live process.
         """
+        changed = changed_paths(before, after)
+        if not changed:  # the job changed nothing (most jobs of a shared folder)
+            return []
         folder = Path(folder)
         live = _excluder(LIVE_FILE_PATTERNS)
         occupied: set[str] = set()
@@ -1183,7 +1187,7 @@ class ObjectArea:
                 occupied.add(parent)
                 parent = parent.rpartition("/")[0]
         records: list[FileRecord] = []
-        for path in changed_paths(before, after):
+        for path in changed:
             old, new = before.get(path), after.get(path)
             if live(path):
                 continue
