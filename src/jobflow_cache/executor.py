@@ -592,10 +592,8 @@ class Cache:
             self.store.record_hit(digest)
 
     # -- hashing ----------------------------------------------------------------------------
-    def _normalizer(self, refs: _Refs, strings: bool = True) -> Normalizer:
-        """The string hook of one call's hashing (cwd: the job's run folder); ``strings=False``
-        when the arguments hold no str at all (:func:`_holds_no_str`): the hook is then never
-        called, and the run folder is not listed for bare names.
+    def _normalizer(self, refs: _Refs) -> Normalizer:
+        """The string hook of one call's hashing (cwd: the job's run folder).
 
         * a known job's uuid becomes ``("job", digest)``;
         * a string naming an existing file or folder (absolute, or relative to the run
@@ -616,7 +614,7 @@ class Cache:
         contents.use_database(self._contents_db)
         try:
             cwd = os.getcwd()
-            names = contents.folder_names(cwd) if strings else frozenset()
+            names = contents.folder_names(cwd)
         except OSError:  # no run folder to speak of: only absolute paths count
             cwd, names = "", frozenset()
         if names and names is not self._names_known and not names <= exact:
@@ -748,7 +746,14 @@ class Cache:
         env = codeversion.env_part(
             codeversion.env_names(options.env, getattr(self.settings, "DIGEST_ENV", None))
         )
-        normalize = self._normalizer(refs, strings=not _holds_no_str(arguments.values()))
+        normalize: Normalizer | None
+        if _holds_no_str(arguments.values()):
+            # no str for the hook to see (the same digest without it): no folder listing for
+            # bare names, no path, no uuid
+            contents.use_database(self._contents_db)
+            normalize = None
+        else:
+            normalize = self._normalizer(refs)
         version = codeversion.cache_version_slot(options.cache_version, code, env=env)
         call = digest_call(path, arguments, cache_version=version, normalize_str=normalize)
         named = codeversion.argument_code(call.encodings, call.arg_digests, instance)
