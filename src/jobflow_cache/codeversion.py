@@ -596,10 +596,15 @@ def job_code(
     except TypeError:
         memo = None
     key = (instance_type, versioned)
-    if memo is not None and key in memo:
-        found, deps = memo[key]
-        if all(namespace.get(name, _MISSING) is value for namespace, name, value in deps):
-            return found
+    if memo is not None:
+        hit = memo.get(key)
+        if hit is not None:
+            found, deps = hit
+            for namespace, name, value in deps:
+                if namespace.get(name, _MISSING) is not value:
+                    break
+            else:
+                return found
     result, walked = _job_code(function, instance_type, versioned)
     path = f"{getattr(function, '__module__', '')}:{getattr(function, '__qualname__', '')}"
     _PACKAGES.setdefault(path, set()).update(result.packages)
@@ -680,6 +685,8 @@ def argument_code(
     and digests their code. ``covered``: a class whose code counts already (a method's
     instance class, see :func:`job_code`), left out so that the call is not digested twice.
     """
+    if not any(b'"@module"' in data for data in encodings.values()):
+        return None  # no function, class or object named (what _argument_code looks for)
     skip = (covered.__module__, covered.__qualname__) if covered is not None else None
     found: list[str] = []
     for name, data in encodings.items():
