@@ -138,11 +138,21 @@ def package_versions(function: str = "") -> dict[str, str]:
     """
     from jobflow_cache.codeversion import current_versions, packages_of
 
-    versions = dict(_versions(function.split(":", 1)[0].split(".", 1)[0]))
     packages = packages_of(function)
-    if packages:
-        versions.update(current_versions(packages))
-    return versions
+    key = (function, packages)
+    versions = _PACKAGE_VERSIONS.get(key)
+    if versions is None:  # the parts are read once per process too (see _versions)
+        versions = dict(_versions(function.split(":", 1)[0].split(".", 1)[0]))
+        if packages:
+            versions.update(current_versions(packages))
+        if len(_PACKAGE_VERSIONS) >= 4096:
+            _PACKAGE_VERSIONS.clear()
+        _PACKAGE_VERSIONS[key] = versions
+    return dict(versions)
+
+
+#: (function, its packages) -> what :func:`package_versions` found (every entry asks).
+_PACKAGE_VERSIONS: dict[tuple[str, tuple[str, ...]], dict[str, str]] = {}
 
 
 @functools.lru_cache(maxsize=256)

@@ -526,8 +526,7 @@ class Cache:
         else:
             warn(message, stacklevel=4)
 
-    @contextmanager
-    def accepting(self, job: Job) -> Iterator[None]:
+    def accepting(self, job: Job) -> _Accepting:
         """Around jobflow's ``Job.run(store)`` of ``job`` (``run_locally`` does this): the
         entry of a job that runs inside is written only when the block ends without an error,
         that is once jobflow has accepted the output and stored it in the JobStore. An output
@@ -535,28 +534,7 @@ class Cache:
         job there, and then nothing is recorded. With DEDUP, the claim on the digest is let
         go after the entry is written (or dropped).
         """
-        held = _Held()
-        token = _HELD.set(held)
-        accepted = False
-        try:
-            yield
-            accepted = True
-        finally:
-            _HELD.reset(token)
-            try:
-                if accepted:
-                    for cache, recorded, entry in held.entries:
-                        try:
-                            cache._put(entry)
-                        except Exception as err:  # recording must never fail the job
-                            _warn_not_cached(recorded, err)
-                    if held.after and held.entries:
-                        self.flush()  # in the store before the waiters are let go
-                elif held.entries:
-                    logger.debug("%s failed after its function returned: not cached", job.name)
-            finally:
-                for callback in held.after:
-                    callback()
+        return _Accepting(self, job)
 
     # -- reading and writing the store ------------------------------------------------------
     def _lookup(self, digest: str) -> Lookup:
@@ -1476,13 +1454,46 @@ def _jobflow_rejects(output: Any) -> bool:
     return False
 
 
-@dataclass
 class _Held:
     """Entries of jobs running inside :meth:`Cache.accepting`, held until jobflow has stored
     their outputs, and what to do after (release a claim)."""
 
-    entries: list[tuple[Cache, Job, CacheEntry]] = field(default_factory=list)
-    after: list[Callable[[], None]] = field(default_factory=list)
+    __slots__ = ("after", "entries")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Cache, Job, CacheEntry]] = []
+        self.after: list[Callable[[], None]] = []
+
+
+class _Accepting:
+    """The context manager of :meth:`Cache.accepting` (a class: it runs around every job)."""
+
+    __slots__ = ("_cache", "_held", "_job", "_token")
+
+    def __init__(self, cache: Cache, job: Job) -> None:
+        self._cache, self._job = cache, job
+
+    def __enter__(self) -> None:
+        self._held = _Held()
+        self._token = _HELD.set(self._held)
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        held = self._held
+        _HELD.reset(self._token)
+        try:
+            if kind is None:  # jobflow accepted the output
+                for cache, recorded, entry in held.entries:
+                    try:
+                        cache._put(entry)
+                    except Exception as err:  # recording must never fail the job
+                        _warn_not_cached(recorded, err)
+                if held.after and held.entries:
+                    self._cache.flush()  # in the store before the waiters are let go
+            elif held.entries:
+                logger.debug("%s failed after its function returned: not cached", self._job.name)
+        finally:
+            for callback in held.after:
+                callback()
 
 
 _HELD: contextvars.ContextVar[_Held | None] = contextvars.ContextVar(
