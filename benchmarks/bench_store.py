@@ -192,9 +192,7 @@ def _cachetool(mode: Mode, root: Path) -> dict[str, Any]:
         else [sys.executable, "-c", "from jobflow_cache.cli import main; main()"]
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBFLOW_CACHE_")}
-    env.update(
-        JOBFLOW_CACHE_DIR=str(root), JOBFLOW_CACHE_CONFIG_FILE=os.devnull
-    )
+    env.update(JOBFLOW_CACHE_DIR=str(root), JOBFLOW_CACHE_CONFIG_FILE=os.devnull)
     prefix = digest_of("entry-0")[:8]
     repeats = 1 if mode.quick else 3
     found: dict[str, Any] = {}
