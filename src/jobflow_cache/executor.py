@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import bson
-from jobflow import Job, Response
+from jobflow import Flow, Job, OutputReference, Response
 from jobflow.utils.uid import suid
 from maggma.stores import MemoryStore
 from monty.json import jsanitize
@@ -1399,6 +1399,9 @@ def _holds_no_str(values: Iterable[Any]) -> bool:
 def _replayed(response: Response, parts: Mapping[str, Any]) -> Response:
     """A Response with ``response``'s output and the other fields taken from ``parts``."""
     kept = {k: parts[k] for k in _RESPONSE_PARTS if k in parts}
+    for name in _DYNAMIC_PARTS:
+        if name in kept:
+            _reference_tuples(kept[name], 0)
     return Response(output=response.output, job_dir=response.job_dir, **kept)
 
 
@@ -1414,6 +1417,35 @@ def _maker_of(job: Job) -> str | None:
         return None
     cls = type(owner)
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _reference_tuples(node: Any, depth: int) -> None:
+    """Give the references in decoded new jobs the tuples jobflow's live ones hold.
+
+    ``OutputReference`` has no ``from_dict``: monty rebuilds its ``attributes`` (``(("a",
+    "energy"),)``) as lists, and references then compare unequal to the live ones, which
+    ``run_locally`` returns on a miss without the cache. Walks flows, jobs, their arguments
+    and outputs, lists and dicts (bounded in depth, as a flow's nesting is).
+    """
+    if depth > 64:
+        return
+    if isinstance(node, OutputReference):
+        if not isinstance(node.attributes, tuple) or any(
+            not isinstance(a, tuple) for a in node.attributes
+        ):
+            node.attributes = tuple(tuple(a) for a in node.attributes)
+    elif isinstance(node, Flow):
+        _reference_tuples(node.jobs, depth + 1)
+        _reference_tuples(node.output, depth + 1)
+    elif isinstance(node, Job):
+        _reference_tuples(node.function_args, depth + 1)
+        _reference_tuples(node.function_kwargs, depth + 1)
+    elif isinstance(node, list | tuple):
+        for item in node:
+            _reference_tuples(item, depth + 1)
+    elif isinstance(node, dict):
+        for item in node.values():
+            _reference_tuples(item, depth + 1)
 
 
 def _this_host() -> str:

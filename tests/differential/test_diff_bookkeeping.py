@@ -92,10 +92,6 @@ SCENARIOS = {
         served={2: ["with_blob", "make_replace", "add_one"]},
         count_variants=FOLDERS,
         variants=("shared-local", *FOLDERS),
-        xfail={
-            "*": "the replace Response run_locally returns (miss and hit) holds OutputReferences "
-            "whose attributes are a list where jobflow's are a tuple (== then differs)"
-        },
     ),
     "exclusive_dirs_env": Scenario(
         P + "poscar_path",
