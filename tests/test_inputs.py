@@ -296,3 +296,27 @@ def test_twins_keep_their_own_uuids_and_folders(tmp_path, counts):
         assert all(Path(f, "marker").read_text() == "here\n" for f in folders)
         if run == 1:
             assert counts()["pair"] == 2, "the second flow is served"
+
+
+def test_the_run_folder_named_as_dot_counts_by_its_tree(tmp_path, counts, monkeypatch):
+    """ "." names the shared run folder itself (no listing holds the name): a job that lists it
+    must run again when a file was added there, as under plain jobflow."""
+    shared = tmp_path / "shared"
+    (shared / "data").mkdir(parents=True)
+    (shared / "data" / "a.txt").write_text("alpha\n")
+    monkeypatch.chdir(shared)
+
+    def summarize() -> Any:
+        j = ij.summarize_folder(".")
+        return jobflow_cache.run_locally(j, ensure_success=True)[j.uuid][1].output
+
+    def expected() -> Any:
+        j = ij.summarize_folder(".")
+        return run_locally(j, ensure_success=True)[j.uuid][1].output
+
+    assert summarize() == expected()
+    assert summarize() == expected()
+    assert counts()["summarize_folder"] == 3, "unchanged: served (plain jobflow ran twice)"
+    (shared / "data" / "b.txt").write_text("beta\n")
+    assert summarize() == expected()
+    assert counts()["summarize_folder"] == 5, "a file more in '.': the job runs again"

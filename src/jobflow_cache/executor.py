@@ -601,6 +601,7 @@ class Cache:
                 exact.update(job_digests)
             exact.update(names)
         self._names_known = names  # the same listing again (cached): nothing to add
+        exact.update(_FOLDER_ITSELF)  # "." and "..": a job may list its own folder or parent
 
         def normalize(value: str) -> tuple[str, Any] | None:
             if len(value) == 36:
@@ -612,7 +613,7 @@ class Cache:
                 if digest is not None:
                     refs.refer(value, digest, folder=False)
                     return ("job", digest)
-            if "/" in value or value in names:
+            if "/" in value or value in names or value in _FOLDER_ITSELF:
                 return self._normalize_path(value, cwd, refs, stored)
             return None
 
@@ -1417,6 +1418,11 @@ def _maker_of(job: Job) -> str | None:
         return None
     cls = type(owner)
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+#: Strings naming the run folder itself and its parent: no listing holds them, and a job given
+#: "." that lists it must miss when a file was added there (hashed as a tree, like "./")
+_FOLDER_ITSELF = frozenset({".", ".."})
 
 
 def _reference_tuples(node: Any, depth: int) -> None:
