@@ -226,3 +226,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+@job
+def read_keyed(files: dict[str, str]) -> dict[str, str]:
+    """Reads the files named by the keys of its input (dict keys never reach the hook)."""
+    executed("read_keyed")
+    return {name: Path(name).read_text() for name in files}

@@ -320,3 +320,26 @@ def test_the_run_folder_named_as_dot_counts_by_its_tree(tmp_path, counts, monkey
     (shared / "data" / "b.txt").write_text("beta\n")
     assert summarize() == expected()
     assert counts()["summarize_folder"] == 5, "a file more in '.': the job runs again"
+
+
+def test_dict_keys_naming_files_count_by_content(tmp_path, counts):
+    """A path given as a dict key ({path: role}) counts by content like a value: editing the
+    file makes the job run again; an unchanged file is served."""
+    data = tmp_path / "POTCAR"
+    data.write_text("PAW_PBE Si\n")
+
+    def both() -> tuple[Any, Any]:
+        j = ij.read_keyed({str(data): "potcar"})
+        got = jobflow_cache.run_locally(j, ensure_success=True)[j.uuid][1].output
+        k = ij.read_keyed({str(data): "potcar"})
+        return got, run_locally(k, ensure_success=True)[k.uuid][1].output
+
+    got, want = both()
+    assert got == want == {str(data): "PAW_PBE Si\n"}
+    got, want = both()
+    assert got == want
+    assert counts()["read_keyed"] == 3, "unchanged: served"
+    data.write_text("PAW_PBE Ge\n")
+    got, want = both()
+    assert got == want == {str(data): "PAW_PBE Ge\n"}
+    assert counts()["read_keyed"] == 5, "edited file named by a key: the job runs"

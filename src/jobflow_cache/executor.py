@@ -67,6 +67,7 @@ from jobflow_cache.hashing import (
     Normalizer,
     bind_arguments,
     digest_call,
+    digest_value,
     function_path,
 )
 from jobflow_cache.settings import CacheSettings, cache_disabled, get_settings
@@ -733,11 +734,21 @@ class Cache:
             normalize = None
         else:
             normalize = self._normalizer(refs)
-        version = codeversion.cache_version_slot(options.cache_version, code, env=env)
+        # dict keys never reach the hashing hook: keys naming files, folders or upstream jobs
+        # ({"/data/POTCAR": "potcar"}) count through the slot, by what the hook makes of them
+        keys = _str_keys(arguments.values())
+        if keys and normalize is None:
+            normalize = self._normalizer(refs)
+        keyed = _keyed(keys, normalize)
+        version = _with_keys(
+            codeversion.cache_version_slot(options.cache_version, code, env=env), keyed
+        )
         call = digest_call(path, arguments, cache_version=version, normalize_str=normalize)
         named = codeversion.argument_code(call.encodings, call.arg_digests, instance)
         if named is not None:  # user functions or classes in the arguments: their code too
-            version = codeversion.cache_version_slot(options.cache_version, code, named, env)
+            version = _with_keys(
+                codeversion.cache_version_slot(options.cache_version, code, named, env), keyed
+            )
             call = digest_call(path, arguments, cache_version=version, normalize_str=normalize)
         return call
 
@@ -1418,6 +1429,50 @@ def _maker_of(job: Job) -> str | None:
         return None
     cls = type(owner)
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _str_keys(values: Iterable[Any]) -> list[str]:
+    """The str keys of the plain dicts in ``values`` (nested in lists, tuples and dicts), at
+    most :data:`_NO_STR_BUDGET` times 16 items looked at.
+
+    Examples
+    --------
+    >>> sorted(_str_keys([{"/a": 1, "b": [{"c": 2}]}, (3, "x")]))
+    ['/a', 'b', 'c']
+    """
+    keys: list[str] = []
+    stack = list(values)
+    budget = _NO_STR_BUDGET * 16
+    while stack and budget > 0:
+        value = stack.pop()
+        kind = type(value)
+        if kind is dict:
+            budget -= len(value)
+            keys.extend(k for k in value if type(k) is str)
+            stack.extend(value.values())
+        elif kind is list or kind is tuple:
+            budget -= len(value)
+            stack.extend(value)
+    return keys
+
+
+def _keyed(keys: list[str], normalize: Normalizer | None) -> list[list[Any]]:
+    """``[key, node]`` for each key the hashing hook replaces (a path, an upstream uuid)."""
+    if normalize is None:
+        return []
+    found = []
+    for key in dict.fromkeys(keys):
+        node = normalize(key)
+        if node is not None:
+            found.append([key, node])
+    return sorted(found, key=lambda pair: pair[0])
+
+
+def _with_keys(version: str | None, keyed: list[list[Any]]) -> str | None:
+    """The cache_version slot with the dict keys that name paths or jobs, when there are."""
+    if not keyed:
+        return version
+    return f"{version or ''}|keys:{digest_value(keyed)}"
 
 
 #: Strings naming the run folder itself and its parent: no listing holds them, and a job given
