@@ -31,6 +31,8 @@ from jobflow_cache.files import FileRecord, ObjectArea
 # layer 1: hashing and files (pure)
 from jobflow_cache.hashing import SCHEME, CallDigest, digest_call, digest_value
 from jobflow_cache.local import run_locally
+from jobflow_cache.marking import cache_flow
+from jobflow_cache.plan import Plan, plan
 from jobflow_cache.postgres_store import PostgresStore
 from jobflow_cache.settings import CacheSettings, get_settings
 from jobflow_cache.sqlite_store import SQLiteStore
@@ -74,5 +76,8 @@ __all__ = [
     "current_cache",
     "run_locally",
     "cached_job",
+    "cache_flow",
+    "plan",
+    "Plan",
     "__version__",
 ]

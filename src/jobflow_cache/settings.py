@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -154,6 +154,41 @@ class CacheSettings(BaseSettings):
         "(a comma-separated list, e.g. OMP_NUM_THREADS,MY_CODE_MODE); a job adds its own with "
         "@cached_job(env=[...]) or metadata['jobflow_cache']['env']. An unset variable differs "
         "from an empty one.",
+    )
+
+    MODE: Literal["readwrite", "read_only", "refresh"] = Field(
+        "readwrite",
+        description="How jobs use the cache: 'readwrite' (serve hits, record misses), "
+        "'read_only' (serve hits, never write: for consumers of a group's cache) or 'refresh' "
+        "(never serve: recompute and replace the entries). A job's own option wins.",
+    )
+    GROUP_KEY: SecretStr | None = Field(
+        None,
+        description="Secret key of a group sharing a store: entries are signed (HMAC-SHA256 "
+        "over their checksum) and unsigned or wrongly signed entries are never served. "
+        "Prefer GROUP_KEY_FILE (a key in the environment is visible to other processes).",
+    )
+    GROUP_KEY_FILE: Path | None = Field(
+        None, description="File holding GROUP_KEY (readable by the group only)."
+    )
+    MAX_DECODED_SIZE: int = Field(
+        1 << 30,
+        gt=0,
+        description="Largest entry document, output or response (bytes, after "
+        "decompression) a lookup decodes; larger ones are invalid entries, never decoded.",
+    )
+    SERVE_CODE_FILES: bool = Field(
+        False,
+        description="Serve run-folder files Python would import (*.py, *.pth, sitecustomize, "
+        "usercustomize) that a job wrote. Off: such entries are recorded without those files "
+        "and their hits are refused, so a store can never place code in a run folder.",
+    )
+    VERIFY_FILES_LIMIT: int = Field(
+        1 << 30,
+        ge=0,
+        description="File objects up to this many bytes are verified by content (xxh3) before "
+        "a hit serves them, memoised per object on inode, ctime and size; larger ones by that "
+        "stamp only (0: verify every object by content).",
     )
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
