@@ -13,7 +13,7 @@ from jobflow import job as jobflow_job
 
 from jobflow_cache.codeversion import env_names
 from jobflow_cache.errors import trim_traceback
-from jobflow_cache.executor import FilesMode, JobOptions, current_cache
+from jobflow_cache.executor import CacheMode, FilesMode, JobOptions, current_cache
 from jobflow_cache.hashing import CallDigest, bind_arguments, function_path
 from jobflow_cache.settings import cache_disabled
 
@@ -65,6 +65,7 @@ def cached_job(
     env: Iterable[str] = (),
     files: FilesMode | None = None,
     enabled: bool = True,
+    mode: CacheMode | None = None,
     **job_kwargs: Any,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
 
@@ -77,6 +78,7 @@ def cached_job(
     env: Iterable[str] = (),
     files: FilesMode | None = None,
     enabled: bool = True,
+    mode: CacheMode | None = None,
     **job_kwargs: Any,
 ) -> Any:
     """Turn a function or Maker method into a jobflow job whose result is cached.
@@ -103,6 +105,9 @@ def cached_job(
         ``"link"``, ``"copy"`` or ``"none"``: how run-folder files are cached and restored.
     enabled
         ``False`` keeps the decorator but never caches (same as per-job metadata opt-out).
+    mode
+        ``"read_only"`` (serve hits, never write to the store), ``"refresh"`` (never serve:
+        recompute and replace the entry) or ``"readwrite"``; None: the ``MODE`` setting.
     **job_kwargs
         Passed to :func:`jobflow.job`.
 
@@ -122,6 +127,7 @@ def cached_job(
         inner = func.__func__ if isinstance(func, (staticmethod, classmethod)) else func
         options = JobOptions(
             enabled=enabled,
+            mode=mode,
             cache_version=None if cache_version is None else str(cache_version),
             ignore=tuple(ignore),
             env=env_names(env),

@@ -92,7 +92,15 @@ progress = logging.getLogger("jobflow.cache")
 #: ``cache_version``, ``ignore``, ``files``) and for the record we write (``digest``, ``outcome``,
 #: ``source_uuid``, ``scheme``), which is stored with the job's output in the JobStore.
 META_KEY = "jobflow_cache"
-OPTION_KEYS = ("enabled", "cache_version", "ignore", "files", "env", "cache_exposed_store")
+OPTION_KEYS = (
+    "enabled",
+    "cache_version",
+    "ignore",
+    "files",
+    "env",
+    "cache_exposed_store",
+    "mode",
+)
 
 #: Why a job with ``expose_store=True`` ran uncached (``metadata["jobflow_cache"]["reason"]``).
 EXPOSED_STORE_REASON = (
@@ -100,12 +108,21 @@ EXPOSED_STORE_REASON = (
     "set metadata['jobflow_cache']['cache_exposed_store'] = True to cache it anyway"
 )
 
+#: The cache modes (settings ``MODE`` and the ``mode`` option), and why a job of the last two
+#: ran (its ``metadata["jobflow_cache"]["reason"]``)
+_MODES = ("readwrite", "read_only", "refresh")
+READ_ONLY_REASON = "read_only: not in the cache, and not recorded"
+REFRESH_REASON = "refresh: recomputed, its entry replaced"
+
 #: Functions never cached: jobflow's helper that only gathers a replaced flow's outputs (its
 #: arguments are unresolved references, and it is instantaneous).
 SKIP_FUNCTIONS = frozenset({"jobflow.core.job:store_inputs"})
 _SKIP_QUALNAMES = frozenset(path.rpartition(":")[2] for path in SKIP_FUNCTIONS)  # cheap pre-check
 
 FilesMode = Literal["link", "copy", "none"]
+#: How a job uses the cache (issue 13): serve and record; serve, never write; never serve,
+#: recompute and replace the entry (the ``MODE`` setting, or a job's own ``mode`` option)
+CacheMode = Literal["readwrite", "read_only", "refresh"]
 
 #: Files a workflow manager writes into a run folder after the job's function returned
 #: (jobflow-remote's file JobStore of the job's outputs): left out of folders named in inputs.
@@ -148,6 +165,8 @@ class JobOptions:
     #: cache a job with ``expose_store=True`` too (it reads the JobStore, which is not hashed:
     #: the user vouches that its result depends on its inputs only)
     cache_exposed_store: bool = False
+    #: ``"readwrite"``, ``"read_only"`` or ``"refresh"``; None: the ``MODE`` setting
+    mode: CacheMode | None = None
 
     def merged(self, overrides: Mapping[str, Any]) -> JobOptions:
         """These options updated by the option keys of ``overrides`` (metadata wins)."""
@@ -776,6 +795,14 @@ class Cache:
         options = job_options(job, options)
         if not options.enabled or cache_disabled():
             return self._uncached(job, function, args, kwargs, Outcome.DISABLED, options)
+        mode = options.mode or getattr(self.settings, "MODE", "readwrite")
+        if mode not in _MODES:  # a bad metadata["jobflow_cache"]["mode"]: never fail the job
+            warn(
+                f"jobflow-cache: job {job.name!r} runs uncached: its cache mode {mode!r} is not "
+                f"one of {', '.join(_MODES)}",
+                stacklevel=2,
+            )
+            return self._uncached(job, function, args, kwargs, Outcome.UNCACHEABLE, options)
         if job.config.expose_store and not options.cache_exposed_store:
             # it reads the JobStore (CURRENT_JOB.store), which its digest cannot see
             logger.debug("%s reads the JobStore (expose_store=True): not cached", job.name)
@@ -807,6 +834,14 @@ class Cache:
             return self._uncached(job, function, args, kwargs, Outcome.UNCACHEABLE, options)
 
         digest = call_digest.digest
+        if mode == "refresh":
+            # never served: recomputed, and its entry replaces the one stored (no claim either:
+            # a claim's waiter would be served the entry this job does not trust)
+            self._conflicts[job.uuid] = REFRESH_REASON
+            return self._run_and_record(
+                job, function, args, kwargs, options, call_digest, refs, Outcome.MISS
+            )
+        write = mode != "read_only"  # read_only: serve hits, never write to the store
         try:
             found = self._lookup(digest)
         except Exception as err:  # the store failed in a way of its own: never fail the job
@@ -814,7 +849,7 @@ class Cache:
             return self._uncached(job, function, args, kwargs, Outcome.ERROR, options)
 
         if found.outcome is Outcome.HIT and found.entry is not None:
-            served = self._serve_hit(job, found.entry, refs, options)
+            served = self._serve_hit(job, found.entry, refs, options, write=write)
             if served is not None:
                 return served
             outcome = Outcome.MISS if job.uuid in self._conflicts else Outcome.INVALID
@@ -828,14 +863,23 @@ class Cache:
         else:
             outcome = Outcome.MISS
         run = functools.partial(
-            self._run_and_record, job, function, args, kwargs, options, call_digest, refs, outcome
+            self._run_and_record,
+            job,
+            function,
+            args,
+            kwargs,
+            options,
+            call_digest,
+            refs,
+            outcome,
+            write=write,
         )
-        if self.dedup:
+        if self.dedup and write:
             return self._run_claimed(job, call_digest.digest, refs, options, run)
         return run()
 
     def _serve_hit(
-        self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions
+        self, job: Job, entry: CacheEntry, refs: _Refs, options: JobOptions, *, write: bool = True
     ) -> Response | None:
         """Serve ``entry`` to ``job``; None (with a warning) when it cannot be served."""
         digest = entry.digest
@@ -854,7 +898,7 @@ class Cache:
                 stacklevel=3,
             )
             return None
-        self._register(job, digest)
+        self._register(job, digest, write=write)
         self._mark(job, options, digest, Outcome.HIT, entry.source_uuid)
         self.report.outcomes[Outcome.HIT.value] += 1
         self.report.served.append(job.name)
@@ -867,7 +911,8 @@ class Cache:
             entry.duration,
         )
         try:
-            self._record_hit(digest)
+            if write:  # read_only: not even a hit count
+                self._record_hit(digest)
         except Exception as err:  # bookkeeping only: never fail a served job
             logger.warning("could not record hit of %s: %s", digest[:12], err)
         return response
@@ -979,7 +1024,11 @@ class Cache:
         call_digest: CallDigest,
         refs: _Refs,
         outcome: Outcome,
+        *,
+        write: bool = True,
     ) -> Any:
+        """Run the job and record its entry (``write=False``, read_only: run it, record and
+        register nothing in the store; a dynamic job's new jobs are still the decoded ones)."""
         files_mode = options.files or self.files
         cwd = os.getcwd()  # the physical path (no symlinks), as Path.cwd() gives it
         before = None
@@ -987,12 +1036,13 @@ class Cache:
         # listed with FILES=none too: the files the job writes are then recorded by digest
         # only, and a hit takes them from this folder (or runs the job when they changed)
         try:
-            before = snapshot(cwd, self._excludes(cwd))
+            # read_only: no files will be recorded, the folder is not listed
+            before = snapshot(cwd, self._excludes(cwd)) if write else None
         except Exception as err:
             # without a snapshot the job's files cannot be told apart: run, record nothing
             # (an entry without its files would later be served incomplete)
             unrecordable = err
-        else:
+        if before is not None:
             self._check_folder_size(cwd, len(before))
             try:  # small files not known yet: their content is the "before" state a hit checks
                 prehash(cwd, before)
@@ -1000,9 +1050,9 @@ class Cache:
                 logger.debug("could not hash the files of %s: %s", cwd, err)
         # registered before running: a child of a job that fails (OnMissing.PASS/NONE) still
         # sees the same digest in place of its uuid on every run
-        self._register(job, call_digest.digest)
+        self._register(job, call_digest.digest, write=write)
         self._executing(job, options, call_digest.digest, outcome)
-        conflict = self._conflicts.pop(job.uuid, None)
+        conflict = self._conflicts.pop(job.uuid, None) or (None if write else READ_ONLY_REASON)
         if conflict is not None and isinstance(job.metadata.get(META_KEY), dict):
             job.metadata[META_KEY]["reason"] = conflict
         started = time.perf_counter()
@@ -1016,7 +1066,9 @@ class Cache:
         try:
             entry, replay = self._make_entry(job, call_digest, response, refs, cwd, duration)
         except Exception as err:
-            if not isinstance(err, CacheError) and _jobflow_rejects(response.output):
+            if not write:  # read_only: nothing was to be recorded
+                logger.debug("%s (read_only) cannot be recorded: %s", job.name, err)
+            elif not isinstance(err, CacheError) and _jobflow_rejects(response.output):
                 # jobflow fails this job right after we return: its error, not ours, is shown
                 logger.debug("output of %s is not serializable: %s", job.name, err)
             else:
@@ -1027,6 +1079,8 @@ class Cache:
             # objects such as pymatgen Structures are not bit-identical after a JSON round trip,
             # so live objects would give the new jobs other digests than their replays
             response = _replayed(response, replay)
+        if not write:
+            return response
         held = _HELD.get()
         if held is None and _jobflow_rejects(response.output):
             # jobflow fails this job right after we return (its JobStore refuses the output):
@@ -1248,7 +1302,7 @@ class Cache:
         if mark:
             self._mark(job, options, digest, outcome, None)
 
-    def _register(self, job: Job, digest: str) -> None:
+    def _register(self, job: Job, digest: str, *, write: bool = True) -> None:
         """Remember that ``job`` (its uuid and its run folder, the cwd) is a job of ``digest``.
 
         A folder where jobs of two uuids ran is shared (the default ``run_locally``, FireWorks'
@@ -1269,7 +1323,7 @@ class Cache:
             elif cwd not in self._shared_folders:
                 self._dir_jobs[cwd] = job.uuid
                 self.dir_digests[cwd] = digest
-        lineage = self._lineage_in_store()
+        lineage = write and self._lineage_in_store()  # read_only: nothing in the store
         if lineage:
             aliases[job.uuid] = digest
             if cwd:  # for workers in other processes (prev_dir in their inputs)
