@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import click
+from jobflow import Flow, Job
 from maggma.core import Sort
 from maggma.stores import MemoryStore
 from monty.serialization import loadfn
@@ -39,6 +40,7 @@ from jobflow_cache import __version__
 from jobflow_cache.codec import UUID_RE
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.errors import CacheError, StoreUnavailableError
+from jobflow_cache.executor import Cache
 from jobflow_cache.explain import (
     Comparison,
     Inputs,
@@ -61,6 +63,8 @@ from jobflow_cache.maintenance import (
     short_digest,
     stats,
 )
+from jobflow_cache.plan import Plan
+from jobflow_cache.plan import plan as plan_flow
 from jobflow_cache.purge import GCReport, collect_garbage, purge
 from jobflow_cache.settings import CacheSettings, config_file, get_settings, setting_sources
 from jobflow_cache.sqlite_store import SQLiteStore
@@ -1536,6 +1540,88 @@ def _finish(
             click.echo("")
         for line in _explain_lines(now, comparisons, ranked):
             click.echo(line)
+
+
+# --------------------------------------------------------------------------- plan
+
+_PLAN_STYLES = {"served": "green", "run": "yellow", "unknown": "dim"}
+
+
+def _flow_from_file(path: str) -> Any:
+    """The Flow, Job or list of jobs serialized in ``path`` (JSON or YAML)."""
+    try:
+        loaded = loadfn(path)
+    except Exception as err:
+        raise CacheError(f"cannot read flow file {path}: {err}") from err
+    if isinstance(loaded, (Flow, Job)) or (
+        isinstance(loaded, list) and loaded and all(isinstance(j, (Flow, Job)) for j in loaded)
+    ):
+        return loaded
+    raise CacheError(f"{path} holds a {type(loaded).__name__}, not a serialized Flow or Job")
+
+
+@cli.command("plan")
+@_common_options
+@click.argument("flow_file", metavar="FLOW", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--jobstore",
+    metavar="SPEC",
+    help="JobStore whose jobs count as done (references to them are resolved from it): "
+    "jobflow's JOB_STORE forms or a maggma spec, as a file or inline JSON.",
+)
+@_json_option
+def plan_command(flow_file: str, jobstore: str | None, as_json: bool) -> None:
+    """Which jobs of a flow the cache serves ahead of submission.
+
+    FLOW is a serialized Flow, Job or list of jobs (JSON or YAML, as monty's dumpfn writes
+    it). For every job, in jobflow's order:
+
+    \b
+      served   every job it depends on is served too, and the cache holds a
+               servable entry of it: Plan.apply puts it in the JobStore
+      run      its digest is known, but it is not served ahead (not cached, an
+               invalid entry, or a dynamic job the worker serves: see the reason)
+      unknown  it depends on a job that runs
+
+    Nothing is written: not to the cache, not to the JobStore. Serve the jobs with
+    jobflow_cache.plan(flow).apply(job_store) from Python.
+
+    \b
+    Examples:
+      cachetool plan flow.json
+      cachetool plan flow.json --jobstore jobstore.yaml --json
+    """
+    flow = _flow_from_file(flow_file)  # a bad file first: before the store is opened
+    cache = _cache()
+    job_store = open_job_store(_load_spec(jobstore)) if jobstore else None
+    result = plan_flow(flow, cache=Cache(cache), job_store=job_store)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    _print_plan(result)
+
+
+def _print_plan(result: Plan) -> None:
+    columns = [
+        Column("status"),
+        Column("name", flex=True),
+        Column("uuid", min_width=8),
+        Column("digest"),
+        Column("reason", flex=True, min_width=20),
+    ]
+    rows = [
+        [
+            Text(job.status, style=_PLAN_STYLES[job.status]),
+            Text(job.name),
+            Text(job.uuid),
+            Text(job.digest[:12] if job.digest else "-"),
+            Text(job.reason),
+        ]
+        for job in result
+    ]
+    if rows:
+        _print_table(columns, rows)
+    click.echo(result.summary())
 
 
 def main() -> None:

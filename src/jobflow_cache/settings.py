@@ -98,6 +98,12 @@ class CacheSettings(BaseSettings):
     OBJECTS_DIR: Path | None = Field(
         None, description="Folder of the content-addressed file objects (default DIR/objects)."
     )
+    SERVED_DIR: Path | None = Field(
+        None,
+        description="Folder where Plan.apply places the run folders of jobs it serves ahead of "
+        "submission, one per job (default: 'served' beside the object area). Put it on the "
+        "file system the workers share.",
+    )
     FILES: Literal["link", "copy", "none"] = Field(
         "copy",
         description="How run-folder files are kept and put back on a hit: 'copy' (independent "
