@@ -38,6 +38,7 @@ from jobflow_cache import (
     store_from_spec,
 )
 from jobflow_cache.cli import cli
+from jobflow_cache.docstore import UNREADABLE
 from jobflow_cache.entry import document_checksum
 from jobflow_cache.postgres_store import _nor_for_not
 from jobflow_cache.store import Outcome
@@ -924,13 +925,19 @@ def test_callable_fixture_names_are_stable(make_pg_store: Callable[..., Postgres
     assert store.count() == 0
 
 
-def test_a_row_that_is_not_an_object_reads_back_as_it_is(pg_store: PostgresStore) -> None:
-    """A damaged row (JSON written by hand that is no object) never breaks the other rows."""
+def test_a_row_that_is_not_an_object_reads_back_as_a_stand_in(pg_store: PostgresStore) -> None:
+    """A damaged row (JSON written by hand that is no object) never breaks the other rows: it
+    reads back as a stand-in holding its key and why it is no document."""
     pg_store.update([{"digest": "a", "n": 1}, {"digest": "b", "n": 2}])
     with pg_store._state_or_raise().pool.connection() as conn:
         conn.execute(f'UPDATE "{pg_store.table}" SET doc = \'"text"\' WHERE key = \'"b"\'')
-    assert pg_store.query_key("b", leave_out=["canonical_input"]) == "text"
-    assert list(pg_store.query({}, ["digest", "n"], sort={"n": 1})) == [{}, {"digest": "a", "n": 1}]
+    stand_in = {"digest": "b", UNREADABLE: "the stored row is a JSON string"}
+    assert pg_store.query_key("b", leave_out=["canonical_input"]) == stand_in
+    assert list(pg_store.query({}, ["digest", "n"], sort={"n": 1})) == [
+        stand_in,
+        {"digest": "a", "n": 1},
+    ]
+    assert list(pg_store.query({}, sort={"n": 1})) == [stand_in, {"digest": "a", "n": 1}]
     assert pg_store.count({"n": {"$gte": 1}}) == 1
     with pytest.raises(TypeError, match="not a document"):
         pg_store.increment("b", {"n": 1})

@@ -38,6 +38,7 @@ from rich.text import Text
 
 from jobflow_cache import __version__
 from jobflow_cache.codec import UUID_RE
+from jobflow_cache.docstore import unreadable_reason
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.executor import Cache
@@ -1045,6 +1046,15 @@ def show(digest: str, full: bool, as_json: bool) -> None:
     cache = _cache()
     doc = _find_document(cache, digest)
     maker = doc.get("maker") if isinstance(doc.get("maker"), str) else None
+    unreadable = unreadable_reason(doc)
+    if unreadable is not None:  # a damaged row: said in one line, never a traceback
+        if as_json:
+            _echo_json({"digest": doc.get("digest"), "status": f"unreadable: {unreadable}"})
+            return
+        raise CacheError(
+            f"entry {doc.get('digest')} is unreadable: {unreadable} "
+            "(`cachetool verify --fix` removes it; the job then records a sound entry)"
+        )
     try:
         entry = CacheEntry.from_document(doc)
     except (ValidationError, TypeError, ValueError) as err:

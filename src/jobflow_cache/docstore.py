@@ -40,7 +40,15 @@ except ImportError:  # pragma: no cover - older maggma releases use mongomock
     )
 
 # the mongomock matcher both stores fall back on, imported in one place
-__all__ = ["NOTHING", "DocStore", "filter_applies", "iter_key_candidates", "resolve_sort_key"]
+__all__ = [
+    "NOTHING",
+    "UNREADABLE",
+    "DocStore",
+    "filter_applies",
+    "iter_key_candidates",
+    "resolve_sort_key",
+    "unreadable_reason",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +207,76 @@ def _loads(text: str) -> Any:
     """Decode stored JSON text, restoring datetimes, bytes and non-finite floats."""
     obj = orjson.loads(text)
     return _from_storable(obj) if '"$' in text else obj
+
+
+#: Field of the stand-in document a store yields for a row it cannot read (see :func:`_row`).
+UNREADABLE = "_jfc_unreadable"
+
+
+def unreadable_reason(doc: Any) -> str | None:
+    """Why a document read from a store is not one (None: it is a document).
+
+    A row that cannot be read (invalid UTF-8, JSON cut short, a JSON array, number or string
+    where a document belongs: bit rot or a hand-edited table) comes out of a query as a
+    stand-in ``{<key field>: <its key>, UNREADABLE: <why>}``, never as an exception, so one
+    damaged row never stops a lookup or a listing of the others.
+
+    Examples
+    --------
+    >>> unreadable_reason({"digest": "ab", UNREADABLE: "a JSON number, not a document"})
+    'a JSON number, not a document'
+    >>> unreadable_reason({"digest": "ab"}) is None
+    True
+    """
+    if not isinstance(doc, Mapping):
+        return f"a JSON {_json_kind(doc)}, not a document"
+    reason = doc.get(UNREADABLE)
+    return None if reason is None else str(reason)
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return type(value).__name__
+
+
+def _unreadable(key_field: str, key: Any, reason: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {UNREADABLE: reason}
+    if key is not None:
+        doc[key_field] = key
+    return doc
+
+
+def _row(text: Any, key_field: str, key: Any) -> dict[str, Any]:
+    """The document a stored row holds, or its stand-in (see :func:`unreadable_reason`)."""
+    try:
+        doc = _loads(text)
+    except (ValueError, TypeError) as err:  # orjson.JSONDecodeError is a ValueError
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(text, str) and "surrogates not allowed" in first:
+            first = "invalid UTF-8"
+        return _unreadable(key_field, key, f"the stored row does not decode ({first})")
+    if not isinstance(doc, dict):
+        return _unreadable(key_field, key, f"the stored row is a JSON {_json_kind(doc)}")
+    return doc
+
+
+def _decode_text(raw: bytes) -> str:
+    """SQLite's text factory: UTF-8, with bytes that are not UTF-8 kept as lone surrogates
+    (bit rot), which no JSON decoder accepts, so the row reads as unreadable instead of
+    failing the whole statement."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogateescape")
 
 
 def _sanitize(doc: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 
 from maggma.core import Sort
 
+from jobflow_cache.docstore import unreadable_reason
 from jobflow_cache.errors import CacheError
 from jobflow_cache.files import ObjectArea
 from jobflow_cache.store import CacheStore
@@ -235,6 +236,20 @@ class EntryRow:
                 return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
             return None
 
+        unreadable = unreadable_reason(doc)
+        if unreadable is not None:  # a damaged row: listed, never a crash
+            return cls(
+                digest=str(doc.get("digest", "?")),
+                name="(unreadable)",
+                function="?",
+                created=None,
+                last_hit=None,
+                hits=0,
+                files=0,
+                files_size=0,
+                valid=False,
+                invalid_reason=f"unreadable row: {unreadable}",
+            )
         files = doc.get("files")
         return cls(
             digest=str(doc.get("digest", "?")),

@@ -70,6 +70,7 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _increment_key,
     _increment_paths,
     _joined,
+    _json_kind,
     _key_literal,
     _negation,
     _NotPlainError,
@@ -82,6 +83,7 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _split_path,
     _sql_sort_items,
     _sub_criteria,
+    _unreadable,
     filter_applies,
     iter_key_candidates,
 )
@@ -1175,12 +1177,12 @@ class PostgresStore(DocStore):
         if where.exact:
             fields = _top_level_fields(projection)
             params: list[Any] = []
-            columns = "doc"
+            columns = "key, doc"
             if fields is not None:  # the server picks the fields: large ones are never sent
                 columns = (
-                    "(SELECT jsonb_object_agg(_f.k, _f.v) FROM jsonb_each(CASE WHEN "
+                    "key, (SELECT jsonb_object_agg(_f.k, _f.v) FROM jsonb_each(CASE WHEN "
                     "jsonb_typeof(doc) = 'object' THEN doc ELSE '{}' END) AS _f(k, v) "
-                    "WHERE _f.k = ANY(%b::text[]))"
+                    "WHERE _f.k = ANY(%b::text[])), jsonb_typeof(doc)"
                 )
                 params.append(fields)
             sql = f"SELECT {columns} FROM {self._t} WHERE {where.sql}{order}"
@@ -1193,10 +1195,12 @@ class PostgresStore(DocStore):
                 params.append(skip)
             rows = self._rows(sql, params, limit)
             if fields is not None:
-                return (doc or {} for (doc,) in rows)
-            return _documents(rows, projection)
-        sql = f"SELECT doc FROM {self._t} WHERE {where.sql}{order}"
-        docs = filter(self._matcher(criteria), _documents(self._rows(sql, where.params), None))
+                return _fields(rows, self.key)
+            return _documents(rows, projection, self.key)
+        sql = f"SELECT key, doc FROM {self._t} WHERE {where.sql}{order}"
+        docs = filter(
+            self._matcher(criteria), _documents(self._rows(sql, where.params), None, self.key)
+        )
         stop = skip + limit if limit else None
         found = itertools.islice(docs, skip, stop)
         return found if projection is None else (_project(d, *projection) for d in found)
@@ -1213,12 +1217,12 @@ class PostgresStore(DocStore):
 
     def _python_sorted(self, where: _Where, criteria: dict | None, page: _Page) -> Iterator[dict]:
         """Sort in Python (mongomock's sort keys) when a sort path is not SQL-addressable."""
-        sql = f"SELECT doc FROM {self._t} WHERE {where.sql} ORDER BY seq"
+        sql = f"SELECT key, doc FROM {self._t} WHERE {where.sql} ORDER BY seq"
         rows = self._rows(sql, where.params)
         matches = None if where.exact else self._matcher(criteria)
 
         def sorted_docs() -> Iterator[dict]:
-            docs = list(_documents(rows, None))
+            docs = list(_documents(rows, None, self.key))
             if matches is not None:
                 docs = [d for d in docs if matches(d)]
             yield from _sorted_page(docs, page)
@@ -1254,7 +1258,12 @@ class PostgresStore(DocStore):
             sql = f"SELECT doc FROM {self._t} WHERE key = %s"
             params = [row_key]
         row = self._run(lambda conn: conn.execute(sql, params).fetchone())
-        return None if row is None else row[0]
+        if row is None or row[0] is None:  # no row, or a JSON null: a plain miss
+            return None
+        doc = row[0]
+        if not isinstance(doc, dict):  # a damaged row: a stand-in, never an exception
+            return _unreadable(self.key, value, f"the stored row is a JSON {_json_kind(doc)}")
+        return doc
 
     def totals(
         self, terms: Mapping[str, Iterable[str]], criteria: dict | None = None
@@ -1351,7 +1360,9 @@ class PostgresStore(DocStore):
             found = (
                 value
                 for doc in _documents(
-                    self._rows(f"SELECT doc FROM {self._t} WHERE {where.sql}", where.params), None
+                    self._rows(f"SELECT key, doc FROM {self._t} WHERE {where.sql}", where.params),
+                    None,
+                    self.key,
                 )
                 if matches(doc)
                 for value in iter_key_candidates(field, doc)
@@ -1754,7 +1765,31 @@ def _top_level_fields(projection: tuple[dict, bool] | None) -> list[str] | None:
 
 
 def _documents(
-    rows: Iterator[tuple], projection: tuple[dict, bool] | None
+    rows: Iterator[tuple], projection: tuple[dict, bool] | None, key_field: str
 ) -> Generator[dict, None, None]:
-    for (doc,) in rows:
-        yield doc if projection is None else _project(doc, *projection)
+    """Documents of ``(key, doc)`` rows; a row that is no JSON object comes as a stand-in
+    (see :func:`~jobflow_cache.docstore.unreadable_reason`), never as an exception."""
+    for key, doc in rows:
+        if not isinstance(doc, dict):
+            kind = _json_kind(doc)
+            yield _unreadable(key_field, _key_value(key), f"the stored row is a JSON {kind}")
+        else:
+            yield doc if projection is None else _project(doc, *projection)
+
+
+def _fields(rows: Iterator[tuple], key_field: str) -> Generator[dict, None, None]:
+    """Documents of ``(key, picked fields, jsonb_typeof(doc))`` rows (see ``_documents``)."""
+    for key, doc, kind in rows:
+        if kind != "object":
+            reason = f"the stored row is a JSON {kind}"
+            yield _unreadable(key_field, _key_value(key), reason)
+        else:
+            yield doc or {}
+
+
+def _key_value(text: Any) -> Any:
+    """The key value of a ``key`` column text (None when it is damaged)."""
+    try:
+        return orjson.loads(text)
+    except (ValueError, TypeError):
+        return None

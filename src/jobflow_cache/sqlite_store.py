@@ -19,6 +19,7 @@ Documents may therefore not contain the keys ``$date``, ``$binary`` or ``$number
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -52,8 +53,10 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _OBJECT,
     _STRING,
     NOTHING,
+    UNREADABLE,
     DocStore,
     _add_distinct,
+    _decode_text,
     _dumps,
     _encode,
     _field_operators,
@@ -70,6 +73,7 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _Page,
     _project,
     _regex_pattern,
+    _row,
     _sorted_page,
     _split_path,
     _sql_sort_items,
@@ -273,7 +277,7 @@ def _sql_match(doc: str, token: int) -> int:
     if matcher is None or matcher.error is not None:
         return 0
     try:
-        return int(bool(filter_applies(matcher.criteria, _loads(doc))))
+        return int(bool(filter_applies(matcher.criteria, _row(doc, "", None))))
     except Exception as err:  # reported by _Compiled.check once the statement stops
         matcher.error = err
         return 0
@@ -694,6 +698,7 @@ class _ProcessState:
         self.readers: weakref.WeakSet[sqlite3.Connection] = weakref.WeakSet()
         self.writes = 0  # write transactions since the statistics were last checked
         self.known_arrays: set[str] = set()  # paths known to hold arrays in some document
+        self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     def close(self) -> None:
         with self.lock:
@@ -789,6 +794,8 @@ class SQLiteStore(DocStore):
         self.timeout = float(timeout)
         self.kwargs = kwargs
         self._state: _ProcessState | None = None
+        # why the store cannot be used since its file was replaced mid-use (see _current_file)
+        self._unusable: str | None = None
         self._increment_statements: dict[tuple[tuple[str, ...], ...], _IncrementSQL] = {}
         self._key_statements: dict[tuple[str, ...], str] = {}  # query_key's, by leave_out
         super().__init__(key=key, last_updated_field=last_updated_field, **kwargs)
@@ -850,6 +857,7 @@ class SQLiteStore(DocStore):
         state = self._state
         if state is not None and state.pid == os.getpid() and not force_reset:
             return
+        self._unusable = None
         if state is not None:
             if state.pid == os.getpid():
                 state.close()
@@ -912,7 +920,9 @@ class SQLiteStore(DocStore):
             writer.close()
             raise
         logger.debug("connected to %s", self.name)
-        return _ProcessState(writer, self.key)
+        state = _ProcessState(writer, self.key)
+        state.identity = _identity(file)
+        return state
 
     def _new_connection(self, file: str) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -927,6 +937,9 @@ class SQLiteStore(DocStore):
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.create_function("regexp", 2, _sql_regexp, deterministic=True)
             conn.create_function("jfc_match", 2, _sql_match)
+            # a row holding bytes that are not UTF-8 (bit rot, a hand-edited table) reads as
+            # an unreadable document instead of failing every statement that meets it
+            conn.text_factory = _decode_text
         except BaseException:
             conn.close()
             raise
@@ -973,6 +986,8 @@ class SQLiteStore(DocStore):
 
     def _state_or_raise(self) -> _ProcessState:
         state = self._state
+        if state is None and self._unusable is not None:
+            raise StoreUnavailableError(self._unusable)
         if state is None:
             raise StoreError("SQLiteStore is not connected: call connect() first")
         if state.pid != os.getpid():  # forked: never touch the parent's connections
@@ -1009,10 +1024,53 @@ class SQLiteStore(DocStore):
                 raise StoreUnavailableError(f"SQLite store {self.name}: {err}") from err
             raise
 
+    def _current_file(self, state: _ProcessState) -> _ProcessState:
+        """``state``, or new connections when the file at the path is no longer the one
+        ``state`` opened (deleted, or replaced by another file, while in use).
+
+        Writing on would put every later document into a file no one can open again
+        (SQLite writes to an unlinked file without an error), so the store says so once
+        and reopens the path: a deleted store is made again (the rest of the run is
+        recorded there), a replaced one is used as it is (or, when it is no store, the
+        error says so and the caller runs uncached). One ``stat`` per write transaction.
+        """
+        if state.identity is None or _identity(self._file) == state.identity:
+            return state
+        with _REOPEN_LOCK:
+            if self._state is not state:  # another thread reopened it meanwhile
+                return self._state_or_raise()
+            what = "deleted" if not os.path.exists(self._file) else "replaced by another file"
+            # the old file's -wal and -shm are still at the path (SQLite leaves them when its
+            # file has moved): a connection to the new file would take the old file's pages
+            # from them. Removed once this process's connections are closed, unless another
+            # process has already put fresh ones there (other inodes than the ones in use)
+            stale = _sidecars_in_use(self._file)
+            self._state = None
+            state.close()
+            for sidecar in (f"{self._file}-wal", f"{self._file}-shm"):
+                if _identity(sidecar) in stale:
+                    with contextlib.suppress(OSError):
+                        os.unlink(sidecar)
+            try:
+                self._state = self._open()
+            except StoreUnavailableError as err:
+                self._unusable = (
+                    f"the SQLite store {self._file} was {what} while in use, and what is "
+                    f"there now cannot be used: {err}"
+                )
+                raise StoreUnavailableError(self._unusable) from err
+        warn(
+            f"jobflow-cache: the SQLite store {self._file} was {what} while in use; "
+            "reopened it, so entries from here on go to the file now at that path (those "
+            "written before went with the old file)",
+            stacklevel=6,
+        )
+        return self._state
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` write transaction on the process's writer connection."""
-        state = self._state_or_raise()
+        state = self._current_file(self._state_or_raise())
         with state.lock, self._errors():
             conn = state.writer
             conn.execute("BEGIN IMMEDIATE")
@@ -1085,7 +1143,7 @@ class SQLiteStore(DocStore):
         projection, items, skip, limit = page
         if all(_split_path(field) is not None for field, _ in items):
             fields = _top_level_fields(projection)
-            select = (
+            select = "key, " + (
                 "doc" if fields is None else ", ".join(f"doc -> {_json_path([f])}" for f in fields)
             )
 
@@ -1099,8 +1157,8 @@ class SQLiteStore(DocStore):
                 return sql, [*compiled.params, limit or -1, skip], compiled
 
             if fields is not None:  # SQLite extracts the fields: no whole document decoded
-                return self._stream_fields(self._read(build), fields)
-            return self._stream(self._read(build), projection)
+                return self._stream_fields(self._read(build), fields, self.key)
+            return self._stream(self._read(build), projection, self.key)
         return self._python_sorted(criteria, page)
 
     @staticmethod
@@ -1160,29 +1218,44 @@ class SQLiteStore(DocStore):
 
     @staticmethod
     def _stream(
-        rows: Iterator[tuple], projection: tuple[dict, bool] | None
+        rows: Iterator[tuple], projection: tuple[dict, bool] | None, key_field: str
     ) -> Generator[dict, None, None]:
-        for (text,) in rows:
-            doc = _loads(text)
-            yield doc if projection is None else _project(doc, *projection)
+        """Documents of ``(key, doc)`` rows; a row that cannot be read comes as a stand-in
+        (see :func:`~jobflow_cache.docstore.unreadable_reason`), never as an exception."""
+        for key, text in rows:
+            doc = _row(text, key_field, _key_value(key))
+            if projection is None or UNREADABLE in doc:
+                yield doc
+            else:
+                yield _project(doc, *projection)
 
     @staticmethod
-    def _stream_fields(rows: Iterator[tuple], fields: list[str]) -> Generator[dict, None, None]:
-        for row in rows:
-            yield {field: _loads(text) for field, text in zip(fields, row) if text is not None}
+    def _stream_fields(
+        rows: Iterator[tuple], fields: list[str], key_field: str
+    ) -> Generator[dict, None, None]:
+        for key, *texts in rows:
+            try:
+                yield {
+                    field: _loads(text) for field, text in zip(fields, texts) if text is not None
+                }
+            except (ValueError, TypeError) as err:  # invalid UTF-8 in a field
+                first = str(err).splitlines()[0]
+                if "surrogates not allowed" in first:
+                    first = "invalid UTF-8"
+                yield {key_field: _key_value(key), UNREADABLE: f"a field does not decode ({first})"}
 
     def _python_sorted(self, criteria: dict | None, page: _Page) -> Iterator[dict]:
         """Sort in Python (mongomock's sort keys) when a sort path is not SQL-addressable."""
 
         def build(probe: _ArrayProbe) -> _Plan:
             compiled = self._compile(criteria, probe)
-            sql = f"SELECT doc FROM {self._table} WHERE {compiled.where} ORDER BY rowid"
+            sql = f"SELECT key, doc FROM {self._table} WHERE {compiled.where} ORDER BY rowid"
             return sql, compiled.params, compiled
 
         rows = self._read(build)
 
         def sorted_docs() -> Iterator[dict]:
-            yield from _sorted_page(list(self._stream(rows, None)), page)
+            yield from _sorted_page(list(self._stream(rows, None, self.key)), page)
 
         return sorted_docs()
 
@@ -1285,9 +1358,9 @@ class SQLiteStore(DocStore):
             elif type_class == _BOOL:
                 value = bool(raw)
             elif type_class in (_NUMBER, _STRING):
-                value = raw
+                value = _shown(raw)
             else:
-                value = _loads(raw)
+                value = _loads_or_text(raw)
             counts.append((value, int(n)))
         return counts
 
@@ -1339,12 +1412,19 @@ class SQLiteStore(DocStore):
         values: list[Any] = []
         for in_python, json_type, raw in self._read(build):
             if json_type == "key":
-                values.append(orjson.loads(raw))
+                values.append(_key_value(raw))
                 continue
             if in_python:
-                found = [v for v in iter_key_candidates(field, _loads(raw)) if v is not NOTHING]
+                doc = _row(raw, self.key, None)
+                found = [v for v in iter_key_candidates(field, doc) if v is not NOTHING]
             else:
-                found = [_from_sql(json_type, raw)]
+                found = [
+                    _shown(
+                        _loads_or_text(raw)
+                        if json_type in ("object", "array")
+                        else _from_sql(json_type, raw)
+                    )
+                ]
             _add_distinct(values, seen, found)
         return values
 
@@ -1375,9 +1455,18 @@ class SQLiteStore(DocStore):
             if len(self._key_statements) < 64:
                 self._key_statements[leave_out] = select
         conn = self._reader()
-        with self._errors():
-            row = conn.execute(select, (row_key,)).fetchone()
-        return None if row is None else _loads(row[0])
+        try:
+            with self._errors():
+                row = conn.execute(select, (row_key,)).fetchone()
+        except sqlite3.OperationalError as err:  # the row's JSON is damaged: read it whole
+            if "JSON" not in str(err):
+                raise
+            with self._errors():
+                row = conn.execute(f"SELECT doc FROM {self._table} WHERE key = ?", (row_key,))
+                row = row.fetchone()
+        if row is None or row[0] is None or row[0] == "null":  # no entry: a plain miss
+            return None
+        return _row(row[0], self.key, value)
 
     # ---------------------------------------------------------------- writing
 
@@ -1867,6 +1956,67 @@ class SQLiteStore(DocStore):
                     ).fetchall()
                 )
         return found
+
+
+#: Serialises reopening a store whose file was deleted or replaced (see ``_current_file``).
+_REOPEN_LOCK = threading.Lock()
+
+
+def _identity(file: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at a path, None when there is none."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _sidecars_in_use(file: str) -> set[tuple[int, int] | None]:
+    """(st_dev, st_ino) of the -wal/-shm files of ``file`` this process has open (Linux's
+    /proc; empty elsewhere)."""
+    names = {f"{name}{suffix}" for name in (file, os.path.realpath(file)) for suffix in _SIDECARS}
+    found: set[tuple[int, int] | None] = set()
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        link = f"/proc/self/fd/{fd}"
+        try:
+            if os.readlink(link) in names:
+                st = os.stat(link)
+                found.add((st.st_dev, st.st_ino))
+        except OSError:
+            continue
+    return found
+
+
+_SIDECARS = ("-wal", "-shm")
+
+
+def _key_value(text: Any) -> Any:
+    """The key value of a ``key`` column text (None when it is damaged)."""
+    try:
+        return orjson.loads(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def _shown(value: Any) -> Any:
+    """A value extracted by SQL, with bytes that were not UTF-8 shown as U+FFFD."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
+def _loads_or_text(raw: Any) -> Any:
+    try:
+        return _loads(raw)
+    except (ValueError, TypeError):
+        return _shown(raw)
 
 
 def _from_sql(json_type: str, raw: Any) -> Any:

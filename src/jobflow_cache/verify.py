@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from jobflow_cache.codec import loads
+from jobflow_cache.docstore import unreadable_reason
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.files import FileRecord, ObjectArea
 from jobflow_cache.hashing import SCHEME, digest_bytes, encode
@@ -122,6 +123,9 @@ class _Checker:
 
     def check(self, doc: Mapping[str, Any], blob_problem: str | None = None) -> list[Problem]:
         digest = doc.get("digest") if isinstance(doc.get("digest"), str) else None
+        unreadable = unreadable_reason(doc)
+        if unreadable is not None:  # a row the store could not read (fix: removed)
+            return [Problem(ProblemKind.UNDECODABLE, digest, f"unreadable row: {unreadable}")]
         try:
             entry = CacheEntry.from_document(dict(doc))
         except (ValidationError, TypeError, ValueError) as err:
