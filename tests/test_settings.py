@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,144 @@ def test_setting_sources_say_where_each_value_came_from(monkeypatch, tmp_path, i
     assert rows["FILES"] == ("FILES", "none", "file", str(config))
     assert rows["DIR"] == ("DIR", isolated_cache, "environment", "JOBFLOW_CACHE_DIR")
     assert rows["DEDUP"] == ("DEDUP", False, "default", "")
+
+
+# -- a bad setting never fails a workflow: one warning, every job runs uncached ------------------
+
+#: Runs in a fresh process (the environment holds the bad setting): a worker's ``job.run`` of
+#: one ``@cached_job`` (as FireWorks and jobflow-remote run it), then a flow of two plain jobs
+#: under jobflow_cache.run_locally, then a flow of two @cached_job jobs under jobflow's own
+#: run_locally; prints the outputs and the CacheWarnings of each, as JSON.
+CHILD = """
+import json, sys, warnings
+from jobflow import Flow, JobStore, run_locally as jobflow_run_locally
+from maggma.stores import MemoryStore
+from jobflow_cache import CacheWarning, run_locally
+from tests import jobs
+
+def caught(run):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        outputs = run()
+    return {"outputs": outputs, "warnings": [
+        str(w.message) for w in seen if issubclass(w.category, CacheWarning)]}
+
+def worker():
+    store = JobStore(MemoryStore())
+    store.connect()
+    job = jobs.cached_add(1, 2)
+    job.run(store)
+    return [store.get_output(job.uuid)]
+
+def ours():
+    flow = Flow([jobs.add(1, 2), jobs.mul(3, 4)])
+    out = run_locally(flow, store=JobStore(MemoryStore()), log=False, ensure_success=True)
+    return [out[j.uuid][1].output for j in flow]
+
+def theirs():
+    flow = Flow([jobs.cached_add(2, 3), jobs.cached_add(4, 5)])
+    out = jobflow_run_locally(flow, store=JobStore(MemoryStore()), log=False,
+                              ensure_success=True)
+    return [out[j.uuid][1].output for j in flow]
+
+print(json.dumps({"worker": caught(worker), "ours": caught(ours), "theirs": caught(theirs)}))
+"""
+
+BAD_SETTINGS = [
+    ("STORE", "[1,2]", "expected a store spec"),
+    ("STORE", "5", "expected a store spec"),
+    ("STORE", "true", "expected a store spec"),
+    ("LEASE", "abc", "expected a number"),
+    ("DEDUP", "maybe", "expected a boolean (1/0, true/false, yes/no, on/off)"),
+    ("FILES", "bogus", "allowed values: 'link', 'copy' or 'none'"),
+    ("MODE", "bogus", "allowed values: 'readwrite', 'read_only' or 'refresh'"),
+    ("MAX_DECODED_SIZE", "-1", "greater than 0"),
+    ("FILES_EXCLUDE", "abc", "not valid JSON"),
+    ("BLOB_THRESHOLD", "1e", "expected a whole number"),
+]
+
+
+def _run_child(tmp_path: Path, env: dict[str, str]) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    counts = tmp_path / "executions.txt"
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        env={**os.environ, "PYTHONPATH": str(root), "JFC_COUNTS_FILE": str(counts), **env},
+        cwd=tmp_path / "cwd",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["executions"] = sorted(counts.read_text().split()) if counts.exists() else []
+    return result
+
+
+def _assert_uncached_with_one_warning(result: dict, *needles: str) -> None:
+    assert result["worker"]["outputs"] == [3]
+    assert result["ours"]["outputs"] == [3, 12]
+    assert result["theirs"]["outputs"] == [5, 9]
+    # every job really ran (nothing served, nothing half-cached)
+    assert result["executions"] == ["add", "cached_add", "cached_add", "cached_add", "mul"]
+    for manager in ("worker", "ours"):
+        (message,) = result[manager]["warnings"]  # one warning, however many jobs
+        assert "jobs run uncached" in message
+        for needle in needles:
+            assert needle in message, message
+    # jobflow's manager shares the process's default cache with the worker above: it was
+    # warned about once in this process
+    assert len(result["theirs"]["warnings"]) <= 1
+
+
+@pytest.mark.slow  # a fresh process each (about 4 s)
+@pytest.mark.parametrize(("variable", "value", "allowed"), BAD_SETTINGS)
+def test_a_bad_setting_runs_every_manager_uncached_with_one_warning(
+    variable, value, allowed, tmp_path
+):
+    """A bad value of any setting, in a fresh process: the worker's job, our run_locally and
+    jobflow's run_locally all succeed with the outputs of plain jobflow, every job runs, and
+    the warning names the variable, the value and what is allowed; cachetool fails with one
+    line."""
+    result = _run_child(tmp_path, {f"JOBFLOW_CACHE_{variable}": value})
+    _assert_uncached_with_one_warning(result, f"JOBFLOW_CACHE_{variable}={value!r}", allowed)
+
+
+def test_a_bad_setting_fails_cachetool_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("JOBFLOW_CACHE_STORE", "[1,2]")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from jobflow_cache.cli import main; main()", "stats"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert "JOBFLOW_CACHE_STORE='[1,2]': expected a store spec" in line
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow  # a fresh process each (about 4 s)
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("FILES: [unclosed\n", "cannot parse jobflow-cache config file"),
+        ("- a list\n", "must hold a mapping"),
+        ("lease: abc\n", "LEASE: 'abc' in"),
+    ],
+)
+def test_a_bad_settings_file_runs_every_manager_uncached_with_one_warning(text, needle, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    result = _run_child(tmp_path, {"JOBFLOW_CACHE_CONFIG_FILE": str(config)})
+    _assert_uncached_with_one_warning(result, needle)
+
+
+def test_a_missing_group_key_file_runs_every_manager_uncached_with_one_warning(tmp_path):
+    """A cache told to check signatures never serves without checking them: with the key
+    file missing it is skipped (one warning naming the file), never used unsigned."""
+    missing = tmp_path / "no-such-key"
+    result = _run_child(tmp_path, {"JOBFLOW_CACHE_GROUP_KEY_FILE": str(missing)})
+    _assert_uncached_with_one_warning(result, str(missing))

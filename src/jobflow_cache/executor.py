@@ -16,6 +16,7 @@ are stored before the entry is queued). Everything is written before the run ret
 from __future__ import annotations
 
 import contextvars
+import errno
 import functools
 import glob
 import json
@@ -382,6 +383,7 @@ class Cache:
         )
         self._connected = False
         self._broken: str | None = None
+        self._full_warned = False  # a full file system is warned about once per run
         self._exclude_cache: dict[str, list[str]] = {}
         self._base_excludes = list(self.settings.FILES_EXCLUDE)
         self._own_paths: list[tuple[str, str]] | None = None  # object area, SQLite file
@@ -451,6 +453,12 @@ class Cache:
             self._connected = False
 
     def _fail(self, err: BaseException) -> None:
+        if self._broken is None and self._full_warned and _disk_full(err):
+            # the store's file system filled up: its one warning of this run was given
+            self._broken = str(err)
+            self.report.off = f"store {self.store.name} is unavailable (file system full)"
+            logger.warning("the cache store is unavailable for this run: %s", err)
+            return
         if self._broken is None:
             self._broken = str(err)
             if isinstance(err, SettingsError):
@@ -500,13 +508,17 @@ class Cache:
             writer = self._writer
             if last:
                 self._writer = None
-        if writer is None:
-            return
-        if last:
-            writer.close()
-        else:
-            writer.flush()
-        self._report_errors_of(writer, quiet=quiet)
+        try:
+            if writer is None:
+                return
+            if last:
+                writer.close()
+            else:
+                writer.flush()
+            self._report_errors_of(writer, quiet=quiet)
+        finally:
+            if last:  # the next run warns again about a file system still full
+                self._full_warned = False
 
     def flush(self) -> None:
         """Write the entries and hit counts still queued (a no-op when none are)."""
@@ -1072,7 +1084,7 @@ class Cache:
                 # jobflow fails this job right after we return: its error, not ours, is shown
                 logger.debug("output of %s is not serializable: %s", job.name, err)
             else:
-                _warn_not_cached(job, err)
+                _warn_not_cached(job, err, self)
             return response
         if replay is not None:
             # the new jobs jobflow runs are the decoded ones, exactly as a hit replays them:
@@ -1095,7 +1107,7 @@ class Cache:
             else:
                 self._put(entry)  # last: its files are safely stored
         except Exception as err:  # recording must never fail a job that succeeded
-            _warn_not_cached(job, err)
+            _warn_not_cached(job, err, self)
         else:
             progress.debug("Cached - %s (%s) as %s", job.name, job.uuid, call_digest.digest[:12])
         return response
@@ -1215,6 +1227,7 @@ class Cache:
             after,
             max_size=self.settings.MAX_FILE_SIZE,
             store=mode != "none",
+            serve_code=self.settings.SERVE_CODE_FILES,
         )
         if records:
             entry.files = records
@@ -1633,7 +1646,7 @@ class _Accepting:
                     try:
                         cache._put(entry)
                     except Exception as err:  # recording must never fail the job
-                        _warn_not_cached(recorded, err)
+                        _warn_not_cached(recorded, err, cache)
                 if held.after and held.entries:
                     self._cache.flush()  # in the store before the waiters are let go
             elif held.entries:
@@ -1648,8 +1661,39 @@ _HELD: contextvars.ContextVar[_Held | None] = contextvars.ContextVar(
 )
 
 
-def _warn_not_cached(job: Job, err: BaseException | str) -> None:
+def _warn_not_cached(job: Job, err: BaseException | str, cache: Cache | None = None) -> None:
+    if cache is not None and _disk_full(err):  # once per run, not once per job
+        if cache._full_warned:
+            logger.warning("result of job %r was not cached: %s", job.name, err)
+            return
+        cache._full_warned = True
+        warn(
+            f"jobflow-cache: the cache's file system is full (job {job.name!r}: {err}); "
+            "results are not cached while it is (said once per run)",
+            stacklevel=3,
+        )
+        return
     warn(f"jobflow-cache: result of job {job.name!r} was not cached: {err}", stacklevel=3)
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_FULL_TEXTS = ("database or disk is full", "No space left on device", "Disk quota exceeded")
+
+
+def _disk_full(err: BaseException | str) -> bool:
+    """Whether ``err`` (or an error it was raised from) says a file system is full."""
+    seen = 0
+    cause: BaseException | str | None = err
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and cause.errno in _FULL_ERRNOS:
+            return True
+        if any(text in str(cause) for text in _FULL_TEXTS):
+            return True
+        if isinstance(cause, str):
+            return False
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return False
 
 
 def _safe_path(function: Callable[..., Any]) -> str:

@@ -415,9 +415,24 @@ def _where(field: str, values: dict[str, Any]) -> str:
     return field
 
 
+#: What a field whose type is a union allows (pydantic reports one problem per member).
+_SPEC = (
+    "expected a store spec: a mapping (JSON in the variable, e.g. "
+    '{"type": "MongoStore", "database": ..., "collection_name": ...}) or the path of a '
+    "YAML/JSON file holding one"
+)
+_UNION_ALLOWED = {
+    "STORE": _SPEC,
+    "BLOB_STORE": _SPEC,
+    "DIGEST_ENV": "expected a list of variable names or one comma-separated string",
+    "GROUP_KEY_FILE": "expected the path of a file holding the group key",
+}
+
+
 def _describe(err: ValidationError, values: dict[str, Any]) -> str:
-    """One line for every problem of a validation error."""
+    """One line for every field with a problem in a validation error."""
     parts = []
+    described: set[str] = set()
     for problem in err.errors(include_url=False):
         ctx = problem.get("ctx") or {}
         cause = ctx.get("error")
@@ -426,8 +441,13 @@ def _describe(err: ValidationError, values: dict[str, Any]) -> str:
             continue
         loc = problem.get("loc") or ()
         field = str(loc[0]) if loc else ""
+        if field and field in described:  # one part per field, not one per union member
+            continue
+        described.add(field)
         kind = problem.get("type", "")
-        if kind == "literal_error":
+        if field in _UNION_ALLOWED:
+            allowed = _UNION_ALLOWED[field]
+        elif kind == "literal_error":
             allowed = f"allowed values: {ctx.get('expected')}"
         elif kind in _ALLOWED:
             allowed = _ALLOWED[kind]
