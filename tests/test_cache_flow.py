@@ -336,3 +336,71 @@ def test_cached_job_functions_keep_their_options(counts: Counts, job_store: JobS
     # unmarked, verbose differs (ignored by the decorator): the same entry is served
     jobflow_run_locally(Flow([jobs.cached_scale(2)]), store=job_store, ensure_success=True)
     assert counts() == {}
+
+
+# -- a real atomate2 flow (EMT) under jobflow's own run_locally --------------------------------
+A2_PROGRAM = """
+import json
+from jobflow import JobStore, run_locally
+from maggma.stores import MemoryStore
+from jobflow_cache import cache_flow
+from tests.integration import a2_flows
+scenario = a2_flows.SCENARIOS["elastic"]
+flow = scenario.build()
+if {mark!r}:
+    cache_flow(flow)
+store = JobStore(MemoryStore(), additional_stores={{"data": MemoryStore()}})
+store.connect()
+run_locally(flow, store=store, create_folders=True, root_dir={root!r}, ensure_success=True)
+print(json.dumps(a2_flows.describe(store, scenario)))
+"""
+
+
+@pytest.mark.atomate2
+@pytest.mark.slow
+def test_atomate2_elastic_flow_marked_is_served_under_jobflow(tmp_path: Path) -> None:
+    """atomate2's ElasticMaker (plain @job Maker jobs, a dynamic fan-out of relaxations) under
+    jobflow's run_locally: run 1 computes, a fresh flow in a fresh process is served entirely,
+    and both give plain jobflow's elastic tensor and files."""
+    pytest.importorskip("atomate2")
+    pytest.importorskip("ase")
+
+    def run(mark: bool, name: str) -> dict[str, Any]:
+        root = tmp_path / name
+        code = A2_PROGRAM.format(mark=mark, root=str(root))
+        return json.loads(run_python(code, cwd=tmp_path).strip().splitlines()[-1])
+
+    plain = run(False, "plain")
+    first = run(True, "first")
+    second = run(True, "second")
+
+    def outcomes(doc: dict[str, Any]) -> list[str | None]:
+        return [j["outcome"] for j in doc["jobs"] if j["name"] != "store_inputs"]
+
+    assert len(outcomes(plain)) == 10  # relax, deformations, 6 relaxations, 2 more
+    assert set(outcomes(plain)) == {None}  # no cache at all
+    assert set(outcomes(first)) == {"miss"}
+    assert set(outcomes(second)) == {"hit"}, outcomes(second)  # nothing executed
+    assert len(outcomes(second)) == len(outcomes(plain))
+    for got in (first["result"], second["result"]):
+        assert got is not None
+        assert got["tensor"] == plain["result"]["tensor"]  # EMT is deterministic: exact
+    # every EMT job's file is in its own folder of the served run, as jobflow wrote it
+    texts = {j["name"]: j["text"] for j in plain["jobs"] if j["text"]}
+    assert texts
+    assert {j["name"]: j["text"] for j in second["jobs"] if j["text"]} == texts
+    # the served outputs name the second run's own folders
+    assert all(str(tmp_path / "second") in j["dir_name"] for j in second["jobs"] if j["dir_name"])
+
+
+def test_update_maker_kwargs_drops_the_mark_so_cache_flow_comes_last() -> None:
+    """jobflow's update_maker_kwargs (and atomate2's powerups built on it) replace a job's
+    function with the Maker's method: the documented rule is to call cache_flow last."""
+    flow = cache_flow(jobs.issue_873_flow())
+    flow.update_maker_kwargs({"steps": 3}, class_filter=jobs.RelaxMaker)
+    relax = [j for j in all_jobs(flow) if j.maker is not None]
+    assert all(j.maker.steps == 3 for j in relax)
+    assert not any(isinstance(j.function, CachedFunction) for j in relax)
+    cache_flow(flow)
+    assert all(isinstance(j.function, CachedFunction) for j in all_jobs(flow))
+    assert all(j.maker.steps == 3 for j in relax)
