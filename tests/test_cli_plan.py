@@ -69,7 +69,7 @@ def test_plan_table(planned: Any) -> None:
     flow, path, _, _ = planned
     out = invoke("plan", str(path)).stdout
     lines = out.splitlines()
-    assert lines[0].split()[:4] == ["status", "name", "uuid", "digest"]
+    assert lines[0].split() == ["status", "name", "digest", "reason", "uuid"]
     served = next(line for line in lines if line.startswith("served"))
     assert flow.jobs[0].uuid in served
     assert "served from the cache" in served

@@ -23,6 +23,7 @@ from jobflow_cache import Cache, CacheStore, SQLiteStore, plan, run_locally
 from jobflow_cache.codec import UUID_RE
 from jobflow_cache.executor import META_KEY
 from jobflow_cache.marking import is_marked
+from jobflow_cache.shared import coordinator_of
 from tests.jobs import (
     add,
     executed,
@@ -285,10 +286,18 @@ def test_plan_writes_nothing(cache: Cache, tmp_path: Path) -> None:
     assert sorted(p.name for p in Path(store.objects_dir).rglob("*")) == objects
     assert job_store.docs_store.count() == 0
     assert not (Path(store.objects_dir).parent / "served").exists()
-    # apply does count the hits it serves
+    aliases = coordinator_of(store)
+    assert aliases is not None
+    uuids = [j.uuid for j in planned]
+    assert aliases.get_aliases(uuids) == {}
+    # apply counts the hits it serves, and records the served jobs' uuids and folders for
+    # the workers that run their children (prev_dir)
     planned.apply(new_job_store(), served_dir=tmp_path / "served")
     hits = {d["digest"]: d.get("hits") for d in store.find({})}
     assert sum(hits.values()) > sum(h or 0 for _, h, _ in before)
+    assert aliases.get_aliases(uuids) == {j.uuid: j.digest for j in planned}
+    folder = str(planned.applied[uuids[0]])
+    assert aliases.get_aliases([folder]) == {folder: planned.jobs[0].digest}
 
 
 def test_served_dir_defaults_beside_the_object_area(cache: Cache, tmp_path: Path) -> None:

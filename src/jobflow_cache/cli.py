@@ -1562,7 +1562,10 @@ def _flow_from_file(path: str) -> Any:
     try:
         loaded = loadfn(path)
     except Exception as err:
-        raise CacheError(f"cannot read flow file {path}: {err}") from err
+        hint = ""
+        if isinstance(err, ImportError):  # the module of its jobs, not on sys.path here
+            hint = " (the modules of its jobs must be importable: see PYTHONPATH)"
+        raise CacheError(f"cannot read flow file {path}: {err}{hint}") from err
     if isinstance(loaded, (Flow, Job)) or (
         isinstance(loaded, list) and loaded and all(isinstance(j, (Flow, Job)) for j in loaded)
     ):
@@ -1615,17 +1618,17 @@ def _print_plan(result: Plan) -> None:
     columns = [
         Column("status"),
         Column("name", flex=True),
-        Column("uuid", min_width=8),
         Column("digest"),
         Column("reason", flex=True, min_width=20),
+        Column("uuid"),
     ]
     rows = [
         [
             Text(job.status, style=_PLAN_STYLES[job.status]),
             Text(job.name),
-            Text(job.uuid),
             Text(job.digest[:12] if job.digest else "-"),
             Text(job.reason),
+            Text(job.uuid),
         ]
         for job in result
     ]

@@ -228,6 +228,8 @@ class CacheSettings(BaseSettings):
         self.DIR = _absolute(self.DIR, base)
         if self.OBJECTS_DIR is not None:
             self.OBJECTS_DIR = _absolute(self.OBJECTS_DIR, base)
+        if self.SERVED_DIR is not None:
+            self.SERVED_DIR = _absolute(self.SERVED_DIR, base)
         return self
 
     def store_path(self) -> Path:
