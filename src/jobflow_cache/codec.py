@@ -9,32 +9,30 @@ Serving rewrites, in the text, the job uuids and run-folder paths of the run tha
 entry into those of the run it is served to.
 
 A cache shared by a group is written by others, so what a cached value may name is checked
-before monty's decoder sees it (:func:`check_trusted`): nothing is ever unpickled or evaluated,
-no module is imported that is neither imported already nor installed, and a function or class
-given as a value (``"@callable"``) must be a jobflow job or a pydantic/MSON class, the only
-ones jobflow's replay of a dynamic job calls. ``JOBFLOW_CACHE_TRUSTED_MODULES`` lifts the
-checks for the modules it names.
+before monty's decoder sees it, by :func:`jobflow_cache.trust.check_trusted` (the rule is
+written down in :mod:`jobflow_cache.trust`): nothing is ever unpickled or evaluated, no
+module is imported that is neither imported already nor installed, no class is rebuilt whose
+decoding reads files, the environment or further data, and a function given as a value
+(``"@callable"``) must be a jobflow job. ``JOBFLOW_CACHE_TRUSTED_MODULES`` lifts the checks
+for the modules it names.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import json
 import logging
 import re
 import sys
 from collections.abc import Mapping
 from enum import Enum
-from importlib import metadata
 from typing import Any, NamedTuple
 
-from monty.json import MontyDecoder, MontyEncoder, MSONable
-from pydantic import BaseModel
+from monty.json import MontyDecoder, MontyEncoder
 
 from jobflow_cache.errors import CorruptEntryError
-from jobflow_cache.settings import get_settings
+from jobflow_cache.trust import UntrustedValueError, check_trusted
 
 __all__ = [
     "UUID_RE",
@@ -165,171 +163,6 @@ class _Unparsed:
 
 
 _UNPARSED = _Unparsed()
-
-
-class UntrustedValueError(CorruptEntryError):
-    """A cached value names a module, class or function it may not name (see
-    :func:`check_trusted`)."""
-
-
-def _trusted_prefixes() -> tuple[str, ...]:
-    return tuple(get_settings().TRUSTED_MODULES)
-
-
-def _is_trusted(module: str, trusted: tuple[str, ...]) -> bool:
-    return any(
-        prefix == "*" or module == prefix or module.startswith(prefix + ".") for prefix in trusted
-    )
-
-
-@functools.cache
-def _installed_packages() -> frozenset[str]:
-    """Top-level import names of the installed distributions (read once per process)."""
-    return frozenset(metadata.packages_distributions())
-
-
-def _check_module(module: str, trusted: tuple[str, ...]) -> bool:
-    """Refuse to import ``module`` unless it is imported already, belongs to an imported or
-    installed package (not the standard library), is trusted, or does not exist at all
-    (then return False: that may change).
-
-    A module that is neither could be any file on ``sys.path`` (a script in the working
-    folder, say), and importing a module runs its code.
-    """
-    if module in sys.modules or _is_trusted(module, trusted):
-        return True
-    top = module.partition(".")[0]
-    if top in sys.modules:
-        return True
-    if top in _installed_packages() and top not in sys.stdlib_module_names:
-        return True
-    try:
-        if importlib.util.find_spec(top) is None:  # finds without running anything
-            return False  # no such module: monty leaves the value as data
-    except (ImportError, ValueError):
-        pass
-    raise UntrustedValueError(
-        f"a cached value names the module {module!r}, which is neither imported nor installed "
-        "here (trust it with JOBFLOW_CACHE_TRUSTED_MODULES)"
-    )
-
-
-def _attribute(module: str, path: list[str]) -> Any:
-    """``module.<path>`` (imported if needed), or None when it does not exist."""
-    try:
-        found: Any = importlib.import_module(module)
-        for name in path:
-            found = getattr(found, name)
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return None
-    return found
-
-
-def _callable_allowed(found: Any) -> bool:
-    """A jobflow job function (or Maker method), or a pydantic/MSON class: the callables a
-    serialized job holds (its function, its output schema)."""
-    if callable(getattr(found, "original", None)):  # made by @job / @cached_job
-        return True
-    return isinstance(found, type) and issubclass(found, (BaseModel, MSONable))
-
-
-#: What nodes were found safe, by (module, @class or @callable, name, bound module, bound
-#: class): checking a Job's function once serves its 10,000 copies in a dynamic response.
-_SAFE: set[tuple[Any, ...]] = set()
-
-
-def _check_node(node: dict[str, Any], trusted: tuple[str, ...]) -> None:
-    module = node["@module"]
-    if not isinstance(module, str) or ("@class" not in node and "@callable" not in node):
-        return  # monty leaves it as data (or fails to decode it)
-    kind = "@class" if "@class" in node else "@callable"
-    name, bound = node[kind], node.get("@bound") if kind == "@callable" else None
-    bound_of = (bound.get("@module"), bound.get("@class")) if type(bound) is dict else (None,)
-    key = (module, kind, name, *bound_of) if isinstance(name, str) else None
-    if key in _SAFE or _is_trusted(module, trusted):
-        return
-    cacheable = _check_module(module, trusted)
-    if not isinstance(name, str):
-        return  # monty fails to decode it
-    if kind == "@class":
-        found = _attribute(module, name.split("."))
-        if not isinstance(found, type) and callable(getattr(found, "from_dict", None)):
-            # monty would call it; a class's from_dict builds an instance, this is no class
-            raise UntrustedValueError(f"a cached value names {module}.{name}, not a class")
-    else:
-        if bound is None:
-            found = _attribute(module, name.split("."))
-        elif type(bound) is dict and isinstance(bound.get("@module"), str):
-            # a method of a serialized object (a Maker's make): its class's attribute
-            cacheable = _check_module(bound["@module"], trusted) and cacheable
-            owner = bound.get("@class")
-            cls = _attribute(bound["@module"], owner.split(".")) if isinstance(owner, str) else None
-            found = _attribute_of(cls, name.split(".")[1:])
-        else:
-            found = bound  # not an object monty can rebuild: refused below
-        if found is not None and not _callable_allowed(found):
-            raise UntrustedValueError(
-                f"a cached value holds the function {module}:{name}, which is not a jobflow "
-                "job (trust it with JOBFLOW_CACHE_TRUSTED_MODULES)"
-            )
-    if cacheable and key is not None and len(_SAFE) < 100_000:
-        _SAFE.add(key)
-
-
-def _attribute_of(obj: Any, path: list[str]) -> Any:
-    try:
-        for name in path:
-            obj = getattr(obj, name)
-    except AttributeError:
-        return None
-    return obj
-
-
-def check_trusted(tree: Any) -> None:
-    """Check what a parsed cached value names before monty's decoder rebuilds it.
-
-    monty's ``MontyDecoder`` imports the module of every ``"@module"`` it meets, calls the
-    ``from_dict`` of the classes they name, and returns the functions named by
-    ``"@callable"``; jobflow then *runs* the jobs of a replayed dynamic response, and calls
-    their output schema. So a shared store's documents are checked first:
-
-    * a module is imported only if it is imported already, belongs to an imported package,
-      or to an installed (non standard-library) distribution: never an arbitrary file found
-      on ``sys.path``;
-    * ``"@class"`` must name a class, or something monty rebuilds without calling it (its
-      own handlers: ``numpy.array``, ``datetime.datetime``, ...);
-    * ``"@callable"`` must be a jobflow job function (a Maker's method included) or a
-      pydantic or MSON class (an output schema): never ``subprocess.call`` or ``eval``.
-
-    Modules (and their submodules) listed in ``JOBFLOW_CACHE_TRUSTED_MODULES`` (``*``: all)
-    are exempt. Raises :class:`UntrustedValueError`.
-
-    Examples
-    --------
-    >>> check_trusted({"structure": {"@module": "pymatgen.core", "@class": "Structure"}})
-    >>> try:
-    ...     check_trusted([{"@module": "os", "@callable": "system", "@bound": None}])
-    ... except UntrustedValueError as err:
-    ...     print(str(err)[:50])
-    a cached value holds the function os:system, which
-    """
-    trusted = _trusted_prefixes()
-    pending = [tree]
-    pop, push = pending.pop, pending.append
-    while pending:
-        node = pop()
-        if type(node) is dict:
-            if "@module" in node:
-                _check_node(node, trusted)
-            values: Any = node.values()
-        elif type(node) is list:
-            values = node
-        else:
-            continue
-        for value in values:
-            kind = type(value)
-            if kind is dict or kind is list:
-                push(value)
 
 
 def loads(text: str, tree: Any = _UNPARSED) -> Any:

@@ -26,6 +26,7 @@ __all__ = [
     "CHECKSUM_FIELDS",
     "PACK_MIN",
     "CacheEntry",
+    "TooLargeError",
     "document_checksum",
     "package_versions",
     "unpack_document",
@@ -76,22 +77,61 @@ def _pack(text: str) -> str:
     return _ZLIB + base64.b64encode(zlib.compress(text.encode("utf-8"), 1)).decode("ascii")
 
 
-def _unpack(blob: Any) -> str:
+#: Bytes inflated at a time while a packed field's size is measured.
+_INFLATE_CHUNK = 1 << 20
+
+
+class TooLargeError(ValueError):
+    """A stored field is larger (once decompressed) than ``MAX_DECODED_SIZE``."""
+
+
+def _inflated_size(data: bytes, limit: int) -> int:
+    """Size of ``data`` inflated, counted a chunk at a time without keeping it (memory stays
+    at one chunk); raises :class:`TooLargeError` as soon as it passes ``limit``."""
+    inflater = zlib.decompressobj()
+    size = 0
+    chunk = inflater.decompress(data, _INFLATE_CHUNK)
+    while True:
+        size += len(chunk)
+        if size > limit:
+            raise TooLargeError(f"a packed field inflates to more than {limit} bytes")
+        if not inflater.unconsumed_tail:
+            break
+        chunk = inflater.decompress(inflater.unconsumed_tail, _INFLATE_CHUNK)
+    size += len(inflater.flush())
+    if size > limit:
+        raise TooLargeError(f"a packed field inflates to more than {limit} bytes")
+    if not inflater.eof:
+        raise ValueError("packed field is truncated")
+    return size
+
+
+def _unpack(blob: Any, limit: int) -> str:
     if not isinstance(blob, str) or not blob.startswith(_ZLIB):
         raise ValueError("packed field of unknown form")
+    if (len(blob) - len(_ZLIB)) * 3 // 4 > limit:
+        raise TooLargeError(f"a packed field is larger than {limit} bytes")
     try:
-        return zlib.decompress(base64.b64decode(blob[len(_ZLIB) :], validate=True)).decode()
+        data = base64.b64decode(blob[len(_ZLIB) :], validate=True)
+        # measured first, a chunk at a time: a zlib bomb is refused in bounded memory
+        size = _inflated_size(data, limit)
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(data, size + 1)
+        return raw.decode()
     except (zlib.error, binascii.Error, UnicodeDecodeError) as err:
         raise ValueError(f"packed field does not decompress: {err}") from err
 
 
-def unpack_document(doc: Mapping[str, Any]) -> dict[str, Any]:
+def unpack_document(doc: Mapping[str, Any], limit: int | None = None) -> dict[str, Any]:
     """A stored document with its compressed fields restored (a copy; ``doc`` is unchanged).
 
     A document written without compressed fields comes back as a shallow copy. Raises
     ``ValueError`` when a compressed field does not decompress (the checksum then decides
     about what it holds, like for any other field), or when ``doc`` is not a mapping (a
-    damaged row).
+    damaged row); :class:`TooLargeError` (a ``ValueError``) when the text fields, once
+    decompressed, pass ``limit`` bytes in all (default: no limit). Decompression is bounded:
+    a field is measured a chunk at a time before it is inflated whole, so a small stored
+    field that inflates without end (a zlib bomb) is refused in ~1 MiB of memory.
 
     Examples
     --------
@@ -105,6 +145,13 @@ def unpack_document(doc: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(doc, Mapping):  # a damaged row: JSON, but not an object
         raise ValueError(f"not an entry document but {type(doc).__name__}")
     restored = {k: v for k, v in doc.items() if k != PACKED_KEY}
+    budget = limit if limit is not None else sys.maxsize
+    for name in PACKED_FIELDS:
+        text = restored.get(name)
+        if isinstance(text, str):
+            budget -= len(text)
+    if budget < 0:
+        raise TooLargeError(f"its text fields are larger than {limit} bytes")
     packed = doc.get(PACKED_KEY)
     if packed is None:
         return restored
@@ -113,7 +160,9 @@ def unpack_document(doc: Mapping[str, Any]) -> dict[str, Any]:
     for name, blob in packed.items():
         if name not in PACKED_FIELDS:
             raise ValueError(f"unknown packed field {name!r}")
-        restored[name] = _unpack(blob)
+        text = _unpack(blob, budget)
+        budget -= len(text)
+        restored[name] = text
     return restored
 
 
@@ -276,6 +325,12 @@ class CacheEntry(BaseModel):
     valid: bool = Field(True, description="False: kept for inspection, never served.")
     invalid_reason: str | None = None
     checksum: str = Field("", description="xxh3-128 over the served fields (CHECKSUM_FIELDS).")
+    signature: str = Field(
+        "",
+        description="With a group key (JOBFLOW_CACHE_GROUP_KEY): 'hmac-sha256:<key id>:<hex>', "
+        "an HMAC-SHA256 over the digest and the checksum, so an entry cannot be altered nor "
+        "moved to another digest without the key; empty when written without a key.",
+    )
 
     def compute_checksum(self) -> str:
         """Checksum over the fields that are served or trusted on a hit.

@@ -26,8 +26,10 @@ from pydantic import ValidationError
 
 from jobflow_cache.docstore import unreadable_reason
 from jobflow_cache.entry import (
+    CHECKSUM_FIELDS,
     PACKED_KEY,
     CacheEntry,
+    TooLargeError,
     document_checksum,
     unpack_document,
     utcnow,
@@ -36,6 +38,7 @@ from jobflow_cache.errors import CacheError, SettingsError, StoreUnavailableErro
 from jobflow_cache.hashing import SCHEME
 from jobflow_cache.settings import CacheSettings, get_settings
 from jobflow_cache.sqlite_store import SQLiteStore
+from jobflow_cache.trust import group_key, sign, signature_problem
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -253,6 +256,26 @@ class CacheStore(MSONable):
         self.blob_threshold = (
             settings.BLOB_THRESHOLD if blob_threshold is None else int(blob_threshold)
         )
+        self.configure_trust(settings)
+
+    def configure_trust(self, settings: CacheSettings) -> None:
+        """Take the group key and the decoding limit from ``settings``.
+
+        With a group key (``GROUP_KEY`` or ``GROUP_KEY_FILE``) entries are written signed and
+        only entries signed with that key are served. A key that cannot be read fails
+        :meth:`connect` (the cache is then skipped, the flow runs uncached): a cache told to
+        check signatures never serves without checking them.
+        """
+        self._key_error: SettingsError | None = None
+        self.group_key: bytes | None = None
+        try:
+            self.group_key = group_key(settings)
+        except SettingsError as err:
+            self._key_error = err
+        except Exception as err:  # a settings object built without validation, say
+            self._key_error = SettingsError(f"cannot read the group key: {err}")
+        limit = getattr(settings, "MAX_DECODED_SIZE", None)
+        self.max_decoded_size = int(limit) if isinstance(limit, int) and limit > 0 else 1 << 30
 
     @classmethod
     def from_settings(cls, settings: CacheSettings | None = None) -> CacheStore:
@@ -271,6 +294,7 @@ class CacheStore(MSONable):
         )
         if error is not None:  # raised by connect(): the cache is skipped, the flow runs
             cache.blob_store, cache._blob_error = None, error
+        cache.configure_trust(settings)
         return cache
 
     # -- connection -------------------------------------------------------------------------
@@ -278,6 +302,10 @@ class CacheStore(MSONable):
         """Connect the underlying store (and the blob store) and create their indexes."""
         if self._blob_error is not None:
             raise self._blob_error
+        if self._key_error is not None:
+            raise StoreUnavailableError(
+                f"cache store {self.name} is not used: {self._key_error}"
+            ) from self._key_error
         try:
             self.store.connect()
             self.store.ensure_index("digest", unique=True)
@@ -331,10 +359,16 @@ class CacheStore(MSONable):
         """Find the entry of ``digest`` and say whether it may be served.
 
         An entry is served only when it decodes, its checksum matches, its scheme is current
-        and it is marked valid; otherwise the outcome is ``INVALID`` with the reason.
+        and it is marked valid (and, with a group key, it is signed with that key for this
+        digest); otherwise the outcome is ``INVALID`` with the reason.
         With ``serving``, the fields that only explain a miss (:data:`EXPLAIN_FIELDS`) are not
         read: the entry returned lacks them. Store failures raise
         :class:`.StoreUnavailableError`.
+
+        Nothing unchecked is decoded: compressed fields are inflated within
+        ``MAX_DECODED_SIZE`` (measured a chunk at a time first), the checksum (and signature)
+        are checked on the fields as stored, and only then is the entry validated; its output
+        is parsed later, by the one serving it.
         """
         try:
             doc = self._read(digest, EXPLAIN_FIELDS if serving else ())
@@ -351,13 +385,45 @@ class CacheStore(MSONable):
             if problem is not None:
                 return Lookup(Outcome.INVALID, None, problem)
         try:
-            doc = unpack_document(doc)  # once, for the checksum and the entry
+            doc = unpack_document(doc, self.max_decoded_size)  # once, for checksum and entry
+        except TooLargeError as err:
+            return Lookup(Outcome.INVALID, None, f"entry too large to decode: {err}")
+        except (TypeError, ValueError) as err:
+            return Lookup(Outcome.INVALID, None, f"entry does not decode: {err}")
+        problem = self._seal_problem(digest, doc)
+        if problem is not None:
+            return Lookup(Outcome.INVALID, None, problem)
+        try:
             entry = CacheEntry.from_document(doc)
         except (ValidationError, TypeError, ValueError) as err:
             return Lookup(Outcome.INVALID, None, f"entry does not decode: {err}")
-        # the checksum of the fields as stored (cheap) proves them intact when it matches;
-        # otherwise compute_checksum over the decoded entry decides, as it always did
-        return self._judge(entry, verified=document_checksum(doc) == entry.checksum)
+        return self._judge(entry, verified=True)
+
+    def _seal_problem(self, digest: str, doc: Mapping[str, Any]) -> str | None:
+        """Why the stored fields of ``doc`` are not those sealed (and signed) for ``digest``,
+        or None; checked before the entry is validated."""
+        stored = doc.get("checksum")
+        if not isinstance(doc.get("scheme"), str) or not isinstance(stored, str) or not stored:
+            return "entry does not decode: it has no scheme or no checksum"
+        if doc["scheme"] != SCHEME:  # an older entry, kept for inspection: said first
+            return f"scheme {doc['scheme']!r} is not {SCHEME!r}"
+        if doc.get("valid") is False:
+            return f"marked invalid: {doc.get('invalid_reason')}"
+        if doc.get("digest") != digest:
+            return "entry is filed under another digest than its own (moved)"
+        if document_checksum(doc) != stored:
+            # a document written by another backend may hold other number types: the
+            # checksum of the sealed fields, validated (no text is parsed), decides
+            try:
+                sealed = {k: doc[k] for k in CHECKSUM_FIELDS if k in doc}
+                partial = CacheEntry.model_validate({"function": "", "scheme": "", **sealed})
+            except (ValidationError, TypeError, ValueError) as err:
+                return f"entry does not decode: {err}"
+            if partial.compute_checksum() != stored:
+                return "checksum mismatch (entry altered)"
+        if self.group_key is not None:
+            return signature_problem(self.group_key, digest, stored, doc.get("signature"))
+        return None
 
     def _read(self, digest: str, leave_out: tuple[str, ...]) -> dict[str, Any] | None:
         store = self.store
@@ -475,10 +541,19 @@ class CacheStore(MSONable):
                 logger.warning("cache entry %s does not decode: %s", doc.get("digest"), err)
 
     # -- writing ----------------------------------------------------------------------------
+    def _sealed(self, entry: CacheEntry) -> dict[str, Any]:
+        """The sealed document of ``entry``, signed when this cache has a group key."""
+        doc = entry.sealed_document()
+        if self.group_key is not None:
+            entry.signature = doc["signature"] = sign(self.group_key, entry.digest, entry.checksum)
+        else:
+            entry.signature = doc["signature"] = ""
+        return doc
+
     def put(self, entry: CacheEntry) -> None:
-        """Seal and write ``entry`` (call only after its files are safely stored); a large
-        output goes to the blob store first."""
-        doc, blob = self._split(entry.sealed_document())
+        """Seal (and sign, with a group key) and write ``entry`` (call only after its files
+        are safely stored); a large output goes to the blob store first."""
+        doc, blob = self._split(self._sealed(entry))
         if blob is not None and self.blob_store is not None:
             self.blob_store.update(blob, key="digest")
         self.store.update(doc, key="digest")
@@ -492,7 +567,7 @@ class CacheStore(MSONable):
         if entries:
             docs, blobs = [], []
             for entry in entries:
-                doc, blob = self._split(entry.sealed_document())
+                doc, blob = self._split(self._sealed(entry))
                 docs.append(doc)
                 if blob is not None:
                     blobs.append(blob)

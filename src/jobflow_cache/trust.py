@@ -1,0 +1,651 @@
+"""The trust check: what a value read from a shared store may name before monty's decoder sees it.
+
+A cache shared by a group is written by others. monty's ``MontyDecoder`` imports the module of
+every ``"@module"`` it meets, calls the ``from_dict`` (or the constructor, for pydantic models
+and dataclasses) of the class it names, and returns the function named by ``"@callable"``;
+jobflow then *runs* the jobs of a replayed dynamic response and calls their output schema. So
+every document node of a cached value is checked first, at any depth (inside lists, dicts,
+pydantic fields, ``"@bound"`` objects, tagged containers), by this rule:
+
+**A node is decoded only when all of these hold** (else the whole entry is refused: it is an
+invalid entry, the job runs and records a sound one):
+
+1. *Its module runs only installed code when imported*: it is imported already, or belongs
+   to an installed distribution that is not the standard library. Never a file that merely
+   sits on ``sys.path`` (a script in the working folder). A module that does not exist is
+   left as data by monty.
+2. *Standard-library classes only where they are plain data*: monty's own handlers
+   (``datetime.datetime``, ``uuid.UUID``, ``pathlib.Path``: a ``Path`` is a name, nothing
+   is read) and ``Enum`` members. Other standard-library classes are refused.
+3. *monty's handlers of third-party types decode nothing they were not shown*: a pandas
+   ``DataFrame``/``Series`` holds JSON *text* that monty decodes with a fresh decoder, so
+   that text is parsed and checked by this same rule (it would otherwise hide documents from
+   the check); a torch tensor's ``dtype`` is a string torch imports by name, so it must name
+   a torch tensor type.
+4. *The class is not one that reaches outside the document* (a denylist of known
+   decoders of further data): pydantic ``BaseSettings`` (they read the environment, ``.env``
+   files and secrets folders; jobflow's ``JobflowSettings`` decodes the YAML file named by
+   ``CONFIG_FILE`` with monty's decoder, which imports whatever it names), maggma ``Store``
+   and jobflow ``JobStore`` (connections), anything from ``fireworks`` (its deserializer
+   imports classes named by ``_fw_name``), ``jobflow_remote`` and ``jobflow_cache`` itself
+   (settings, stores, runners; but for ``cache_flow``'s ``CachedFunction``, whose inner
+   function is a nested ``"@callable"`` held to rule 6).
+5. *The code the decoder runs for it names no reader*: the class's own ``from_dict``,
+   ``__init__``, ``__new__``, ``__post_init__``, ``model_post_init`` and pydantic validators
+   (and, to a small depth, the functions and methods they call by name, and the models and
+   dataclasses its pydantic fields are typed with, which pydantic builds from plain dicts)
+   are read as bytecode: a class whose decoding names ``open``, ``loadfn``, ``zopen``,
+   ``read_text``, ``os.environ``, ``getenv``, ``import_module``, ``__import__``, ``exec``,
+   ``eval``, ``subprocess``, ``socket``, ``urlopen``, a database client, ... is refused.
+   This is a signature check, a second line behind rules 1-4, not a proof; it is what turns
+   away pymatgen's ``Vasprun(filename=...)`` and ``Outcar`` (they read the file they are
+   given) and any pydantic model with a ``model_validator(mode="before")`` that loads a file.
+6. ``"@callable"`` must be a jobflow job function (``@job``/``@cached_job``, a Maker's job
+   method included, or a :mod:`jobflow_cache.marking` wrapper of one), or a class passing
+   rules 1-5 (an output schema): never ``subprocess.call`` or ``eval``.
+
+``JOBFLOW_CACHE_TRUSTED_MODULES`` lifts the checks for the modules it names (``*``: all).
+Verdicts are memoised per class and per function, so a dynamic response of 10,000 jobs
+checks its function once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import dis
+import functools
+import hashlib
+import hmac
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import re
+import sys
+import types
+import typing
+from enum import Enum
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from monty.json import MSONable
+from pydantic import BaseModel
+
+from jobflow_cache.errors import CorruptEntryError, SettingsError
+from jobflow_cache.settings import get_settings
+
+if TYPE_CHECKING:
+    from jobflow_cache.settings import CacheSettings
+
+__all__ = [
+    "UntrustedValueError",
+    "check_trusted",
+    "class_problem",
+    "group_key",
+    "key_id",
+    "sign",
+    "signature_problem",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class UntrustedValueError(CorruptEntryError):
+    """A cached value names a module, class or function it may not name (see
+    :func:`check_trusted`)."""
+
+
+#: Standard-library classes monty rebuilds from plain data with a handler of its own.
+_STDLIB_HANDLED = frozenset({("datetime", "datetime"), ("uuid", "UUID"), ("pathlib", "Path")})
+
+#: Packages none of whose classes may be decoded from a store (rule 4)...
+_DENIED_PACKAGES = ("fireworks", "jobflow_remote", "jobflow_cache")
+
+#: ... but these (still subject to rule 5): cache_flow's mark of a job's function, whose
+#: ``function`` is a nested ``"@callable"`` node (rule 6) and ``options`` plain JSON.
+_OWN_DATA_CLASSES = frozenset({"jobflow_cache.marking.CachedFunction"})
+
+#: Classes (by module and qualified name of a class in the MRO) that reach outside (rule 4).
+_DENIED_BASES = frozenset(
+    {
+        "pydantic_settings.main.BaseSettings",
+        "maggma.core.store.Store",
+        "jobflow.core.store.JobStore",
+        "jobflow.settings.JobflowSettings",
+        # reads the POTCAR files its symbols name, below PMG_VASP_PSP_DIR
+        "pymatgen.io.vasp.inputs.Potcar",
+    }
+)
+
+#: Names (globals, attributes, imported names) whose presence in the code run while decoding a
+#: class marks it a reader of files, the environment, the network or code (rule 5).
+_READERS = frozenset(
+    {
+        "open",
+        "zopen",
+        "loadfn",
+        "read_text",
+        "read_bytes",
+        "from_file",
+        "environ",
+        "getenv",
+        "getenvb",
+        "import_module",
+        "__import__",
+        "exec",
+        "eval",
+        "system",
+        "popen",
+        "Popen",
+        "subprocess",
+        "socket",
+        "urlopen",
+        "urllib",
+        "requests",
+        "MongoClient",
+        "pymongo",
+        "load_dotenv",
+        "dotenv_values",
+        "loadtxt",
+        "genfromtxt",
+        "fromfile",
+        "read_csv",
+        "read_json",
+        "listdir",
+        "scandir",
+        "iterdir",
+        "glob",
+    }
+)
+
+#: Methods whose code the decoder runs for a class (besides pydantic's validators).
+_DECODE_METHODS = ("from_dict", "__init__", "__new__", "__post_init__", "model_post_init")
+
+#: Packages whose own code is the decoding machinery itself, not a class's.
+_MACHINERY = frozenset(
+    {"builtins", "pydantic", "pydantic_core", "monty", "typing", "abc", "dataclasses", "enum"}
+)
+
+#: How deep calls are followed from a decode method, and how many functions at most per class.
+_SCAN_DEPTH = 3
+_SCAN_BUDGET = 400
+
+_TORCH_DTYPE = re.compile(r"torch\.(cuda\.)?[A-Za-z]+Tensor")
+
+
+def _trusted_prefixes() -> tuple[str, ...]:
+    return tuple(get_settings().TRUSTED_MODULES)
+
+
+def _is_trusted(module: str, trusted: tuple[str, ...]) -> bool:
+    return any(
+        prefix == "*" or module == prefix or module.startswith(prefix + ".") for prefix in trusted
+    )
+
+
+@functools.cache
+def _installed_packages() -> frozenset[str]:
+    """Top-level import names of the installed distributions (read once per process)."""
+    return frozenset(metadata.packages_distributions())
+
+
+def _is_stdlib(module: str) -> bool:
+    return module.partition(".")[0] in sys.stdlib_module_names
+
+
+def _check_module(module: str, trusted: tuple[str, ...]) -> bool:
+    """Rule 1: refuse to import ``module`` unless it is imported already, belongs to an
+    imported or installed package (not the standard library), is trusted, or does not exist
+    at all (then return False: that may change).
+
+    A module that is neither could be any file on ``sys.path`` (a script in the working
+    folder, say), and importing a module runs its code.
+    """
+    if module in sys.modules or _is_trusted(module, trusted):
+        return True
+    top = module.partition(".")[0]
+    if top in sys.modules:
+        return True
+    if top in _installed_packages() and top not in sys.stdlib_module_names:
+        return True
+    try:
+        if importlib.util.find_spec(top) is None:  # finds without running anything
+            return False  # no such module: monty leaves the value as data
+    except (ImportError, ValueError):
+        pass
+    raise UntrustedValueError(
+        f"a cached value names the module {module!r}, which is neither imported nor installed "
+        "here (trust it with JOBFLOW_CACHE_TRUSTED_MODULES)"
+    )
+
+
+def _attribute(module: str, path: list[str]) -> Any:
+    """``module.<path>`` (imported if needed), or None when it does not exist."""
+    try:
+        found: Any = importlib.import_module(module)
+        for name in path:
+            found = getattr(found, name)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return None
+    return found
+
+
+def _attribute_of(obj: Any, path: list[str]) -> Any:
+    try:
+        for name in path:
+            obj = getattr(obj, name)
+    except AttributeError:
+        return None
+    return obj
+
+
+# -- rule 5: what the decoder runs for a class ---------------------------------------------
+def _function_of(obj: Any) -> types.FunctionType | None:
+    """The Python function behind ``obj`` (a method, classmethod, staticmethod, decorated
+    function), or None for builtins and other callables."""
+    for _ in range(8):
+        if isinstance(obj, (classmethod, staticmethod, types.MethodType)):
+            obj = obj.__func__
+        elif isinstance(obj, functools.partial):
+            obj = obj.func
+        elif hasattr(obj, "__wrapped__") and not isinstance(obj, types.FunctionType):
+            obj = obj.__wrapped__
+        else:
+            break
+    return obj if isinstance(obj, types.FunctionType) else None
+
+
+def _is_machinery(module: str | None) -> bool:
+    return not module or module.partition(".")[0] in _MACHINERY
+
+
+#: Instructions that read a name (a store, ``self.socket = socket``, reads nothing).
+_LOADS = frozenset(
+    {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_ATTR", "LOAD_METHOD", "IMPORT_NAME", "IMPORT_FROM"}
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_names(code: types.CodeType) -> frozenset[str]:
+    """Global, attribute and imported names read by ``code`` and the code nested in it."""
+    names: set[str] = set()
+    for ins in dis.get_instructions(code):
+        if ins.opname in _LOADS and isinstance(ins.argval, str):
+            names.update(ins.argval.split("."))  # import a.b: both a and b
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return frozenset(names)
+
+
+class _Scan:
+    """Rule 5 for one class: follows the code its decoding runs, a few calls deep."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.seen: set[types.CodeType] = set()
+        self.budget = _SCAN_BUDGET
+
+    def function(self, func: types.FunctionType, depth: int, where: str) -> str | None:
+        code = func.__code__
+        if code in self.seen or self.budget <= 0 or _is_machinery(func.__module__):
+            return None
+        self.seen.add(code)
+        self.budget -= 1
+        names = _code_names(code)
+        readers = names & _READERS
+        if readers:
+            return f"{where} uses {', '.join(sorted(readers))}"
+        if depth >= _SCAN_DEPTH:
+            return None
+        # the functions it calls by name: module globals, and the class's own methods
+        namespace = getattr(func, "__globals__", {})
+        for name in sorted(names):
+            callee = namespace.get(name)
+            if callee is None:
+                callee = inspect.getattr_static(self.cls, name, None)
+            target = _function_of(callee)
+            if target is None and isinstance(callee, type):
+                continue  # a class it builds is checked when a document names it
+            if target is not None and not _is_stdlib(target.__module__ or ""):
+                found = self.function(target, depth + 1, f"{where} -> {name}")
+                if found:
+                    return found
+        return None
+
+
+def _validator_functions(cls: type) -> list[tuple[str, Any]]:
+    """The pydantic validators (field, model, root) of ``cls``: (name, function) pairs."""
+    decorators = getattr(cls, "__pydantic_decorators__", None)
+    if decorators is None:
+        return []
+    found: list[tuple[str, Any]] = []
+    for group in ("validators", "field_validators", "root_validators", "model_validators"):
+        for name, decorator in getattr(decorators, group, {}).items():
+            found.append((name, getattr(decorator, "func", None)))
+    return found
+
+
+def _annotation_classes(annotation: Any, out: set[type]) -> None:
+    """Classes named by a type annotation (through Optional, list[...], dict[...], ...)."""
+    if isinstance(annotation, type):
+        out.add(annotation)
+    for arg in typing.get_args(annotation):
+        _annotation_classes(arg, out)
+
+
+def _field_classes(cls: type) -> set[type]:
+    """Models and dataclasses pydantic builds from plain dicts for the fields of ``cls``."""
+    out: set[type] = set()
+    fields = getattr(cls, "model_fields", None)
+    if isinstance(fields, dict):
+        for info in fields.values():
+            _annotation_classes(getattr(info, "annotation", None), out)
+    return {c for c in out if c is not cls and (issubclass(c, BaseModel) or _is_dataclass(c))}
+
+
+def _is_dataclass(cls: type) -> bool:
+    return dataclasses.is_dataclass(cls)
+
+
+_CLASS_VERDICTS: dict[type, str | None] = {}
+
+
+def class_problem(cls: type) -> str | None:
+    """Why decoding ``cls`` from a store is refused (rules 2, 4 and 5), or None.
+
+    Examples
+    --------
+    >>> from jobflow.settings import JobflowSettings
+    >>> print(class_problem(JobflowSettings))
+    jobflow.settings.JobflowSettings reaches outside the document (it is a JobflowSettings)
+    >>> print(class_problem(__import__("pymatgen.core").core.Structure))
+    None
+    """
+    if cls in _CLASS_VERDICTS:
+        return _CLASS_VERDICTS[cls]
+    _CLASS_VERDICTS[cls] = None  # a field typed with its own class: no endless recursion
+    verdict = _class_problem(cls)
+    if len(_CLASS_VERDICTS) > 10_000:
+        _CLASS_VERDICTS.clear()
+    _CLASS_VERDICTS[cls] = verdict
+    return verdict
+
+
+def _class_problem(cls: type) -> str | None:
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    module = cls.__module__ or ""
+    if issubclass(cls, Enum):
+        return None  # a member is looked up by value
+    if _is_stdlib(module):
+        return f"{name} is a standard-library class monty has no plain-data handler for"
+    if name == "jobflow_cache.marking.CachedFunction":
+        # cache_flow's mark of a job in a dynamic response (issue 13): its from_dict decodes
+        # only its "function" (a "@callable" node, rule 6) and "options" (plain data)
+        return None
+    if module.partition(".")[0] in _DENIED_PACKAGES and name not in _OWN_DATA_CLASSES:
+        return f"{name} is from a package whose classes are never decoded from a store"
+    for base in cls.__mro__:
+        qualified = f"{base.__module__}.{base.__qualname__}"
+        if qualified in _DENIED_BASES:
+            return f"{name} reaches outside the document (it is a {base.__name__})"
+    scan = _Scan(cls)
+    for method in _DECODE_METHODS:
+        func = _function_of(inspect.getattr_static(cls, method, None))
+        if func is not None:
+            found = scan.function(func, 0, f"{name}.{method}")
+            if found:
+                return f"decoding {name} may read outside the document: {found}"
+    for vname, vfunc in _validator_functions(cls):
+        func = _function_of(vfunc)
+        if func is not None:
+            found = scan.function(func, 0, f"{name} validator {vname}")
+            if found:
+                return f"decoding {name} may read outside the document: {found}"
+    for field_class in sorted(_field_classes(cls), key=lambda c: c.__qualname__):
+        inner = class_problem(field_class)
+        if inner:
+            return f"{name} has a field of type {field_class.__qualname__}: {inner}"
+    return None
+
+
+# -- the walk ------------------------------------------------------------------------------
+def _callable_allowed(found: Any) -> bool:
+    """Rule 6: a jobflow job function (or Maker method, or a cache_flow wrapper of one), or a
+    class passing rules 2, 4 and 5 (an output schema)."""
+    if isinstance(found, type):
+        return issubclass(found, (BaseModel, MSONable)) and class_problem(found) is None
+    original = getattr(found, "original", None)
+    if original is None or not callable(found):
+        return False
+    if type(found).__module__ == "jobflow_cache.marking":  # CachedFunction: its inner one
+        return _callable_allowed(original) or _function_of(original) is not None
+    # made by jobflow's @job (or @cached_job): a plain function with the job's own function
+    return isinstance(found, types.FunctionType) and _function_of(original) is not None
+
+
+#: What nodes were found safe, by (module, @class or @callable, name, bound module, bound
+#: class): checking a Job's function once serves its 10,000 copies in a dynamic response.
+_SAFE: set[tuple[Any, ...]] = set()
+
+
+def _redirected(module: str, name: str) -> tuple[str, str]:
+    """Where ``~/.monty.yaml`` sends (module, class), as monty's decoder would."""
+    try:
+        target = MSONable.REDIRECT.get(module, {}).get(name)
+    except Exception:  # an unreadable redirect file: monty fails the same way
+        return module, name
+    if isinstance(target, dict) and isinstance(target.get("@module"), str):
+        return target["@module"], str(target.get("@class", name))
+    return module, name
+
+
+def _check_handled(node: dict[str, Any], module: str, name: str, trusted: tuple[str, ...]) -> bool:
+    """Rule 3 for monty's handlers of third-party types; True when ``node`` is one."""
+    if module == "pandas" and name in ("DataFrame", "Series"):
+        data = node.get("data")
+        if not isinstance(data, str):
+            raise UntrustedValueError("a cached pandas value whose data is not JSON text")
+        try:
+            inner = json.loads(data)
+        except ValueError as err:
+            raise UntrustedValueError(f"a cached pandas value holds no JSON: {err}") from err
+        _walk(inner, trusted)  # monty decodes this text with a decoder of its own
+        return True
+    if module == "torch" and name == "Tensor":
+        dtype = node.get("dtype")
+        if not isinstance(dtype, str) or not _TORCH_DTYPE.fullmatch(dtype):
+            raise UntrustedValueError(f"a cached torch tensor of dtype {dtype!r}")
+        return True
+    return (module, name) in _STDLIB_HANDLED or (module, name) in {
+        ("numpy", "array"),
+        ("pint", "Quantity"),
+        ("bson.objectid", "ObjectId"),
+        ("bson.dbref", "DBRef"),
+    }
+
+
+def _check_node(node: dict[str, Any], trusted: tuple[str, ...]) -> None:
+    module = node["@module"]
+    if not isinstance(module, str) or ("@class" not in node and "@callable" not in node):
+        return  # monty leaves it as data (or fails to decode it)
+    kind = "@class" if "@class" in node else "@callable"
+    name, bound = node[kind], node.get("@bound") if kind == "@callable" else None
+    if kind == "@class" and isinstance(name, str):
+        module, name = _redirected(module, name)
+        if _is_trusted(module, trusted):
+            return
+        if _check_handled(node, module, name, trusted):
+            return  # the handlers' modules are installed ones, imported by monty's handler
+    bound_of = (bound.get("@module"), bound.get("@class")) if type(bound) is dict else (None,)
+    key = (module, kind, name, *bound_of) if isinstance(name, str) else None
+    if key in _SAFE or _is_trusted(module, trusted):
+        return
+    if kind == "@class" and _is_stdlib(module):
+        # rule 2: nothing from the standard library but what monty's handlers rebuild, and
+        # Enum members of modules imported already
+        loaded = sys.modules.get(module)
+        member = _attribute_of(loaded, name.split(".")) if loaded is not None else None
+        if isinstance(member, type) and issubclass(member, Enum):
+            return
+        raise UntrustedValueError(
+            f"a cached value names {module}.{name}, a standard-library class that is not data"
+        )
+    cacheable = _check_module(module, trusted)
+    if not isinstance(name, str):
+        return  # monty fails to decode it
+    if kind == "@class":
+        found = _attribute(module, name.split("."))
+        if isinstance(found, type):
+            problem = class_problem(found)
+            if problem:
+                raise UntrustedValueError(f"a cached value names a class it may not: {problem}")
+        elif callable(getattr(found, "from_dict", None)):
+            # monty would call it; a class's from_dict builds an instance, this is no class
+            raise UntrustedValueError(f"a cached value names {module}.{name}, not a class")
+    else:
+        if bound is None:
+            found = _attribute(module, name.split("."))
+        elif type(bound) is dict and isinstance(bound.get("@module"), str):
+            # a method of a serialized object (a Maker's make): its class's attribute; the
+            # bound object itself is a node of the walk
+            cacheable = _check_module(bound["@module"], trusted) and cacheable
+            owner = bound.get("@class")
+            cls = _attribute(bound["@module"], owner.split(".")) if isinstance(owner, str) else None
+            found = _attribute_of(cls, name.split(".")[1:])
+        else:
+            found = bound  # not an object monty can rebuild: refused below
+        if found is not None and not _callable_allowed(found):
+            raise UntrustedValueError(
+                f"a cached value holds the function {module}:{name}, which is not a jobflow "
+                "job (trust it with JOBFLOW_CACHE_TRUSTED_MODULES)"
+            )
+    if cacheable and key is not None and len(_SAFE) < 100_000:
+        _SAFE.add(key)
+
+
+def _walk(tree: Any, trusted: tuple[str, ...]) -> None:
+    pending = [tree]
+    pop, push = pending.pop, pending.append
+    while pending:
+        node = pop()
+        if type(node) is dict:
+            if "@module" in node:
+                _check_node(node, trusted)
+            values: Any = node.values()
+        elif type(node) is list:
+            values = node
+        else:
+            continue
+        for value in values:
+            kind = type(value)
+            if kind is dict or kind is list:
+                push(value)
+
+
+def check_trusted(tree: Any) -> None:
+    """Check every document node of a parsed cached value before monty's decoder rebuilds it
+    (the rule is in this module's docstring). Raises :class:`UntrustedValueError`.
+
+    Examples
+    --------
+    >>> check_trusted({"structure": {"@module": "pymatgen.core", "@class": "Structure"}})
+    >>> try:
+    ...     check_trusted([{"@module": "os", "@callable": "system", "@bound": None}])
+    ... except UntrustedValueError as err:
+    ...     print(str(err)[:50])
+    a cached value holds the function os:system, which
+    >>> try:
+    ...     check_trusted({"x": [{"@module": "jobflow.settings", "@class": "JobflowSettings",
+    ...                           "CONFIG_FILE": "payload.yaml"}]})
+    ... except UntrustedValueError as err:
+    ...     print(str(err)[:60])
+    a cached value names a class it may not: jobflow.settings.Jo
+    """
+    _walk(tree, _trusted_prefixes())
+
+
+# -- signed entries ------------------------------------------------------------------------
+#: Form of an entry's signature: ``hmac-sha256:<key id>:<hex>``.
+SIGNATURE_SCHEME = "hmac-sha256"
+
+#: Shortest group key accepted (bytes).
+MIN_KEY_SIZE = 16
+
+
+def group_key(settings: CacheSettings) -> bytes | None:
+    """The group key of ``settings`` (``GROUP_KEY``, else the content of ``GROUP_KEY_FILE``,
+    surrounding whitespace stripped), or None when neither is set. Raises
+    :class:`.SettingsError` when the file cannot be read or the key is shorter than
+    :data:`MIN_KEY_SIZE` bytes: a cache told to check signatures never runs without them.
+    """
+    if settings.GROUP_KEY is not None:
+        key = settings.GROUP_KEY.get_secret_value().strip().encode()
+        origin = "JOBFLOW_CACHE_GROUP_KEY"
+    elif settings.GROUP_KEY_FILE is not None:
+        path = Path(settings.GROUP_KEY_FILE).expanduser()
+        origin = f"JOBFLOW_CACHE_GROUP_KEY_FILE ({path})"
+        try:
+            key = path.read_bytes().strip()
+        except OSError as err:
+            raise SettingsError(f"cannot read the group key: {origin}: {err}") from err
+    else:
+        return None
+    if len(key) < MIN_KEY_SIZE:
+        raise SettingsError(
+            f"the group key of {origin} has {len(key)} bytes; at least {MIN_KEY_SIZE} are needed"
+        )
+    return key
+
+
+def key_id(key: bytes) -> str:
+    """A short public name of ``key`` (so a reader tells "signed with another key" from
+    "altered"); it reveals nothing usable about the key.
+
+    Examples
+    --------
+    >>> key_id(b"0123456789abcdef")
+    '564236456c42'
+    """
+    return hashlib.sha256(b"jobflow-cache group key id\0" + key).hexdigest()[:12]
+
+
+def _mac(key: bytes, digest: str, checksum: str) -> str:
+    message = b"jobflow-cache entry v1\0" + digest.encode() + b"\0" + checksum.encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def sign(key: bytes, digest: str, checksum: str) -> str:
+    """The signature of an entry: an HMAC-SHA256 over its digest and checksum (so it cannot
+    be moved to another digest), with the id of the key.
+
+    Examples
+    --------
+    >>> key = b"0123456789abcdef"
+    >>> signature = sign(key, "d" * 32, "c" * 32)
+    >>> signature.startswith("hmac-sha256:" + key_id(key) + ":")
+    True
+    >>> signature_problem(key, "d" * 32, "c" * 32, signature) is None
+    True
+    >>> signature_problem(key, "e" * 32, "c" * 32, signature)
+    'its signature does not match (entry altered, or moved from another digest)'
+    """
+    return f"{SIGNATURE_SCHEME}:{key_id(key)}:{_mac(key, digest, checksum)}"
+
+
+def signature_problem(key: bytes, digest: str, checksum: str, signature: Any) -> str | None:
+    """Why an entry's ``signature`` does not prove it was written by a holder of ``key`` for
+    this digest and checksum, or None when it does."""
+    if not isinstance(signature, str) or not signature:
+        return "it is not signed, and this cache requires entries signed with the group key"
+    scheme, _, rest = signature.partition(":")
+    kid, _, mac = rest.partition(":")
+    if scheme != SIGNATURE_SCHEME or not kid or not mac:
+        return "its signature is of an unknown form"
+    if kid != key_id(key):
+        return f"it is signed with another group key (key id {kid[:12]!r}, not {key_id(key)!r})"
+    if not hmac.compare_digest(mac, _mac(key, digest, checksum)):
+        return "its signature does not match (entry altered, or moved from another digest)"
+    return None
