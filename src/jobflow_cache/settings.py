@@ -170,18 +170,24 @@ class CacheSettings(BaseSettings):
     )
     GROUP_KEY: SecretStr | None = Field(
         None,
-        description="Secret key of a group sharing a store: entries are signed (HMAC-SHA256 "
-        "over their checksum) and unsigned or wrongly signed entries are never served. "
-        "Prefer GROUP_KEY_FILE (a key in the environment is visible to other processes).",
+        description="Secret key of a group sharing a store (at least 16 bytes): entries are "
+        "signed (HMAC-SHA256 over their digest and checksum) and unsigned, altered, moved or "
+        "otherwise signed entries are never served. Unset: signatures are neither written nor "
+        "checked. Prefer GROUP_KEY_FILE (a key in the environment is visible to other "
+        "processes); GROUP_KEY wins when both are set. A key that cannot be read: the flow "
+        "runs uncached, with a warning.",
     )
     GROUP_KEY_FILE: Path | None = Field(
-        None, description="File holding GROUP_KEY (readable by the group only)."
+        None,
+        description="File holding the group key (its content, surrounding whitespace "
+        "stripped; readable by the group only).",
     )
     MAX_DECODED_SIZE: int = Field(
         1 << 30,
         gt=0,
-        description="Largest entry document, output or response (bytes, after "
-        "decompression) a lookup decodes; larger ones are invalid entries, never decoded.",
+        description="Largest output and response of an entry, together (bytes, after "
+        "decompression) a lookup decodes; larger ones are invalid entries, never decoded. "
+        "Compressed fields are measured a chunk at a time before they are inflated.",
     )
     SERVE_CODE_FILES: bool = Field(
         False,
