@@ -381,10 +381,6 @@ def _class_problem(cls: type) -> str | None:
         return None  # a member is looked up by value
     if _is_stdlib(module):
         return f"{name} is a standard-library class monty has no plain-data handler for"
-    if name == "jobflow_cache.marking.CachedFunction":
-        # cache_flow's mark of a job in a dynamic response (issue 13): its from_dict decodes
-        # only its "function" (a "@callable" node, rule 6) and "options" (plain data)
-        return None
     if module.partition(".")[0] in _DENIED_PACKAGES and name not in _OWN_DATA_CLASSES:
         return f"{name} is from a package whose classes are never decoded from a store"
     for base in cls.__mro__:
