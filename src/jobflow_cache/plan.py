@@ -53,6 +53,7 @@ from jobflow_cache.executor import (
     _Intercept,
     is_cached_function,
 )
+from jobflow_cache.local import _indexed_view
 from jobflow_cache.marking import cache_flow
 from jobflow_cache.settings import cache_disabled
 from jobflow_cache.store import CacheStore, Outcome
@@ -226,11 +227,12 @@ def _additional(job_store: JobStore) -> dict[str, Any]:
 
 
 def _staging_store() -> JobStore:
+    """An in-memory JobStore, indexed by uuid as in ``run_locally`` (linear in the jobs)."""
     docs = MemoryStore(collection_name="plan_docs")
     stores: Any = _AnyStores()
     store = JobStore(docs, additional_stores=stores)
     store.connect()
-    return store
+    return _indexed_view(store)
 
 
 def _clean(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -716,9 +718,11 @@ def plan(
     >>> @job
     ... def add(a, b):
     ...     return a + b
-    >>> cache = Cache(CacheStore(MemoryStore(), objects_dir=str(getfixture("tmp_path"))))
+    >>> tmp = getfixture("tmp_path")
+    >>> cache = Cache(CacheStore(MemoryStore(), objects_dir=str(tmp / "objects")))
     >>> first = add(1, 2)
-    >>> out = run_locally(Flow([first, add(first.output, 3)]), log=False, cache=cache)
+    >>> flow = Flow([first, add(first.output, 3)])
+    >>> out = run_locally(flow, log=False, cache=cache, create_folders=True, root_dir=tmp)
     >>> first = add(1, 2)  # rebuilt: new uuids, the same first job, a new second one
     >>> flow = Flow([first, add(first.output, 4), add(5, 6)])
     >>> [(job.status, job.reason) for job in plan(flow, cache=cache)][:2]
