@@ -348,3 +348,20 @@ def test_bad_mode_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JOBFLOW_CACHE_MODE", "readonly")
     with pytest.raises((SettingsError, ValueError)):
         CacheSettings()
+
+
+def test_read_only_without_a_store_creates_none(
+    counts: Counts, job_store: JobStore, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded store does not exist: nothing to serve, and it is not created."""
+    flow = cache_flow(Flow([jobs.add(1, 2), fan_out(2)]), mode="read_only")
+    jobflow_run_locally(flow, store=job_store, ensure_success=True)
+    monkeypatch.setenv("JOBFLOW_CACHE_MODE", "read_only")
+    again = jobs.add(1, 2)
+    assert run(Flow([again]), job_store)[again.uuid] == 3
+    assert counts() == {"add": 1 + 2 + 1, "fan_out": 1}
+    assert not isolated_cache.exists()
+    assert meta(job_store, again) == {
+        "outcome": "miss",
+        "reason": "read_only: not in the cache, and not recorded",
+    }

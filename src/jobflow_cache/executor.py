@@ -445,6 +445,13 @@ class Cache:
         self._connected = True
         return True
 
+    def _store_file_absent(self) -> bool:
+        """True when the store is an embedded SQLite store whose file does not exist."""
+        from jobflow_cache.sqlite_store import SQLiteStore  # layer 2: only asked here
+
+        inner = self.store.store
+        return isinstance(inner, SQLiteStore) and not os.path.exists(inner.path)
+
     def close(self) -> None:
         """Write what is still queued, then close the store."""
         self._stop_writer()
@@ -815,6 +822,12 @@ class Cache:
                 stacklevel=2,
             )
             return self._uncached(job, function, args, kwargs, Outcome.UNCACHEABLE, options)
+        if mode == "read_only" and not self._connected and self._store_file_absent():
+            # nothing to serve, and opening the embedded store would create it: the job runs
+            self._executing(job, options, None, Outcome.MISS)
+            if isinstance(job.metadata.get(META_KEY), dict):
+                job.metadata[META_KEY]["reason"] = READ_ONLY_REASON
+            return function(*args, **kwargs)
         if job.config.expose_store and not options.cache_exposed_store:
             # it reads the JobStore (CURRENT_JOB.store), which its digest cannot see
             logger.debug("%s reads the JobStore (expose_store=True): not cached", job.name)
