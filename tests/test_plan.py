@@ -534,3 +534,64 @@ def test_refresh_and_read_only_modes(cache: Cache, tmp_path: Path) -> None:
     assert refresh.reason.startswith("refresh")
     (read_only,) = plan(Flow([add(3, 3)]), cache=cache, mode="read_only")
     assert read_only.status == "served"
+
+
+@job
+def list_prev_plus(prev_dir: str, extra):
+    """A prev_dir job with a second input from a job that runs."""
+    executed("list_prev_plus")
+    return {"names": sorted(os.listdir(prev_dir)), "extra": extra}
+
+
+def build_prev() -> Flow:
+    w = write_files("p", size=3)
+    a = add(1, 1)
+    return Flow([w, a, list_prev_plus(w.output["dir_name"], a.output)])
+
+
+@pytest.mark.warnings_logged  # the worker warns of the invalid entry of add it does not serve
+@pytest.mark.parametrize("manager", ["jobflow", "jobflow_cache"])
+def test_unknown_job_reading_a_served_folder_is_served_on_the_worker(
+    tmp_path: Path, counts: Any, monkeypatch: pytest.MonkeyPatch, manager: str
+) -> None:
+    """A job waiting for a job that runs, with a served job's folder in its inputs (prev_dir):
+    the worker finds that folder's owner in the cache (apply recorded it) and serves it."""
+    if manager == "jobflow_cache":
+        # our run_locally looks other processes' run folders up in the store only with
+        # EXCLUSIVE_DIRS (a worker outside run_locally always does): without it, the job
+        # runs (a missed hit, never a false one)
+        monkeypatch.setenv("JOBFLOW_CACHE_EXCLUSIVE_DIRS", "1")
+    (tmp_path / "rec").mkdir()
+    run_locally(build_prev(), store=new_job_store(), create_folders=True, root_dir=tmp_path / "rec")
+    default = Cache()
+    assert default.connect()
+    (add_digest,) = [d["digest"] for d in default.store.find({"name": "add"})]
+    default.store.invalidate(add_digest, "runs again, with the same result", cascade=False)
+    counts.reset()
+    planned = plan(build_prev())
+    assert [j.status for j in planned] == ["served", "run", "unknown"]
+    store = new_job_store()
+    remaining = planned.apply(store, served_dir=tmp_path / "served")
+    (tmp_path / "work").mkdir()
+    if manager == "jobflow":
+        jobflow.run_locally(
+            remaining,
+            store=store,
+            allow_external_references=True,
+            create_folders=True,
+            root_dir=tmp_path / "work",
+            log=False,
+        )
+    else:
+        run_locally(
+            remaining,
+            store=store,
+            allow_external_references=True,
+            create_folders=True,
+            root_dir=tmp_path / "work",
+            log=False,
+        )
+    assert sorted(counts().elements()) == ["add"]
+    doc = store.query_one({"name": "list_prev_plus"})
+    assert doc["metadata"][META_KEY]["outcome"] == "hit"
+    assert doc["output"] == {"names": ["result.txt", "sub"], "extra": 2}
