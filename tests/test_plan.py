@@ -27,9 +27,11 @@ from jobflow_cache.shared import coordinator_of
 from tests.jobs import (
     add,
     executed,
+    issue_873_flow,
     make_detour,
     make_replace,
     mul,
+    nested_replace,
     read_back,
     stop_children_job,
     total,
@@ -595,3 +597,58 @@ def test_unknown_job_reading_a_served_folder_is_served_on_the_worker(
     doc = store.query_one({"name": "list_prev_plus"})
     assert doc["metadata"][META_KEY]["outcome"] == "hit"
     assert doc["output"] == {"names": ["result.txt", "sub"], "extra": 2}
+
+
+def test_issue_873_fail_fix_rebuild_serves_the_relaxations_ahead(
+    cache: Cache, tmp_path: Path, counts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jobflow #873 with a Maker's jobs: the static step fails, is fixed, the flow rebuilt;
+    the two relaxations are served ahead (their nested flow is dropped), only the rest runs."""
+    reference = plain(issue_873_flow(), tmp_path / "plain")
+    monkeypatch.setenv("JFC_FAIL", "static")
+    record(issue_873_flow(), cache, tmp_path / "rec")  # static fails: dos and band never run
+    monkeypatch.delenv("JFC_FAIL")
+    counts.reset()
+    flow = issue_873_flow()
+    planned = plan(flow, cache=cache)
+    assert [(j.name, j.status) for j in planned] == [
+        ("relax1", "served"),
+        ("relax2", "served"),
+        ("static", "run"),
+        ("dos", "unknown"),
+        ("band", "unknown"),
+    ]
+    store = new_job_store()
+    remaining = planned.apply(store, served_dir=tmp_path / "served")
+    assert [c.name for c in remaining.jobs] == ["static", "dos", "band"]  # "double relax" gone
+    relax1 = planned.jobs[0].uuid
+    assert (tmp_path / "served" / relax1 / "OUTCAR").read_text() == "steps=10 value=1.0\n"
+    (tmp_path / "work").mkdir()
+    jobflow.run_locally(
+        remaining,
+        store=store,
+        allow_external_references=True,
+        create_folders=True,
+        root_dir=tmp_path / "work",
+        log=False,
+    )
+    assert sorted(counts().elements()) == ["add", "mul", "static"]  # dos, band, static
+    assert documents(store) == documents(reference)
+
+
+def test_nested_replace_is_served_whole(cache: Cache, tmp_path: Path, counts: Any) -> None:
+    def build_nested() -> Flow:
+        n = nested_replace(2)
+        return Flow([n, add(n.output, 1)])
+
+    reference = plain(build_nested(), tmp_path / "plain")
+    record(build_nested(), cache, tmp_path / "rec")
+    counts.reset()
+    planned = plan(build_nested(), cache=cache)
+    assert [(j.status, j.new_jobs) for j in planned] == [("served", 2), ("served", 0)]
+    assert planned.jobs[0].reason == "served from the cache with the 2 jobs its replay makes"
+    store = new_job_store()
+    assert not planned.apply(store, served_dir=tmp_path / "served")
+    assert counts.total() == 0
+    assert documents(store) == documents(reference)  # indexes 1 to 3 of the replaced job
+    assert output_of(store, "add") == 8

@@ -48,6 +48,7 @@ from jobflow_cache.executor import (
     META_KEY,
     RUN_FILES,
     RUN_FOLDERS,
+    SKIP_FUNCTIONS,
     Cache,
     JobOptions,
     _Intercept,
@@ -262,6 +263,8 @@ class _Served:
     uuids: list[str] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: jobs its replay made (jobflow's own ``store_inputs`` book-keeping jobs not counted)
+    made: int = 0
 
 
 class _Walk:
@@ -328,7 +331,7 @@ class _Walk:
             return PlannedJob(job.name, job.uuid, "run", _digest_of(job), reason)
         self.committed.append(served)
         self.served.update(served.uuids)
-        new_jobs = len({u for u in served.uuids if u != job.uuid})
+        new_jobs = served.made
         reason = "served from the cache"
         if new_jobs:
             reason += f" with the {new_jobs} job{'s' if new_jobs > 1 else ''} its replay makes"
@@ -355,6 +358,8 @@ class _Walk:
         served.folders.append(folder)
         response = self._run(job, folder, served)
         served.uuids.append(job.uuid)
+        if not top and not _is_store_inputs(job):
+            served.made += 1
         self.folders.setdefault(job.uuid, folder)
         digest = _digest_of(job)
         if response.detour is not None:
@@ -410,6 +415,13 @@ class _Walk:
         finally:
             RUN_FILES.reset(files)
             RUN_FOLDERS.reset(folders)
+
+
+def _is_store_inputs(job: Job) -> bool:
+    function = getattr(job.function, "function", job.function)  # marked: the one it holds
+    inner = getattr(function, "original", function)
+    name = f"{getattr(inner, '__module__', '')}:{getattr(inner, '__qualname__', '')}"
+    return name in SKIP_FUNCTIONS
 
 
 def _digest_of(job: Job) -> str | None:
