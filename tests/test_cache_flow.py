@@ -56,6 +56,7 @@ def demo_flow() -> Flow:
 PROGRAM = """
 import json, sys
 from jobflow import JobStore
+from maggma.stores import MemoryStore
 from tests.test_cache_flow import demo_flow, outputs_by_name
 from jobflow_cache import cache_flow
 mark, runner = {mark!r}, {runner!r}
@@ -87,7 +88,10 @@ def outputs_by_name(store: JobStore) -> dict[str, Any]:
         if isinstance(output, dict) and "uuid" in output:
             output = {k: v for k, v in output.items() if k != "uuid"}
         if isinstance(output, dict) and "dir_name" in output:
+            # the run folder differs; the files the job left there must not
+            folder = Path(output["dir_name"])
             output = {k: v for k, v in output.items() if k != "dir_name"}
+            output["_files"] = {p.name: p.read_text() for p in sorted(folder.iterdir())}
         text = UUID.sub("<uuid>", json.dumps(output, sort_keys=True))  # new in every run
         found.setdefault(doc["name"], []).append(text)
         meta = (doc.get("metadata") or {}).get("jobflow_cache") or {}
