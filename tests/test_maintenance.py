@@ -185,7 +185,7 @@ def test_prefix_lookup_is_a_primary_key_range(tmp_path):
             assert found == [f"{i:032x}" for i in range(0xA0, 0xB0)]
         finally:
             conn.set_trace_callback(None)
-        (select,) = [s for s in statements if s.lstrip().startswith("SELECT doc FROM")]
+        (select,) = [s for s in statements if s.lstrip().startswith("SELECT key, doc FROM")]
         plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {select}"))
         assert "USING INDEX sqlite_autoindex" in plan, plan
         assert "(key>? AND key<?)" in plan, plan
