@@ -31,6 +31,8 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config = tmp_path / "no-config.yaml"
     config.touch()
     monkeypatch.setenv("JOBFLOW_CACHE_CONFIG_FILE", str(config))
+    # gc and purge delete unreferenced objects at once (tests/test_gc_safety.py tests the grace)
+    monkeypatch.setenv("JOBFLOW_CACHE_GC_GRACE", "0")
     monkeypatch.delenv("JFC_FAIL", raising=False)
     return cache_dir
 

@@ -647,7 +647,10 @@ def test_concurrent_ingest_of_same_content(tmp_path: Path) -> None:
     assert area.path_of(expected).read_bytes() == content
     assert perms(area.path_of(expected)) == 0o444
     assert leftover_temps(root) == []
-    assert [p for p in root.rglob("*") if p.is_file()] == [area.path_of(expected)]
+    pins = root / ".jfc-pins"  # each process's pin file (see ObjectArea.pinned)
+    assert [p for p in root.rglob("*") if p.is_file() and pins not in p.parents] == [
+        area.path_of(expected)
+    ]
 
 
 def test_module_doctests() -> None:
@@ -693,6 +696,7 @@ def test_record_changes_keeps_before_and_after_states(area: ObjectArea, run: Pat
 
 
 def test_materialize_applies_deletions_symlinks_and_folders(area: ObjectArea, run: Path) -> None:
+    area = ObjectArea(area.root, serve_code=True)  # "abs" leads out of the run folder
     write(run / "WAVECAR", b"wave")
     area.record(run, ["WAVECAR"])
     before = snapshot(run)
@@ -721,6 +725,7 @@ def test_materialize_applies_deletions_symlinks_and_folders(area: ObjectArea, ru
 
 
 def test_absolute_links_into_the_run_folder_follow_it(area: ObjectArea, run: Path) -> None:
+    area = ObjectArea(area.root, serve_code=True)  # "outside" leads out of the run folder
     before = snapshot(run)
     write(run / "OUTCAR", b"energy")
     (run / "inside").symlink_to(run / "OUTCAR")
@@ -948,17 +953,18 @@ def test_served_job_deletes_what_the_job_deleted(tmp_path: Path) -> None:
 
 def test_symlinks_and_empty_folders_are_restored(tmp_path: Path) -> None:
     plain, first, served = tmp_path / "plain", tmp_path / "first", tmp_path / "served"
+    env = {"JOBFLOW_CACHE_SERVE_CODE_FILES": "1"}  # "absolute" leads out of the run folder
     run_flow(tmp_path, "links", plain, engine="plain")
-    assert run_flow(tmp_path, "links", first) == {"links_and_dirs": 1}
-    assert run_flow(tmp_path, "links", served) == {}
+    assert run_flow(tmp_path, "links", first, env=env) == {"links_and_dirs": 1}
+    assert run_flow(tmp_path, "links", served, env=env) == {}
     assert tree(served) == tree(plain)
     assert os.readlink(served / "absolute") == "/nonexistent/jfc/target"
     assert (served / "scratch" / "empty").is_dir()
     plain_c, first_c, served_c = tmp_path / "plain_c", tmp_path / "first_c", tmp_path / "srv_c"
     run_flow(tmp_path, "links", plain_c, engine="plain", create=True)
     # the same inputs: served from the shared-folder entry into a folder of its own
-    assert run_flow(tmp_path, "links", first_c, create=True) == {}
-    assert run_flow(tmp_path, "links", served_c, create=True) == {}
+    assert run_flow(tmp_path, "links", first_c, create=True, env=env) == {}
+    assert run_flow(tmp_path, "links", served_c, create=True, env=env) == {}
     assert job_trees(first_c) == job_trees(served_c) == job_trees(plain_c)
 
 

@@ -22,10 +22,11 @@ import fnmatch
 import functools
 import logging
 import os
+import posixpath
 import re
 import shutil
+import socket
 import stat
-import tempfile
 import time
 import uuid
 from pathlib import Path, PurePosixPath
@@ -48,16 +49,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_SIZE",
+    "CODE_FILE_PATTERNS",
+    "GC_GRACE",
     "LINK_MIN_SIZE",
     "LIVE_FILE_PATTERNS",
+    "PIN_TTL",
+    "STALE_DEAD_AFTER",
+    "VERIFY_FILES_LIMIT",
     "FileRecord",
     "FileState",
     "ObjectArea",
     "Snapshot",
+    "UnsafeManifestError",
     "changed_files",
+    "check_manifest",
     "changed_paths",
     "differences",
     "file_digest",
+    "is_code_path",
     "known_digest",
     "prehash",
     "remember",
@@ -102,7 +111,48 @@ _TMP_PREFIX = ".jfc-tmp-"
 STALE_AFTER = 3600.0
 """Seconds after its last change (ctime) from which a temporary file in an object area is
 stale: left by a process killed while it stored a file (see :meth:`ObjectArea.remove_stale`)."""
+
+STALE_DEAD_AFTER = 60.0
+"""Seconds after its last write (mtime) from which a temporary file whose name carries this
+host and the pid of a process that no longer exists is stale (removed at the start of the
+next ingest; the margin covers a pid namespace the check cannot see into)."""
+
+GC_GRACE = 3600.0
+"""Seconds after it was stored (its ctime) during which an object is never deleted by a
+garbage collection, referenced or not (``JOBFLOW_CACHE_GC_GRACE`` overrides it for gc and
+purge)."""
+
+PIN_TTL = 3600.0
+"""Seconds a process's pin file (the objects it stored or reused for entries it is recording,
+see :meth:`ObjectArea.pinned`) protects them after its last write; a pin file of this host
+whose process is gone protects nothing. A process starts a new pin file every half of this."""
+
+VERIFY_FILES_LIMIT = 1 << 30
+"""Default size (bytes) up to which a hit verifies each file object by its content."""
+
+CODE_FILE_PATTERNS = (
+    "*.py",
+    "*.pyc",
+    "*.pyo",
+    "*.pyw",
+    "*.pth",
+    "*.so",
+    "*.pyd",
+    "*.egg-link",
+    "sitecustomize*",
+    "usercustomize*",
+    "__pycache__",
+    ".*",
+)
+"""Names (matched against every component of a manifest path) of files a hit never places
+unless ``JOBFLOW_CACHE_SERVE_CODE_FILES`` is on: what Python would import from a run folder
+that is the working directory or on ``sys.path`` (modules, byte code, extension modules,
+``.pth`` files, ``sitecustomize``), and hidden names (``.bashrc``, ``.git/hooks/...``,
+``.envrc``) that shells, git and editors run. Symlinks leading out of the run folder (a
+package directory elsewhere) are held to the same rule."""
 _O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY: int = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in is never waited on
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _HEX_FANOUT = re.compile(r"[0-9a-f]{2}")
 _HEX_REST = re.compile(r"[0-9a-f]{30}")
@@ -305,9 +355,171 @@ def _clean_relpath(relpath: str) -> str:
     return pure.as_posix()
 
 
+@functools.cache
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
+
+
+class UnsafeManifestError(FilesUnavailableError):
+    """A manifest that serving must refuse as a whole: a path that is not a normalised
+    relative path below the run folder, a control character, a path below another record
+    that is no folder, a setuid/setgid bit, or (``SERVE_CODE_FILES`` off) a file Python or a
+    shell would run (:data:`CODE_FILE_PATTERNS`) or a symlink leading out of the run folder.
+    Nothing is changed; the hit is not served and the job runs."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CODE_NAME = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in CODE_FILE_PATTERNS))
+_MAX_PATH = 4096
+_MAX_NAME = 255
+
+
+def is_code_path(relpath: str) -> bool:
+    """Whether a component of the relative POSIX path ``relpath`` matches
+    :data:`CODE_FILE_PATTERNS` (a module, byte code, a ``.pth`` file, a hidden name...).
+
+    Examples
+    --------
+    >>> [is_code_path(p) for p in ("OUTCAR", "victim_jobs.py", ".bashrc", "a/__pycache__/x")]
+    [False, True, True, True]
+    """
+    return any(_CODE_NAME.fullmatch(part) for part in relpath.split("/"))
+
+
+def _link_leaves(relpath: str, target: str, dest: str) -> bool:
+    """Whether the symlink ``relpath`` (below ``dest``) with ``target`` may lead out of
+    ``dest``: an absolute target elsewhere, more leading ``..`` than the link is deep, or a
+    ``..`` after another component (the kernel resolves that one through what precedes it)."""
+    if not target:
+        return True
+    if target.startswith("/"):
+        norm = posixpath.normpath(target)
+        root = posixpath.normpath(dest)
+        return ".." in target.split("/") or not (norm == root or norm.startswith(root + "/"))
+    parts = [part for part in target.split("/") if part not in ("", ".")]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    if ".." in parts[ups:]:
+        return True
+    return ups > relpath.count("/")
+
+
+def check_manifest(
+    records: Sequence[FileRecord], dest: str | os.PathLike[str], *, serve_code: bool = False
+) -> list[str]:
+    """Check a manifest from a store before anything of it is served into ``dest``.
+
+    Every path must be a normalised relative POSIX path (no ``..``, ``.``, empty or
+    absolute component, no control character, no NUL), unique, and not below another
+    record unless both are deletions of what was a folder; modes carry no setuid, setgid or
+    sticky bit. Paths with a component matching :data:`CODE_FILE_PATTERNS`, and symlinks
+    whose target may lead out of ``dest``, are refused unless ``serve_code``; even then only
+    when the job created them (nothing was there before: such a file never replaces or
+    deletes one).
+
+    Returns
+    -------
+    list[str]
+        The paths, in the order of ``records``.
+
+    Raises
+    ------
+    UnsafeManifestError
+        Naming the first offending path and why.
+
+    Examples
+    --------
+    >>> check_manifest([FileRecord(path="OUTCAR", xxh3="0" * 32)], "/run")
+    ['OUTCAR']
+    >>> try:
+    ...     check_manifest([FileRecord(path="../jobs.py", xxh3="0" * 32)], "/run")
+    ... except UnsafeManifestError as err:
+    ...     print(err)
+    refusing to serve '../jobs.py' into /run: absolute, empty or outside the run folder
+    """
+    dest = os.fspath(dest)
+    paths: list[str] = []
+    kinds: dict[str, FileRecord] = {}
+
+    def refuse(path: object, why: str) -> UnsafeManifestError:
+        return UnsafeManifestError(f"refusing to serve {path!r} into {dest}: {why}")
+
+    for record in records:
+        path = record.path
+        if not isinstance(path, str) or _CONTROL.search(path):
+            raise refuse(path, "a control character in the path")
+        if len(path) > _MAX_PATH or any(len(part) > _MAX_NAME for part in path.split("/")):
+            raise refuse(path, "a path or name too long")
+        try:
+            clean = _clean_relpath(path)
+        except ValueError:
+            raise refuse(path, "absolute, empty or outside the run folder") from None
+        if clean != path or "." in path.split("/"):
+            raise refuse(path, "not a normalised relative path")
+        if path in kinds:
+            raise refuse(path, "listed twice")
+        if record.mode & ~0o777 or record.mode < 0:
+            raise refuse(path, f"mode {record.mode:#o} (setuid, setgid or sticky bits)")
+        if record.kind == "symlink" and "\x00" in record.target:
+            raise refuse(path, "a NUL in the symlink target")
+        leaves = record.kind == "symlink" and _link_leaves(path, record.target, dest)
+        if is_code_path(path) or leaves:
+            what = (
+                f"a symlink to {record.target!r}, out of the run folder"
+                if leaves and not is_code_path(path)
+                else "a file Python would import, or a hidden file"
+            )
+            if not serve_code:
+                raise refuse(path, f"{what} (JOBFLOW_CACHE_SERVE_CODE_FILES is off)")
+            if record.kind == "deleted" or record.before is not None:
+                raise refuse(path, f"{what} that the job did not create (it replaces or deletes)")
+        kinds[path] = record
+        paths.append(path)
+    for path, record in kinds.items():
+        prefix = path
+        while "/" in prefix:
+            prefix = prefix.rpartition("/")[0]
+            above = kinds.get(prefix)
+            if above is None:
+                continue
+            before = above.before
+            if record.kind != "deleted" or before is None or before.kind != "dir":
+                raise refuse(path, f"below {prefix!r}, which the manifest makes {above.kind!r}")
+    return paths
+
+
+def _tmp_base() -> str:
+    """A fresh temporary name: ``.jfc-tmp-<pid>-<random>-<host>`` (the pid and host tell a
+    later ingest whether the process that made it is gone, see :meth:`ObjectArea.remove_stale`)."""
+    return f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-{_host()}"
+
+
+_PINS = ".jfc-pins"
+_PIN_NAME = re.compile(r"(\d+)-[0-9a-f]{32}-(.+)")
+_PIN_FILES: dict[str, tuple[int, float, str]] = {}  # area root -> (pid, started, pin file)
+_CLEANED: dict[str, float] = {}  # area root -> when this process last removed stale files
+_CLEAN_EVERY = 600.0
+
+_TMP_OWNER = re.compile(r"\.jfc-tmp-(\d+)-[0-9a-f]{32}-(.+)")
+
+
 def _tmp_name(directory: Path) -> Path:
     """A fresh, unused-looking name for a temporary file in ``directory``."""
-    return directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+    return directory / _tmp_base()
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists on this host (as far as this pid namespace sees)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -400,26 +612,6 @@ def _seal(path: Path, xxh3: str, st: os.stat_result | None = None) -> None:
         os.utime(path, ns=(st.st_atime_ns, mtime), follow_symlinks=False)
     except OSError as err:
         logger.debug("cannot seal %s (%s); it is checked by its hash when used", path, err)
-
-
-def _make_parents(dest: Path, relpath: str) -> Path:
-    """Create the directories of ``relpath`` below ``dest``; refuse to walk through symlinks."""
-    current = dest
-    parts = relpath.split("/")
-    for part in parts[:-1]:
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(current)
-            st = os.lstat(current)
-        if not stat.S_ISDIR(st.st_mode):
-            raise FilesUnavailableError(
-                f"cannot place {relpath!r}: {current} is not a real directory "
-                "(symlinks are not followed)"
-            )
-    return current / parts[-1]
 
 
 def _may_link() -> bool:
@@ -855,6 +1047,51 @@ def _lstat(path: Path) -> os.stat_result | None:
         return None
 
 
+class _Verified:
+    """The state (:func:`_memo_key`) and owner of an object when a hit checked it."""
+
+    __slots__ = ("key", "uid")
+
+    def __init__(self, key: tuple[int, int, int, int, int], uid: int) -> None:
+        self.key = key
+        self.uid = uid
+
+
+def _euid() -> int:
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid() if geteuid is not None else -1
+
+
+def _lstat_at(name: str, parent: int) -> os.stat_result | None:
+    try:
+        return os.lstat(name, dir_fd=parent)
+    except FileNotFoundError:
+        return None
+
+
+def _open_parent(dest_fd: int, relpath: str, *, create: bool) -> int:
+    """A descriptor of the folder holding ``relpath`` below the folder ``dest_fd``, walked
+    one component at a time without following symlinks (``ELOOP``/``ENOTDIR`` where one is a
+    symlink or a file); missing folders are made when ``create``."""
+    fd = os.dup(dest_fd)
+    try:
+        for part in relpath.split("/")[:-1]:
+            try:
+                below = os.open(part, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+                below = os.open(part, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 # --------------------------------------------------------------------------- object area
 
 
@@ -905,9 +1142,18 @@ class ObjectArea:
     >>> shutil.rmtree(tmp)
     """
 
-    def __init__(self, root: str | Path, *, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        fsync: bool = False,
+        verify_limit: int = VERIFY_FILES_LIMIT,
+        serve_code: bool = False,
+    ) -> None:
         self.root: Path = Path(root)
         self.fsync = fsync
+        self.verify_limit = verify_limit
+        self.serve_code = serve_code
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({os.fspath(self.root)!r})"
@@ -969,6 +1215,7 @@ class ObjectArea:
         """Implement :meth:`ingest`; also return the size and the source's ``stat`` (it held
         the stored content at that ``stat``)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._clean_stale_now_and_then()
         try:
             src_fd = os.open(src, os.O_RDONLY | _O_NOFOLLOW)
         except OSError as err:
@@ -987,6 +1234,9 @@ class ObjectArea:
                 if size != first.st_size or _memo_key(last) != _memo_key(first):
                     raise CacheError(f"{src} was written to while it was being recorded")
                 final = self.path_of(digest)
+                # pinned before it is looked at: a collection that sets the object aside
+                # after this look reads the pin and puts it back (see purge.collect_garbage)
+                self._pin(digest)
                 if not self._reusable(final, digest, size):
                     _seal(tmp, digest)
                     self._publish(tmp, final)
@@ -998,8 +1248,8 @@ class ObjectArea:
     def _store_temp(self, source: FileIO) -> tuple[Path, str, int]:
         """A read-only temporary copy of ``source`` in the area (a reflink where possible),
         with its digest and size."""
-        fd, name = tempfile.mkstemp(dir=self.root, prefix=_TMP_PREFIX)
-        tmp = Path(name)
+        tmp = _tmp_name(self.root)  # names this process and host (see remove_stale)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
         try:
             with open(fd, "w+b", buffering=0) as out:
                 # a reflink, or a copy in the kernel; then the stored bytes are hashed (one
@@ -1044,13 +1294,25 @@ class ObjectArea:
         _seal(path, xxh3, st)
         return True
 
-    def _discard(self, path: Path) -> None:
-        """Remove a damaged object (a file or whatever took its name) from the area."""
+    def _discard(self, path: Path, identity: tuple[int, int] | None = None) -> None:
+        """Remove a damaged object (a file or whatever took its name) from the area; with
+        ``identity`` (device, inode), only if the name still holds that file (a sound object
+        stored meanwhile stays)."""
         aside = _tmp_name(self.root)
         try:
             os.rename(path, aside)
         except FileNotFoundError:
             return
+        except OSError as err:  # not ours to move (a read-only area): never served anyway
+            logger.warning("object %s is damaged and cannot be removed: %s", path, err)
+            return
+        if identity is not None:
+            st = _lstat(aside)
+            if st is not None and (st.st_dev, st.st_ino) != identity:
+                with contextlib.suppress(OSError):
+                    os.link(aside, path, follow_symlinks=False)  # put back what replaced it
+                _unlink_quietly(aside)
+                return
         logger.warning("object %s was damaged (written to, or replaced); removed", path)
         if os.path.isdir(aside) and not os.path.islink(aside):
             shutil.rmtree(aside, ignore_errors=True)
@@ -1144,6 +1406,7 @@ class ObjectArea:
         *,
         max_size: int = 0,
         store: bool = True,
+        serve_code: bool | None = None,
     ) -> list[FileRecord]:
         """Record what a job changed in its run folder, between two :func:`snapshot`\\ s.
 
@@ -1163,6 +1426,12 @@ class ObjectArea:
             Files larger than this many bytes are hashed but not stored (0: no limit).
         store
             False: no file is stored, all are only hashed (``FILES=none``).
+        serve_code
+            ``SERVE_CODE_FILES`` (default: the area's own): whether files matching
+            :data:`CODE_FILE_PATTERNS` and
+            symlinks out of the folder may be recorded. Off, a job that changed such a path
+            is not recorded at all (``CacheError``, before anything is stored): a hit never
+            serves them, and an entry without them would be a wrong result.
 
         Raises
         ------
@@ -1179,6 +1448,16 @@ class ObjectArea:
         if not changed:  # the job changed nothing (most jobs of a shared folder)
             return []
         folder = Path(folder)
+        if serve_code is None:
+            serve_code = self.serve_code
+        if not serve_code:
+            code = [path for path in changed if is_code_path(path)]
+            if code:
+                raise CacheError(
+                    f"the job changed {len(code)} file(s) Python would import or hidden files "
+                    f"({', '.join(code[:3])}), which a hit never serves while "
+                    "JOBFLOW_CACHE_SERVE_CODE_FILES is off"
+                )
         live = _excluder(LIVE_FILE_PATTERNS)
         occupied: set[str] = set()
         for path in after:
@@ -1215,6 +1494,10 @@ class ObjectArea:
                 raise CacheError(f"cannot record {path!r} of {folder}: it vanished") from None
             except (OSError, ValueError, CacheError) as err:
                 raise CacheError(f"cannot record {path!r} of {folder}: {err}") from err
+        try:  # what a hit would refuse to serve is not recorded
+            check_manifest(records, folder, serve_code=serve_code)
+        except UnsafeManifestError as err:
+            raise CacheError(f"not recorded: {err}") from None
         return records
 
     @staticmethod
@@ -1310,23 +1593,26 @@ class ObjectArea:
         """
         if mode not in ("link", "copy"):
             raise ValueError(f"mode must be 'link' or 'copy', not {mode!r}")
-        cleaned: list[str] = []
-        for record in records:
-            try:
-                cleaned.append(_clean_relpath(record.path))
-            except ValueError as err:
-                raise FilesUnavailableError(
-                    f"refusing to materialize {record.path!r}: absolute or outside {dest}"
-                ) from err
-        missing = [record.path for record in records if not self._usable(record)]
-        if missing:
-            raise FilesUnavailableError(
-                f"{len(missing)} of {len(records)} objects missing or corrupt in {self.root}: "
-                + ", ".join(missing)
-            )
         dest = Path(dest)
         if source_dir is not None:
             records = [_moved_links(r, os.fspath(source_dir), os.fspath(dest)) for r in records]
+        cleaned = check_manifest(records, dest, serve_code=self.serve_code)
+        verified: dict[str, _Verified] = {}
+        bad: list[str] = []
+        for record in records:
+            if not record.has_object or record.xxh3 in verified:
+                continue
+            found = self._checked(record)
+            if isinstance(found, str):
+                bad.append(f"{record.path!r} ({found})")
+            else:
+                verified[record.xxh3] = found
+        if bad:
+            raise FilesUnavailableError(
+                f"{len(bad)} of {len(records)} objects missing or corrupt in {self.root}: "
+                + ", ".join(bad[:5])
+                + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+            )
         steps = self._plan(records, cleaned, dest, source_dir)
         dest.mkdir(parents=True, exist_ok=True)
         link = mode == "link" and _may_link()
@@ -1339,19 +1625,24 @@ class ObjectArea:
                 cleaned[i],
             ),
         )
-        for i in order:
-            record, action, current, source = steps[i]
-            if action == "keep":
-                continue
-            target = dest / cleaned[i]
-            try:
-                self._apply(record, action, target, current, source, link, dest, cleaned[i])
-            except (FolderConflictError, FilesUnavailableError):
-                raise
-            except OSError as err:
-                raise FilesUnavailableError(
-                    f"cannot place {record.path!r} in {dest}: {err}"
-                ) from err
+        dest_fd = os.open(dest, os.O_RDONLY | _O_DIRECTORY)
+        try:
+            for i in order:
+                record, action, current, source = steps[i]
+                if action == "keep":
+                    continue
+                try:
+                    self._apply(
+                        record, action, current, source, link, dest, dest_fd, cleaned[i], verified
+                    )
+                except (FolderConflictError, FilesUnavailableError):
+                    raise
+                except OSError as err:
+                    raise FilesUnavailableError(
+                        f"cannot place {record.path!r} in {dest}: {err}"
+                    ) from err
+        finally:
+            os.close(dest_fd)
         return [dest / relpath for relpath in cleaned]
 
     def _plan(
@@ -1417,99 +1708,235 @@ class ObjectArea:
             )
         return steps
 
+    def _checked(self, record: FileRecord) -> _Verified | str:
+        """Check the object of ``record`` before a hit serves it: its content digest (read,
+        or memoised on its device, inode, size, mtime and ctime, which no ``utime``, ``cp -p``
+        or ``rsync -a`` can set back), or for an object larger than ``verify_limit`` (when
+        not 0) its seal and size only (its content when memoised). A damaged object is
+        removed from the area, so the next run stores a sound one.
+
+        Returns the object's verified state, or a short problem."""
+        try:
+            path = self.path_of(record.xxh3)
+        except ValueError:
+            return "invalid xxh3"
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                self._discard(path)
+                return "not a regular file"
+            return f"unreadable ({err.strerror})"
+        with open(fd, "rb", buffering=0) as stream:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                problem = "not a regular file"
+            elif st.st_size != record.size:
+                problem = f"size {st.st_size} != {record.size}"
+            elif known_digest(st) == record.xxh3:
+                return _Verified(_memo_key(st), st.st_uid)
+            elif (
+                self.verify_limit
+                and st.st_size > self.verify_limit
+                and _is_sealed(st, record.xxh3, record.size)
+            ):
+                return _Verified(_memo_key(st), st.st_uid)  # the documented cheaper check
+            else:
+                digest, size = _hash_stream(stream)
+                after = os.fstat(fd)
+                if _memo_key(after) != _memo_key(st) or size != st.st_size:
+                    return "written to while it was checked"
+                if digest != record.xxh3:
+                    problem = "xxh3 mismatch"
+                else:
+                    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) >= _RACY_NS:
+                        remember(path, st, digest)  # settled: memoise on its stamp
+                    return _Verified(_memo_key(st), st.st_uid)
+        if problem.startswith("size") or problem == "xxh3 mismatch":
+            logger.warning("object %s of %r: %s; removed", record.xxh3, record.path, problem)
+        self._discard(path, identity=(st.st_dev, st.st_ino))
+        return problem
+
     def _apply(
         self,
         record: FileRecord,
         action: str,
-        target: Path,
         current: os.stat_result | None,
         source: tuple[Path, os.stat_result] | None,
         link: bool,
         dest: Path,
+        dest_fd: int,
         relpath: str,
+        verified: dict[str, _Verified],
     ) -> None:
-        """Carry out one step of :meth:`materialize`, checking first that ``target`` is still
-        as it was when the folder was checked."""
+        """Carry out one step of :meth:`materialize` through folder descriptors walked
+        without following symlinks, checking first that the path is still as it was when the
+        folder was checked. A path that held nothing is created without replacing anything
+        (``O_EXCL``-like: a hard link, ``mkdir`` or ``symlink`` fails if something appeared);
+        one that held the recorded "before" state is replaced by a rename."""
+        name = relpath.rpartition("/")[2]
+        creating = action not in ("delete", "rmdir")
+        try:
+            parent = _open_parent(dest_fd, relpath, create=creating)
+        except FileNotFoundError:
+            if creating:
+                raise
+            return  # a deletion whose folder is gone: done
+        except OSError as err:
+            raise FolderConflictError(
+                f"{relpath!r} in {dest}: a folder on its path changed while the cached result "
+                f"was served ({err.strerror})"
+            ) from err
 
         def unchanged() -> None:
-            if not _same_state(_lstat(target), current):
+            if not _same_state(_lstat_at(name, parent), current):
                 raise FolderConflictError(
                     f"{relpath!r} in {dest} changed while the cached result was served"
                 )
 
-        if action == "delete":
-            unchanged()
-            _unlink_quietly(target)
-            return
-        if action == "rmdir":
-            try:
-                os.rmdir(target)
-            except FileNotFoundError:
-                pass
-            except OSError as err:
-                raise FolderConflictError(
-                    f"{relpath!r} in {dest} is not empty, as it was for the recorded job"
-                ) from err
-            return
-        _make_parents(dest, relpath)
-        if action == "mkdir":
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(target)
-            return
-        if action == "symlink":
-            tmp = _tmp_name(target.parent)
-            os.symlink(record.target, tmp)
-            self._swap(tmp, target, current, unchanged)
-            return
-        tmp = self._placed_temp(record, target.parent, link, source)
-        self._swap(tmp, target, current, unchanged)
-        with contextlib.suppress(OSError):
-            remember(target, os.lstat(target), record.xxh3)
+        try:
+            if action == "delete":
+                unchanged()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=parent)
+            elif action == "rmdir":
+                try:
+                    os.rmdir(name, dir_fd=parent)
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    raise FolderConflictError(
+                        f"{relpath!r} in {dest} is not empty, as it was for the recorded job"
+                    ) from err
+            elif action == "mkdir":
+                if current is not None and not stat.S_ISDIR(current.st_mode):
+                    unchanged()
+                    os.unlink(name, dir_fd=parent)
+                try:
+                    os.mkdir(name, dir_fd=parent)
+                except FileExistsError:
+                    st = _lstat_at(name, parent)
+                    if st is None or not stat.S_ISDIR(st.st_mode):
+                        raise FolderConflictError(
+                            f"{relpath!r} in {dest} appeared while the cached result was served"
+                        ) from None
+            elif action == "symlink":
+                tmp = _tmp_base()
+                os.symlink(record.target, tmp, dir_fd=parent)
+                self._swap(tmp, name, parent, current, unchanged, relpath, dest)
+            else:
+                tmp = self._placed_temp(record, parent, link, source, verified.get(record.xxh3))
+                self._swap(tmp, name, parent, current, unchanged, relpath, dest)
+                with contextlib.suppress(OSError):
+                    remember(dest / relpath, os.lstat(name, dir_fd=parent), record.xxh3)
+        finally:
+            os.close(parent)
 
     @staticmethod
     def _swap(
-        tmp: Path, target: Path, current: os.stat_result | None, unchanged: Callable[[], None]
+        tmp: str,
+        name: str,
+        parent: int,
+        current: os.stat_result | None,
+        unchanged: Callable[[], None],
+        relpath: str,
+        dest: Path,
     ) -> None:
-        """Rename ``tmp`` over ``target`` (an empty folder there is removed first)."""
+        """Give ``tmp`` (in the folder ``parent``) the name ``name``: where nothing was, a
+        no-clobber hard link (nothing that appeared meanwhile is replaced); where the recorded
+        "before" state was, a rename over it (an empty folder there is removed first)."""
         try:
+            if current is None:
+                try:
+                    os.link(tmp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+                    return
+                except FileExistsError:
+                    raise FolderConflictError(
+                        f"{relpath!r} in {dest} appeared while the cached result was served"
+                    ) from None
+                except OSError as err:
+                    if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                        raise
+                    # no hard links here: a rename, after checking that nothing appeared
             unchanged()
             if current is not None and stat.S_ISDIR(current.st_mode):
-                os.rmdir(target)
-            os.replace(tmp, target)
+                os.rmdir(name, dir_fd=parent)
+            os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
         finally:
-            _unlink_quietly(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=parent)
 
     def _placed_temp(
         self,
         record: FileRecord,
-        folder: Path,
+        parent: int,
         link: bool,
         source: tuple[Path, os.stat_result] | None,
-    ) -> Path:
-        """A temporary file in ``folder`` with the content of ``record``: a hard link to its
-        object (``link`` and large), else a reflink or a copy of its object, or of
-        ``source`` (checked unchanged after copying) for a file that was not stored."""
-        if source is None and link and record.size >= LINK_MIN_SIZE:
-            tmp = _tmp_name(folder)
+        checked: _Verified | None,
+    ) -> str:
+        """A temporary file in the folder ``parent`` with the content of ``record``: a hard
+        link to its object (``link``, large, and the object is this user's: no one else can
+        write into the served file), else a reflink or a copy of its object, or of
+        ``source`` (checked unchanged after copying) for a file that was not stored. The
+        object must still be in the state it was verified in (``checked``)."""
+        if source is None and checked is None:
+            raise FilesUnavailableError(f"object {record.xxh3} of {record.path!r} not checked")
+        if (
+            source is None
+            and checked is not None
+            and link
+            and record.size >= LINK_MIN_SIZE
+            and checked.uid == _euid()
+        ):
+            tmp = _tmp_base()
             try:
-                os.link(self.path_of(record.xxh3), tmp, follow_symlinks=False)
-                return tmp
+                os.link(self.path_of(record.xxh3), tmp, dst_dir_fd=parent, follow_symlinks=False)
             except OSError as err:
                 logger.debug("cannot hard-link %s (%s); copying", record.xxh3, err)
+            else:
+                st = os.lstat(tmp, dir_fd=parent)
+                if _memo_key(st)[:4] == checked.key[:4] and st.st_uid == checked.uid:
+                    return tmp
+                os.unlink(tmp, dir_fd=parent)
+                raise FilesUnavailableError(
+                    f"object {record.xxh3} for {record.path!r} changed after it was checked"
+                )
         src_path = self.path_of(record.xxh3) if source is None else source[0]
-        src_fd = os.open(src_path, os.O_RDONLY | _O_NOFOLLOW)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX)
-        tmp = Path(name)
+        src_fd = os.open(src_path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
+        tmp = _tmp_base()
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600, dir_fd=parent
+            )
+        except BaseException:
+            os.close(src_fd)
+            raise
         try:
             try:
+                expected = source[1] if source is not None else None
+                if (
+                    checked is not None
+                    and source is None
+                    and _memo_key(os.fstat(src_fd)) != checked.key
+                ):
+                    raise FilesUnavailableError(
+                        f"object {record.xxh3} for {record.path!r} changed after it was checked"
+                    )
                 _clone_or_copy(src_fd, fd)
                 if self.fsync:
                     os.fsync(fd)
-                os.fchmod(fd, (record.mode & 0o7777) or 0o644)
+                os.fchmod(fd, (record.mode & 0o777) or 0o644)
                 size = os.fstat(fd).st_size
-                if source is not None and _memo_key(os.fstat(src_fd)) != _memo_key(source[1]):
+                now = _memo_key(os.fstat(src_fd))
+                if expected is not None and now != _memo_key(expected):
                     raise FolderConflictError(
                         f"{src_path} changed while it was copied for {record.path!r}"
+                    )
+                if checked is not None and source is None and now != checked.key:
+                    raise FilesUnavailableError(
+                        f"object {record.xxh3} for {record.path!r} changed while it was copied"
                     )
             finally:
                 os.close(fd)
@@ -1519,7 +1946,8 @@ class ObjectArea:
                     f"object {record.xxh3} for {record.path!r} is corrupt (size {size})"
                 )
         except BaseException:
-            _unlink_quietly(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=parent)
             raise
         return tmp
 
@@ -1591,10 +2019,108 @@ class ObjectArea:
                 continue
             yield from found
 
+    def _clean_stale_now_and_then(self) -> None:
+        """:meth:`remove_stale` at the first ingest of this process into the area, and then
+        every :data:`_CLEAN_EVERY` seconds (a ``scandir`` of the area's root)."""
+        key = os.fspath(self.root)
+        now = time.monotonic()
+        last = _CLEANED.get(key)
+        if last is not None and now - last < _CLEAN_EVERY:
+            return
+        _CLEANED[key] = now
+        try:
+            count, size = self.remove_stale()
+        except OSError as err:  # best effort: gc removes them too
+            logger.debug("cannot clean stale temporary files of %s: %s", self.root, err)
+            return
+        if count:
+            logger.info("removed %d stale temporary files (%d bytes) from %s", count, size, key)
+
+    def _pin(self, xxh3: str) -> None:
+        """Note in this process's pin file that an entry being recorded will reference the
+        object ``xxh3`` (best effort: without it, :data:`GC_GRACE` still protects objects
+        stored recently)."""
+        key = os.fspath(self.root)
+        now = time.time()
+        held = _PIN_FILES.get(key)
+        pid = os.getpid()
+        try:
+            if held is None or held[0] != pid or now - held[1] > PIN_TTL / 2:
+                folder = self.root / _PINS
+                folder.mkdir(exist_ok=True)
+                held = (pid, now, os.fspath(folder / _tmp_base()[len(_TMP_PREFIX) :]))
+                _PIN_FILES[key] = held
+            fd = os.open(held[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, f"{xxh3}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as err:
+            logger.debug("cannot pin %s in %s: %s", xxh3, self.root, err)
+
+    def pinned(self) -> set[str]:
+        """The objects that processes recording entries pinned (:meth:`ingest` pins every
+        object it stores or reuses): listed in a pin file written in the last
+        :data:`PIN_TTL` seconds, unless that file's process (of this host) is gone. Pin
+        files that protect nothing any more are removed. The pins of the calling process
+        itself do not count (a process that records and then purges in turn)."""
+        ids: set[str] = set()
+        now = time.time()
+        try:
+            with os.scandir(self.root / _PINS) as entries:
+                items = list(entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return ids
+        for entry in items:
+            match = _PIN_NAME.fullmatch(entry.name)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            pid = int(match.group(1)) if match is not None and match.group(2) == _host() else 0
+            if pid == os.getpid():
+                continue  # this process's own: it records and collects in turn, not at once
+            gone = pid > 0 and _process_gone(pid)
+            if gone or now - st.st_mtime > PIN_TTL or not stat.S_ISREG(st.st_mode):
+                _unlink_quietly(Path(entry.path))
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
+                with open(fd, "rb") as stream:
+                    text = stream.read().decode("ascii", "replace")
+            except OSError:
+                continue
+            ids.update(line for line in text.split() if _HEX_ID.fullmatch(line))
+        return ids
+
+    def set_aside(self, xxh3: str) -> Path | None:
+        """Move the object ``xxh3`` to a temporary name in the area (a garbage collection's
+        first step); None when it is not there."""
+        aside = _tmp_name(self.root)
+        try:
+            os.rename(self.path_of(xxh3), aside)
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def put_back(self, xxh3: str, aside: Path) -> None:
+        """Undo :meth:`set_aside` (no clobbering: an object stored again meanwhile stays)."""
+        try:
+            os.link(aside, self.path_of(xxh3), follow_symlinks=False)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # its fan-out folder went: make it again
+            self.path_of(xxh3).parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path_of(xxh3), follow_symlinks=False)
+        _unlink_quietly(aside)
+
     def remove_stale(self, dry_run: bool = False) -> tuple[int, int]:
         """Delete the temporary files that processes killed while storing a file left in the
-        area (untouched for :data:`STALE_AFTER` seconds: a file being stored is written to, or
-        was linked, more recently).
+        area: untouched for :data:`STALE_AFTER` seconds (a file being stored is written to, or
+        was linked, more recently), or named after a process of this host that is gone and
+        not written to for :data:`STALE_DEAD_AFTER` seconds. Called at the start of the
+        first ingest of every process (and every ten minutes), and by garbage collection.
 
         Returns
         -------
@@ -1609,12 +2135,22 @@ class ObjectArea:
                 stale = [e for e in entries if e.name.startswith(_TMP_PREFIX)]
         except FileNotFoundError:
             return 0, 0
+        dead_cutoff = time.time() - STALE_DEAD_AFTER
         for entry in stale:
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if st.st_ctime > cutoff or stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            owner = _TMP_OWNER.fullmatch(entry.name)
+            dead = (
+                owner is not None
+                and owner.group(2) == _host()
+                and st.st_mtime < dead_cutoff
+                and _process_gone(int(owner.group(1)))
+            )
+            if st.st_ctime > cutoff and not dead:
                 continue
             if not dry_run:
                 _unlink_quietly(Path(entry.path))

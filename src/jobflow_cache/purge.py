@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from jobflow_cache.files import ObjectArea
+from jobflow_cache.errors import CacheError
+from jobflow_cache.files import GC_GRACE, ObjectArea
 from jobflow_cache.hashing import SCHEME
+from jobflow_cache.settings import CacheSettings
 from jobflow_cache.store import CacheStore
 
 __all__ = ["GCReport", "PurgeReport", "collect_garbage", "purge"]
@@ -25,6 +27,15 @@ __all__ = ["GCReport", "PurgeReport", "collect_garbage", "purge"]
 logger = logging.getLogger(__name__)
 
 _BATCH = 500
+_ASIDE_BATCH = 256  # objects set aside at once before the pins are read again
+
+
+def _grace() -> float:
+    """``JOBFLOW_CACHE_GC_GRACE`` (seconds), or :data:`.files.GC_GRACE` when unreadable."""
+    try:
+        return float(CacheSettings().GC_GRACE)
+    except (CacheError, ValueError, AttributeError):
+        return GC_GRACE
 
 
 @dataclasses.dataclass
@@ -72,7 +83,11 @@ def _object_ids(doc: Mapping[str, Any]) -> Iterator[str]:
 
 
 def collect_garbage(
-    cache: CacheStore, candidates: set[str] | None = None, *, dry_run: bool = False
+    cache: CacheStore,
+    candidates: set[str] | None = None,
+    *,
+    dry_run: bool = False,
+    grace: float | None = None,
 ) -> GCReport:
     """Delete the file objects no entry references (entries marked invalid still do), and,
     without ``candidates``, the blobs of large outputs no entry refers to and the temporary
@@ -87,16 +102,23 @@ def collect_garbage(
         in the area. Memory grows with the number of candidates, never with the entries.
     dry_run
         Only count.
+    grace
+        Seconds: objects stored more recently than this (their ctime) are kept, referenced
+        or not; default ``JOBFLOW_CACHE_GC_GRACE`` (an hour).
 
     Notes
     -----
-    An object created or linked while the entries are scanned (a job recording right now) is
-    kept. A job that stores an entry reusing an existing object while a collection deletes it
-    leaves an entry with a missing file: it is never served, the job just runs again. The
-    same holds for a blob whose entry is being written while a collection runs.
+    Safe against flows recording meanwhile: an object stored within the grace period, or
+    pinned by a process recording an entry (:meth:`.ObjectArea.pinned`: every object it
+    stored or reused, pinned before it looked whether the object exists), is never deleted.
+    Unreferenced objects are first set aside (renamed), then the pins are read again and
+    the pinned ones put back, so a recorder that found an object just before it was set
+    aside keeps it, and one that looks just after stores it anew. A blob whose entry is
+    being written while a collection runs may still go: that entry is never served, the job
+    just runs again.
     """
     area = ObjectArea(cache.objects_dir)
-    started = time.time()
+    started = time.time() - (_grace() if grace is None else max(grace, 0.0))
     orphans: list[str] = []
     full = candidates is None
     if candidates is None:
@@ -126,22 +148,45 @@ def _unreferenced(cache: CacheStore, candidates: set[str], criteria: dict[str, A
 
 
 def _sweep(area: ObjectArea, objects: set[str], started: float, *, remove: bool) -> GCReport:
-    """Count (and with ``remove`` delete) ``objects``; ones made since ``started`` are kept."""
+    """Count (and with ``remove`` delete) ``objects``; ones changed since ``started`` and
+    ones pinned by a recording process are kept (see :func:`collect_garbage`)."""
     report = GCReport(dry_run=not remove)
+    old: list[tuple[str, os.stat_result]] = []
     for xxh3 in sorted(objects):
         try:
             st = os.lstat(area.path_of(xxh3))
         except (OSError, ValueError):
             continue
-        if not stat.S_ISREG(st.st_mode) or st.st_ctime >= started:
-            continue
+        if stat.S_ISREG(st.st_mode) and st.st_ctime < started:
+            old.append((xxh3, st))
+    if not old:
+        return report
+    pinned = area.pinned()
+    old = [(xxh3, st) for xxh3, st in old if xxh3 not in pinned]
+    for start in range(0, len(old), _ASIDE_BATCH):
+        batch = old[start : start + _ASIDE_BATCH]
         if remove:
-            area.remove(xxh3)
-        report.objects += 1
-        if st.st_nlink > 1:
-            report.bytes_linked += st.st_size
-        else:
-            report.bytes_freed += st.st_size
+            aside = [(xxh3, st, area.set_aside(xxh3)) for xxh3, st in batch]
+            pinned = area.pinned()  # pins written before a recorder looked at an object
+            gone = []
+            for xxh3, st, path in aside:
+                if path is None:
+                    continue
+                if xxh3 in pinned:
+                    area.put_back(xxh3, path)
+                    continue
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                gone.append((xxh3, st))
+            batch = gone
+        for _, st in batch:
+            report.objects += 1
+            if st.st_nlink > 1:
+                report.bytes_linked += st.st_size
+            else:
+                report.bytes_freed += st.st_size
     return report
 
 
@@ -252,7 +297,7 @@ def _dry_gc(
     """Objects a purge of ``purged`` (and of the ``cascaded`` entries) would free: referenced
     by no other entry."""
     rest: dict[str, Any] = {"$nor": [purged]} if purged else {"digest": {"$exists": False}}
-    started = time.time()
+    started = time.time() - _grace()
     unreferenced = set(candidates)
     if unreferenced:
         for doc in cache.find(rest, properties=["digest", "files"]):

@@ -191,16 +191,26 @@ class CacheSettings(BaseSettings):
     )
     SERVE_CODE_FILES: bool = Field(
         False,
-        description="Serve run-folder files Python would import (*.py, *.pth, sitecustomize, "
-        "usercustomize) that a job wrote. Off: such entries are recorded without those files "
-        "and their hits are refused, so a store can never place code in a run folder.",
+        description="Record and serve run-folder files Python would import (*.py, *.pyc, "
+        "*.pth, *.so, sitecustomize, usercustomize), hidden files (.bashrc, .git/...) and "
+        "symlinks out of the run folder, when the job created them. Off: a job that wrote "
+        "such paths is not recorded (it runs every time) and a hit whose manifest holds them "
+        "is refused, so a store can never place code in a run folder.",
     )
     VERIFY_FILES_LIMIT: int = Field(
         1 << 30,
         ge=0,
         description="File objects up to this many bytes are verified by content (xxh3) before "
-        "a hit serves them, memoised per object on inode, ctime and size; larger ones by that "
-        "stamp only (0: verify every object by content).",
+        "a hit serves them, memoised per object on device, inode, size, mtime and ctime; "
+        "larger ones by that memo or their seal (size and mtime nanoseconds) only, re-hashed "
+        "when it is broken (0: verify every object by content).",
+    )
+    GC_GRACE: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds during which a file object stored (or re-stored) is never "
+        "deleted by gc or purge, referenced or not; objects of entries being recorded are "
+        "kept regardless (pinned by their process).",
     )
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
