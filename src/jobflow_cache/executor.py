@@ -366,7 +366,11 @@ class Cache:
         self._shared_dirs = self.settings.EXCLUSIVE_DIRS
         self._exclusive_dirs = exclusive_dirs or self._shared_dirs
         self.dedup = self.settings.DEDUP
-        self.objects = ObjectArea(self.store.objects_dir)
+        self.objects = ObjectArea(
+            self.store.objects_dir,
+            verify_limit=self.settings.VERIFY_FILES_LIMIT,
+            serve_code=self.settings.SERVE_CODE_FILES,
+        )
         self.report = CacheReport()
         self.job_digests: dict[str, str] = {}  # job uuid -> digest (last index wins)
         self.dir_digests: dict[str, str] = {}  # run folder of a job -> digest
