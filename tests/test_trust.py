@@ -133,14 +133,14 @@ def shared(request: pytest.FixtureRequest, isolated_cache: Path) -> Shared:
     def pg_read() -> dict[str, dict[str, Any]]:
         with psycopg.connect(uri) as conn:
             rows = conn.execute(f'SELECT key, doc FROM "{table}"').fetchall()
-        return {key: doc for key, doc in rows}
+        return {json.loads(key): doc for key, doc in rows}
 
     def pg_write(key: str, doc: dict[str, Any]) -> None:
-        with psycopg.connect(uri) as conn:
+        with psycopg.connect(uri) as conn:  # keys are held as JSON text there too
             conn.execute(
                 f'INSERT INTO "{table}" (key, doc) VALUES (%s, %s::jsonb) '
                 "ON CONFLICT (key) DO UPDATE SET doc = excluded.doc",
-                (key, json.dumps(doc)),
+                (json.dumps(key), json.dumps(doc)),
             )
 
     return Shared("postgres", {"JOBFLOW_CACHE_STORE": json.dumps(spec)}, pg_read, pg_write)

@@ -20,7 +20,9 @@ import orjson
 import xxhash
 from pydantic import BaseModel, Field, field_validator
 
+from jobflow_cache.errors import SettingsError
 from jobflow_cache.files import FileRecord
+from jobflow_cache.settings import get_settings
 
 __all__ = [
     "CHECKSUM_FIELDS",
@@ -122,6 +124,13 @@ def _unpack(blob: Any, limit: int) -> str:
         raise ValueError(f"packed field does not decompress: {err}") from err
 
 
+def _default_limit() -> int:
+    try:
+        return int(get_settings().MAX_DECODED_SIZE)
+    except (SettingsError, AttributeError, TypeError, ValueError):
+        return 1 << 30  # the setting's default: a bad setting never lifts the bound
+
+
 def unpack_document(doc: Mapping[str, Any], limit: int | None = None) -> dict[str, Any]:
     """A stored document with its compressed fields restored (a copy; ``doc`` is unchanged).
 
@@ -129,7 +138,8 @@ def unpack_document(doc: Mapping[str, Any], limit: int | None = None) -> dict[st
     ``ValueError`` when a compressed field does not decompress (the checksum then decides
     about what it holds, like for any other field), or when ``doc`` is not a mapping (a
     damaged row); :class:`TooLargeError` (a ``ValueError``) when the text fields, once
-    decompressed, pass ``limit`` bytes in all (default: no limit). Decompression is bounded:
+    decompressed, pass ``limit`` bytes in all (default: ``MAX_DECODED_SIZE``, so every
+    reader of a store, ``cachetool`` included, is bounded). Decompression is bounded:
     a field is measured a chunk at a time before it is inflated whole, so a small stored
     field that inflates without end (a zlib bomb) is refused in ~1 MiB of memory.
 
@@ -145,7 +155,7 @@ def unpack_document(doc: Mapping[str, Any], limit: int | None = None) -> dict[st
     if not isinstance(doc, Mapping):  # a damaged row: JSON, but not an object
         raise ValueError(f"not an entry document but {type(doc).__name__}")
     restored = {k: v for k, v in doc.items() if k != PACKED_KEY}
-    budget = limit if limit is not None else sys.maxsize
+    budget = limit if limit is not None else _default_limit()
     for name in PACKED_FIELDS:
         text = restored.get(name)
         if isinstance(text, str):
