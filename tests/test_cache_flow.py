@@ -201,6 +201,7 @@ def test_jobflow_function_filters_still_see_the_function() -> None:
 
 
 # -- served under jobflow's own run_locally, in fresh processes -------------------------------
+@pytest.mark.slow  # fresh processes
 def test_jobflow_run_locally_records_then_serves_a_fresh_flow(counts: Counts) -> None:
     plain = run_fresh(mark=False)  # plain jobflow, no cache at all
     plain_runs = counts.total()
@@ -216,6 +217,7 @@ def test_jobflow_run_locally_records_then_serves_a_fresh_flow(counts: Counts) ->
     assert served <= {"hit", "None"}  # store_inputs (jobflow's book-keeping) keeps no outcome
 
 
+@pytest.mark.slow  # fresh processes
 def test_entries_are_shared_with_our_run_locally_both_ways(counts: Counts, tmp_path: Path) -> None:
     """The same digests and entries as run_locally makes for the unmarked jobs."""
     ours = run_fresh(mark=False, runner="jobflow_cache")
@@ -270,6 +272,7 @@ def test_children_marked_with_the_parents_options(job_store: JobStore) -> None:
     assert all(f.options == {"files": "none", "cache_version": "7"} for f in seen)
 
 
+@pytest.mark.slow  # fresh processes
 def test_a_replay_holding_marked_jobs_is_served(counts: Counts) -> None:
     """A dynamic job whose new jobs are already marked: its entry holds the mark, which the
     trust check accepts when it is served in a fresh process."""
@@ -288,6 +291,7 @@ def test_a_replay_holding_marked_jobs_is_served(counts: Counts) -> None:
     assert first == second
 
 
+@pytest.mark.slow  # fresh processes
 def test_disabled_runs_plain_and_creates_no_store(
     counts: Counts, isolated_cache: Path, tmp_path: Path
 ) -> None:

@@ -189,9 +189,12 @@ print(json.dumps(sorted(outcomes, key=str)))
 
 
 @pytest.mark.postgres
+@pytest.mark.slow  # fresh processes
 @pytest.mark.parametrize(
     ("runner", "how"),
-    [("jobflow_cache", "setting"), ("jobflow", "cache_flow"), ("jobflow", "setting")],
+    # the setting in our run_locally; the mark's mode under jobflow's manager, where uuids and
+    # folders would be recorded in the store for other processes (the per-job option)
+    [("jobflow_cache", "setting"), ("jobflow", "cache_flow")],
 )
 def test_read_only_against_a_select_only_postgres_role(
     runner: str,
