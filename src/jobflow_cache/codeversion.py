@@ -93,7 +93,9 @@ __all__ = [
     "is_user_file",
     "is_user_module",
     "instance_type",
+    "is_local",
     "job_code",
+    "local_identity",
     "packages_of",
     "version_differences",
 ]
@@ -425,7 +427,9 @@ class _Walk:
             # function as .original, functools.wraps as __wrapped__)
             for attr in ("__wrapped__", "original"):
                 inner = getattr(func, attr, None)
-                if isinstance(inner, (types.FunctionType, types.MethodType)):
+                if isinstance(inner, (types.FunctionType, types.MethodType)) or hasattr(
+                    inner, "__jobflow_cache__"
+                ):  # @cached_job's callable: its __wrapped__ is the function as written
                     self.add(inner)
             return
         label = f"def {func.__module__}:{func.__qualname__}"
@@ -552,6 +556,253 @@ def _code_names(code: types.CodeType) -> frozenset[str]:
     return frozenset(names)
 
 
+# --------------------------------------------------------------------------- local functions
+#
+# A lambda, or a function or class defined inside a function, is not identified by its
+# ``module:qualname``: every call of the enclosing function makes a new one of the same name,
+# with other closure values, and an edit may keep the name. Its identity is what it can read
+# that the name cannot show: its compiled code (with the argument counts and flags of every
+# code object), the values in its closure cells, its defaults, ``__wrapped__``, and, through
+# cells, the same for the local functions and classes it captures; the globals it reads count
+# as for any job (the walk above). The values are hashed as inputs are (digest_value), on every
+# call (a cell can be rebound, a captured list mutated): one that cannot be hashed makes the job
+# uncached (UnhashableInputError), never a digest that would not tell two functions apart.
+#
+# Why compiled code and not the source's token stream (which module-level functions use): the
+# source is read from the file as it is now (linecache), which for a function object made
+# before an edit (a notebook kernel, a long-running test session) is not the code that runs,
+# two lambdas on one line share one source, and exec'd code has none. The compiled code is
+# exactly what runs, exists always, ignores comments and line numbers as the token stream
+# does; it changes with the Python version, so a cache shared across Python versions misses
+# for local functions (a miss, never a false hit).
+
+#: jobflow objects whose identity is a uuid made fresh in every run: no stable value.
+_JOBFLOW_RANDOM = _RANDOM_IDS
+#: dataclasses' sentinels held in the cells of the methods it generates
+_SENTINEL_TYPES = frozenset({"_MISSING_TYPE", "_HAS_DEFAULT_FACTORY_CLASS", "_KW_ONLY_TYPE"})
+#: class attributes that are not behaviour (names, docs, annotations, bookkeeping of
+#: dataclasses, abc, typing, pydantic); functions under dunder names (__init__) do count
+_CLASS_SKIP = frozenset(
+    {
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__dataclass_fields__",
+        "__dataclass_params__",
+        "__match_args__",
+        "__slots__",
+        "__orig_bases__",
+        "__parameters__",
+        "__abstractmethods__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__hash__",
+    }
+)
+_LOCATOR_RE = re.compile(rb'"@(?:class|callable)":"((?:[^"\\]|\\.)*<(?:[^"\\]|\\.)*)"')
+
+
+def is_local(obj: Any) -> bool:
+    """True for a lambda, or a function or class defined inside a function (``<`` in its
+    qualname): its ``module:qualname`` does not identify it.
+
+    Examples
+    --------
+    >>> import json
+    >>> is_local(json.dumps), is_local(lambda: 0)
+    (False, True)
+    """
+    qualname = getattr(obj, "__qualname__", None)
+    return isinstance(qualname, str) and "<" in qualname
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_code(code: types.CodeType) -> str:
+    """Compiled code with what its bytecode does not show (argument kinds, flags)."""
+    shape = []
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        shape.append(
+            (c.co_argcount, c.co_posonlyargcount, c.co_kwonlyargcount, c.co_flags, c.co_cellvars)
+        )
+        stack.extend(x for x in c.co_consts if isinstance(x, types.CodeType))
+    return digest_bytes(repr((shape, _code_fingerprint(code))).encode())
+
+
+def local_identity(function: Any, instance_type: type | None = None) -> str | None:
+    """Digest of what identifies a local job function (and a local class of its instance).
+
+    None when neither ``function`` nor any class of ``instance_type``'s MRO is local (a
+    module-level function is identified by its path and :func:`job_code`). Computed on every
+    call, since closure cells can be rebound and captured values mutated.
+
+    Raises
+    ------
+    UnhashableInputError
+        When a value it captures (a closure cell, a default, a class attribute) cannot be
+        hashed: the job cannot be told apart from another of the same name, so it runs
+        uncached.
+    """
+    func = function.__func__ if isinstance(function, types.MethodType) else function
+    parts: list[tuple[str, str]] = []
+    if is_local(func):
+        parts.append(("function", _strict(func, frozenset(), _where(func))))
+    if instance_type is not None:
+        for cls in instance_type.__mro__:
+            if is_local(cls):
+                parts.append((f"class {cls.__qualname__}", _local_class(cls, frozenset())))
+    if not parts:
+        return None
+    return digest_bytes(repr(parts).encode())
+
+
+def _where(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', '?')}"
+
+
+def _local_function(func: types.FunctionType, active: frozenset[int]) -> str:
+    if id(func) in active:
+        return "recursive:" + func.__qualname__
+    active = active | {id(func)}
+    code = func.__code__
+    where = _where(func)
+    parts = [("code", _local_code(code))]
+    for name, cell in zip(code.co_freevars, func.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # not assigned yet: reading it raises NameError
+            parts.append((f"cell {name}", "empty"))
+            continue
+        parts.append((f"cell {name}", _strict(value, active, f"{where}, closure variable {name}")))
+    for i, value in enumerate(func.__defaults__ or ()):
+        parts.append((f"default {i}", _strict(value, active, f"{where}, default {i}")))
+    for key, value in sorted((func.__kwdefaults__ or {}).items()):
+        parts.append((f"kwdefault {key}", _strict(value, active, f"{where}, default {key}")))
+    wrapped = getattr(func, "__wrapped__", None)
+    if wrapped is not None:
+        parts.append(("wrapped", _strict(wrapped, active, f"{where}.__wrapped__")))
+    return digest_bytes(repr(parts).encode())
+
+
+def _local_class(cls: type, active: frozenset[int]) -> str:
+    if id(cls) in active:
+        return "recursive:" + cls.__qualname__
+    active = active | {id(cls)}
+    parts = [("qualname", cls.__qualname__)]
+    for name, value in sorted(vars(cls).items()):
+        behaviour = isinstance(
+            value, (types.FunctionType, staticmethod, classmethod, property, functools.partial)
+        )
+        if name in _CLASS_SKIP and not behaviour:
+            continue
+        if name.startswith("__") and name.endswith("__") and not behaviour:
+            continue  # pydantic's and typing's bookkeeping
+        if name.startswith("_abc_") or isinstance(
+            value, (types.MemberDescriptorType, types.GetSetDescriptorType)
+        ):
+            continue
+        parts.append((name, _strict(value, active, f"{_where(cls)}.{name}")))
+    for base in cls.__mro__[1:]:
+        if is_local(base):
+            parts.append(("base", _local_class(base, active)))
+        else:  # module-level: by its path; its code counts in the walk (job_code's uses)
+            parts.append(("base", f"{base.__module__}:{base.__qualname__}"))
+    return digest_bytes(repr(parts).encode())
+
+
+def _strict(value: Any, active: frozenset[int], where: str) -> str:
+    """What a local function reads in ``value``; raises UnhashableInputError if unknowable."""
+    from jobflow_cache.errors import UnhashableInputError
+    from jobflow_cache.hashing import canonicalize, encode
+
+    if isinstance(value, types.FunctionType):
+        if is_local(value):
+            return "fn:" + _local_function(value, active)
+        return f"fn:{_where(value)}:{code_digest(value) or 'installed'}"
+    if isinstance(value, type):
+        if is_local(value):
+            return "class:" + _local_class(value, active)
+        return f"class:{_where(value)}:{code_digest(value) or 'installed'}"
+    if isinstance(value, types.MethodType):
+        owner = _strict(value.__self__, active, where)
+        return f"method:{_strict(value.__func__, active, where)}|{owner}"
+    if isinstance(value, types.ModuleType):
+        return "module:" + value.__name__
+    if isinstance(value, (types.BuiltinFunctionType, types.WrapperDescriptorType)):
+        bound = getattr(value, "__self__", None)
+        name = f"builtin:{getattr(value, '__module__', None)}:{value.__qualname__}"
+        if bound is None or isinstance(bound, (types.ModuleType, type)):
+            return name
+        return f"{name}|{_strict(bound, active, where)}"  # list.append of a captured list
+    if isinstance(value, (staticmethod, classmethod)):
+        return "descriptor:" + _strict(value.__func__, active, where)
+    if isinstance(value, property):
+        parts = (value.fget, value.fset, value.fdel)
+        return "property:" + "|".join(
+            "-" if part is None else _strict(part, active, where) for part in parts
+        )
+    if isinstance(value, functools.partial):
+        return (
+            f"partial:{_strict(value.func, active, where)}|"
+            f"{_strict(list(value.args), active, where)}|{_strict(value.keywords, active, where)}"
+        )
+    wrapped = getattr(value, "__wrapped__", None)
+    if wrapped is not None and callable(value) and callable(wrapped):
+        # @cached_job's callable, functools.wraps around a callable: the function it calls
+        return f"wrapper:{_where(type(value))}|{_strict(wrapped, active, where)}"
+    cls = type(value)
+    if cls.__module__ == "dataclasses" and cls.__name__ in _SENTINEL_TYPES:
+        return "sentinel:" + cls.__name__
+    if cls.__module__ in ("typing", "types", "typing_extensions"):
+        return "typing:" + repr(value)  # an annotation held by a generated __init__
+    if isinstance(value, logging.Logger):
+        return "logger:" + value.name
+    if cls.__module__.startswith("jobflow.") and cls.__name__ in _JOBFLOW_RANDOM:
+        raise UnhashableInputError(
+            f"{where} holds a jobflow {cls.__name__}, whose uuid is new in every run"
+        )
+    if isinstance(value, (list, tuple, set, frozenset)) and any(
+        callable(item) for item in value
+    ):  # functions in a container: each by its code
+        items = [_strict(item, active, where) for item in value]
+        if isinstance(value, (set, frozenset)):
+            items.sort()
+        return f"{cls.__name__}:[{','.join(items)}]"
+    if isinstance(value, dict) and any(callable(item) for item in value.values()):
+        pairs = sorted(
+            f"{digest_value(key)}={_strict(item, active, where)}" for key, item in value.items()
+        )
+        return f"dict:{{{','.join(pairs)}}}"
+    try:
+        data = encode(canonicalize(value))
+    except Exception as err:
+        raise UnhashableInputError(
+            f"{where} holds a {cls.__qualname__}, which cannot be hashed ({err})"
+        ) from None
+    own = _where(cls)
+    for found in _LOCATOR_RE.findall(data):
+        # a local class's name in the value: which class it is cannot be told from its name
+        # (only the value's own class is known here)
+        if not own.endswith(":" + found.decode()):
+            raise UnhashableInputError(
+                f"{where} holds an object of a class defined inside a function "
+                f"({found.decode()}) that cannot be identified by its name"
+            )
+    result = "value:" + digest_bytes(data)
+    if is_local(cls):
+        result += "|class:" + _local_class(cls, active)
+    elif _is_user_class(cls):
+        result += f"|class:{code_digest(cls)}"
+    named = [f"{m}:{q}={_named_code(m, q)}" for m, q in _argument_code(data) if "<" not in q]
+    if named:  # user classes and functions named inside the value (as argument_code does)
+        result += "|named:" + digest_bytes(repr(sorted(named)).encode())
+    return result
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -589,8 +840,29 @@ def job_code(
     """The code parts of a job calling ``function`` (for a method, on an ``instance_type``).
 
     ``versioned``: the user set ``cache_version``, which replaces the function's own source.
-    Memoised per function object and instance class.
+    Memoised per function object and instance class; for a lambda or a function or class
+    defined inside a function, :func:`local_identity` counts too, computed on every call.
+
+    Raises
+    ------
+    UnhashableInputError
+        For a local function (or a local class of the instance) that captures a value that
+        cannot be hashed (see :func:`local_identity`).
     """
+    local = local_identity(function, instance_type)  # raises when it cannot be known
+    code = _memoised_job_code(function, instance_type, versioned)
+    if local is None:
+        return code
+    # a local function: its name does not identify it, its compiled code and captured values
+    # do (see local_identity); counted even with a cache_version, which cannot tell apart two
+    # functions of one name that live side by side
+    own = digest_bytes(f"{code.own}|local:{local}".encode())[:16]
+    return dataclasses.replace(code, own=own)
+
+
+def _memoised_job_code(
+    function: Callable[..., Any], instance_type: type | None, versioned: bool
+) -> JobCode:
     try:
         memo = _JOB_CODES.get(function)
     except TypeError:
@@ -708,6 +980,15 @@ def argument_code(
 def _named_code(module: str, qualname: str) -> str:
     """Code digest of the object ``module:qualname`` names now (resolved on every call: a
     notebook may redefine it)."""
+    if "<" in qualname:
+        # a class defined inside a function (a local Maker held by an argument): its name does
+        # not say which of the classes of that name it is, so its code cannot be found
+        from jobflow_cache.errors import UnhashableInputError
+
+        raise UnhashableInputError(
+            f"an argument holds an object of {module}:{qualname}, a class defined inside a "
+            "function, which cannot be identified by its name"
+        )
     obj: Any = sys.modules.get(module)
     for attr in qualname.split("."):
         obj = getattr(obj, attr, _MISSING)
@@ -962,9 +1243,33 @@ def instance_type(function: Callable[..., Any], args: Any) -> type | None:
     if not args:
         return None
     owner = _owner(function)
-    if owner is None or not isinstance(args[0], owner):
+    if owner is None:
+        if is_local(function) and _defines(type(args[0]), function):
+            return type(args[0])  # a method of a class defined inside a function
+        return None
+    if not isinstance(args[0], owner):
         return None
     return type(args[0])
+
+
+def _defines(cls: type, function: Any) -> bool:
+    """True when a class of ``cls``'s MRO holds ``function`` (a method, maybe decorated)."""
+    qualname = getattr(function, "__qualname__", "")
+    prefix, _, name = qualname.rpartition(".")
+    for klass in cls.__mro__:
+        if klass.__qualname__ != prefix:
+            continue
+        value: Any = vars(klass).get(name)
+        for _ in range(8):  # jobflow's job wrapper -> .original -> __wrapped__ -> function
+            if value is function:
+                return True
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+                continue
+            value = getattr(value, "original", None) or getattr(value, "__wrapped__", None)
+            if value is None:
+                break
+    return False
 
 
 #: Top-level packages of the installed code each job function path came from in this process.

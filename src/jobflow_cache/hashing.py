@@ -419,6 +419,14 @@ def digest_value(obj: Any, *, normalize_str: NormalizeStr | None = None) -> str:
 def function_path(func: Callable[..., Any]) -> str:
     """Return ``"module:qualname"`` of a function (or class, or bound method).
 
+    A lambda or a function or class defined inside a function gets its path too
+    (``"tests.test_x:test_a.<locals>.add"``), but that path does not identify it: another call
+    of the enclosing function makes another function of the same name, with other closure
+    values, and an edit may keep the name. A job digest therefore always holds its code as
+    well (:func:`jobflow_cache.codeversion.job_code`, which for such functions always counts
+    their compiled code, closure values and defaults). As *values* (arguments), such
+    functions and classes stay unhashable (see :func:`canonicalize`).
+
     Parameters
     ----------
     func
@@ -427,17 +435,20 @@ def function_path(func: Callable[..., Any]) -> str:
     Raises
     ------
     UnhashableInputError
-        For lambdas, functions or classes defined inside functions, and objects with no
-        ``__module__``/``__qualname__``: their path would not identify them.
+        For objects with no ``__module__``/``__qualname__``.
 
     Examples
     --------
     >>> import json
     >>> function_path(json.dumps)
     'json:dumps'
+    >>> def outer():
+    ...     return lambda x: x
+    >>> function_path(outer())
+    'jobflow_cache.hashing:outer.<locals>.<lambda>'
     """
     try:
-        module, qualname = _qualified_name(func)
+        module, qualname = _qualified_name(func, local=True)
     except _UnhashableError as err:
         raise UnhashableInputError(err.message) from None
     return f"{module}:{qualname}"
@@ -963,7 +974,9 @@ def _canon_via_monty(obj: Any, hook: NormalizeStr | None, depth: int) -> Any:
     return _tree(form, hook if type(hook) is _InForm else _InForm(hook), depth)
 
 
-def _qualified_name(obj: Any) -> tuple[str, str]:
+def _qualified_name(obj: Any, *, local: bool = False) -> tuple[str, str]:
+    # local: a lambda or a function or class defined inside a function gets its path too
+    # (only function_path asks: the job's code digest identifies it, see there)
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)
     if not isinstance(qualname, str):
@@ -973,7 +986,7 @@ def _qualified_name(obj: Any) -> tuple[str, str]:
         module = None if bound is None else type(bound).__module__
         if not isinstance(module, str):
             raise _UnhashableError(f"{obj!r} has no __module__, so it cannot be named")
-    if "<" in qualname:  # <lambda>, <locals>, <genexpr>, ...
+    if "<" in qualname and not local:  # <lambda>, <locals>, <genexpr>, ...
         raise _UnhashableError(
             f"{module}:{qualname} is a lambda or is defined inside a function; "
             "only module-level functions and classes can be hashed (they are identified by name)"

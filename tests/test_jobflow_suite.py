@@ -1,0 +1,274 @@
+"""jobflow's own test suite with ``jobflow.job`` replaced by ``@cached_job``, cold and warm.
+
+jobflow's tests are not in its wheel, and its 0.4.0 sdist on PyPI holds only
+``tests/test_settings.py`` and ``tests/test_version.py``. The suite of the *installed* jobflow
+version is taken from, in this order: ``tests/data/jobflow-<version>-tests.tar.gz`` (kept in
+this repository for 0.4.0; see ``PROVENANCE.txt`` inside), the PyPI sdist when it holds the
+suite (``pip download --no-deps --no-binary :all:``), the version's tag archive on GitHub; both
+downloads are kept in ``JFC_TEST_DOWNLOADS`` (default ``~/.cache/jobflow-cache-tests``). With
+none of them the test is skipped, saying why.
+
+A small plugin (``jfc_dropin``, written beside the suite and loaded with ``-p``) replaces
+``jobflow.job`` and ``jobflow.core.job.job`` (what the suite imports) by ``cached_job``. The
+suite then runs twice as a real ``python -m pytest`` subprocess on one ``JOBFLOW_CACHE_DIR``:
+cold (an empty cache: every job is recorded) and warm (the same cache: jobs are served). The
+counts come from each run's junit XML; the warm run must have served jobs (the cache's hit
+count, from ``cachetool stats``, grows).
+
+Expected failures, by name:
+
+* Tests asserting that the JobStore metadata is empty: **none** in this suite (the cache's
+  ``metadata["jobflow_cache"]`` record breaks no test of jobflow 0.4.0).
+* Tests that need a MongoDB server (``mongo_jobstore``, ``lpad``, ``database`` fixtures, i.e.
+  ``tests/managers/test_fireworks.py`` and ``tests/core/test_store.py::test_mongo_store``-like
+  ones) are skipped by the plugin: no server can run here, and under plain jobflow they fail
+  the same way.
+* :data:`KNOWN_FAILURES`: jobs whose outputs or dynamic responses hold objects of classes or
+  functions defined inside a function. The cache records them as JSON, and decoding that JSON
+  (a hit, and the dynamic replay the executor hands jobflow on a miss) cannot import such a
+  class or function back, so jobflow gets a dict. That is the executor's and codec's business
+  (an entry whose JSON does not decode back must not be recorded); it is listed here so this
+  test fails, and the entry is removed, when it is fixed.
+
+Measured on the development machine (jobflow 0.4.0, two CPUs shared): cold ~16 s, warm ~13 s
+of pytest time, ~45 s for this test with interpreter start-ups. Before local functions were
+accepted, 18 of the suite's tests failed cold (decoration raised UnhashableInputError, and
+``Job.function`` was the caching wrapper, not the function).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).parent
+JOBFLOW_VERSION = importlib.metadata.version("jobflow")
+
+#: test id -> why it fails with @cached_job (cold and/or warm; see the module docstring)
+KNOWN_FAILURES_COLD = {
+    "tests/core/test_flow.py::test_job_autoreplace": (
+        "a dynamic job returns jobs of a function defined inside the test; the executor hands "
+        "jobflow the JSON-decoded replay, whose job function cannot be imported (a dict)"
+    ),
+    "tests/core/test_flow.py::test_job_autoreplace_dict": "as test_job_autoreplace",
+    "tests/core/test_job.py::test_update_metadata": (
+        "the decoded replay of a dynamic job holds a dict for a Maker class defined inside the "
+        "test, so a callback_filter on job.maker.name does not match"
+    ),
+}
+KNOWN_FAILURES_WARM = {
+    **KNOWN_FAILURES_COLD,
+    "tests/core/test_flow.py::test_flow_no_truthiness": (
+        "a served output of a class defined inside the test decodes to a dict, and the test "
+        "compares it with the live object"
+    ),
+}
+
+PLUGIN = '''"""Injected into jobflow's own test suite: every ``@job`` is ``@cached_job``."""
+
+import jobflow
+import jobflow.core.job
+import pytest
+
+from jobflow_cache import cached_job
+
+jobflow.job = cached_job
+jobflow.core.job.job = cached_job
+
+_SERVER_FIXTURES = {"mongo_jobstore", "lpad", "database"}
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a MongoDB server (none can run here)")
+    for item in items:
+        if _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
+'''
+
+# jobflow's own pytest settings (its pyproject.toml), without coverage
+PYTEST_INI = """[pytest]
+filterwarnings =
+    ignore:.*POTCAR.*:UserWarning
+    ignore:.*input structure.*:UserWarning
+    ignore:.*is not gzipped.*:UserWarning
+    ignore:.*magmom.*:UserWarning
+    ignore::DeprecationWarning
+"""
+
+
+def _downloads() -> Path:
+    folder = Path(
+        os.environ.get("JFC_TEST_DOWNLOADS") or Path.home() / ".cache" / "jobflow-cache-tests"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _tests_in(archive: Path) -> str | None:
+    """The member prefix of ``tests/`` in a jobflow source archive holding the suite."""
+    with tarfile.open(archive) as tar:
+        for name in tar.getnames():
+            if name.endswith("/tests/managers/test_local.py"):
+                return name[: -len("managers/test_local.py")]
+    return None
+
+
+def _from_pypi(version: str) -> Path | None:
+    folder = _downloads() / f"pypi-{version}"
+    archive = folder / f"jobflow-{version}.tar.gz"
+    if not archive.exists():
+        folder.mkdir(exist_ok=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                f"jobflow=={version}",
+                "-d",
+                str(folder),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if proc.returncode != 0 or not archive.exists():
+            return None
+    return archive if _tests_in(archive) else None
+
+
+def _from_github(version: str) -> Path | None:
+    archive = _downloads() / f"github-v{version}.tar.gz"
+    if not archive.exists():
+        url = f"https://github.com/materialsproject/jobflow/archive/refs/tags/v{version}.tar.gz"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                data = response.read()
+        except OSError:
+            return None
+        archive.write_bytes(data)
+    return archive if _tests_in(archive) else None
+
+
+@pytest.fixture(scope="session")
+def jobflow_suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the installed jobflow version's ``tests/`` and the plugin."""
+    candidates = [HERE / "data" / f"jobflow-{JOBFLOW_VERSION}-tests.tar.gz"]
+    archive = next((c for c in candidates if c.exists()), None)
+    archive = archive or _from_pypi(JOBFLOW_VERSION) or _from_github(JOBFLOW_VERSION)
+    if archive is None:
+        pytest.skip(
+            f"jobflow {JOBFLOW_VERSION}'s test suite is not available: not in tests/data, not "
+            "in its PyPI sdist, and its GitHub tag archive could not be downloaded"
+        )
+    prefix = _tests_in(archive)
+    assert prefix is not None
+    root = tmp_path_factory.mktemp("jobflow-suite")
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        tar.extractall(root / "unpacked", members=members, filter="data")
+    shutil.move(str(root / "unpacked" / prefix), str(root / "tests"))
+    (root / "jfc_dropin.py").write_text(PLUGIN)
+    (root / "pytest.ini").write_text(PYTEST_INI)
+    return root
+
+
+def _run_suite(root: Path, cache: Path, report: Path) -> dict[str, set[str]]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PYTEST_", "JOBFLOW_CACHE_"))
+    }
+    env.update({"PYTHONPATH": str(root), "JOBFLOW_CACHE_DIR": str(cache)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "jfc_dropin",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "-q",
+            f"--junitxml={report}",
+            "tests",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    assert report.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    results: dict[str, set[str]] = {"passed": set(), "failed": set(), "skipped": set()}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        module = case.get("classname", "").replace(".", "/")
+        test_id = f"{module}.py::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            results["failed"].add(test_id)
+        elif case.find("skipped") is not None:
+            results["skipped"].add(test_id)
+        else:
+            results["passed"].add(test_id)
+    return results
+
+
+def _hits(cache: Path) -> tuple[int, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBFLOW_CACHE_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from jobflow_cache.cli import main; main()",
+            "stats",
+            "--json",
+            "--top",
+            "0",
+        ],
+        env={**env, "JOBFLOW_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stats = json.loads(proc.stdout)
+    return stats["entries"], stats["hits"]
+
+
+def test_jobflow_suite_with_cached_job_cold_and_warm(jobflow_suite: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cold = _run_suite(jobflow_suite, cache, tmp_path / "cold.xml")
+    entries, hits_cold = _hits(cache)
+    warm = _run_suite(jobflow_suite, cache, tmp_path / "warm.xml")
+    entries_warm, hits_warm = _hits(cache)
+
+    assert cold["failed"] == set(KNOWN_FAILURES_COLD), "cold run"
+    assert warm["failed"] == set(KNOWN_FAILURES_WARM), "warm run"
+    assert len(cold["passed"]) > 100  # the suite ran (0.4.0: 142 passed, 21 skipped)
+    assert len(warm["passed"]) == len(cold["passed"]) - (
+        len(KNOWN_FAILURES_WARM) - len(KNOWN_FAILURES_COLD)
+    )
+    assert cold["skipped"] == warm["skipped"]
+    # the cold run recorded jobs, the warm run served them (and recorded few new ones)
+    assert entries > 30
+    assert hits_warm - hits_cold > 50, (hits_cold, hits_warm)
+    assert entries_warm - entries < entries / 4
