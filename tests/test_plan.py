@@ -652,3 +652,25 @@ def test_nested_replace_is_served_whole(cache: Cache, tmp_path: Path, counts: An
     assert counts.total() == 0
     assert documents(store) == documents(reference)  # indexes 1 to 3 of the replaced job
     assert output_of(store, "add") == 8
+
+
+@pytest.mark.atomate2
+@pytest.mark.slow
+# atomate2's and phonopy's own notices (as errors, they would fail the jobs)
+@pytest.mark.filterwarnings("ignore:Initial magnetic moments:UserWarning")
+@pytest.mark.filterwarnings(r"ignore:(?s).*phonopy v3:UserWarning")
+def test_atomate2_phonon_flow_is_served_ahead_whole(cache: Cache, tmp_path: Path) -> None:
+    """atomate2's PhononMaker (EMT): its dynamic jobs replay pymatgen structures and phonopy
+    objects; a rebuilt flow is served entirely ahead, with the documents of the run."""
+    for module in ("atomate2", "ase", "phonopy", "seekpath"):
+        pytest.importorskip(module)
+    from tests.integration.a2_flows import phonon_flow
+
+    recorded = record(phonon_flow(), cache, tmp_path / "rec")
+    planned = plan(phonon_flow(), cache=cache)
+    rows = [(j.name, j.status, j.reason) for j in planned]
+    assert planned.counts() == {"served": 5, "run": 0, "unknown": 0}, rows
+    store = new_job_store()
+    assert not planned.apply(store, served_dir=tmp_path / "served")
+    assert documents(store) == documents(recorded)
+    assert blobs(store) == blobs(recorded)
