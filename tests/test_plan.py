@@ -674,3 +674,25 @@ def test_atomate2_phonon_flow_is_served_ahead_whole(cache: Cache, tmp_path: Path
     assert not planned.apply(store, served_dir=tmp_path / "served")
     assert documents(store) == documents(recorded)
     assert blobs(store) == blobs(recorded)
+
+
+@pytest.mark.postgres
+def test_cache_store_down_plans_everything_to_run(
+    pg_cluster: Any, tmp_path: Path, counts: Any
+) -> None:
+    """A PostgreSQL cache that went down: plan says why and serves nothing, never raises."""
+    from jobflow_cache import PostgresStore
+
+    store = CacheStore(PostgresStore(pg_cluster.uri, table="plan_down"), tmp_path / "pg/objects")
+    record(Flow([add(5, 5)]), Cache(store), tmp_path / "rec")
+    store.close()
+    pg_cluster.stop()
+    down = CacheStore(PostgresStore(pg_cluster.uri, table="plan_down"), tmp_path / "pg/objects")
+    planned = plan(Flow([add(5, 5)]), cache=Cache(down))
+    (row,) = planned
+    assert row.status == "run"
+    assert row.reason.startswith("the cache store is unavailable: the cache store postgresql")
+    job_store = new_job_store()
+    remaining = planned.apply(job_store)
+    assert len(remaining.job_uuids) == 1
+    assert job_store.docs_store.count() == 0

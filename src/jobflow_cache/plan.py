@@ -404,7 +404,8 @@ class _Walk:
                     job.function = function
                     for message in caught:
                         if issubclass(message.category, CacheWarning):
-                            served.problems.append(str(message.message))
+                            text = str(message.message).removeprefix("jobflow-cache: ")
+                            served.problems.append(text)
                         else:
                             warnings.warn_explicit(
                                 message.message,
