@@ -696,3 +696,23 @@ def test_cache_store_down_plans_everything_to_run(
     remaining = planned.apply(job_store)
     assert len(remaining.job_uuids) == 1
     assert job_store.docs_store.count() == 0
+
+
+def test_child_of_a_served_replaced_job_reads_its_last_index(
+    cache: Cache, tmp_path: Path, counts: Any
+) -> None:
+    def build_child(n: int) -> Flow:
+        r = make_replace(2)
+        return Flow([r, mul(r.output, n)])  # a list times n
+
+    record(build_child(1), cache, tmp_path / "rec")
+    reference = plain(build_child(2), tmp_path / "plain")
+    counts.reset()
+    planned = plan(build_child(2), cache=cache)
+    assert [j.status for j in planned] == ["served", "run"]
+    store = new_job_store()
+    remaining = planned.apply(store, served_dir=tmp_path / "served")
+    jobflow.run_locally(remaining, store=store, allow_external_references=True, log=False)
+    assert sorted(counts().elements()) == ["mul"]
+    assert output_of(store, "mul") == [0, 2, 0, 2]
+    assert documents(store) == documents(reference)
