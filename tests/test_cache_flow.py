@@ -40,6 +40,20 @@ def return_job_directly(x: int):
     return jobs.mul(x, 3)
 
 
+@job
+def return_job_list(n: int):
+    """Returns a list of Jobs (jobflow makes it a replace)."""
+    jobs.executed("return_job_list")
+    return [jobs.add(i, 7) for i in range(n)]
+
+
+@job
+def return_numbers(n: int):
+    """Returns a plain list (an output, not new jobs)."""
+    jobs.executed("return_numbers")
+    return list(range(n))
+
+
 def demo_flow() -> Flow:
     """Plain @job functions, a Maker flow nested two deep, and three kinds of dynamic job."""
     inner = jobs.issue_873_flow(1.5)  # DoubleRelax (nested Flow) -> static -> dos, band
@@ -412,3 +426,27 @@ def test_update_maker_kwargs_drops_the_mark_so_cache_flow_comes_last() -> None:
     cache_flow(flow)
     assert all(isinstance(j.function, CachedFunction) for j in all_jobs(flow))
     assert all(j.maker.steps == 3 for j in relax)
+
+
+def test_new_jobs_returned_as_a_list_inherit_and_plain_lists_stay_outputs(
+    counts: Counts, job_store: JobStore
+) -> None:
+    def flow() -> Flow:
+        return cache_flow(Flow([return_job_list(3), return_numbers(10_000)]))
+
+    first = flow()
+    responses = jobflow_run_locally(first, store=job_store, ensure_success=True)
+    assert counts() == {"return_job_list": 1, "add": 3, "return_numbers": 1}
+    replaced = responses[first.jobs[0].uuid][1].replace
+    added = [j for j in replaced.jobs if j.name != "store_inputs"]  # jobflow's, added after
+    assert [j.name for j in added] == ["add"] * 3
+    assert all(isinstance(j.function, CachedFunction) for j in added)
+    assert responses[first.jobs[1].uuid][1].output == list(range(10_000))
+    counts.reset()
+    again = jobflow_run_locally(flow(), store=job_store, ensure_success=True)
+    assert counts() == {}
+    assert sorted(r[1].output for r in again.values() if isinstance(r[1].output, int)) == [
+        7,
+        8,
+        9,
+    ]

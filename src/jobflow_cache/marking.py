@@ -222,13 +222,32 @@ def _walk(
             _walk(child, options, accept, seen)
 
 
+def _new_jobs(returned: Any) -> list[Any]:
+    """The jobs and flows that jobflow runs after a job returned ``returned``: a Response's
+    ``replace``/``addition``/``detour``, or what ``Response.from_job_returns`` makes a
+    replace (a Job, a Flow, or a non-empty list, tuple or dict of only those). A plain output
+    is never walked (a list of a million floats costs one ``isinstance``)."""
+    if isinstance(returned, Response):
+        return [p for p in (returned.replace, returned.addition, returned.detour) if p is not None]
+    if isinstance(returned, (Job, Flow)):
+        return [returned]
+    values = returned.values() if isinstance(returned, dict) else returned
+    if (
+        isinstance(returned, (list, tuple, dict))
+        and returned
+        and all(isinstance(item, (Job, Flow)) for item in values)  # stops at the first other
+    ):
+        return list(values)
+    return []
+
+
 def _inherit(returned: Any, job: Job | None) -> Any:
     """Mark the jobs a marked ``job`` made at run time with its own mark (same options)."""
     function = getattr(job, "function", None)
-    if isinstance(function, CachedFunction) and isinstance(
-        returned, (Response, Job, Flow, list, tuple, Mapping)
-    ):
-        _walk(returned, function.options, lambda _: True, set())
+    if isinstance(function, CachedFunction):
+        new = _new_jobs(returned)
+        if new:
+            _walk(new, function.options, lambda _: True, set())
     return returned
 
 
