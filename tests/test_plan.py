@@ -15,7 +15,7 @@ from typing import Any
 
 import jobflow
 import pytest
-from jobflow import Flow, JobStore, job
+from jobflow import Flow, JobOrder, JobStore, job
 from maggma.stores import MemoryStore
 from monty.json import MontyDecoder, MontyEncoder
 
@@ -716,3 +716,15 @@ def test_child_of_a_served_replaced_job_reads_its_last_index(
     assert sorted(counts().elements()) == ["mul"]
     assert output_of(store, "mul") == [0, 2, 0, 2]
     assert documents(store) == documents(reference)
+
+
+def test_linear_order_counts_as_a_dependency(cache: Cache, tmp_path: Path) -> None:
+    """In a JobOrder.LINEAR flow a job waits for the one before it, reference or not."""
+    record(Flow([add(1, 1), add(2, 2)], order=JobOrder.LINEAR), cache, tmp_path / "rec")
+    flow = Flow([add(1, 5), add(2, 2)], order=JobOrder.LINEAR)  # the first one changed
+    assert [(j.status, j.reason) for j in plan(flow, cache=cache)] == [
+        ("run", "not in the cache"),
+        ("unknown", "waits for add (run)"),
+    ]
+    auto = Flow([add(1, 5), add(2, 2)])
+    assert [j.status for j in plan(auto, cache=cache)] == ["run", "served"]

@@ -240,9 +240,10 @@ def _clean(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in doc.items() if k != "_id"} for doc in docs]
 
 
-def _upstream(job: Job) -> list[str]:
-    """Uuids of the jobs ``job`` references, in a stable order."""
-    return sorted({ref.uuid for ref in job.input_references})
+def _upstream(job: Job, parents: Sequence[str] = ()) -> list[str]:
+    """Uuids of the jobs ``job`` references and of its ``parents`` in jobflow's graph (which
+    holds the order of a ``JobOrder.LINEAR`` flow too), in a stable order."""
+    return sorted({ref.uuid for ref in job.input_references}.union(parents))
 
 
 @contextmanager
@@ -292,13 +293,16 @@ class _Walk:
         self.committed: list[_Served] = []
         self.problems: list[str] = []
         self.folders: dict[str, Path] = {}
+        self.parents: dict[str, list[str]] = {}
 
     def walk(self, flow: Flow) -> None:
-        for job, _ in flow.iterflow():
-            self.rows[job.uuid] = self._plan_job(job)
+        for job, parents in flow.iterflow():
+            self.parents[job.uuid] = parents
+            self.rows[job.uuid] = self._plan_job(job, parents)
 
-    def _plan_job(self, job: Job) -> PlannedJob:
-        waiting = [u for u in _upstream(job) if u not in self.served and u not in self.external]
+    def _plan_job(self, job: Job, parents: Sequence[str]) -> PlannedJob:
+        upstream = _upstream(job, parents)
+        waiting = [u for u in upstream if u not in self.served and u not in self.external]
         if waiting:
             first = self.rows.get(waiting[0])
             what = f"{first.name} ({first.status})" if first is not None else waiting[0]
@@ -371,11 +375,11 @@ class _Walk:
         for part in (response.replace, response.addition):
             if part is None:
                 continue
-            for new, _ in part.iterflow():
+            for new, parents in part.iterflow():
                 known = set(served.uuids)
                 waiting = [
                     u
-                    for u in _upstream(new)
+                    for u in _upstream(new, parents)
                     if u not in known and u not in self.served and u not in self.external
                 ]
                 if waiting:
@@ -625,7 +629,8 @@ class Plan:
         broken: str | None = None  # the JobStore failed: nothing more is written to it
         for item in walk.committed:
             job = item.job
-            if broken is not None or failed.intersection(_upstream(job)):
+            upstream = _upstream(job, walk.parents.get(job.uuid, ()))
+            if broken is not None or failed.intersection(upstream):
                 failed.update(item.uuids)
                 self._remove_folders(item)
                 continue
