@@ -152,9 +152,19 @@ class CachedFunction(MSONable):
     __hash__ = None  # type: ignore[assignment]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CachedFunction:
+        """A copy holding a deep copy of the function (jobflow's ``Job`` copies its function,
+        so that jobs never share a Maker); ``original`` is shared (it holds no Maker)."""
         from copy import deepcopy
 
-        return CachedFunction(deepcopy(self.function, memo), deepcopy(self.options, memo))
+        function = deepcopy(self.function, memo)
+        new = object.__new__(CachedFunction)
+        new.__dict__.update(self.__dict__)
+        new.function = function
+        new.options = deepcopy(self.options, memo)
+        bound = getattr(function, "__self__", None)
+        new.__self__ = None if isinstance(bound, types.ModuleType) else bound
+        new.__wrapped__ = getattr(function, "__wrapped__", function)
+        return new
 
     def as_dict(self) -> dict[str, Any]:
         return {
