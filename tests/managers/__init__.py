@@ -1,0 +1,1 @@
+"""atomate2 flows cached under real workflow managers (FireWorks, jobflow-remote)."""
