@@ -16,7 +16,9 @@ invalid entry, the job runs and records a sound one):
    left as data by monty.
 2. *Standard-library classes only where they are plain data*: monty's own handlers
    (``datetime.datetime``, ``uuid.UUID``, ``pathlib.Path``: a ``Path`` is a name, nothing
-   is read) and ``Enum`` members. Other standard-library classes are refused.
+   is read), ``Enum`` members, and classes monty leaves as the dict they are (no
+   ``from_dict``, no dataclass, no pydantic model: ``subprocess.Popen`` stays a dict). Other
+   standard-library classes (dataclasses monty would build) are refused.
 3. *monty's handlers of third-party types decode nothing they were not shown*: a pandas
    ``DataFrame``/``Series`` holds JSON *text* that monty decodes with a fresh decoder, so
    that text is parsed and checked by this same rule (it would otherwise hide documents from
@@ -482,9 +484,12 @@ def _check_node(node: dict[str, Any], trusted: tuple[str, ...]) -> None:
     if kind == "@class" and _is_stdlib(module):
         # rule 2: nothing from the standard library but what monty's handlers rebuild, and
         # Enum members of modules imported already
-        loaded = sys.modules.get(module)
-        member = _attribute_of(loaded, name.split(".")) if loaded is not None else None
-        if isinstance(member, type) and issubclass(member, Enum):
+        loaded = sys.modules.get(module)  # (rule 1 refuses to import one)
+        found = _attribute_of(loaded, name.split(".")) if loaded is not None else None
+        if loaded is None:
+            _check_module(module, trusted)
+            return  # no such module: monty leaves the value as data
+        if isinstance(found, type) and (issubclass(found, Enum) or _left_as_data(found)):
             return
         raise UntrustedValueError(
             f"a cached value names {module}.{name}, a standard-library class that is not data"
@@ -520,6 +525,13 @@ def _check_node(node: dict[str, Any], trusted: tuple[str, ...]) -> None:
             )
     if cacheable and key is not None and len(_SAFE) < 100_000:
         _SAFE.add(key)
+
+
+def _left_as_data(cls: type) -> bool:
+    """Whether monty leaves a document naming ``cls`` as the dict it is (calls nothing)."""
+    return not (
+        hasattr(cls, "from_dict") or issubclass(cls, BaseModel) or dataclasses.is_dataclass(cls)
+    )
 
 
 def _walk(tree: Any, trusted: tuple[str, ...]) -> None:
