@@ -472,6 +472,7 @@ def test_postgres_cache_half_cached(make_pg_store: Any, tmp_path: Path, counts: 
     assert planned.counts() == {"served": 6, "run": 1, "unknown": 4}
     store = new_job_store()
     remaining = planned.apply(store, served_dir=tmp_path / "served")
+    assert store.docs_store.count() == 9  # 6 jobs, the replaced one's index 2, its 2 new jobs
     run_locally(remaining, store=store, allow_external_references=True, cache=pg_cache, log=False)
     assert sorted(counts().elements()) == ["add", "add", "add", "mul", "tabulate"]
     assert documents(store) == documents(reference)
