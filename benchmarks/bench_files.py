@@ -35,7 +35,13 @@ from benchmarks.common import Mode, fmt_ratio, fmt_seconds, table
 from jobflow_cache import files
 from jobflow_cache.files import ObjectArea, snapshot
 
-__all__ = ["files_table", "reflinks_available", "run_files"]
+__all__ = [
+    "files_table",
+    "reflinks_available",
+    "run_files",
+    "run_verification",
+    "verification_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +206,149 @@ def files_table(rows: list[dict[str, Any]]) -> str:
     )
 
 
-if __name__ == "__main__":  # python -m benchmarks.bench_files [quick|full] [folder]
+def verification_cases(mode: Mode) -> dict[str, list[tuple[str, int]]]:
+    """1 GB run folders (64 MB in quick mode) for the cost of verifying objects on a hit."""
+    total = 64 * 2**20 if mode.quick else 2**30
+    return {
+        "8 files x 128 MiB": [(f"big_{i}.dat", total // 8) for i in range(8)],
+        "1000 files x 1 MiB": [(f"sub{i % 10}/f_{i:04d}.dat", total // 1000) for i in range(1000)],
+    }
+
+
+def run_verification(mode: Mode, repeats: int = 3, hit_repeats: int = 1) -> list[dict[str, Any]]:
+    """What checking a hit's objects by content costs (issue 14): for each folder, the
+    verification alone (:meth:`ObjectArea._checked` of every object) and a whole hit
+    (:meth:`ObjectArea.materialize`, copy mode), with the memo cold (first hit of a process
+    on this host: every object read and hashed) and warm (a later hit: one ``fstat`` each),
+    and a whole hit with verification skipped for reference. Objects are memoised once they
+    are 2 s old (:data:`jobflow_cache.contents.RACY_NS`): the benchmark waits that long
+    after recording. Times are medians of ``repeats`` (whole hits: of ``hit_repeats``);
+    per GB figures are scaled."""
+    from jobflow_cache import contents
+
+    rows = []
+    for name, layout in verification_cases(mode).items():
+        root = mode.tmp / "verify"
+        shutil.rmtree(root, ignore_errors=True)
+        try:
+            rows.append(_verify_case(root, name, layout, repeats, hit_repeats, contents))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            contents.use_database(None)
+        logger.info("verify: %s", name)
+    return rows
+
+
+def _verify_case(
+    root: Path,
+    name: str,
+    layout: list[tuple[str, int]],
+    repeats: int,
+    hit_repeats: int,
+    contents: Any,
+) -> dict[str, Any]:
+    run = root / "run"
+    run.mkdir(parents=True)
+    before = snapshot(run)
+    for rel, size in layout:
+        _write(run / rel, size)
+    total = sum(size for _, size in layout)
+    area = ObjectArea(root / "objects")
+    records = area.record_changes(run, before, snapshot(run))
+    time.sleep(2.1)  # objects are memoised once settled (contents.RACY_NS)
+    times: dict[str, list[float]] = {k: [] for k in ("cold", "warm", "hit_cold", "hit_warm")}
+    times["hit_unverified"] = []
+
+    def forget() -> None:  # a new process: nothing memoised in it, nor on disk
+        files._MEMO.clear()
+        contents.use_database(root / f"memo-{time.monotonic_ns()}.sqlite")
+        contents.memo().clear()
+
+    def check_all() -> None:
+        for record in records:
+            assert not isinstance(area._checked(record), str)
+
+    for r in range(repeats):
+        forget()
+        t0 = time.perf_counter()
+        check_all()
+        times["cold"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        check_all()
+        times["warm"].append(time.perf_counter() - t0)
+        for how in ("hit_cold", "hit_warm", "hit_unverified") if r < hit_repeats else ():
+            if how == "hit_cold":
+                forget()
+            dest = root / f"dest-{how}-{r}"
+            os.sync()
+            t0 = time.perf_counter()
+            if how == "hit_unverified":
+                with mock.patch.object(
+                    ObjectArea,
+                    "_checked",
+                    lambda self, rec: files._Verified(
+                        files._memo_key(os.stat(self.path_of(rec.xxh3))), 0
+                    ),
+                ):
+                    area.materialize(records, dest)
+            else:
+                area.materialize(records, dest)
+            times[how].append(time.perf_counter() - t0)
+            shutil.rmtree(dest)
+    medians = {how: statistics.median(values) for how, values in times.items()}
+    gb = total / 2**30
+    return {
+        "case": name,
+        "files": len(layout),
+        "bytes": total,
+        "fs": _fs_type(root),
+        **{f"{how}_s": value for how, value in medians.items()},
+        **{f"{how}_s_per_gb": value / gb for how, value in medians.items()},
+        "times": times,
+    }
+
+
+def verification_table(rows: list[dict[str, Any]]) -> str:
+    """The cost of verifying a hit's objects by content, per GB."""
+    return table(
+        "Files: verifying a hit's objects by content (median, per GB of files)",
+        [
+            "run folder",
+            "verify, cold memo",
+            "verify, warm memo",
+            "hit, cold",
+            "hit, warm",
+            "hit, unverified",
+        ],
+        [
+            [
+                row["case"],
+                fmt_seconds(row["cold_s_per_gb"]),
+                fmt_seconds(row["warm_s_per_gb"]),
+                fmt_seconds(row["hit_cold_s_per_gb"]),
+                fmt_seconds(row["hit_warm_s_per_gb"]),
+                fmt_seconds(row["hit_unverified_s_per_gb"]),
+            ]
+            for row in rows
+        ],
+    )
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_files [quick|full|verify[-quick]] [folder]
     import sys
     import tempfile
 
     which = sys.argv[1] if len(sys.argv) > 1 else "quick"
     base = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(dir=base) as tmp:
-        results = run_files(Mode(which, Path(tmp)))
-    print(files_table(results))
+        if which.startswith("verify"):  # machine-readable: JSON on stdout, table on stderr
+            import json
+
+            found = run_verification(
+                Mode("quick" if which.endswith("quick") else "full", Path(tmp))
+            )
+            print(verification_table(found), file=sys.stderr)
+            print(json.dumps(found, indent=1))
+        else:
+            results = run_files(Mode(which, Path(tmp)))
+            print(files_table(results))

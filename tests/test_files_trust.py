@@ -491,3 +491,19 @@ def test_large_objects_beyond_the_limit_are_checked_by_their_seal(
         strict.materialize(records, tmp_path / "strict")
     assert not (tmp_path / "strict" / "big").exists()
     assert objects_of(tmp_path / "objects") == [], "the damaged object was removed"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_memo_others_can_write_is_not_used(tmp_path: Path, mode: int) -> None:
+    """A digest planted in the host's memo would pass a tampered object (or a changed
+    input) for sound: a memo file or folder that others can write is not used."""
+    from jobflow_cache.contents import ContentMemo
+
+    folder = tmp_path / "contents"
+    folder.mkdir()
+    private = ContentMemo(folder / "host.sqlite")
+    assert private._connection() is not None
+    private.close()
+    folder.chmod(mode)
+    shared = ContentMemo(folder / "host.sqlite")
+    assert shared._connection() is None, "memory only"

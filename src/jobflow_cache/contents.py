@@ -150,6 +150,9 @@ class ContentMemo:
             return self._db
         try:
             self._db_path.parent.mkdir(parents=True, exist_ok=True)
+            problem = _not_private(self._db_path)
+            if problem is not None:
+                raise OSError(problem)
             db = sqlite3.connect(
                 self._db_path, timeout=1.0, isolation_level=None, check_same_thread=False
             )
@@ -260,6 +263,28 @@ class ContentMemo:
                 for _ in range(MEMO_MAX // 10):  # drop the oldest tenth
                     del memo[next(iter(memo))]
         memo[key] = digest
+
+
+def _not_private(path: Path) -> str | None:
+    """Why the memo file ``path`` (and its folder) could be written by someone else than
+    this user, or None. A digest planted there would make a changed file (an input, a file
+    object a hit serves) pass for unchanged, so such a memo is not used (memory only)."""
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None:  # pragma: no cover - Windows
+        return None
+    me = geteuid()
+    for item in (path.parent, path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.lstat(item)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            return f"{item} is a symlink"
+        if st.st_uid != me:
+            return f"{item} belongs to another user"
+        if st.st_mode & 0o022 and not (item == path.parent and st.st_mode & stat.S_ISVTX):
+            return f"{item} is writable by group or others"
+    return None
 
 
 _MEMO = ContentMemo()

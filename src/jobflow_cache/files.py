@@ -12,6 +12,14 @@ anything else raises :class:`~jobflow_cache.errors.FolderConflictError`, and the
 The object area never shares an inode with a folder a user or job can write (except with the
 opt-in ``link`` placement of large files, see :data:`LINK_MIN_SIZE`): files are stored and
 served as reflinks (copy-on-write clones) where the file system has them, copies elsewhere.
+
+A manifest read from a store is untrusted (:func:`check_manifest`): it can only create,
+below the run folder, the paths the recorded job changed, walked without following symlinks,
+never through or over something that appeared meanwhile, and never code or hidden files
+(:data:`CODE_FILE_PATTERNS`) unless ``SERVE_CODE_FILES``. Every object is verified by its
+content before a hit places it (:meth:`ObjectArea.materialize`). Garbage collection keeps
+objects stored recently (:data:`GC_GRACE`) and objects pinned by processes recording
+entries (:meth:`ObjectArea.pinned`).
 """
 
 from __future__ import annotations
@@ -84,9 +92,11 @@ OBJECT_MODE = 0o444
 LINK_MIN_SIZE = 64 * 2**20
 """With ``JOBFLOW_CACHE_FILES=link`` (opt-in), files of at least this many bytes are served as
 read-only hard links to their object instead of copies, where the file system has no reflinks
-and the process does not run as root (read-only bits do not stop root). Such a file cannot be
+and the process does not run as root (read-only bits do not stop root), and the object belongs
+to this user (another user could write into it after it is served). Such a file cannot be
 written in place by a later job (``PermissionError``, as for any read-only file); replacing it
-(write a new file, rename over it) works. Every object's seal is checked before each hit."""
+(write a new file, rename over it) works. Every object is verified by its content before it is
+linked, as before it is copied (see :meth:`ObjectArea.materialize`)."""
 
 LIVE_FILE_PATTERNS = (
     "*-wal",
@@ -500,6 +510,7 @@ _PIN_NAME = re.compile(r"(\d+)-[0-9a-f]{32}-(.+)")
 _PIN_FILES: dict[str, tuple[int, float, str]] = {}  # area root -> (pid, started, pin file)
 _CLEANED: dict[str, float] = {}  # area root -> when this process last removed stale files
 _CLEAN_EVERY = 600.0
+_PIN_READ_MAX = 64 * 2**20  # bytes of one pin file read (two million objects)
 
 _TMP_OWNER = re.compile(r"\.jfc-tmp-(\d+)-[0-9a-f]{32}-(.+)")
 
@@ -1113,10 +1124,12 @@ class ObjectArea:
     Every object is *sealed*: the sub-second part of its mtime is set to a value derived from
     its digest. A write into an object (by root, which ignores its read-only mode, or by an
     owner who made it writable) sets its mtime to the current time and breaks the seal. A
-    ``stat`` therefore tells an object that may be served from one that must be re-hashed
-    first: an object whose seal is broken is served, and sealed again, only when its hash
-    still matches; otherwise it is not served, and the next ingest of that content replaces
-    it.
+    ``stat`` therefore tells an object that may be reused by an ingest from one that must be
+    re-hashed first. A hit does not rely on the seal (a ``utime`` restores it): it verifies
+    each object by its content, memoised on (device, inode, size, mtime, ctime), which no
+    ``utime``, ``cp -p`` or ``rsync -a`` can set back; above ``verify_limit`` bytes the seal
+    (or the memo) is the cheaper check. A damaged object is removed, never served, and the
+    next ingest of that content stores it again.
 
     Parameters
     ----------
@@ -1124,6 +1137,12 @@ class ObjectArea:
         Directory of the area.
     fsync
         Flush copied objects and placed copies to disk before publishing them.
+    verify_limit
+        Objects up to this many bytes are verified by content before a hit places them
+        (``VERIFY_FILES_LIMIT``; 0: all of them).
+    serve_code
+        ``SERVE_CODE_FILES``: record and serve code files, hidden files and symlinks out of
+        the run folder (see :func:`check_manifest`).
 
     Examples
     --------
@@ -1582,10 +1601,14 @@ class ObjectArea:
 
         Raises
         ------
+        UnsafeManifestError
+            Before anything is checked or written, when :func:`check_manifest` refuses the
+            manifest (a path outside ``dest``, a code or hidden file, ...).
         FilesUnavailableError
-            Before anything is written, if a record's path is absolute or escapes ``dest``,
-            or objects are missing or corrupt (the message names their paths). Later,
-            chained to the cause, if placing a file fails.
+            Before anything is written, if objects are missing or do not hold their
+            recorded content (verified by xxh3, see :meth:`_checked`; a damaged object is
+            removed from the area; the message names the paths). Later, chained to the
+            cause, if placing a file fails or an object changed after it was verified.
         FolderConflictError
             Before anything is written, when ``dest`` disagrees with the records, or a file
             that was not stored cannot be taken from ``source_dir``; later, when a path
@@ -2086,8 +2109,8 @@ class ObjectArea:
                 continue
             try:
                 fd = os.open(entry.path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
-                with open(fd, "rb") as stream:
-                    text = stream.read().decode("ascii", "replace")
+                with open(fd, "rb") as stream:  # bounded: a pin file only keeps objects
+                    text = stream.read(_PIN_READ_MAX).decode("ascii", "replace")
             except OSError:
                 continue
             ids.update(line for line in text.split() if _HEX_ID.fullmatch(line))
