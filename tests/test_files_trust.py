@@ -507,3 +507,88 @@ def test_a_memo_others_can_write_is_not_used(tmp_path: Path, mode: int) -> None:
     folder.chmod(mode)
     shared = ContentMemo(folder / "host.sqlite")
     assert shared._connection() is None, "memory only"
+
+
+# --------------------------------------------------------------------------- link mode, races
+
+
+@pytest.fixture
+def linking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hard links for files of any size, as a non-root user gets them for large files."""
+    from jobflow_cache import files
+
+    monkeypatch.setattr(files, "LINK_MIN_SIZE", 1)
+    monkeypatch.setattr(files, "_may_link", lambda: True)
+
+
+@pytest.mark.usefixtures("linking")
+def test_link_mode_never_links_a_tampered_object(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "WAVECAR").write_bytes(b"w" * 4096)
+    area = ObjectArea(tmp_path / "objects")
+    records = area.record(run, ["WAVECAR"])
+    (obj,) = objects_of(tmp_path / "objects")
+    area.materialize(records, tmp_path / "sound", mode="link")
+    assert os.stat(tmp_path / "sound" / "WAVECAR").st_ino == os.stat(obj).st_ino, "linked"
+    tamper_in_place(obj)
+    with pytest.raises(Exception, match="xxh3 mismatch"):
+        area.materialize(records, tmp_path / "tampered", mode="link")
+    assert not (tmp_path / "tampered" / "WAVECAR").exists()
+
+
+@pytest.mark.usefixtures("linking")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the object to another user")
+def test_link_mode_copies_an_object_of_another_user(tmp_path: Path) -> None:
+    """Its owner could write into it after it is served: the run folder gets a copy."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "WAVECAR").write_bytes(b"w" * 4096)
+    area = ObjectArea(tmp_path / "objects")
+    records = area.record(run, ["WAVECAR"])
+    (obj,) = objects_of(tmp_path / "objects")
+    os.chown(obj, 65534, -1)
+    area.materialize(records, tmp_path / "served", mode="link")
+    served = tmp_path / "served" / "WAVECAR"
+    assert served.read_bytes() == b"w" * 4096
+    assert os.stat(served).st_ino != os.stat(obj).st_ino
+    assert os.stat(served).st_uid == os.geteuid()
+
+
+@pytest.mark.parametrize("appears", ["file", "symlink", "folder"])
+def test_a_path_appearing_between_check_and_placing_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, appears: str
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "OUTCAR").write_bytes(b"energy\n")
+    area = ObjectArea(tmp_path / "objects")
+    records = area.record(run, ["OUTCAR"])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    planned = ObjectArea._plan
+
+    def plan_then_race(self: ObjectArea, *args: Any) -> Any:
+        steps = planned(self, *args)
+        if appears == "file":
+            (dest / "OUTCAR").write_bytes(b"another job's\n")
+        elif appears == "symlink":
+            (dest / "OUTCAR").symlink_to(tmp_path / "elsewhere")
+        else:
+            (dest / "OUTCAR").mkdir()
+        return steps
+
+    monkeypatch.setattr(ObjectArea, "_plan", plan_then_race)
+    from jobflow_cache.errors import FolderConflictError
+
+    with pytest.raises(FolderConflictError, match="appeared"):
+        area.materialize(records, dest)
+    target = dest / "OUTCAR"
+    if appears == "file":
+        assert target.read_bytes() == b"another job's\n"
+    elif appears == "symlink":
+        assert target.is_symlink()
+        assert not (tmp_path / "elsewhere").exists()
+    else:
+        assert target.is_dir()
+    assert [p.name for p in dest.iterdir()] == ["OUTCAR"], "no temporary file left"
