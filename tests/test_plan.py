@@ -729,3 +729,33 @@ def test_linear_order_counts_as_a_dependency(cache: Cache, tmp_path: Path) -> No
     ]
     auto = Flow([add(1, 5), add(2, 2)])
     assert [j.status for j in plan(auto, cache=cache)] == ["run", "served"]
+
+
+@pytest.mark.postgres
+def test_read_only_store_plans_and_applies(pg_cluster: Any, tmp_path: Path, counts: Any) -> None:
+    """A group's cache read through a PostgreSQL role that may only SELECT: plan serves, and
+    apply with mode="read_only" serves into the JobStore without writing to the cache."""
+    import psycopg
+
+    from jobflow_cache import PostgresStore
+
+    def build_ro() -> Flow:
+        w = write_files("ro")
+        return Flow([w, read_back(w.output)])
+
+    writer = CacheStore(PostgresStore(pg_cluster.uri, table="shared"), tmp_path / "objects")
+    record(build_ro(), Cache(writer), tmp_path / "rec")
+    writer.close()
+    with psycopg.connect(pg_cluster.uri, autocommit=True) as conn:
+        conn.execute("CREATE ROLE reader LOGIN")
+        conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO reader")
+    reader_uri = pg_cluster.uri.replace("postgres@", "reader@")
+    assert reader_uri != pg_cluster.uri
+    reader = CacheStore(PostgresStore(reader_uri, table="shared"), tmp_path / "objects")
+    counts.reset()
+    planned = plan(build_ro(), cache=Cache(reader), mode="read_only")
+    assert [j.status for j in planned] == ["served", "served"]
+    store = new_job_store()
+    assert not planned.apply(store, served_dir=tmp_path / "served")
+    assert counts.total() == 0
+    assert output_of(store, "read_back") == 10
