@@ -272,7 +272,7 @@ def test_gc_puts_back_an_object_pinned_while_it_was_set_aside(
         area = ObjectArea(cache.objects_dir)
         digest = area.ingest(src)
         readings = iter([set(), {digest}])  # not pinned at the first reading, then pinned
-        monkeypatch.setattr(ObjectArea, "pinned", lambda self: next(readings))
+        monkeypatch.setattr(ObjectArea, "pinned", lambda self, clean=True: next(readings))
         assert collect_garbage(cache, grace=0).objects == 0
         assert area.verify(FileRecord(path="x", xxh3=digest, size=7)) is None
         assert [

@@ -2081,12 +2081,13 @@ class ObjectArea:
         except OSError as err:
             logger.debug("cannot pin %s in %s: %s", xxh3, self.root, err)
 
-    def pinned(self) -> set[str]:
+    def pinned(self, *, clean: bool = True) -> set[str]:
         """The objects that processes recording entries pinned (:meth:`ingest` pins every
         object it stores or reuses): listed in a pin file written in the last
         :data:`PIN_TTL` seconds, unless that file's process (of this host) is gone. Pin
         files that protect nothing any more are removed. The pins of the calling process
-        itself do not count (a process that records and then purges in turn)."""
+        itself do not count (a process that records and then purges in turn). ``clean``
+        False (a dry run) removes nothing."""
         ids: set[str] = set()
         now = time.time()
         try:
@@ -2105,7 +2106,8 @@ class ObjectArea:
                 continue  # this process's own: it records and collects in turn, not at once
             gone = pid > 0 and _process_gone(pid)
             if gone or now - st.st_mtime > PIN_TTL or not stat.S_ISREG(st.st_mode):
-                _unlink_quietly(Path(entry.path))
+                if clean:
+                    _unlink_quietly(Path(entry.path))
                 continue
             try:
                 fd = os.open(entry.path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)

@@ -161,7 +161,7 @@ def _sweep(area: ObjectArea, objects: set[str], started: float, *, remove: bool)
             old.append((xxh3, st))
     if not old:
         return report
-    pinned = area.pinned()
+    pinned = area.pinned(clean=remove)
     old = [(xxh3, st) for xxh3, st in old if xxh3 not in pinned]
     for start in range(0, len(old), _ASIDE_BATCH):
         batch = old[start : start + _ASIDE_BATCH]
