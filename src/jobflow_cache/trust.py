@@ -471,15 +471,17 @@ def _check_node(node: dict[str, Any], trusted: tuple[str, ...]) -> None:
         return  # monty leaves it as data (or fails to decode it)
     kind = "@class" if "@class" in node else "@callable"
     name, bound = node[kind], node.get("@bound") if kind == "@callable" else None
+    bound_of = (bound.get("@module"), bound.get("@class")) if type(bound) is dict else (None,)
+    key = (module, kind, name, *bound_of) if isinstance(name, str) else None
+    if key in _SAFE:  # never a handler's node: those are checked each time (their data)
+        return
     if kind == "@class" and isinstance(name, str):
         module, name = _redirected(module, name)
         if _is_trusted(module, trusted):
             return
         if _check_handled(node, module, name, trusted):
             return  # the handlers' modules are installed ones, imported by monty's handler
-    bound_of = (bound.get("@module"), bound.get("@class")) if type(bound) is dict else (None,)
-    key = (module, kind, name, *bound_of) if isinstance(name, str) else None
-    if key in _SAFE or _is_trusted(module, trusted):
+    if _is_trusted(module, trusted):
         return
     if kind == "@class" and _is_stdlib(module):
         # rule 2: nothing from the standard library but what monty's handlers rebuild, and
