@@ -592,3 +592,17 @@ def test_a_path_appearing_between_check_and_placing_is_never_replaced(
     else:
         assert target.is_dir()
     assert [p.name for p in dest.iterdir()] == ["OUTCAR"], "no temporary file left"
+
+
+def test_byte_code_a_job_wrote_by_importing_is_left_out(tmp_path: Path) -> None:
+    """A job importing a module of its folder makes Python write __pycache__: not a reason
+    to leave the job uncached, and never served."""
+    from jobflow_cache.files import snapshot
+
+    run = tmp_path / "run"
+    (run / "__pycache__").mkdir(parents=True)
+    before = snapshot(run)
+    (run / "__pycache__" / "helper.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    (run / "out.txt").write_text("x")
+    records = ObjectArea(tmp_path / "objects").record_changes(run, before, snapshot(run))
+    assert [r.path for r in records] == ["out.txt"]

@@ -384,6 +384,12 @@ _MAX_PATH = 4096
 _MAX_NAME = 255
 
 
+def _bytecode_cache(relpath: str) -> bool:
+    """Whether ``relpath`` is in a ``__pycache__`` folder: Python's byte code of a module a
+    job imported, never recorded (Python writes it again; a hit never serves one)."""
+    return "__pycache__" in relpath.split("/")
+
+
 def is_code_path(relpath: str) -> bool:
     """Whether a component of the relative POSIX path ``relpath`` matches
     :data:`CODE_FILE_PATTERNS` (a module, byte code, a ``.pth`` file, a hidden name...).
@@ -1461,7 +1467,8 @@ class ObjectArea:
         Notes
         -----
         A file that matches :data:`LIVE_FILE_PATTERNS`, or an SQLite database whose ``-wal``,
-        ``-shm`` or ``-journal`` exists, is left out: it belongs to a live process.
+        ``-shm`` or ``-journal`` exists, is left out: it belongs to a live process. So is
+        anything in a ``__pycache__`` folder (byte code Python wrote for an import).
         """
         changed = changed_paths(before, after)
         if not changed:  # the job changed nothing (most jobs of a shared folder)
@@ -1470,7 +1477,7 @@ class ObjectArea:
         if serve_code is None:
             serve_code = self.serve_code
         if not serve_code:
-            code = [path for path in changed if is_code_path(path)]
+            code = [p for p in changed if is_code_path(p) and not _bytecode_cache(p)]
             if code:
                 raise CacheError(
                     f"the job changed {len(code)} file(s) Python would import or hidden files "
@@ -1487,7 +1494,7 @@ class ObjectArea:
         records: list[FileRecord] = []
         for path in changed:
             old, new = before.get(path), after.get(path)
-            if live(path):
+            if live(path) or _bytecode_cache(path):
                 continue
             try:
                 state = self._before_state(before, path, old)
