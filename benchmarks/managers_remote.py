@@ -71,6 +71,22 @@ def outcomes(store: Any, flow: Any) -> Counter[str]:
     return found
 
 
+def n_jobs(flow: Any) -> int:
+    """Jobs of ``flow``, nested flows included."""
+    return sum(1 for _ in flow.iterflow())
+
+
+def planned(flow: Any, store: Any) -> tuple[Any, dict[str, Any]]:
+    """``plan(flow).apply(store)`` and what the plan said of every job."""
+    from jobflow_cache import plan
+
+    result = plan(flow)
+    remaining = result.apply(store)
+    said = result.to_dict()
+    left = [job.name for job, _ in remaining.iterflow()]
+    return remaining, {"plan": said["counts"], "left": left, "plan_jobs": said["jobs"]}
+
+
 def _row(manager: str, case: str, seconds: float, **extra: Any) -> dict[str, Any]:
     return {"manager": manager, "case": case, "seconds": round(seconds, 4), **extra}
 
@@ -82,7 +98,7 @@ def measure_jobflow_remote(
     import pytest
     from tests.managers.jr_project import make_project
 
-    from jobflow_cache import cache_flow, plan
+    from jobflow_cache import cache_flow
 
     rows: list[dict[str, Any]] = []
     builder = build(kind)
@@ -93,7 +109,7 @@ def measure_jobflow_remote(
         def submitted_run(flow: Any, **kwargs: Any) -> tuple[float, int, int]:
             before_jobs, before_dirs = controller.count_jobs(), len(jr.run_dirs())
             t0 = time.perf_counter()
-            if list(flow):
+            if n_jobs(flow):
                 jr.submit(flow, **kwargs)
                 jr.run_all(max_seconds=3600)
             seconds = time.perf_counter() - t0
@@ -104,8 +120,10 @@ def measure_jobflow_remote(
             for _ in range(1 if case == "cold" else repeats):
                 flow = cache_flow(builder())
                 t0 = time.perf_counter()
-                remaining = plan(flow).apply(jr.job_store) if case == "served ahead" else flow
-                planned = time.perf_counter() - t0
+                remaining, said = (
+                    planned(flow, jr.job_store) if case == "served ahead" else (flow, {})
+                )
+                plan_s = time.perf_counter() - t0
                 seconds, jobs, processes = submitted_run(
                     remaining, allow_external_references=case == "served ahead"
                 )
@@ -114,13 +132,14 @@ def measure_jobflow_remote(
                     _row(
                         "jobflow-remote",
                         case,
-                        planned + seconds,
-                        plan_s=round(planned, 4),
+                        plan_s + seconds,
+                        plan_s=round(plan_s, 4),
                         jobs=sum(found.values()),
                         outcomes=dict(found),
                         submitted=jobs,
                         worker_processes=processes,
                         runner_delay_s=delay,
+                        **said,
                     )
                 )
                 print(f"  jobflow-remote {case:13} {fmt_seconds(rows[-1]['seconds'])}", flush=True)
@@ -132,7 +151,7 @@ def measure_run_locally(kind: str, scratch: Path, repeats: int) -> list[dict[str
     from jobflow import JobStore
     from maggma.stores import MemoryStore
 
-    from jobflow_cache import plan, run_locally
+    from jobflow_cache import run_locally
 
     rows: list[dict[str, Any]] = []
     builder = build(kind)
@@ -144,9 +163,9 @@ def measure_run_locally(kind: str, scratch: Path, repeats: int) -> list[dict[str
             root = scratch / "local" / f"{case.replace(' ', '_')}{i}"
             root.mkdir(parents=True)
             t0 = time.perf_counter()
-            remaining = plan(flow).apply(store) if case == "served ahead" else flow
-            planned = time.perf_counter() - t0
-            jobs = list(remaining)
+            remaining, said = planned(flow, store) if case == "served ahead" else (flow, {})
+            plan_s = time.perf_counter() - t0
+            jobs = n_jobs(remaining)
             if jobs:
                 run_locally(
                     remaining,
@@ -163,10 +182,11 @@ def measure_run_locally(kind: str, scratch: Path, repeats: int) -> list[dict[str
                     "jobflow_cache.run_locally",
                     case,
                     seconds,
-                    plan_s=round(planned, 4),
+                    plan_s=round(plan_s, 4),
                     jobs=sum(found.values()),
                     outcomes=dict(found),
-                    submitted=len(jobs),
+                    submitted=jobs,
+                    **said,
                 )
             )
             print(f"  run_locally    {case:13} {fmt_seconds(seconds)}", flush=True)

@@ -109,6 +109,11 @@ def plain_outputs(flow: Flow, tmp_path: Path) -> dict[str, Any]:
     return outputs(docs, tmp_path)
 
 
+def failed_jobs(jr: JrProject) -> set[str]:
+    """Names of the jobs jobflow-remote marked FAILED."""
+    return {doc["job"]["name"] for doc in jr.controller().jobs.find({"state": "FAILED"})}
+
+
 def run_dirs(jr: JrProject) -> list[Path]:
     return jr.run_dirs()
 
@@ -314,8 +319,8 @@ def test_atomate2_fail_fix_rebuild(jr: JrProject, tmp_path: Path, monkeypatch: p
     first = cache_flow(scenario.build())
     jr.submit(first)
     jr.run_all()
-    states1 = Counter(jr.states().values())
-    assert states1["FAILED"] == 1
+    # the fit runs too (atomate2 lets it see a missing deformation) and fails: 0 allowed
+    assert failed_jobs(jr) == {scenario.failing, scenario.final}
     got1 = outcomes(stored(jr.job_store, first))
     assert scenario.failing not in got1
     assert scenario.final not in got1
@@ -349,7 +354,7 @@ def test_atomate2_after_failure_served_ahead(
     first = cache_flow(scenario.build())
     jr.submit(first)
     jr.run_all()
-    assert Counter(jr.states().values())["FAILED"] == 1
+    assert scenario.failing in failed_jobs(jr)
     monkeypatch.delenv("JFC_A2_FAIL")
     submitted1 = jr.controller().count_jobs()
 
