@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+# every scenario but the last starts fresh Python processes (2-4 s each)
+slow = pytest.mark.slow
+
 HEADER = """
 import json, sys, warnings
 warnings.simplefilter("always")
@@ -85,6 +88,7 @@ report(build(K)(1), build(K)(2))
 """
 
 
+@slow
 def test_local_function_hits_in_a_fresh_process_and_its_closure_counts(tmp_path: Path) -> None:
     """Same code, same captured value: a fresh process hits (no silent miss); another
     captured value is another function (no false hit); decoration never raises."""
@@ -117,6 +121,7 @@ report(build("plus")(5), build("times")(5), build("plus")(6), build("times")(6))
 """
 
 
+@slow
 def test_two_local_functions_of_one_name_never_share_an_entry(tmp_path: Path) -> None:
     """``build.<locals>.f`` names two functions with different code, side by side in one
     process and in the next one: each is served its own results."""
@@ -143,6 +148,7 @@ report(build()(3))
 """
 
 
+@slow
 def test_an_edit_of_a_local_function_or_a_local_helper_misses(tmp_path: Path) -> None:
     """An edit of the job's own code, or of a local helper it captures, makes a new function."""
     base, _ = run_script(tmp_path, EDITED.replace("OFFSET", "1").replace("FACTOR", "2"))
@@ -165,6 +171,7 @@ report(double(5), triple(5), make(1)(5), make(2)(5))
 """
 
 
+@slow
 def test_lambdas_on_one_line_and_lambdas_with_closures(tmp_path: Path) -> None:
     """Two lambdas on one source line (one source text, two code objects) and lambdas that
     capture other values are four functions; a fresh process hits all four."""
@@ -199,6 +206,7 @@ report(ScaleMaker().make(5), ScaleMaker(factor=3).make(5), manager=MANAGER)
 """
 
 
+@slow
 @pytest.mark.parametrize("manager", ["cache", "jobflow"])
 def test_local_maker_class(tmp_path: Path, manager: str) -> None:
     """A Maker class defined inside a function: its fields and its methods' code count (an edit
@@ -229,6 +237,7 @@ report(build()(1), build()(2), build()(3))
 """
 
 
+@slow
 def test_a_closure_that_cannot_be_hashed_runs_uncached_with_one_warning(tmp_path: Path) -> None:
     """A captured lock cannot be hashed: the jobs run (uncached, each time) and one warning is
     issued for the definition, not one per call nor per call of the enclosing function."""
@@ -257,6 +266,7 @@ report(job(5))
 """
 
 
+@slow
 def test_a_mutated_captured_value_is_seen_in_one_process(tmp_path: Path) -> None:
     """Captured values are hashed on every call: a dict mutated between two runs of the same
     function object in one process is a miss, never the stale entry."""
@@ -270,6 +280,51 @@ def test_a_mutated_captured_value_is_seen_in_one_process(tmp_path: Path) -> None
     rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line[:7] == "RESULT "]
     assert [outputs(r) for r in rows] == [[10], [15]]
     assert [outcomes(r) for r in rows] == [["miss"], ["miss"]]
+
+
+LOCAL_ARGUMENT = """
+from dataclasses import dataclass
+from monty.json import MSONable
+
+def build():
+    @dataclass
+    class Params(MSONable):
+        a: int
+
+        def value(self):
+            return self.a * FACTOR
+
+    return Params
+
+@cached_job
+def use(params):
+    return params.value()
+
+ALIAS = build()
+report(use(ALIAS(2)))
+"""
+
+
+@slow
+def test_an_argument_of_a_local_class_is_not_identified_by_its_name(tmp_path: Path) -> None:
+    """monty names an object of a local class by ``__name__`` alone. When that name resolves
+    to no class, the class's code cannot count: the job runs uncached (with a warning) rather
+    than be served after the class's code changed. When it resolves (the script keeps the
+    class under its own name), its code counts: an edit misses."""
+    hidden = LOCAL_ARGUMENT.replace("ALIAS", "P")
+    first, stderr = run_script(tmp_path, hidden.replace("FACTOR", "10"))
+    assert (outcomes(first), outputs(first)) == (["uncacheable"], [20])
+    assert "__main__:Params, which is not found under that name" in stderr
+    edited, _ = run_script(tmp_path, hidden.replace("FACTOR", "100"))
+    assert (outcomes(edited), outputs(edited)) == (["uncacheable"], [200])
+
+    named = LOCAL_ARGUMENT.replace("ALIAS", "Params")
+    first, _ = run_script(tmp_path, named.replace("FACTOR", "10"))
+    assert (outcomes(first), outputs(first)) == (["miss"], [20])
+    again, _ = run_script(tmp_path, named.replace("FACTOR", "10"))
+    assert (outcomes(again), outputs(again)) == (["hit"], [20])
+    edited, _ = run_script(tmp_path, named.replace("FACTOR", "100"))
+    assert (outcomes(edited), outputs(edited)) == (["miss"], [200])
 
 
 DIFFERENTIAL = """
@@ -294,6 +349,7 @@ report(repeat("x"), repeat(1), manager="jobflow")
 """
 
 
+@slow
 def test_same_outputs_as_plain_job(tmp_path: Path) -> None:
     """Differential: the same local functions under ``@job`` and ``@cached_job`` (cold and
     served) give the same outputs under jobflow's run_locally."""

@@ -602,6 +602,10 @@ _CLASS_SKIP = frozenset(
         "__hash__",
     }
 )
+#: what functools.update_wrapper copies, and @cached_job's options (no behaviour)
+_WRAPPER_KEYS = frozenset(
+    {*functools.WRAPPER_ASSIGNMENTS, "__wrapped__", "__dict__", "__jobflow_cache__"}
+)
 _LOCATOR_RE = re.compile(rb'"@(?:class|callable)":"((?:[^"\\]|\\.)*<(?:[^"\\]|\\.)*)"')
 
 
@@ -752,8 +756,15 @@ def _strict(value: Any, active: frozenset[int], where: str) -> str:
         )
     wrapped = getattr(value, "__wrapped__", None)
     if wrapped is not None and callable(value) and callable(wrapped):
-        # @cached_job's callable, functools.wraps around a callable: the function it calls
-        return f"wrapper:{_where(type(value))}|{_strict(wrapped, active, where)}"
+        # @cached_job's callable, a callable object wrapping a function: the function it
+        # calls, and the object's own state (a class-based decorator's parameters)
+        state = {
+            key: item
+            for key, item in getattr(value, "__dict__", {}).items()
+            if key not in _WRAPPER_KEYS
+        }
+        own = _strict(state, active, where) if state else "-"
+        return f"wrapper:{_where(type(value))}|{own}|{_strict(wrapped, active, where)}"
     cls = type(value)
     if cls.__module__ == "dataclasses" and cls.__name__ in _SENTINEL_TYPES:
         return "sentinel:" + cls.__name__
@@ -797,7 +808,12 @@ def _strict(value: Any, active: frozenset[int], where: str) -> str:
         result += "|class:" + _local_class(cls, active)
     elif _is_user_class(cls):
         result += f"|class:{code_digest(cls)}"
-    named = [f"{m}:{q}={_named_code(m, q)}" for m, q in _argument_code(data) if "<" not in q]
+    mine = {(cls.__module__, cls.__qualname__), (cls.__module__, cls.__name__)}
+    named = [
+        f"{m}:{q}={_named_code(m, q)}"
+        for m, q in _argument_code(data)
+        if "<" not in q and not (is_local(cls) and (m, q) in mine)
+    ]
     if named:  # user classes and functions named inside the value (as argument_code does)
         result += "|named:" + digest_bytes(repr(sorted(named)).encode())
     return result
@@ -959,7 +975,13 @@ def argument_code(
     """
     if not any(b'"@module"' in data for data in encodings.values()):
         return None  # no function, class or object named (what _argument_code looks for)
-    skip = (covered.__module__, covered.__qualname__) if covered is not None else None
+    # the covered class as monty names it: "@class" is its __name__ (a class defined inside a
+    # function is not found under it; its code counts through local_identity)
+    skip = (
+        {(covered.__module__, covered.__qualname__), (covered.__module__, covered.__name__)}
+        if covered is not None
+        else set()
+    )
     found: list[str] = []
     for name, data in encodings.items():
         key = arg_digests.get(name, "")
@@ -970,7 +992,7 @@ def argument_code(
                 _ARG_CODES.clear()
             _ARG_CODES[key] = cached
         for module, qualname in cached:
-            if (module, qualname) != skip:
+            if (module, qualname) not in skip:
                 found.append(f"{name}/{module}:{qualname}={_named_code(module, qualname)}")
     if not found:
         return None
@@ -980,20 +1002,19 @@ def argument_code(
 def _named_code(module: str, qualname: str) -> str:
     """Code digest of the object ``module:qualname`` names now (resolved on every call: a
     notebook may redefine it)."""
-    if "<" in qualname:
-        # a class defined inside a function (a local Maker held by an argument): its name does
-        # not say which of the classes of that name it is, so its code cannot be found
-        from jobflow_cache.errors import UnhashableInputError
-
-        raise UnhashableInputError(
-            f"an argument holds an object of {module}:{qualname}, a class defined inside a "
-            "function, which cannot be identified by its name"
-        )
     obj: Any = sys.modules.get(module)
     for attr in qualname.split("."):
         obj = getattr(obj, attr, _MISSING)
-        if obj is _MISSING:
-            return "unresolved"
+        if obj is _MISSING or "<" in attr:
+            # a class defined inside a function (a local Maker or dataclass in an argument;
+            # monty names it by __name__ alone): the name does not say which of the classes
+            # of that name it is, so its code cannot be found and cannot count
+            from jobflow_cache.errors import UnhashableInputError
+
+            raise UnhashableInputError(
+                f"an argument holds an object of {module}:{qualname}, which is not found under "
+                "that name (a class defined inside a function?), so its code cannot be hashed"
+            )
     return code_digest(obj) or "installed"
 
 
