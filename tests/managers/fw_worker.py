@@ -148,7 +148,7 @@ def rlaunch(args: Sequence[str]) -> dict[str, Any]:
         made.append(launchpad_class(*a, **kw))
         return made[-1]
 
-    rlaunch_run.LaunchPad = recording_launchpad  # type: ignore[misc,assignment]
+    rlaunch_run.LaunchPad = recording_launchpad
     here = os.path.realpath(os.getcwd())
     started = time.perf_counter()
     status = rlaunch_run.rlaunch(["--loglvl", "ERROR", *args])

@@ -157,7 +157,7 @@ SUMMARY = "+summary"
 
 def jobs_of(flow: Flow) -> list[Any]:
     """Every job of ``flow``, nested flows included (an empty flow has none)."""
-    jobs = []
+    jobs: list[Any] = []
     for item in flow:
         jobs.extend(jobs_of(item) if isinstance(item, Flow) else [item])
     return jobs
@@ -168,7 +168,7 @@ def expected_summary(kind: str, final_output: dict[str, Any]) -> float:
     value: Any = final_output
     for key in KINDS[kind].result:
         value = value[key]
-    return float(summary.original(value))
+    return float(summary.original(value))  # type: ignore[attr-defined]
 
 
 def build(kind: str, cache: bool = True, **options: Any) -> Flow:
@@ -180,8 +180,8 @@ def build(kind: str, cache: bool = True, **options: Any) -> Flow:
     if extra:
         assert "+" + extra == SUMMARY, kind
         reference = flow.output
-        for key in KINDS[base].result:
-            reference = reference[key]
+        for key in KINDS[base].result:  # attributes: the output is a document object
+            reference = getattr(reference, key)
         flow = Flow([flow, summary(reference)], name=f"{flow.name} and summary")
     if not cache:
         return flow
