@@ -9,33 +9,39 @@ downloads are kept in ``JFC_TEST_DOWNLOADS`` (default ``~/.cache/jobflow-cache-t
 none of them the test is skipped, saying why.
 
 A small plugin (``jfc_dropin``, written beside the suite and loaded with ``-p``) replaces
-``jobflow.job`` and ``jobflow.core.job.job`` (what the suite imports) by ``cached_job``. The
-suite then runs twice as a real ``python -m pytest`` subprocess on one ``JOBFLOW_CACHE_DIR``:
-cold (an empty cache: every job is recorded) and warm (the same cache: jobs are served). The
-counts come from each run's junit XML; the warm run must have served jobs (the cache's hit
-count, from ``cachetool stats``, grows).
+``jobflow.job`` and ``jobflow.core.job.job`` (what the suite imports) by ``cached_job``, and puts
+stand-ins where the suite wants a MongoDB server (marked ``substitute``): FireWorks' LaunchPad
+on its own mongomock option (``MONGOMOCK_SERVERSTORE_FILE``), jobflow's ``MongoStore`` JobStore
+on one in-process mongomock server. The suite then runs three times as a real
+``python -m pytest`` subprocess: plain jobflow (the reference: everything passes), then with
+``cached_job`` cold (an empty ``JOBFLOW_CACHE_DIR``: every job is recorded) and warm (the same
+cache: jobs are served). The sets of passed, failed and skipped tests come from each run's
+junit XML; the warm run must have served jobs (the cache's hit count, from ``cachetool
+stats``, grows by more than 50).
 
-Expected failures, by name:
+Expected failures, by name, cold and warm:
 
-* Tests asserting that the JobStore metadata is empty: **none** in this suite (the cache's
-  ``metadata["jobflow_cache"]`` record breaks no test of jobflow 0.4.0).
-* Tests that need a MongoDB server (``mongo_jobstore``, ``lpad``, ``database`` fixtures, i.e.
-  ``tests/managers/test_fireworks.py`` and ``tests/core/test_store.py::test_mongo_store``-like
-  ones) are skipped by the plugin: no server can run here, and under plain jobflow they fail
-  the same way.
-* :data:`KNOWN_FAILURES`: jobs whose outputs or dynamic responses hold objects of classes or
-  functions defined inside a function. The cache records them as JSON, and decoding that JSON
-  (a hit, and the dynamic replay the executor hands jobflow on a miss) cannot import such a
-  class or function back, so jobflow gets a dict. That is the executor's and codec's business
-  (an entry whose JSON does not decode back must not be recorded); it is listed here so this
-  test fails, and the entry is removed, when it is fixed.
+* Tests asserting that the JobStore metadata is empty (:data:`METADATA_EMPTY`):
+  ``tests/managers/test_fireworks.py::test_simple_flow_metadata`` (the cache records
+  ``metadata["jobflow_cache"]``).
+* :data:`KNOWN_FAILURES_COLD` / :data:`KNOWN_FAILURES_WARM`: jobs whose dynamic responses or
+  outputs hold functions or objects of classes defined inside a test. The cache records them
+  as JSON, and decoding that JSON (a hit, and the dynamic replay the executor hands jobflow on a
+  miss) cannot import such a function or class back, so jobflow gets a dict. That is the
+  executor's and codec's business (an entry whose JSON does not decode back must not be
+  recorded or replayed); they are listed so that this test fails, and the entry is removed,
+  when it is fixed: ``tests/core/test_flow.py::test_job_autoreplace`` and
+  ``::test_job_autoreplace_dict`` (cold and warm), ``::test_flow_no_truthiness`` (warm).
 
-Measured on the development machine (jobflow 0.4.0, two CPUs shared): cold ~17 s, warm ~11 s
-of pytest time, ~70 s for this test with interpreter start-ups and extraction. Before local
-functions were accepted, 20 of the suite's 166 tests failed, cold and warm alike (decoration
-raised UnhashableInputError, and ``Job.function`` was the caching wrapper, not the function,
-so ``job.function == f`` and ``function_filter`` failed); now 2 cold and 3 warm, all in
-:data:`KNOWN_FAILURES_WARM`.
+Skipped in all three runs: 4 tests whose optional packages (moto, pydot, ulid) are missing,
+or that jobflow skips itself.
+
+Measured on the development machine (jobflow 0.4.0, two CPUs shared with other work): each
+run ~15 s of pytest time; ~90 s for this test with interpreter start-ups and extraction.
+Before local functions were accepted (and with the MongoDB tests skipped), 20 of the suite's
+tests failed with ``cached_job``, cold and warm alike: decoration raised
+UnhashableInputError, and ``Job.function`` was the caching wrapper, not the function, so
+``job.function == f`` and ``function_filter`` failed.
 """
 
 from __future__ import annotations
@@ -58,6 +64,10 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 JOBFLOW_VERSION = importlib.metadata.version("jobflow")
 
+#: tests asserting that the JobStore metadata is empty (the cache records
+#: ``metadata["jobflow_cache"]``): expected to fail, cold and warm
+METADATA_EMPTY = {"tests/managers/test_fireworks.py::test_simple_flow_metadata"}
+
 #: test id -> why it fails with @cached_job (cold and/or warm; see the module docstring)
 KNOWN_FAILURES_COLD = {
     "tests/core/test_flow.py::test_job_autoreplace": (
@@ -74,25 +84,40 @@ KNOWN_FAILURES_WARM = {
     ),
 }
 
-PLUGIN = '''"""Injected into jobflow's own test suite: every ``@job`` is ``@cached_job``."""
+PLUGIN = '''"""Injected into jobflow's own test suite: every ``@job`` is ``@cached_job``
+(unless JFC_DROPIN_PLAIN is set: the reference run), on stand-ins for MongoDB."""
+
+import os
+import tempfile
 
 import jobflow
 import jobflow.core.job
-import pytest
+import mongomock
+from maggma.stores import MongoStore
 
-from jobflow_cache import cached_job
+if not os.environ.get("JFC_DROPIN_PLAIN"):
+    from jobflow_cache import cached_job
 
-jobflow.job = cached_job
-jobflow.core.job.job = cached_job
+    jobflow.job = cached_job
+    jobflow.core.job.job = cached_job
 
-_SERVER_FIXTURES = {"mongo_jobstore", "lpad", "database"}
+# substitute: no MongoDB server can run here. FireWorks' LaunchPad runs on its own mongomock
+# option (MONGOMOCK_SERVERSTORE_FILE), jobflow's MongoStore JobStore on one in-process
+# mongomock server, shared by every MongoStore (the tests' rockets run in this process)
+if "MONGOMOCK_SERVERSTORE_FILE" not in os.environ:
+    _fd, _path = tempfile.mkstemp(suffix=".json")
+    os.write(_fd, b"{}")
+    os.close(_fd)
+    os.environ["MONGOMOCK_SERVERSTORE_FILE"] = _path
+_SERVER = mongomock.store.ServerStore()
 
 
-def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs a MongoDB server (none can run here)")
-    for item in items:
-        if _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(skip)
+def _connect(self, force_reset=False):
+    if self._coll is None or force_reset:
+        self._coll = mongomock.MongoClient(_store=_SERVER)[self.database][self.collection_name]
+
+
+MongoStore.connect = _connect
 '''
 
 # jobflow's own pytest settings (its pyproject.toml), without coverage
@@ -188,13 +213,15 @@ def jobflow_suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _run_suite(root: Path, cache: Path, report: Path) -> dict[str, set[str]]:
+def _run_suite(root: Path, cache: Path, report: Path, plain: bool = False) -> dict[str, set[str]]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("PYTEST_", "JOBFLOW_CACHE_"))
+        if not key.startswith(("PYTEST_", "JOBFLOW_CACHE_", "MONGOMOCK_", "JFC_"))
     }
     env.update({"PYTHONPATH": str(root), "JOBFLOW_CACHE_DIR": str(cache)})
+    if plain:
+        env["JFC_DROPIN_PLAIN"] = "1"
     proc = subprocess.run(
         [
             sys.executable,
@@ -252,20 +279,24 @@ def _hits(cache: Path) -> tuple[int, int]:
     return stats["entries"], stats["hits"]
 
 
+@pytest.mark.substitute  # mongomock for MongoDB (FireWorks' LaunchPad, MongoStore JobStores)
 def test_jobflow_suite_with_cached_job_cold_and_warm(jobflow_suite: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
+    plain = _run_suite(jobflow_suite, tmp_path / "unused", tmp_path / "plain.xml", plain=True)
     cold = _run_suite(jobflow_suite, cache, tmp_path / "cold.xml")
     entries, hits_cold = _hits(cache)
     warm = _run_suite(jobflow_suite, cache, tmp_path / "warm.xml")
     entries_warm, hits_warm = _hits(cache)
 
-    assert cold["failed"] == set(KNOWN_FAILURES_COLD), "cold run"
-    assert warm["failed"] == set(KNOWN_FAILURES_WARM), "warm run"
-    assert len(cold["passed"]) > 100  # the suite ran (0.4.0: 143 passed, 21 skipped)
-    assert len(warm["passed"]) == len(cold["passed"]) - (
-        len(KNOWN_FAILURES_WARM) - len(KNOWN_FAILURES_COLD)
-    )
-    assert cold["skipped"] == warm["skipped"]
+    # the reference: plain jobflow passes its whole suite on the stand-ins
+    assert plain["failed"] == set()
+    assert not (tmp_path / "unused").exists()
+    assert len(plain["passed"]) > 150  # jobflow 0.4.0: 162 passed, 4 skipped (optional deps)
+    assert cold["failed"] == set(METADATA_EMPTY) | set(KNOWN_FAILURES_COLD), "cold run"
+    assert warm["failed"] == set(METADATA_EMPTY) | set(KNOWN_FAILURES_WARM), "warm run"
+    assert cold["passed"] == plain["passed"] - cold["failed"]
+    assert warm["passed"] == plain["passed"] - warm["failed"]
+    assert plain["skipped"] == cold["skipped"] == warm["skipped"]
     # the cold run recorded jobs, the warm run served them (and recorded few new ones)
     assert entries > 30
     assert hits_warm - hits_cold > 50, (hits_cold, hits_warm)
