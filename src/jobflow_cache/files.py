@@ -1476,15 +1476,20 @@ class ObjectArea:
         folder = Path(folder)
         if serve_code is None:
             serve_code = self.serve_code
+        live = _excluder(LIVE_FILE_PATTERNS)
+
+        def skipped(path: str) -> bool:  # a live process's, byte code, the cache's own
+            name = path.rpartition("/")[2]
+            return live(path) or _bytecode_cache(path) or name.startswith(_TMP_PREFIX)
+
         if not serve_code:
-            code = [p for p in changed if is_code_path(p) and not _bytecode_cache(p)]
+            code = [p for p in changed if is_code_path(p) and not skipped(p)]
             if code:
                 raise CacheError(
                     f"the job changed {len(code)} file(s) Python would import or hidden files "
                     f"({', '.join(code[:3])}), which a hit never serves while "
                     "JOBFLOW_CACHE_SERVE_CODE_FILES is off"
                 )
-        live = _excluder(LIVE_FILE_PATTERNS)
         occupied: set[str] = set()
         for path in after:
             parent = path.rpartition("/")[0]
@@ -1494,7 +1499,7 @@ class ObjectArea:
         records: list[FileRecord] = []
         for path in changed:
             old, new = before.get(path), after.get(path)
-            if live(path) or _bytecode_cache(path):
+            if skipped(path):
                 continue
             try:
                 state = self._before_state(before, path, old)
