@@ -1262,12 +1262,19 @@ class ObjectArea:
                 # pinned before it is looked at: a collection that sets the object aside
                 # after this look reads the pin and puts it back (see purge.collect_garbage)
                 self._pin(digest)
+                stored = None
                 if not self._reusable(final, digest, size):
                     _seal(tmp, digest)
+                    stored = os.lstat(tmp).st_ino
                     self._publish(tmp, final)
             finally:
                 _unlink_quietly(tmp)
         remember(src, first, digest)
+        if stored is not None:  # the object is the file this process just wrote and hashed
+            with contextlib.suppress(OSError):
+                st = os.lstat(final)
+                if st.st_ino == stored:
+                    _MEMO[_memo_key(st)] = digest  # in process only: a hit need not read it
         return digest, size, first
 
     def _store_temp(self, source: FileIO) -> tuple[Path, str, int]:
