@@ -24,14 +24,11 @@ Expected failures, by name, cold and warm:
 * Tests asserting that the JobStore metadata is empty (:data:`METADATA_EMPTY`):
   ``tests/managers/test_fireworks.py::test_simple_flow_metadata`` (the cache records
   ``metadata["jobflow_cache"]``).
-* :data:`KNOWN_FAILURES_COLD` / :data:`KNOWN_FAILURES_WARM`: jobs whose dynamic responses or
-  outputs hold functions or objects of classes defined inside a test. The cache records them
-  as JSON, and decoding that JSON (a hit, and the dynamic replay the executor hands jobflow on a
-  miss) cannot import such a function or class back, so jobflow gets a dict. That is the
-  executor's and codec's business (an entry whose JSON does not decode back must not be
-  recorded or replayed); they are listed so that this test fails, and the entry is removed,
-  when it is fixed: ``tests/core/test_flow.py::test_job_autoreplace`` and
-  ``::test_job_autoreplace_dict`` (cold and warm), ``::test_flow_no_truthiness`` (warm).
+* Nothing else: jobs whose dynamic responses or outputs hold functions or objects of classes
+  defined inside a test (``tests/core/test_flow.py::test_job_autoreplace``,
+  ``::test_job_autoreplace_dict``, ``::test_flow_no_truthiness``) are not recorded, since their
+  JSON would not decode back (a hit would hand jobflow dicts): they run uncached with a
+  warning, cold and warm.
 
 Skipped in all three runs: 4 tests whose optional packages (moto, pydot, ulid) are missing,
 or that jobflow skips itself.
@@ -67,22 +64,6 @@ JOBFLOW_VERSION = importlib.metadata.version("jobflow")
 #: tests asserting that the JobStore metadata is empty (the cache records
 #: ``metadata["jobflow_cache"]``): expected to fail, cold and warm
 METADATA_EMPTY = {"tests/managers/test_fireworks.py::test_simple_flow_metadata"}
-
-#: test id -> why it fails with @cached_job (cold and/or warm; see the module docstring)
-KNOWN_FAILURES_COLD = {
-    "tests/core/test_flow.py::test_job_autoreplace": (
-        "a dynamic job returns jobs of a function defined inside the test; the executor hands "
-        "jobflow the JSON-decoded replay, whose job function cannot be imported (a dict)"
-    ),
-    "tests/core/test_flow.py::test_job_autoreplace_dict": "as test_job_autoreplace",
-}
-KNOWN_FAILURES_WARM = {
-    **KNOWN_FAILURES_COLD,
-    "tests/core/test_flow.py::test_flow_no_truthiness": (
-        "a served output of a class defined inside the test decodes to a dict, and the test "
-        "compares it with the live object"
-    ),
-}
 
 PLUGIN = '''"""Injected into jobflow's own test suite: every ``@job`` is ``@cached_job``
 (unless JFC_DROPIN_PLAIN is set: the reference run), on stand-ins for MongoDB."""
@@ -292,8 +273,8 @@ def test_jobflow_suite_with_cached_job_cold_and_warm(jobflow_suite: Path, tmp_pa
     assert plain["failed"] == set()
     assert not (tmp_path / "unused").exists()
     assert len(plain["passed"]) > 150  # jobflow 0.4.0: 162 passed, 4 skipped (optional deps)
-    assert cold["failed"] == set(METADATA_EMPTY) | set(KNOWN_FAILURES_COLD), "cold run"
-    assert warm["failed"] == set(METADATA_EMPTY) | set(KNOWN_FAILURES_WARM), "warm run"
+    assert cold["failed"] == set(METADATA_EMPTY), "cold run"
+    assert warm["failed"] == set(METADATA_EMPTY), "warm run"
     assert cold["passed"] == plain["passed"] - cold["failed"]
     assert warm["passed"] == plain["passed"] - warm["failed"]
     assert plain["skipped"] == cold["skipped"] == warm["skipped"]

@@ -1143,6 +1143,11 @@ class Cache:
         replays them (decoded from the entry's text), which jobflow must run instead of the
         live ones."""
         output = dumps(response.output)
+        if '"@module"' in output and _names_lost(json.loads(output)):
+            raise CacheError(
+                "its output holds objects that JSON cannot rebuild (a class defined inside a "
+                "function?): a hit would serve their dicts"
+            )
         # None and False (the defaults) are left out: a plain return keeps an empty response
         parts = {
             name: value
@@ -1159,6 +1164,11 @@ class Cache:
             self._check_replayable(job, tree, refs)
             replay = loads(response_text, tree)
             del tree
+            if _undecoded(replay):
+                raise CacheError(
+                    "its new jobs hold functions or objects that JSON cannot rebuild (defined "
+                    "inside a function?): a hit would hand jobflow their dicts"
+                )
         # the canonical input is only decoded when it is kept
         canonical: dict[str, Any] | None = None
         if _encoded_size(call_digest.encodings) <= self.settings.MAX_CANONICAL_INPUT:
@@ -1779,3 +1789,61 @@ class _Intercept:
             return self._cache.call(self._job, self._function, args, kwargs, JobOptions())
         except BaseException as err:  # the job's own error: without the cache's frames
             raise err.with_traceback(trim_traceback(err.__traceback__, keep_first=False))  # noqa: B904
+
+
+def _names_lost(tree: Any) -> bool:
+    """True when a monty form in the JSON ``tree`` of a job's own output names a class or
+    function its module does not hold by that name (monty names a class by ``__name__``, so a
+    class defined inside a function): decoding would leave the dict. Checked by name, on the
+    modules the objects came from (imported already), without decoding anything."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            module = node.get("@module")
+            name = node.get("@class", node.get("@callable"))
+            if isinstance(module, str) and isinstance(name, str) and not _held(module, name):
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _held(module: str, name: str) -> bool:
+    import sys
+
+    target: Any = sys.modules.get(module)
+    if target is None:
+        # not imported: monty's decoder would import it; a module that exists holds its names
+        import importlib.util
+
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+    for part in name.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            return False
+    return True
+
+
+def _undecoded(value: Any, depth: int = 0) -> bool:
+    """True when a decoded replay still holds a monty form (a dict naming ``"@module"`` and
+    ``"@class"`` or ``"@callable"``): its class or function could not be imported back."""
+    if depth > 200:
+        return False
+    if isinstance(value, dict):
+        if "@module" in value and ("@class" in value or "@callable" in value):
+            return True
+        return any(_undecoded(item, depth + 1) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_undecoded(item, depth + 1) for item in value)
+    if isinstance(value, Job):
+        parts = [value.function, value.function_args, value.function_kwargs, value.maker]
+        return _undecoded(parts, depth + 1) or not callable(value.function)
+    if isinstance(value, Flow):
+        return _undecoded(list(value.jobs), depth + 1)
+    return False
