@@ -39,12 +39,48 @@ invalid entry, the job runs and records a sound one):
    are read as bytecode: a class whose decoding names ``open``, ``loadfn``, ``zopen``,
    ``read_text``, ``os.environ``, ``getenv``, ``import_module``, ``__import__``, ``exec``,
    ``eval``, ``subprocess``, ``socket``, ``urlopen``, a database client, ... is refused.
-   This is a signature check, a second line behind rules 1-4, not a proof; it is what turns
-   away pymatgen's ``Vasprun(filename=...)`` and ``Outcar`` (they read the file they are
-   given) and any pydantic model with a ``model_validator(mode="before")`` that loads a file.
+   A call by name is followed into every definition along the class's MRO (so
+   ``super().__post_init__()`` is read too), and so is a property read or set
+   (``self.structure = ...`` runs its setter). This is a signature check, a second line behind
+   rules 1-4, not a proof; it is what turns away pymatgen's ``Vasprun(filename=...)`` and
+   ``Outcar`` (they read the file they are given) and any pydantic model with a
+   ``model_validator(mode="before")`` that loads a file.
+
+   *Value-aware exceptions* (:data:`_REVIEWED`): a few decoding functions were read by hand
+   and name a reader only to read what the document itself says, or a fixed file of their
+   own package. Such a function's readers are excused for classes with its owner in their
+   MRO (subclasses count; what a subclass adds is scanned as usual), and a document of the
+   class is then accepted only if the function's *gate* holds for that document (checked per
+   document, never memoised per class):
+
+   - ``pymatgen.io.vasp.sets.VaspInputSet.__post_init__`` (every atomate2 VASP input
+     generator): ``Incar``/``Kpoints.from_file`` only when ``prev_incar``/``prev_kpoints``
+     is a ``str`` or ``Path``; gate: those fields (or, when absent, the dataclass defaults)
+     hold None, a plain dict, or a document of a class that is no ``str``/``bytes``/
+     ``PathLike`` (an ``Incar`` document, itself checked by the walk). A string, a ``Path``
+     document, a str ``Enum``, a list, a ``"@callable"`` or an unknown class is refused.
+     Its ``loadfn`` reads pymatgen's own ``vdW_parameters.yaml`` (``vdw`` is a key in it).
+   - ``MPScanRelaxSet.__post_init__`` (the same fixed ``loadfn``), and
+     ``BaseLammpsSetGenerator.__post_init__`` (``from_file`` of a template of its own
+     ``TEMPLATE_DIR`` picked from constants): no gate.
+   - ``AbstractComparator.from_dict`` (structure matcher) and
+     ``AbstractMolAtomMapper.from_dict``: ``__import__`` of a constant module (a module, not a
+     package, so the fromlist imports nothing), then the class the document's ``@class``
+     names there; gate: that name is a subclass of the abstract base in that module, passing
+     rule 5 itself.
+
+   An exception holds only while the function's code reads the same names as when reviewed
+   (:func:`_fingerprint`); when an upgrade changes it the class is refused again, with a
+   reason saying so, until the new code is read and its fingerprint added. A pydantic field
+   typed with a gated class is refused (pydantic builds it from a plain dict the walk does not
+   see as a document).
 6. ``"@callable"`` must be a jobflow job function (``@job``/``@cached_job``, a Maker's job
    method included, or a :mod:`jobflow_cache.marking` wrapper of one), or a class passing
-   rules 1-5 (an output schema): never ``subprocess.call`` or ``eval``.
+   rules 1-5 (an output schema): never ``subprocess.call`` or ``eval``. In one place a class
+   need not pass rules 2-5: the additional-store ``**kwargs`` of a jobflow ``Job`` document
+   (atomate2's VASP jobs carry ``data=[Wavecar, BandStructure, ...]``), which jobflow only
+   hands to ``JobStore.update(save=...)`` to compare a class's name with documents, never to
+   call; there it must be a class of an installed, non-standard-library module.
 
 ``JOBFLOW_CACHE_TRUSTED_MODULES`` lifts the checks for the modules it names (``*``: all).
 Verdicts are memoised per class and per function, so a dynamic response of 10,000 jobs
@@ -63,13 +99,14 @@ import importlib.util
 import inspect
 import json
 import logging
+import os
 import re
 import sys
 import types
 import typing
 from enum import Enum
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from monty.json import MSONable
@@ -79,6 +116,8 @@ from jobflow_cache.errors import CorruptEntryError, SettingsError
 from jobflow_cache.settings import get_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from jobflow_cache.settings import CacheSettings
 
 __all__ = [
@@ -89,6 +128,7 @@ __all__ = [
     "key_id",
     "sign",
     "signature_problem",
+    "value_checks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,6 +215,148 @@ _SCAN_DEPTH = 3
 _SCAN_BUDGET = 400
 
 _TORCH_DTYPE = re.compile(r"torch\.(cuda\.)?[A-Za-z]+Tensor")
+
+
+# -- rule 5, value-aware: decoders that read only through what the document says ----------
+#: Types a gated field may never decode to: a file name (``isinstance(x, Path | str)``).
+_NAME_TYPES: tuple[type, ...] = (str, bytes, os.PathLike, PurePath)
+
+
+def _decodes_to_name(value: Any) -> str | None:
+    """Why ``value`` (a field of a document) may decode to a file name, or None when it is
+    None or a dict that stays a dict or is a document of a class that is no name type (an
+    ``Incar``, a ``Kpoints``; its own node is checked by the walk like any other)."""
+    if value is None:
+        return None
+    if type(value) is not dict:
+        return f"it holds {type(value).__name__} {str(value)[:60]!r}"
+    if "@callable" in value:
+        return "it holds a function"
+    if any(type(key) is not str or key.startswith("$") for key in value):
+        # bson's JSON decoder turns {"$symbol": "..."} into a str, {"$binary": ...} into bytes
+        return "it holds a document bson's decoder rebuilds"
+    if "@module" not in value and "@class" not in value:
+        return None  # a plain dict: monty decodes its values, the dict stays a dict
+    module, name = value.get("@module"), value.get("@class")
+    if not isinstance(module, str) or not isinstance(name, str):
+        return "it holds a document that names no class"
+    module, name = _redirected(module, name)
+    found = _attribute(module, name.split("."))
+    if not isinstance(found, type):
+        return f"it holds a document of {module}.{name}, which is no class here"
+    if issubclass(found, _NAME_TYPES):
+        return f"it holds a {found.__name__}, a file name"
+    return None
+
+
+def _fields_hold_no_name(*fields: str) -> Callable[[dict[str, Any], type], str | None]:
+    """A gate: ``fields`` of the node (or, when absent, the class's dataclass defaults) hold
+    nothing the decoder would take as a file name."""
+
+    def gate(node: dict[str, Any], cls: type) -> str | None:
+        defaults = (
+            {f.name: f.default for f in dataclasses.fields(cls)}
+            if dataclasses.is_dataclass(cls)
+            else {}
+        )
+        for field in fields:
+            if field in node:
+                why = _decodes_to_name(node[field])
+            else:  # the constructor's default is used
+                default = defaults.get(field, dataclasses.MISSING)
+                why = None if default is None else f"its default is {default!r}"
+            if why:
+                return f"{field} names a file its decoding would read ({why})"
+        return None
+
+    gate.__doc__ = f"fields {', '.join(fields)} hold no str or Path"
+    return gate
+
+
+def _class_named_in(module: str, base: str) -> Callable[[dict[str, Any], type], str | None]:
+    """A gate: the node's ``@class``, looked up in ``module`` (a fixed, installed module the
+    reviewed ``from_dict`` imports by a constant name), is a subclass of ``module.base``
+    whose own decoding passes rule 5."""
+
+    def gate(node: dict[str, Any], cls: type) -> str | None:
+        name = node.get("@class")
+        owner = _attribute(module, [base])
+        found = _attribute(module, [name]) if isinstance(name, str) else None
+        if not (isinstance(found, type) and isinstance(owner, type) and issubclass(found, owner)):
+            return f"its @class {name!r} is no {base} of {module}"
+        if found is not cls:
+            problem, gates = _verdict(found)
+            if problem or gates:
+                return f"it builds {found.__qualname__}: {problem or 'a gated class'}"
+        return None
+
+    gate.__doc__ = f"@class names a {base} of {module}"
+    return gate
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reviewed:
+    """A decoding function read by hand: it names ``readers`` only to read what ``gate``
+    checks in the document (or a fixed file of its own package). Excused only while its
+    code reads the same names as when reviewed (``fingerprints``, see :func:`_fingerprint`)
+    and only for classes with ``owner`` in their MRO."""
+
+    owner: str
+    readers: frozenset[str]
+    fingerprints: frozenset[str]
+    gate: Callable[[dict[str, Any], type], str | None] | None
+    why: str
+
+
+#: The reviewed decoders, by the module and qualified name of the function (rule 5's
+#: value-aware exceptions). Reviewed against pymatgen 2026.10.24 on CPython 3.11.
+_REVIEWED: dict[tuple[str, str], _Reviewed] = {
+    ("pymatgen.io.vasp.sets", "VaspInputSet.__post_init__"): _Reviewed(
+        owner="pymatgen.io.vasp.sets.VaspInputSet",
+        readers=frozenset({"from_file", "loadfn"}),
+        fingerprints=frozenset({"1939d753c30aae96"}),
+        gate=_fields_hold_no_name("prev_incar", "prev_kpoints"),
+        why="Incar/Kpoints.from_file only when prev_incar/prev_kpoints is a str or Path; "
+        "loadfn of its own vdW_parameters.yaml (vdw is a key into it)",
+    ),
+    ("pymatgen.io.vasp.sets", "MPScanRelaxSet.__post_init__"): _Reviewed(
+        owner="pymatgen.io.vasp.sets.MPScanRelaxSet",
+        readers=frozenset({"loadfn"}),
+        fingerprints=frozenset({"714c9e6b6d97dbbe"}),
+        gate=None,
+        why="loadfn of its own vdW_parameters.yaml (vdw is a key into it)",
+    ),
+    ("pymatgen.io.lammps.generators", "BaseLammpsSetGenerator.__post_init__"): _Reviewed(
+        owner="pymatgen.io.lammps.generators.BaseLammpsSetGenerator",
+        readers=frozenset({"from_file"}),
+        fingerprints=frozenset({"096145485b396794"}),
+        gate=None,
+        why="LammpsInputFile.from_file of its own TEMPLATE_DIR/md.template or "
+        "minimization.template (constants), only when inputfile is None",
+    ),
+    ("pymatgen.core.structure_matcher", "AbstractComparator.from_dict"): _Reviewed(
+        owner="pymatgen.core.structure_matcher.AbstractComparator",
+        readers=frozenset({"__import__"}),
+        fingerprints=frozenset({"9760e71d5c08f5f9"}),
+        gate=_class_named_in("pymatgen.core.structure_matcher", "AbstractComparator"),
+        why="__import__ of the constant pymatgen.core.structure_matcher (a module, so its "
+        "fromlist imports nothing), then calls the class the document's @class names there",
+    ),
+    ("pymatgen.core.molecule_matcher", "AbstractMolAtomMapper.from_dict"): _Reviewed(
+        owner="pymatgen.core.molecule_matcher.AbstractMolAtomMapper",
+        readers=frozenset({"__import__"}),
+        fingerprints=frozenset({"a607f922f2b67944"}),
+        gate=_class_named_in("pymatgen.core.molecule_matcher", "AbstractMolAtomMapper"),
+        why="__import__ of the constant pymatgen.core.molecule_matcher (a module), then "
+        "the from_dict of the class the document's @class names there",
+    ),
+}
+
+
+def _fingerprint(code: types.CodeType) -> str:
+    """What the names a function's code reads come to (a change of its code that reads
+    anything new changes it)."""
+    return hashlib.sha256(" ".join(sorted(_code_names(code))).encode()).hexdigest()[:16]
 
 
 def _trusted_prefixes() -> tuple[str, ...]:
@@ -282,6 +464,31 @@ def _code_names(code: types.CodeType) -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.lru_cache(maxsize=4096)
+def _code_stores(code: types.CodeType) -> frozenset[str]:
+    """Attribute names ``code`` (and the code nested in it) assigns: ``self.x = ...`` runs the
+    setter of a property ``x``."""
+    names = {
+        ins.argval
+        for ins in dis.get_instructions(code)
+        if ins.opname == "STORE_ATTR" and isinstance(ins.argval, str)
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_stores(const)
+    return frozenset(names)
+
+
+def _accessors(found: Any, stored: bool) -> list[Any]:
+    """The code run by reading (a method, a property's getter, a cached property's function)
+    or, when ``stored``, by setting (a property's setter) the class attribute ``found``."""
+    if isinstance(found, property):
+        return [found.fset] if stored else [found.fget]
+    if isinstance(found, functools.cached_property):
+        return [] if stored else [found.func]
+    return [] if stored else [found]
+
+
 class _Scan:
     """Rule 5 for one class: follows the code its decoding runs, a few calls deep."""
 
@@ -289,6 +496,21 @@ class _Scan:
         self.cls = cls
         self.seen: set[types.CodeType] = set()
         self.budget = _SCAN_BUDGET
+        self.owners = {f"{base.__module__}.{base.__qualname__}" for base in cls.__mro__}
+        #: the value checks of the reviewed functions met (see _REVIEWED)
+        self.gates: dict[str, Callable[[dict[str, Any], type], str | None]] = {}
+
+    def excused(self, func: types.FunctionType, readers: set[str]) -> tuple[set[str], str]:
+        """The readers of ``func`` left once a reviewed function's are excused (recording
+        its gate), and a note when a reviewed function's code has changed since."""
+        entry = _REVIEWED.get((func.__module__ or "", func.__qualname__))
+        if entry is None or entry.owner not in self.owners:
+            return readers, ""
+        if _fingerprint(func.__code__) not in entry.fingerprints:
+            return readers, " (its code changed since it was reviewed)"
+        if entry.gate is not None:
+            self.gates[f"{func.__module__}.{func.__qualname__}"] = entry.gate
+        return readers - entry.readers, ""
 
     def function(self, func: types.FunctionType, depth: int, where: str) -> str | None:
         code = func.__code__
@@ -297,24 +519,33 @@ class _Scan:
         self.seen.add(code)
         self.budget -= 1
         names = _code_names(code)
-        readers = names & _READERS
+        readers, note = self.excused(func, set(names & _READERS))
         if readers:
-            return f"{where} uses {', '.join(sorted(readers))}"
+            return f"{where} uses {', '.join(sorted(readers))}{note}"
         if depth >= _SCAN_DEPTH:
             return None
-        # the functions it calls by name: module globals, and the class's own methods
+        # the functions it calls by name: module globals, and the class's own methods, every
+        # definition along the MRO (``super().__post_init__()`` runs the base class's too)
         namespace = getattr(func, "__globals__", {})
-        for name in sorted(names):
-            callee = namespace.get(name)
-            if callee is None:
-                callee = inspect.getattr_static(self.cls, name, None)
-            target = _function_of(callee)
-            if target is None and isinstance(callee, type):
-                continue  # a class it builds is checked when a document names it
-            if target is not None and not _is_stdlib(target.__module__ or ""):
-                found = self.function(target, depth + 1, f"{where} -> {name}")
-                if found:
-                    return found
+        stores = _code_stores(code)
+        for name in sorted(names | stores):
+            callees = [namespace.get(name)] if name in names else [None]
+            if callees[0] is None:  # methods and properties (read or set) along the MRO
+                callees = []
+                for base in self.cls.__mro__:
+                    found = base.__dict__.get(name)
+                    if name in names:
+                        callees += _accessors(found, stored=False)
+                    if name in stores:
+                        callees += _accessors(found, stored=True)
+            for callee in callees:
+                target = _function_of(callee)
+                if target is None:
+                    continue  # a class it builds is checked when a document names it
+                if not _is_stdlib(target.__module__ or ""):
+                    found = self.function(target, depth + 1, f"{where} -> {name}")
+                    if found:
+                        return found
         return None
 
 
@@ -352,11 +583,13 @@ def _is_dataclass(cls: type) -> bool:
     return dataclasses.is_dataclass(cls)
 
 
-_CLASS_VERDICTS: dict[type, str | None] = {}
+_Gates = tuple[tuple[str, "Callable[[dict[str, Any], type], str | None]"], ...]
+_CLASS_VERDICTS: dict[type, tuple[str | None, _Gates]] = {}
 
 
 def class_problem(cls: type) -> str | None:
-    """Why decoding ``cls`` from a store is refused (rules 2, 4 and 5), or None.
+    """Why decoding ``cls`` from a store is refused (rules 2, 4 and 5), or None (for a class
+    with :func:`value_checks`, a document of it is still checked by them).
 
     Examples
     --------
@@ -366,9 +599,28 @@ def class_problem(cls: type) -> str | None:
     >>> print(class_problem(__import__("pymatgen.core").core.Structure))
     None
     """
+    return _verdict(cls)[0]
+
+
+def value_checks(cls: type) -> list[str]:
+    """What a document of ``cls`` must hold to be decoded (rule 5's reviewed decoders,
+    :data:`_REVIEWED`), one line each; empty for a class decoded whatever its fields hold.
+
+    Examples
+    --------
+    >>> from pymatgen.io.vasp.sets import MPRelaxSet
+    >>> for line in value_checks(MPRelaxSet):
+    ...     print(line.replace(": ", ":\n"))
+    pymatgen.io.vasp.sets.VaspInputSet.__post_init__:
+    fields prev_incar, prev_kpoints hold no str or Path
+    """
+    return [f"{where}: {gate.__doc__}" for where, gate in _verdict(cls)[1]]
+
+
+def _verdict(cls: type) -> tuple[str | None, _Gates]:
     if cls in _CLASS_VERDICTS:
         return _CLASS_VERDICTS[cls]
-    _CLASS_VERDICTS[cls] = None  # a field typed with its own class: no endless recursion
+    _CLASS_VERDICTS[cls] = (None, ())  # a field typed with its own class: no endless recursion
     verdict = _class_problem(cls)
     if len(_CLASS_VERDICTS) > 10_000:
         _CLASS_VERDICTS.clear()
@@ -376,37 +628,48 @@ def class_problem(cls: type) -> str | None:
     return verdict
 
 
-def _class_problem(cls: type) -> str | None:
+def _class_problem(cls: type) -> tuple[str | None, _Gates]:
+    problem, scan = _class_scan(cls)
+    return problem, () if problem else tuple(sorted(scan.gates.items())) if scan else ()
+
+
+def _class_scan(cls: type) -> tuple[str | None, _Scan | None]:
     name = f"{cls.__module__}.{cls.__qualname__}"
     module = cls.__module__ or ""
     if issubclass(cls, Enum):
-        return None  # a member is looked up by value
+        return None, None  # a member is looked up by value
     if _is_stdlib(module):
-        return f"{name} is a standard-library class monty has no plain-data handler for"
+        return f"{name} is a standard-library class monty has no plain-data handler for", None
     if module.partition(".")[0] in _DENIED_PACKAGES and name not in _OWN_DATA_CLASSES:
-        return f"{name} is from a package whose classes are never decoded from a store"
+        return f"{name} is from a package whose classes are never decoded from a store", None
     for base in cls.__mro__:
         qualified = f"{base.__module__}.{base.__qualname__}"
         if qualified in _DENIED_BASES:
-            return f"{name} reaches outside the document (it is a {base.__name__})"
+            return f"{name} reaches outside the document (it is a {base.__name__})", None
     scan = _Scan(cls)
     for method in _DECODE_METHODS:
         func = _function_of(inspect.getattr_static(cls, method, None))
         if func is not None:
             found = scan.function(func, 0, f"{name}.{method}")
             if found:
-                return f"decoding {name} may read outside the document: {found}"
+                return f"decoding {name} may read outside the document: {found}", scan
     for vname, vfunc in _validator_functions(cls):
         func = _function_of(vfunc)
         if func is not None:
             found = scan.function(func, 0, f"{name} validator {vname}")
             if found:
-                return f"decoding {name} may read outside the document: {found}"
+                return f"decoding {name} may read outside the document: {found}", scan
     for field_class in sorted(_field_classes(cls), key=lambda c: c.__qualname__):
-        inner = class_problem(field_class)
+        inner, gates = _verdict(field_class)
         if inner:
-            return f"{name} has a field of type {field_class.__qualname__}: {inner}"
-    return None
+            return f"{name} has a field of type {field_class.__qualname__}: {inner}", scan
+        if gates:  # pydantic builds it from a plain dict the walk does not see as a node
+            return (
+                f"{name} has a field of type {field_class.__qualname__}, whose decoding "
+                "reads a file its document may name",
+                scan,
+            )
+    return None, scan
 
 
 # -- the walk ------------------------------------------------------------------------------
@@ -502,9 +765,17 @@ def _check_node(node: dict[str, Any], trusted: tuple[str, ...]) -> None:
     if kind == "@class":
         found = _attribute(module, name.split("."))
         if isinstance(found, type):
-            problem = class_problem(found)
+            problem, gates = _verdict(found)
             if problem:
                 raise UntrustedValueError(f"a cached value names a class it may not: {problem}")
+            for where, gate in gates:  # rule 5, value-aware: this document's own fields
+                problem = gate(node, found)
+                if problem:
+                    raise UntrustedValueError(
+                        f"a cached value holds a {module}.{name} that {where} would read a "
+                        f"file for: {problem}"
+                    )
+            cacheable = cacheable and not gates  # its verdict is this document's
         elif callable(getattr(found, "from_dict", None)):
             # monty would call it; a class's from_dict builds an instance, this is no class
             raise UntrustedValueError(f"a cached value names {module}.{name}, not a class")
@@ -536,15 +807,93 @@ def _left_as_data(cls: type) -> bool:
     )
 
 
+#: The fields of a jobflow ``Job`` document that are its constructor's own arguments; any
+#: other field is a ``**kwargs`` entry naming what to save in an additional store.
+_JOB_FIELDS = frozenset(
+    {
+        "@module",
+        "@class",
+        "@version",
+        "function",
+        "function_args",
+        "function_kwargs",
+        "output_schema",
+        "uuid",
+        "index",
+        "name",
+        "metadata",
+        "config",
+        "hosts",
+        "metadata_updates",
+        "config_updates",
+        "name_updates",
+    }
+)
+
+
+def _is_type_reference(node: Any) -> bool:
+    return (
+        type(node) is dict
+        and node.keys() <= {"@module", "@callable", "@bound"}
+        and node.get("@bound") is None
+        and isinstance(node.get("@module"), str)
+        and isinstance(node.get("@callable"), str)
+    )
+
+
+def _job_values(node: dict[str, Any], trusted: tuple[str, ...]) -> list[Any]:
+    """The values of a jobflow ``Job`` document left to walk once its additional-store
+    ``**kwargs`` (``data=[Wavecar, BandStructure, "force_constants"]`` on every atomate2
+    VASP job) are checked.
+
+    Rule 6, by place: there a ``"@callable"`` naming a class is a *type to look for* —
+    jobflow passes these kwargs only to ``JobStore.update(save=...)``, whose ``find_key``
+    compares an MSONable class's ``__module__`` and ``__name__`` with the output's documents
+    (and other keys by equality): the class is never called. So such a class need not pass
+    rules 2-5 (``Wavecar`` reads its file when called); it must be a class of an installed,
+    non-standard-library module (rule 1) with no ``@bound`` object."""
+    rest: list[Any] = []
+    for key, value in node.items():
+        if key in _JOB_FIELDS:
+            rest.append(value)
+            continue
+        items = value if type(value) is list else [value]
+        for item in items:
+            if _is_type_reference(item):
+                _check_type_reference(item, trusted)
+            else:
+                rest.append(item)
+    return rest
+
+
+def _check_type_reference(node: dict[str, Any], trusted: tuple[str, ...]) -> None:
+    module, name = node["@module"], node["@callable"]
+    if _is_trusted(module, trusted) or ("type", module, name) in _SAFE:
+        return
+    if _is_stdlib(module):
+        raise UntrustedValueError(f"a cached job saves data by the standard-library {name}")
+    if not _check_module(module, trusted):
+        return  # no such module: monty leaves the value as data
+    found = _attribute(module, name.split("."))
+    if found is not None and not isinstance(found, type):
+        raise UntrustedValueError(
+            f"a cached job saves data by {module}:{name}, which is neither a class nor a key"
+        )
+    if found is not None and len(_SAFE) < 100_000:
+        _SAFE.add(("type", module, name))
+
+
 def _walk(tree: Any, trusted: tuple[str, ...]) -> None:
     pending = [tree]
     pop, push = pending.pop, pending.append
     while pending:
         node = pop()
         if type(node) is dict:
+            values: Any = node.values()
             if "@module" in node:
                 _check_node(node, trusted)
-            values: Any = node.values()
+                if (node["@module"], node.get("@class")) == ("jobflow.core.job", "Job"):
+                    values = _job_values(node, trusted)
         elif type(node) is list:
             values = node
         else:
