@@ -336,7 +336,11 @@ def test_atomate2_fail_fix_rebuild(jr: JrProject, tmp_path: Path, monkeypatch: p
     expected = dict.fromkeys(reference, "hit")
     expected.update({scenario.failing: "miss", scenario.final: "miss"})
     assert got2 == expected
-    assert outputs(docs2, tmp_path, clock=False) == reference
+    # the hits serve run 1's outputs exactly; the physics equals a clean jobflow run's
+    out1, out2 = outputs(stored(jr.job_store, first), tmp_path), outputs(docs2, tmp_path)
+    assert {name: out2[name] for name in out1} == out1
+    tensor = out2[scenario.final]["elastic_tensor"]["raw"]
+    assert tensor == reference[scenario.final]["elastic_tensor"]["raw"]
 
 
 @pytest.mark.atomate2
@@ -370,7 +374,8 @@ def test_atomate2_after_failure_served_ahead(
     ran = sorted(name for name, outcome in got2.items() if outcome != "hit")
     assert scenario.failing in ran
     assert scenario.final in ran
-    assert outputs(docs2, tmp_path, clock=False) == reference
+    got = outputs(docs2, tmp_path)[scenario.final]["free_energies"]
+    assert got == reference[scenario.final]["free_energies"]
     # what the runner did: only the jobs the plan left
     submitted2 = jr.controller().count_jobs() - submitted1
     assert submitted2 < len(reference)
