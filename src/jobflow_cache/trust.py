@@ -609,10 +609,8 @@ def value_checks(cls: type) -> list[str]:
     Examples
     --------
     >>> from pymatgen.io.vasp.sets import MPRelaxSet
-    >>> for line in value_checks(MPRelaxSet):
-    ...     print(line.replace(": ", ":\n"))
-    pymatgen.io.vasp.sets.VaspInputSet.__post_init__:
-    fields prev_incar, prev_kpoints hold no str or Path
+    >>> [line.partition(": ")[2] for line in value_checks(MPRelaxSet)]
+    ['fields prev_incar, prev_kpoints hold no str or Path']
     """
     return [f"{where}: {gate.__doc__}" for where, gate in _verdict(cls)[1]]
 
