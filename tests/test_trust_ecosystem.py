@@ -442,3 +442,43 @@ def test_dynamic_vasp_replay_is_served(counts, cache_store, run_dir, si: Structu
     assert [j.name for j in served_new] == [j.name for j in plain_new]
     assert served_new[0].function.__self__ == plain_new[0].function.__self__
     assert set(plain) == {plain_planner.uuid}
+
+
+FRESH = """
+import json, warnings
+from jobflow import Flow
+from pymatgen.core import Lattice, Structure
+from jobflow_cache import run_locally
+from tests.test_trust_ecosystem import plan_relax
+si = Structure(Lattice.cubic(5.43), ["Si", "Si"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    planner = plan_relax(si)
+    responses = run_locally(Flow([planner]), log=False, ensure_success=False)
+replace = responses[planner.uuid][1].replace
+new = list(replace.jobs) if isinstance(replace, Flow) else [replace]
+print("RESULT:" + json.dumps({
+    "types": [type(j).__name__ for j in new],
+    "names": [j.name for j in new],
+    "generator": type(new[0].function.__self__.input_set_generator).__name__,
+    "warnings": [str(w.message) for w in caught if "jobflow-cache" in str(w.message)],
+}))
+"""
+
+
+@pytest.mark.slow  # fresh processes importing atomate2
+def test_dynamic_vasp_replay_is_served_in_a_fresh_process(counts) -> None:
+    """The same, each run in a fresh Python process on the embedded store (the default): no
+    verdict is memoised from the run that recorded the entry."""
+    from tests.conftest import run_python
+
+    results = []
+    for _ in range(2):
+        out = run_python(FRESH)
+        results.append(json.loads(out.rsplit("RESULT:", 1)[1]))
+    assert counts() == {"plan_relax": 1}, "the second process served the planner"
+    for result in results:
+        assert result["warnings"] == []
+        assert result["types"] == ["Job"]
+        assert result["names"] == ["relax"]
+        assert result["generator"] == "RelaxSetGenerator"
