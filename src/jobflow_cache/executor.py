@@ -126,8 +126,9 @@ FilesMode = Literal["link", "copy", "none"]
 CacheMode = Literal["readwrite", "read_only", "refresh"]
 
 #: Files a workflow manager writes into a run folder after the job's function returned
-#: (jobflow-remote's file JobStore of the job's outputs): left out of folders named in inputs.
-_MANAGER_OUTPUT_FILES = ("remote_job_data*.json",)
+#: (jobflow-remote's file JobStores of the job's outputs and of its additional stores): left out
+#: of folders named in inputs.
+_MANAGER_OUTPUT_FILES = ("remote_job_data*.json", "additional_store_*.json")
 
 #: Strings the normaliser's exact set holds at most before the folder names in it are forgotten.
 _MAX_EXACT = 1_000_000
