@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import shutil
 import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,7 +52,7 @@ from jobflow_cache.executor import (
     _Intercept,
     is_cached_function,
 )
-from jobflow_cache.local import _indexed_view
+from jobflow_cache.local import _chdir, _indexed_view
 from jobflow_cache.marking import cache_flow
 from jobflow_cache.settings import cache_disabled
 from jobflow_cache.store import CacheStore, Outcome
@@ -244,16 +242,6 @@ def _upstream(job: Job, parents: Sequence[str] = ()) -> list[str]:
     """Uuids of the jobs ``job`` references and of its ``parents`` in jobflow's graph (which
     holds the order of a ``JobOrder.LINEAR`` flow too), in a stable order."""
     return sorted({ref.uuid for ref in job.input_references}.union(parents))
-
-
-@contextmanager
-def _chdir(path: Path) -> Iterator[None]:
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 @dataclass
