@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -35,6 +36,24 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("JOBFLOW_CACHE_GC_GRACE", "0")
     monkeypatch.delenv("JFC_FAIL", raising=False)
     return cache_dir
+
+
+@pytest.fixture(autouse=True)
+def process_state_restored():
+    """Undo what a test's third-party code leaves in the process for the tests after it:
+    jobflow-remote's Runner configures logging with ``disable_existing_loggers=True`` (the
+    ``jobflow_cache`` and ``jobflow`` loggers then drop every record, so summaries and
+    swallowed warnings go unseen), and jobflow's ``Job.run`` leaves ``CURRENT_JOB`` set when a
+    job raises (a later direct call of a cached function would then take itself for a job)."""
+    loggers = logging.root.manager.loggerDict
+    disabled = {name for name, logger in loggers.items() if getattr(logger, "disabled", False)}
+    yield
+    from jobflow import CURRENT_JOB
+
+    CURRENT_JOB.reset()
+    for name, logger in list(loggers.items()):
+        if isinstance(logger, logging.Logger) and logger.disabled and name not in disabled:
+            logger.disabled = False
 
 
 @pytest.fixture(autouse=True)

@@ -596,7 +596,8 @@ def class_problem(cls: type) -> str | None:
     >>> from jobflow.settings import JobflowSettings
     >>> print(class_problem(JobflowSettings))
     jobflow.settings.JobflowSettings reaches outside the document (it is a JobflowSettings)
-    >>> print(class_problem(__import__("pymatgen.core").core.Structure))
+    >>> from pymatgen.core import Structure
+    >>> print(class_problem(Structure))
     None
     """
     return _verdict(cls)[0]
