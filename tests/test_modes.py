@@ -117,7 +117,8 @@ def read_only_role(postgres_uri: str, pg_table: str) -> str:
 
     role = f"ro_{pg_table}"
     with psycopg.connect(postgres_uri, autocommit=True) as conn:
-        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        # with a password: a server's host lines usually ask for one (scram-sha-256 on Debian)
+        conn.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{role}'")
         conn.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
     yield role
     with psycopg.connect(postgres_uri, autocommit=True) as conn:
@@ -151,7 +152,7 @@ def user_uri(postgres_uri: str, role: str) -> str:
 
     params = psycopg.conninfo.conninfo_to_dict(postgres_uri)
     params["user"] = role
-    params.pop("password", None)
+    params["password"] = role  # as read_only_role made it
     return psycopg.conninfo.make_conninfo(**params)
 
 
