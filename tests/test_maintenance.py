@@ -236,7 +236,24 @@ def test_verify_catches_output_altered_in_the_store(built):
     doc["output"] = '{"not json'
     put_raw(built, doc)
     kinds = sorted(p.kind.value for p in verify(built))
-    assert kinds == ["checksum", "output"]
+    assert kinds == ["checksum"]  # altered text is not parsed: the checksum says enough
+
+
+def test_verify_never_parses_an_altered_output(built, monkeypatch):
+    import jobflow_cache.verify as verify_module
+
+    parsed: list[str] = []
+    real = verify_module.loads
+    monkeypatch.setattr(verify_module, "loads", lambda text: parsed.append(text) or real(text))
+    doc = dict(next(built.find({"name": "add"})))
+    verify(built)
+    assert doc["output"] in parsed  # a sound entry's output is decoded
+    parsed.clear()
+    doc["output"] = '{"@module": "os", "@class": "system"}'
+    put_raw(built, doc)
+    (problem,) = verify(built)
+    assert problem.kind is ProblemKind.CHECKSUM
+    assert doc["output"] not in parsed
 
 
 def test_verify_catches_a_missing_object_area(built):
