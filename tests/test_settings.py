@@ -37,6 +37,25 @@ def test_disable_toggle(monkeypatch, value, expected):
         assert get_settings().DISABLE is expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("read_only", "read_only"),
+        ("READ_ONLY", "read_only"),
+        (" read-only ", "read_only"),
+        ("Refresh", "refresh"),
+        ("readwrite", "readwrite"),
+    ],
+)
+def test_mode_is_read_as_people_write_it(monkeypatch, value, expected):
+    monkeypatch.setenv("JOBFLOW_CACHE_MODE", value)
+    mode = CacheSettings().MODE
+    assert mode == expected
+    monkeypatch.setenv("JOBFLOW_CACHE_MODE", "readonly")  # not a spelling: still refused
+    with pytest.raises(SettingsError, match="JOBFLOW_CACHE_MODE='readonly'"):
+        CacheSettings()
+
+
 def test_settings_are_rebuilt_when_the_environment_changes(monkeypatch, tmp_path):
     monkeypatch.setenv("JOBFLOW_CACHE_DIR", str(tmp_path / "one"))
     first = get_settings()

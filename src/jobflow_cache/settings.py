@@ -10,7 +10,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import Field, SecretStr, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -232,6 +239,15 @@ class CacheSettings(BaseSettings):
             return values
         loaded = read_config_file(values.get("CONFIG_FILE"))
         return {**loaded, **values}
+
+    @field_validator("MODE", mode="before")
+    @classmethod
+    def _mode_spelling(cls, value: Any) -> Any:
+        """``READ_ONLY``, ``read-only`` and ``Read_Only`` are ``read_only`` (the value of an
+        environment variable is often written so); anything else is left to the check."""
+        if isinstance(value, str):
+            return value.strip().lower().replace("-", "_")
+        return value
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> CacheSettings:
