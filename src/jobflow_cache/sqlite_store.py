@@ -740,6 +740,11 @@ class SQLiteStore(DocStore):
     than by element; a unique index lets several documents lack the field. Planner
     statistics are refreshed (``ANALYZE``) whenever a table has doubled in size.
 
+    As a JobStore's ``docs_store`` (``key: uuid``) it keeps, like maggma's ``JSONStore``
+    once reloaded, one document per uuid: a job replaced at run time (``Response(replace=)``)
+    keeps only its last ``index``. Use a ``MongoStore`` (or a ``MemoryStore``) where the
+    earlier documents of replaced jobs matter.
+
     Parameters
     ----------
     path
