@@ -431,6 +431,46 @@ def test_missing_file_objects_at_apply_keep_the_job_and_its_children(
     assert sorted(counts().elements()) == ["read_back", "write_files"]
 
 
+def test_apply_never_touches_a_folder_it_did_not_create(
+    cache: Cache, tmp_path: Path, counts: Any
+) -> None:
+    """A second apply of one plan (after an error, say), or a folder already at
+    ``<served_dir>/<uuid>``: served files go to a folder of their own, and nothing already
+    there is changed or removed, the first apply's folders included."""
+
+    def build_files() -> Flow:
+        w = write_files("q")
+        return Flow([w, read_back(w.output)])
+
+    record(build_files(), cache, tmp_path / "rec")
+    flow = build_files()
+    planned = plan(flow, cache=cache)
+    assert planned.counts() == {"served": 2, "run": 0, "unknown": 0}
+    served_dir = tmp_path / "served"
+    writer_uuid = next(j.uuid for j, _ in flow.iterflow() if j.name == "write_files")
+    taken = served_dir / writer_uuid  # the user's, with a file the job also writes
+    taken.mkdir(parents=True)
+    (taken / "result.txt").write_text("the user's own\n")
+    counts.reset()
+
+    first = new_job_store()
+    assert planned.apply(first, served_dir=served_dir).job_uuids == ()
+    second = new_job_store()
+    assert planned.apply(second, served_dir=served_dir).job_uuids == ()
+    assert counts.total() == 0
+    assert (taken / "result.txt").read_text() == "the user's own\n"
+    assert sorted(p.name for p in taken.iterdir()) == ["result.txt"]
+    for store in (first, second):  # each store's folders hold what a run left there
+        writer = output_of(store, "write_files")
+        assert Path(writer["dir_name"]).parent == served_dir.resolve()
+        assert writer["dir_name"] != str(taken.resolve())
+        assert Path(writer["file"]).read_text() == "q\n" * 10
+        assert Path(writer["dir_name"], "sub", "data.bin").read_bytes() == b"q" * 10
+    assert (
+        output_of(first, "write_files")["dir_name"] != output_of(second, "write_files")["dir_name"]
+    )
+
+
 @pytest.mark.warnings_logged
 def test_jobstore_failures_never_leave_half_documents(
     cache: Cache, tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -27,6 +27,7 @@ a failure leaves no document pointing at nothing, and the job stays in the flow.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import shutil
 import tempfile
@@ -256,6 +257,21 @@ class _Served:
     made: int = 0
 
 
+def _new_folder(root: Path, name: str) -> Path:
+    """The folder ``root/name``, made now (``name.2``, ``name.3``, ... when that is taken: a
+    second apply of one plan, a folder of the user's): served files never go into, and a
+    failure never removes, a folder that apply did not create."""
+    root.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        folder = root / (name if n == 1 else f"{name}.{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class _Walk:
     """Serve the jobs of a flow in jobflow's order, as far as they can be served."""
 
@@ -345,8 +361,7 @@ class _Walk:
 
     def _serve(self, job: Job, served: _Served, top: bool = False) -> str | None:
         """Serve ``job`` (and its replay, recursively) into the staging store; its digest."""
-        folder = self.root / (job.uuid if job.index == 1 else f"{job.uuid}-{job.index}")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = _new_folder(self.root, job.uuid if job.index == 1 else f"{job.uuid}-{job.index}")
         served.folders.append(folder)
         response = self._run(job, folder, served)
         served.uuids.append(job.uuid)
