@@ -572,10 +572,11 @@ class Plan:
         """Serve the ``served`` jobs into ``job_store``; return the flow still to run.
 
         Each served job (and each job its replay makes) is run by jobflow's ``Job.run`` in a
-        folder of its own, ``<served_dir>/<uuid>``, through the cache in a serve-only mode:
-        its output, metadata and additional-store data reach ``job_store`` exactly as a
-        worker serving it would store them, its files are placed in its folder, and its
-        uuid and folder are recorded in the cache for the workers that run its children.
+        folder of its own, ``<served_dir>/<uuid>`` (``<uuid>.2``, ... when that exists: never
+        a folder apply did not make), through the cache in a serve-only mode: its output,
+        metadata and additional-store data reach ``job_store`` exactly as a worker serving it
+        would store them, its files are placed in its folder, and its uuid and folder are
+        recorded in the cache for the workers that run its children.
         A job that cannot be served now (the store is down, a file object is missing, the
         entry turned out invalid) stays in the flow, and so does every job that depends on
         it: no document of it is written.
