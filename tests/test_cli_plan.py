@@ -121,3 +121,33 @@ def test_plan_on_a_fresh_machine_says_so(tmp_path: Path, counts: Any) -> None:
     assert "No cache at" in result.stderr
     assert [r["status"] for r in json.loads(result.stdout)["jobs"]] == ["run", "unknown"]
     assert not (tmp_path / "jfc-cache" / "cache.sqlite").exists()  # nothing was created
+
+
+def test_plan_for_jobflow_remote_hands_inputs_as_its_worker_gets_them(
+    isolated_cache: Path, tmp_path: Path
+) -> None:
+    """Recorded where references are resolved on the worker (our run_locally: a pydantic
+    output's tuple field stays a tuple), the job reading that field is served ahead for
+    jobflow's and FireWorks' workers, and left to run for jobflow-remote's, whose runner
+    sends it the value as a list (another digest: a miss on that worker, never a wrong hit)."""
+    pytest.importorskip("jobflow_remote")
+    from tests.managers import jr_jobs
+
+    first = jr_jobs.cell_chain()
+    run_locally(first, log=False)
+    path = tmp_path / "cells.json"
+    dumpfn(jr_jobs.cell_chain(), path)
+    statuses = {}
+    for manager in ("local", "fireworks", "jobflow-remote"):
+        rows = json.loads(invoke("plan", str(path), "--manager", manager, "--json").stdout)
+        statuses[manager] = [r["status"] for r in rows["jobs"]]
+    assert statuses == {
+        "local": ["served", "served"],
+        "fireworks": ["served", "served"],
+        "jobflow-remote": ["served", "run"],
+    }
+    wrong = CliRunner().invoke(cli, ["plan", str(path), "--manager", "slurm"])
+    assert wrong.exit_code == 2
+    assert "'slurm' is not one of" in wrong.output
+    with pytest.raises(ValueError, match="manager must be one of"):
+        plan(jr_jobs.cell_chain(), manager="slurm")

@@ -1582,8 +1582,16 @@ def _flow_from_file(path: str) -> Any:
     help="JobStore whose jobs count as done (references to them are resolved from it): "
     "jobflow's JOB_STORE forms or a maggma spec, as a file or inline JSON.",
 )
+@click.option(
+    "--manager",
+    type=click.Choice(["local", "jobflow", "fireworks", "jobflow-remote"]),
+    default="local",
+    show_default=True,
+    help="The manager that will run the flow: jobflow-remote hands a job its inputs as JSON "
+    "(tuples as lists), so its digests differ; the others resolve them on the worker.",
+)
 @_json_option
-def plan_command(flow_file: str, jobstore: str | None, as_json: bool) -> None:
+def plan_command(flow_file: str, jobstore: str | None, manager: str, as_json: bool) -> None:
     """Which jobs of a flow the cache serves ahead of submission.
 
     FLOW is a serialized Flow, Job or list of jobs (JSON or YAML, as monty's dumpfn writes
@@ -1603,11 +1611,12 @@ def plan_command(flow_file: str, jobstore: str | None, as_json: bool) -> None:
     Examples:
       cachetool plan flow.json
       cachetool plan flow.json --jobstore jobstore.yaml --json
+      cachetool plan flow.json --manager jobflow-remote
     """
     flow = _flow_from_file(flow_file)  # a bad file first: before the store is opened
     cache = _cache()
     job_store = open_job_store(_load_spec(jobstore)) if jobstore else None
-    result = plan_flow(flow, cache=Cache(cache), job_store=job_store)
+    result = plan_flow(flow, cache=Cache(cache), job_store=job_store, manager=manager)
     if as_json:
         _echo_json(result.to_dict())
         return

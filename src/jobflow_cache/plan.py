@@ -22,18 +22,31 @@ in a temporary folder and writes nothing to the cache (no hit counts, no folder 
 :meth:`Plan.apply` does it in the served folders, then copies each served job's documents from
 the staging store into the JobStore: its additional-store blobs first, its documents last, so
 a failure leaves no document pointing at nothing, and the job stays in the flow.
+
+Managers hand a job its inputs in two ways
+-------------------------------------------
+Our ``run_locally``, jobflow's and FireWorks' rockets resolve a job's references on the
+worker, from the JobStore, into decoded objects: a pydantic field typed as a tuple (emmet's
+``Matrix3D``: a ``TaskDoc``'s stress) stays a tuple, as it is here by default.
+jobflow-remote's runner resolves them before uploading the job and sends the values through
+``jsanitize`` and JSON: the worker gets lists, enum values and plain numbers, and so another
+digest. ``plan(flow, manager="jobflow-remote")`` gives every job the arguments a
+jobflow-remote worker would get, made by jobflow-remote's own functions (it must be
+installed), so the digests are that worker's. Either way a wrong manager only costs
+submissions, never a wrong result: a digest that differs from the worker's is a miss.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import shutil
 import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,6 +79,60 @@ __all__ = ["Plan", "PlannedJob", "plan"]
 logger = logging.getLogger(__name__)
 
 Status = Literal["served", "run", "unknown"]
+
+#: The managers :func:`plan` knows how to hand a job its inputs as.
+MANAGERS = ("local", "jobflow", "fireworks", "jobflow-remote")
+
+#: The function, positional and keyword arguments a worker calls a job with.
+_WorkerForm = Callable[[Job, JobStore], tuple[Any, tuple[Any, ...], dict[str, Any]]]
+
+
+def _as_jobflow_remote_worker(job: Job, store: JobStore) -> tuple[Any, tuple[Any, ...], dict]:
+    """The function and arguments a jobflow-remote worker calls ``job`` with: the runner
+    resolves the references of the job's JSON form (as the queue database holds it) from the
+    JobStore and uploads the job through ``jsanitize`` and orjson; the worker decodes it with
+    monty. The references are resolved as its ``resolve_job_dict_args`` does (less its check
+    that the project configures the job's additional stores: the staging store has none), the
+    upload is its own ``get_remote_in_file``."""
+    import orjson
+    from jobflow.core.reference import OnMissing, find_and_resolve_references
+    from jobflow_remote.remote.data import get_remote_in_file
+    from monty.json import MontyDecoder
+
+    job_dict = json.loads(job.to_json())
+    config = job_dict["config"]
+    if config["resolve_references"]:
+        on_missing = OnMissing(config["on_missing_references"])
+        cache: dict[str, Any] = {}
+        for name in ("function_args", "function_kwargs"):
+            job_dict[name] = find_and_resolve_references(
+                job_dict[name], store, cache=cache, on_missing=on_missing
+            )
+        job_dict["function_args"] = tuple(job_dict["function_args"])
+    uploaded = orjson.loads(get_remote_in_file(job_dict, None).getvalue())
+    worker_job = MontyDecoder().process_decoded(uploaded["job"])
+    return (
+        worker_job.function,
+        tuple(worker_job.function_args),
+        dict(worker_job.function_kwargs),
+    )
+
+
+def _worker_form(manager: str | None) -> _WorkerForm | None:
+    """How a worker of ``manager`` gets a job's inputs (None: resolved on the worker)."""
+    if manager is None or manager in ("local", "jobflow", "fireworks"):
+        return None
+    if manager == "jobflow-remote":
+        try:
+            import jobflow_remote.remote.data  # noqa: F401
+        except ImportError as err:
+            raise CacheError(
+                "plan(manager='jobflow-remote') needs jobflow-remote installed in this "
+                f"process ({err})"
+            ) from None
+        return _as_jobflow_remote_worker
+    raise ValueError(f"manager must be one of {MANAGERS} or None, not {manager!r}")
+
 
 #: Why a job the cache does not serve runs, by the outcome :meth:`.Cache.call` came to.
 _REASONS = {
@@ -284,8 +351,10 @@ class _Walk:
         options: JobOptions,
         marked: bool,
         allowed: set[str] | None = None,
+        worker_form: _WorkerForm | None = None,
     ) -> None:
         self.session = session
+        self.worker_form = worker_form
         self.staging = staging
         self.root = root
         self.external = external
@@ -396,7 +465,11 @@ class _Walk:
 
     def _run(self, job: Job, folder: Path, served: _Served) -> Response:
         """jobflow's ``Job.run`` of ``job`` in ``folder``, through the serve-only session."""
-        function = job.function
+        original = function = job.function
+        inputs = job.function_args, job.function_kwargs
+        if self.worker_form is not None:  # the inputs as this manager's worker gets them
+            function, job.function_args, job.function_kwargs = self.worker_form(job, self.staging)
+            job.function = function
         folders = RUN_FOLDERS.set(True)
         files = RUN_FILES.set(None)
         try:
@@ -408,7 +481,8 @@ class _Walk:
                     job.function = _PlanIntercept(self.session, job, function, self.options)
                     return job.run(store=self.staging, job_dir=folder)
                 finally:
-                    job.function = function
+                    job.function = original
+                    job.function_args, job.function_kwargs = inputs
                     for message in caught:
                         if issubclass(message.category, CacheWarning):
                             text = str(message.message).removeprefix("jobflow-cache: ")
@@ -510,8 +584,10 @@ class Plan:
         options: Mapping[str, Any],
         served_dir: Path | None,
         job_store: JobStore | None,
+        manager: str | None = None,
     ) -> None:
         self._flow = flow  # a copy of the planned flow, never run
+        self.manager = manager
         self.jobs = jobs
         self._cache = cache
         self._options = dict(options)
@@ -625,7 +701,16 @@ class Plan:
         staging = _staging_store()
         external = _seed(staging, job_store, _external_uuids(flow))
         session = _ServeOnly(self._cache, record=True)
-        walk = _Walk(session, staging, root, external, _options(self._options), marked, planned)
+        walk = _Walk(
+            session,
+            staging,
+            root,
+            external,
+            _options(self._options),
+            marked,
+            planned,
+            _worker_form(self.manager),
+        )
         with session.activate():
             walk.walk(flow)
         failed: set[str] = set()
@@ -701,6 +786,7 @@ def plan(
     cache: Cache | CacheStore | None = None,
     job_store: JobStore | None = None,
     served_dir: str | Path | None = None,
+    manager: str | None = None,
     **options: Any,
 ) -> Plan:
     """Which jobs of ``flow`` the cache serves ahead of submission, which run, which wait.
@@ -727,6 +813,12 @@ def plan(
         A JobStore whose jobs count as done (the remaining flow of an earlier plan).
     served_dir
         Where :meth:`Plan.apply` places the served jobs' run folders (see there).
+    manager
+        Which manager will run the flow, as far as it changes a job's inputs: ``None``,
+        ``"local"``, ``"jobflow"`` or ``"fireworks"`` (references resolved on the worker, the
+        default), or ``"jobflow-remote"`` (resolved by its runner and sent as JSON: tuples
+        arrive as lists; needs jobflow-remote installed). A job planned for another manager
+        than the one that runs it may be left to run: it is never served wrongly.
     **options
         The options of :func:`.cache_flow` (``cache_version``, ``ignore``, ``env``,
         ``files``, ``enabled``, ``mode``): the jobs are planned, and the remaining flow is
@@ -750,6 +842,7 @@ def plan(
     >>> [(job.status, job.reason) for job in plan(flow, cache=cache)][:2]
     [('served', 'served from the cache'), ('run', 'not in the cache')]
     """
+    worker_form = _worker_form(manager)  # an unknown manager: ValueError, before anything
     flow = get_flow(flow, allow_external_references=True)
     session = _session_of(cache)
     kept = copy.deepcopy(flow)
@@ -760,7 +853,7 @@ def plan(
             for job, _ in kept.iterflow()
         ]
     else:
-        rows = _plan_rows(kept, session, job_store, options)
+        rows = _plan_rows(kept, session, job_store, options, worker_form)
     return Plan(
         kept,
         rows,
@@ -768,11 +861,16 @@ def plan(
         options,
         Path(served_dir).expanduser() if served_dir is not None else None,
         job_store,
+        manager,
     )
 
 
 def _plan_rows(
-    flow: Flow, session: Cache, job_store: JobStore | None, options: Mapping[str, Any]
+    flow: Flow,
+    session: Cache,
+    job_store: JobStore | None,
+    options: Mapping[str, Any],
+    worker_form: _WorkerForm | None = None,
 ) -> list[PlannedJob]:
     simulated = copy.deepcopy(flow)
     marked = _mark_flow(simulated, options)
@@ -783,7 +881,9 @@ def _plan_rows(
     serve_only = _ServeOnly(session, record=False)
     scratch = Path(tempfile.mkdtemp(prefix="jobflow-cache-plan-")).resolve()
     try:
-        walk = _Walk(serve_only, staging, scratch, external, _options(options), marked)
+        walk = _Walk(
+            serve_only, staging, scratch, external, _options(options), marked, None, worker_form
+        )
         with serve_only.activate():
             walk.walk(simulated)
     finally:

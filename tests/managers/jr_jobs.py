@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from jobflow import Flow, job
+from pydantic import BaseModel
 
 from tests.jobs import executed
 
@@ -71,3 +73,33 @@ def chain_extended(volume: float = 42.0) -> Flow:
     extra = rescale(flow.jobs[-1].output["energy"])
     flow.add_jobs(extra)
     return flow
+
+
+# -- inputs that a manager hands over differently ------------------------------------------
+class Cell(BaseModel):
+    """An output with a field typed as a tuple, as emmet's ``Matrix3D`` (a TaskDoc's stress)."""
+
+    lengths: tuple[float, float, float]
+
+
+@job
+def make_cell(a: float) -> Cell:
+    executed("make_cell")
+    return Cell(lengths=(a, a, round(a * 1.5, 4)))
+
+
+@job
+def cell_volume(lengths: Any) -> dict[str, object]:
+    """Gets ``lengths`` as a tuple where references are resolved on the worker, as a list
+    under jobflow-remote (its runner resolves them and sends them as JSON)."""
+    executed("cell_volume")
+    return {
+        "volume": round(lengths[0] * lengths[1] * lengths[2], 6),
+        "kind": type(lengths).__name__,
+    }
+
+
+def cell_chain(a: float = 3.0) -> Flow:
+    """make_cell -> cell_volume(make_cell.output.lengths)."""
+    cell = make_cell(a)
+    return Flow([cell, cell_volume(cell.output.lengths)], name="cells")

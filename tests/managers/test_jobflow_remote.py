@@ -211,6 +211,41 @@ def test_half_cached_flow_runs_only_the_rest(jr: JrProject, counts: Counts, tmp_
     assert {doc["metadata"]["jobflow_cache"]["outcome"] for doc in served} == {"hit"}
 
 
+def test_served_ahead_as_a_jobflow_remote_worker_gets_its_inputs(
+    jr: JrProject, counts: Counts, tmp_path: Path
+):
+    """jobflow-remote's runner resolves a job's references and sends them as JSON: a tuple
+    field of an upstream pydantic output (a TaskDoc's stress, atomate2's fit_elastic_tensor)
+    reaches the worker as a list, so its digest is not the one of a job resolved on the worker
+    (our run_locally, FireWorks). Planned by default, that job is left to run; planned with
+    ``manager="jobflow-remote"``, the whole rebuilt flow is served ahead, nothing submitted."""
+    first = cache_flow(jr_jobs.cell_chain())
+    jr.submit(first)
+    jr.run_all()
+    docs1 = stored(jr.job_store, first)
+    assert counts() == Counter(make_cell=1, cell_volume=1)
+    assert outputs(docs1, tmp_path)["cell_volume"]["kind"] == "list"  # as the worker got it
+    counts.reset()
+
+    resolved_here = plan(cache_flow(jr_jobs.cell_chain()))
+    assert {j.name: j.status for j in resolved_here} == {
+        "make_cell": "served",
+        "cell_volume": "run",
+    }
+    second = cache_flow(jr_jobs.cell_chain())
+    planned = plan(second, manager="jobflow-remote")
+    assert {j.name: j.status for j in planned} == {"make_cell": "served", "cell_volume": "served"}
+    assert planned.jobs[1].digest == docs1[1]["metadata"]["jobflow_cache"]["digest"]
+    remaining = planned.apply(jr.job_store)
+    assert list(remaining) == [], "a fully cached flow leaves nothing to submit"
+    assert jr.controller().count_jobs() == 2, "only run 1's jobs are in the queue database"
+    jr.run_all()
+    assert counts() == Counter()
+    docs2 = stored(jr.job_store, second)
+    assert outcomes(docs2) == dict.fromkeys(outcomes(docs1), "hit")
+    assert outputs(docs2, tmp_path) == outputs(docs1, tmp_path)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="the default FILES_EXCLUDE misses the shell scheduler's stdout/stderr (qtoolkit: "
@@ -303,6 +338,18 @@ def test_atomate2_flow_is_served_on_the_worker(kind: str, jr: JrProject, tmp_pat
     for doc in docs2:
         if doc["name"] in scenario.emt_jobs:
             assert (Path(doc["output"]["dir_name"]) / ATOMS_FILE).is_file(), doc["name"]
+
+    # a third build, planned as a jobflow-remote worker gets its inputs (the final fit reads
+    # a TaskDoc's stress: tuples here, lists on the worker): served whole, nothing submitted
+    third = cache_flow(scenario.build())
+    submitted = jr.controller().count_jobs()
+    planned = plan(third, manager="jobflow-remote")
+    assert {j.status for j in planned} == {"served"}, [(j.name, j.reason) for j in planned]
+    assert list(planned.apply(jr.job_store)) == []
+    assert jr.controller().count_jobs() == submitted
+    docs3 = stored(jr.job_store, third)
+    assert outcomes(docs3) == dict.fromkeys(got1, "hit")
+    assert outputs(docs3, tmp_path) == outputs(docs1, tmp_path)
 
 
 @pytest.mark.atomate2
