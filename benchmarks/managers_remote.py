@@ -18,7 +18,8 @@ Cases, each on a fresh flow (new uuids) built by the same code:
 * ``cold``: the first run, the cache empty: every job computes (and is recorded).
 * ``on worker``: ``cache_flow(flow)`` submitted as usual; every job is a hit, served inside its
   worker process, but still checked out, uploaded, submitted and completed.
-* ``served ahead``: ``plan(flow).apply(job_store)`` writes the served jobs' outputs into the
+* ``served ahead``: ``plan(flow).apply(job_store)`` (``manager="jobflow-remote"`` under
+  jobflow-remote) writes the served jobs' outputs into the
   JobStore before submission; only what it leaves is submitted (nothing, for a fully cached
   flow). The time includes planning and applying.
 
@@ -76,11 +77,11 @@ def n_jobs(flow: Any) -> int:
     return sum(1 for _ in flow.iterflow())
 
 
-def planned(flow: Any, store: Any) -> tuple[Any, dict[str, Any]]:
-    """``plan(flow).apply(store)`` and what the plan said of every job."""
+def planned(flow: Any, store: Any, manager: str = "local") -> tuple[Any, dict[str, Any]]:
+    """``plan(flow, manager=manager).apply(store)`` and what the plan said of every job."""
     from jobflow_cache import plan
 
-    result = plan(flow)
+    result = plan(flow, manager=manager)
     remaining = result.apply(store)
     said = result.to_dict()
     left = [job.name for job, _ in remaining.iterflow()]
@@ -121,7 +122,9 @@ def measure_jobflow_remote(
                 flow = cache_flow(builder())
                 t0 = time.perf_counter()
                 remaining, said = (
-                    planned(flow, jr.job_store) if case == "served ahead" else (flow, {})
+                    planned(flow, jr.job_store, "jobflow-remote")
+                    if case == "served ahead"
+                    else (flow, {})
                 )
                 plan_s = time.perf_counter() - t0
                 seconds, jobs, processes = submitted_run(
