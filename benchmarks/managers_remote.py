@@ -74,7 +74,7 @@ def outcomes(store: Any, flow: Any) -> Counter[str]:
 
 def n_jobs(flow: Any) -> int:
     """Jobs of ``flow``, nested flows included."""
-    return sum(1 for _ in flow.iterflow())
+    return sum(1 for _ in flow.iterflow()) if flow else 0  # an empty Flow has no graph
 
 
 def planned(flow: Any, store: Any, manager: str = "local") -> tuple[Any, dict[str, Any]]:
@@ -84,7 +84,8 @@ def planned(flow: Any, store: Any, manager: str = "local") -> tuple[Any, dict[st
     result = plan(flow, manager=manager)
     remaining = result.apply(store)
     said = result.to_dict()
-    left = [job.name for job, _ in remaining.iterflow()]
+    # jobflow: an empty Flow has no graph to iterate
+    left = [job.name for job, _ in remaining.iterflow()] if remaining else []
     return remaining, {"plan": said["counts"], "left": left, "plan_jobs": said["jobs"]}
 
 
