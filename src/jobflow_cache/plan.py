@@ -23,22 +23,27 @@ in a temporary folder and writes nothing to the cache (no hit counts, no folder 
 the staging store into the JobStore: its additional-store blobs first, its documents last, so
 a failure leaves no document pointing at nothing, and the job stays in the flow.
 
-Managers hand a job its inputs in two ways
--------------------------------------------
-Our ``run_locally``, jobflow's and FireWorks' rockets resolve a job's references on the
-worker, from the JobStore, into decoded objects: a pydantic field typed as a tuple (emmet's
-``Matrix3D``: a ``TaskDoc``'s stress) stays a tuple, as it is here by default.
-jobflow-remote's runner resolves them before uploading the job and sends the values through
-``jsanitize`` and JSON: the worker gets lists, enum values and plain numbers, and so another
-digest. ``plan(flow, manager="jobflow-remote")`` gives every job the arguments a
-jobflow-remote worker would get, made by jobflow-remote's own functions (it must be
-installed), so the digests are that worker's. Either way a wrong manager only costs
-submissions, never a wrong result: a digest that differs from the worker's is a miss.
+Managers hand a job its inputs in three ways
+---------------------------------------------
+A digest sees the difference between a tuple and a list, so ``plan(flow, manager=...)`` gives
+every job the arguments the manager's worker would give it, made by the manager's own code:
+
+* ``"local"``, ``"jobflow"`` (the default): our ``run_locally`` and jobflow's call the job
+  as it is in memory, its references resolved from the JobStore into decoded objects;
+* ``"fireworks"``: the job travels in its Firework, through FireWorks' serialization (a
+  tuple argument arrives as a list); the rocket resolves its references like ``Job.run``;
+* ``"jobflow-remote"``: the job travels as JSON through the queue database, and its runner
+  resolves the references before uploading it through ``jsanitize`` and JSON, so upstream
+  values arrive as JSON too (a ``TaskDoc``'s stress, a pydantic tuple, as lists).
+
+A plan made for another manager than the one that runs the flow only costs submissions: a
+digest that differs from the worker's is a miss there, never a wrong hit.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 import json
 import logging
@@ -118,20 +123,41 @@ def _as_jobflow_remote_worker(job: Job, store: JobStore) -> tuple[Any, tuple[Any
     )
 
 
+def _as_fireworks_worker(job: Job, store: JobStore) -> tuple[Any, tuple[Any, ...], dict]:
+    """The function and arguments a FireWorks rocket calls ``job`` with, its references still
+    to resolve (the rocket resolves them from the JobStore, as ``Job.run`` then does here):
+    the job goes into a Firework as jobflow's ``flow_to_workflow`` puts it there, through
+    FireWorks' own serialization and back (a tuple argument arrives as a list)."""
+    from fireworks import Firework
+    from jobflow.managers.fireworks import job_to_firework
+
+    firework = job_to_firework(job, store)  # the store is only named in it, never read
+    worker_job = Firework.from_dict(json.loads(firework.to_format("json"))).tasks[0]["job"]
+    return (
+        worker_job.function,
+        tuple(worker_job.function_args),
+        dict(worker_job.function_kwargs),
+    )
+
+
 def _worker_form(manager: str | None) -> _WorkerForm | None:
-    """How a worker of ``manager`` gets a job's inputs (None: resolved on the worker)."""
-    if manager is None or manager in ("local", "jobflow", "fireworks"):
+    """How a worker of ``manager`` gets a job's inputs (None: the job as it is here)."""
+    if manager is None or manager in ("local", "jobflow"):
         return None
-    if manager == "jobflow-remote":
-        try:
-            import jobflow_remote.remote.data  # noqa: F401
-        except ImportError as err:
-            raise CacheError(
-                "plan(manager='jobflow-remote') needs jobflow-remote installed in this "
-                f"process ({err})"
-            ) from None
-        return _as_jobflow_remote_worker
-    raise ValueError(f"manager must be one of {MANAGERS} or None, not {manager!r}")
+    forms = {
+        "fireworks": ("fireworks", _as_fireworks_worker),
+        "jobflow-remote": ("jobflow_remote.remote.data", _as_jobflow_remote_worker),
+    }
+    if manager not in forms:
+        raise ValueError(f"manager must be one of {MANAGERS} or None, not {manager!r}")
+    module, form = forms[manager]
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise CacheError(
+            f"plan(manager={manager!r}) needs {manager} installed in this process ({err})"
+        ) from None
+    return form
 
 
 #: Why a job the cache does not serve runs, by the outcome :meth:`.Cache.call` came to.
@@ -815,10 +841,11 @@ def plan(
         Where :meth:`Plan.apply` places the served jobs' run folders (see there).
     manager
         Which manager will run the flow, as far as it changes a job's inputs: ``None``,
-        ``"local"``, ``"jobflow"`` or ``"fireworks"`` (references resolved on the worker, the
-        default), or ``"jobflow-remote"`` (resolved by its runner and sent as JSON: tuples
-        arrive as lists; needs jobflow-remote installed). A job planned for another manager
-        than the one that runs it may be left to run: it is never served wrongly.
+        ``"local"`` or ``"jobflow"`` (the jobs as they are in memory, the default),
+        ``"fireworks"`` (as a rocket gets them from its Firework: tuples arrive as lists) or
+        ``"jobflow-remote"`` (as its worker gets them: sent as JSON, references resolved by
+        the runner). The manager must be installed. A job planned for another manager than
+        the one that runs it may be left to run; it is never served wrongly.
     **options
         The options of :func:`.cache_flow` (``cache_version``, ``ignore``, ``env``,
         ``files``, ``enabled``, ``mode``): the jobs are planned, and the remaining flow is

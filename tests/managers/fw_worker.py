@@ -3,9 +3,10 @@
 ``add ROOT NAME KIND [--plain] [--ahead]``
     Build a fresh flow of ``KIND`` (:mod:`tests.managers.scenarios`; marked with ``cache_flow``
     unless ``--plain``), with ``--ahead`` serve what the cache can ahead of submission
-    (``plan(flow).apply(job_store)``), convert what is left with jobflow's ``flow_to_workflow``
-    and add it to the LaunchPad (nothing is added when nothing is left). The run's JobStore is
-    two maggma ``JSONStore`` files in ``ROOT`` (``NAME-outputs.json``, ``NAME-data.json``).
+    (``plan(flow, manager="fireworks").apply(job_store)``), convert what is left with
+    jobflow's ``flow_to_workflow`` and add it to the LaunchPad (nothing is added when nothing
+    is left). The run's JobStore is two maggma ``JSONStore`` files in ``ROOT``
+    (``NAME-outputs.json``, ``NAME-data.json``).
 ``rlaunch ROOT MODE [ARGS...]``
     FireWorks' own ``rlaunch`` command line (``rlaunch rapidfire``, ``rlaunch singleshot``) in
     the working folder, in a process that counts job executions (``JFC_COUNTS_FILE``, see
@@ -78,7 +79,7 @@ def add(root: Path, name: str, kind: str, plain: bool, ahead: bool) -> dict[str,
 
         started = time.perf_counter()
         store.connect()
-        planned = plan(flow)
+        planned = plan(flow, manager="fireworks")  # the inputs as a rocket gets them
         remaining = planned.apply(store)
         seconds["plan_apply"] = time.perf_counter() - started
         served_dir = str(planned.served_dir())

@@ -130,6 +130,24 @@ class Kind:
     final_starts_after_failure: bool
 
 
+@job
+def scale_pair(pair: Any, factor: float) -> list[float]:
+    """Given a tuple literal: a tuple in memory (our run_locally), a list in a FireWorks rocket
+    or a jobflow-remote worker (the job travels through their serialization)."""
+    return [round(x * factor, 6) for x in pair]
+
+
+@job
+def pair_total(values: list[float]) -> float:
+    return round(sum(values), 6)
+
+
+def tuple_flow() -> Flow:
+    """scale_pair((1.5, 2.5), 2.0) -> pair_total: a job argument that is a tuple."""
+    scaled = scale_pair((1.5, 2.5), 2.0)
+    return Flow([scaled, pair_total(scaled.output)], name="tuples")
+
+
 KINDS: dict[str, Kind] = {
     "elastic": Kind(
         build=elastic_flow,
@@ -147,6 +165,16 @@ KINDS: dict[str, Kind] = {
         final="generate_frequencies_eigenvectors",
         failing="EMT static 3/6",
         result=("free_energies",),
+        final_starts_after_failure=False,
+    ),
+    # no dynamic job, nothing made to fail: only for the inputs a manager hands a job
+    "tuples": Kind(
+        build=tuple_flow,
+        dynamic="",
+        children=(),
+        final="pair_total",
+        failing="",
+        result=(),
         final_starts_after_failure=False,
     ),
 }

@@ -197,3 +197,35 @@ def test_fail_fix_rebuild_then_served_whole(
     assert_same_files(site, "half", "fix")
     assert site.outcomes("half")["summary"] == "miss"
     assert run.cache_warnings == 0
+
+
+def test_planned_for_fireworks_a_rocket_s_inputs_are_served_ahead(
+    fw_site: FireWorksSite, counts: Counts
+) -> None:
+    """A rocket gets a job's own arguments through its Firework: a tuple argument arrives as a
+    list, so its digest is not the one of the job in memory (our run_locally). Recorded by
+    rockets, a rebuilt flow planned for FireWorks (as ``fw_worker`` does) is served ahead
+    whole; planned for run_locally, the job given a tuple is left to run (a miss, never a
+    wrong hit), and so is the job after it."""
+    from jobflow_cache import plan
+
+    site = fw_site
+    site.submit("first", "tuples")
+    site.rapidfire("first")
+    assert set(site.states("first").values()) == {"COMPLETED"}
+    assert counts() == Counter(scale_pair=1, pair_total=1)
+    assert set(site.outcomes("first").values()) == {"miss"}
+    counts.reset()
+
+    as_local = {j.name: j.status for j in plan(scenarios.build("tuples"))}
+    assert as_local == {"scale_pair": "run", "pair_total": "unknown"}
+    as_rocket = {j.name: j.status for j in plan(scenarios.build("tuples"), manager="fireworks")}
+    assert as_rocket == {"scale_pair": "served", "pair_total": "served"}
+
+    run = site.submit("ahead", "tuples", ahead=True)
+    assert run.remaining == []
+    assert run.fw_ids == [], "nothing submitted"
+    assert counts() == Counter()
+    assert set(site.outcomes("ahead").values()) == {"hit"}
+    same(site.outputs("ahead"), site.outputs("first"), "served ahead vs recorded")
+    assert run.cache_warnings == 0
