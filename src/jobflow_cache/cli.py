@@ -64,7 +64,7 @@ from jobflow_cache.maintenance import (
     short_digest,
     stats,
 )
-from jobflow_cache.plan import Plan
+from jobflow_cache.plan import MANAGERS, Plan
 from jobflow_cache.plan import plan as plan_flow
 from jobflow_cache.purge import GCReport, collect_garbage, purge
 from jobflow_cache.settings import CacheSettings, config_file, get_settings, setting_sources
@@ -1584,11 +1584,11 @@ def _flow_from_file(path: str) -> Any:
 )
 @click.option(
     "--manager",
-    type=click.Choice(["local", "jobflow", "fireworks", "jobflow-remote"]),
+    type=click.Choice(MANAGERS),
     default="local",
     show_default=True,
-    help="The manager that will run the flow: jobflow-remote hands a job its inputs as JSON "
-    "(tuples as lists), so its digests differ; the others resolve them on the worker.",
+    help="The manager that will run the flow: FireWorks and jobflow-remote hand a job its "
+    "inputs through their own serialization (tuples as lists), so some digests differ.",
 )
 @_json_option
 def plan_command(flow_file: str, jobstore: str | None, manager: str, as_json: bool) -> None:

@@ -85,11 +85,17 @@ logger = logging.getLogger(__name__)
 
 Status = Literal["served", "run", "unknown"]
 
-#: The managers :func:`plan` knows how to hand a job its inputs as.
-MANAGERS = ("local", "jobflow", "fireworks", "jobflow-remote")
-
 #: The function, positional and keyword arguments a worker calls a job with.
 _WorkerForm = Callable[[Job, JobStore], tuple[Any, tuple[Any, ...], dict[str, Any]]]
+
+
+def _called(worker_job: Job) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """What the worker calls: ``worker_job``'s function and arguments."""
+    return (
+        worker_job.function,
+        tuple(worker_job.function_args),
+        dict(worker_job.function_kwargs),
+    )
 
 
 def _as_jobflow_remote_worker(job: Job, store: JobStore) -> tuple[Any, tuple[Any, ...], dict]:
@@ -115,12 +121,7 @@ def _as_jobflow_remote_worker(job: Job, store: JobStore) -> tuple[Any, tuple[Any
             )
         job_dict["function_args"] = tuple(job_dict["function_args"])
     uploaded = orjson.loads(get_remote_in_file(job_dict, None).getvalue())
-    worker_job = MontyDecoder().process_decoded(uploaded["job"])
-    return (
-        worker_job.function,
-        tuple(worker_job.function_args),
-        dict(worker_job.function_kwargs),
-    )
+    return _called(MontyDecoder().process_decoded(uploaded["job"]))
 
 
 def _as_fireworks_worker(job: Job, store: JobStore) -> tuple[Any, tuple[Any, ...], dict]:
@@ -132,25 +133,29 @@ def _as_fireworks_worker(job: Job, store: JobStore) -> tuple[Any, tuple[Any, ...
     from jobflow.managers.fireworks import job_to_firework
 
     firework = job_to_firework(job, store)  # the store is only named in it, never read
-    worker_job = Firework.from_dict(json.loads(firework.to_format("json"))).tasks[0]["job"]
-    return (
-        worker_job.function,
-        tuple(worker_job.function_args),
-        dict(worker_job.function_kwargs),
-    )
+    return _called(Firework.from_dict(json.loads(firework.to_format("json"))).tasks[0]["job"])
+
+
+#: Per manager: the module its worker form needs, and the form (None: the job as it is here).
+_FORMS: dict[str, tuple[str, _WorkerForm] | None] = {
+    "local": None,
+    "jobflow": None,
+    "fireworks": ("fireworks", _as_fireworks_worker),
+    "jobflow-remote": ("jobflow_remote.remote.data", _as_jobflow_remote_worker),
+}
+
+#: The managers :func:`plan` knows how to hand a job its inputs as.
+MANAGERS = tuple(_FORMS)
 
 
 def _worker_form(manager: str | None) -> _WorkerForm | None:
     """How a worker of ``manager`` gets a job's inputs (None: the job as it is here)."""
-    if manager is None or manager in ("local", "jobflow"):
-        return None
-    forms = {
-        "fireworks": ("fireworks", _as_fireworks_worker),
-        "jobflow-remote": ("jobflow_remote.remote.data", _as_jobflow_remote_worker),
-    }
-    if manager not in forms:
+    if manager is not None and manager not in _FORMS:
         raise ValueError(f"manager must be one of {MANAGERS} or None, not {manager!r}")
-    module, form = forms[manager]
+    needed = _FORMS[manager] if manager is not None else None
+    if needed is None:
+        return None
+    module, form = needed
     try:
         importlib.import_module(module)
     except ImportError as err:
@@ -353,8 +358,8 @@ class _Served:
 def _new_folder(root: Path, name: str) -> Path:
     """The folder ``root/name``, made now (``name.2``, ``name.3``, ... when that is taken: a
     second apply of one plan, a folder of the user's): served files never go into, and a
-    failure never removes, a folder that apply did not create."""
-    root.mkdir(parents=True, exist_ok=True)
+    failure never removes, a folder that apply did not create. ``root`` exists (apply made it,
+    or plan's scratch folder)."""
     for n in itertools.count(1):
         folder = root / (name if n == 1 else f"{name}.{n}")
         try:
