@@ -398,3 +398,56 @@ def test_hits_hand_back_the_types_of_a_computed_run(counts, tmp_path) -> None:
     assert typed[json.dumps(["str", "'pair'"])][0] == "tuple"
     assert typed[json.dumps(["Spin", "<Spin.UP: 1>"])][0] == "str"
     assert cold["scalar_f32"][:2] == ["float32", "float32"]
+
+
+MONTY_DICTS = """
+import json
+from jobflow import Flow, JobStore
+from jobflow.managers.local import run_locally as jobflow_run_locally
+from maggma.stores import MemoryStore
+from jobflow_cache import run_locally
+from tests import value_jobs as vj
+import os
+job = vj.monty_dicts(5.43)
+store = JobStore(MemoryStore())
+if os.environ["JFC_TEST_RUN"] == "plain":
+    jobflow_run_locally(Flow([job]), store=store, log=False, ensure_success=True)
+else:
+    run_locally(Flow([job]), store=store, log=False, ensure_success=True)
+store.connect()
+print(json.dumps(store.query_one({}, load=False)["output"], sort_keys=True))
+"""
+
+
+def test_a_returned_monty_dict_is_served_as_the_dict_jobflow_stores(counts, tmp_path) -> None:
+    """A job returning ``structure.as_dict()``-like dicts (and ``$``-keyed ones): plain
+    jobflow, then a cold and a warm cached run, in fresh processes, store the same output
+    document. Before the fix, a hit handed jobflow the Structure the dict names, whose
+    ``as_dict`` has no ``energies`` and a ``charge``: a wrong document, served."""
+    from tests.conftest import run_python
+
+    work = tmp_path / "work"
+    work.mkdir()
+    plain = run_python(MONTY_DICTS, {"JFC_TEST_RUN": "plain"}, cwd=work)
+    assert counts() == {"monty_dicts": 1}
+    cold = run_python(MONTY_DICTS, {"JFC_TEST_RUN": "cache"}, cwd=work)
+    warm = run_python(MONTY_DICTS, {"JFC_TEST_RUN": "cache"}, cwd=work)
+    assert counts() == {"monty_dicts": 2}, "the warm run must be a hit"
+    assert cold == plain
+    assert warm == plain
+    assert "energies" in json.loads(warm)["structure"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"@module": "pymatgen.core.structure", "@class": "Structure", "sites": []},
+        {"@module": "datetime", "@class": "datetime", "string": "2024-01-01 00:00:00"},
+        {"$date": "2024-05-01T00:00:00Z"},
+        {"$oid": "0123456789ab0123456789ab"},
+        {"a": [{"@module": "numpy", "@class": "array", "dtype": "float64", "data": [1.0]}]},
+    ],
+)
+def test_dicts_a_decoder_would_rebuild_come_back_as_dicts(value) -> None:
+    assert loads(dumps(value)) == value
+    assert type(loads(dumps(value))) is dict

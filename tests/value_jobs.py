@@ -58,3 +58,24 @@ def echo_types(value):
     """Report the types a downstream job receives."""
     executed("echo_types")
     return {key: type(item).__name__ for key, item in value.items() if isinstance(key, str)}
+
+
+@job
+def monty_dicts(x: float):
+    """Return dicts a decoder would take for something else: a monty dict of a Structure that
+    ``Structure.from_dict`` would not give back (an extra key, no charge), and Mongo-style
+    ``$`` keys. jobflow stores them as the dicts they are."""
+    executed("monty_dicts")
+    lattice = {"matrix": [[x, 0.0, 0.0], [0.0, x, 0.0], [0.0, 0.0, x]]}
+    site = {"species": [{"element": "Si", "occu": 1}], "abc": [0.0, 0.0, 0.0], "label": "Si"}
+    return {
+        "structure": {
+            "@module": "pymatgen.core.structure",
+            "@class": "Structure",
+            "lattice": lattice,
+            "sites": [site],
+            "energies": [-10.8, -10.9],
+        },
+        "when": {"$date": "2024-05-01T00:00:00Z"},
+        "oid": {"$oid": "0123456789ab0123456789ab"},
+    }

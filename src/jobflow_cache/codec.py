@@ -2,9 +2,11 @@
 
 Values are JSON text written with monty's encoder (so MSON objects, datetimes, Enums and NaN are
 exact on every backend), plus tags for what JSON cannot hold (tuples, sets, frozensets, dicts with
-non-str keys, numpy scalars with their dtype) and Enum members written as monty's dict even when
-they mix in str or int (JSON would write their bare value), so a served ``Response.output`` has
-the types a computed one has (numpy arrays keep their dtype through monty's own array dict).
+non-str keys, numpy scalars with their dtype, and dicts a decoder would take for something else:
+a monty dict such as ``structure.as_dict()`` returned as a dict stays a dict) and Enum members
+written as monty's dict even when they mix in str or int (JSON would write their bare value),
+so a served ``Response.output`` has the types a computed one has (numpy arrays keep their dtype
+through monty's own array dict).
 Serving rewrites, in the text, the job uuids and run-folder paths of the run that recorded the
 entry into those of the run it is served to.
 
@@ -62,11 +64,22 @@ _ENCODER = MontyEncoder(separators=(",", ":"), allow_nan=True)
 _DECODER = MontyDecoder()
 
 
+def _plain_dict(obj: dict[Any, Any]) -> bool:
+    """Whether a dict goes through JSON and back as itself: str keys, none of which our tag or
+    a decoder would take for its own (monty rebuilds a dict holding ``"@module"`` as the
+    object it names, bson one with a ``"$..."`` key as a date, an ObjectId, ...)."""
+    if TAG in obj or "@module" in obj:
+        return False
+    return all(type(key) is str and key[:1] != "$" for key in obj)
+
+
 def _tag(obj: Any) -> Any:
     kind = type(obj)
     if kind is dict:
-        if TAG not in obj and all(type(k) is str for k in obj):
+        if _plain_dict(obj):
             return {k: _tag(v) for k, v in obj.items()}
+        # a job that returns a monty dict (``structure.as_dict()``) gets that dict back on a
+        # hit, as jobflow stores it, never the object it names
         return {TAG: "dict", "items": [[_tag(k), _tag(v)] for k, v in obj.items()]}
     if kind is list:
         return [_tag(v) for v in obj]
