@@ -111,9 +111,10 @@ def job_store():
 
 @pytest.fixture
 def cache_store(tmp_path: Path):
-    from jobflow_cache import CacheStore, SQLiteStore
+    from jobflow_cache import CacheStore
+    from jobflow_cache.backends import SQLiteBackend
 
-    return CacheStore(SQLiteStore(tmp_path / "cache.sqlite", key="digest"), tmp_path / "objects")
+    return CacheStore(SQLiteBackend(tmp_path / "cache.sqlite"), tmp_path / "objects")
 
 
 @pytest.fixture

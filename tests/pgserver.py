@@ -242,9 +242,15 @@ def postgres_uri() -> Iterator[str]:
 
 
 def drop_tables(uri: str, table: str) -> None:
-    """Drop a PostgresStore's tables (entries, claims, aliases)."""
+    """Drop the cache's tables of ``table``: PostgresBackend's (``__v``, ``__e``, ``__p``,
+    ``__c``), a PostgresStore's (the table itself), and their claims and aliases."""
     psycopg = _psycopg()
-    tables = (table, f"{table}_claims", f"{table}_aliases")
+    tables = (
+        table,
+        f"{table}_claims",
+        f"{table}_aliases",
+        *(f"{table}__{suffix}" for suffix in ("v", "e", "p", "c")),
+    )
     names = ", ".join('"' + name.replace('"', '""') + '"' for name in tables)
     try:
         with psycopg.connect(uri, autocommit=True, connect_timeout=5) as conn:

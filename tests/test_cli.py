@@ -251,7 +251,7 @@ def test_purge_by_digest_age_and_use(built):
     with CacheStore.from_settings() as cache:
         doc = dict(next(cache.find({"name": "relax"}, sort={"created": 1})))
         doc["created"] = datetime.now(timezone.utc) - timedelta(days=45)
-        cache.store.update(doc, key="digest")
+        cache.backend.write([doc])
     assert as_json("purge", "--unused-for", "60d", "--yes")["entries"] == 0
     assert as_json("purge", "--unused-for", "30d", "--yes")["digests"] == [doc["digest"]]
     assert [e["name"] for e in entries()] == ["add", "relax", "write_files"]
@@ -280,7 +280,7 @@ def test_verify_reports_by_kind_and_fixes(built, isolated_cache):
         entry = CacheEntry.from_document(next(cache.find({"name": "write_files"})))
         doc = dict(next(cache.find({"name": "add"})))
         doc["output"] = "999"
-        cache.store.update(doc, key="digest")
+        cache.backend.write([doc])
     area.path_of(entry.files[0].xxh3).unlink()
 
     result = invoke("verify")
@@ -577,7 +577,7 @@ def test_verify_fix_exits_0_when_everything_was_fixed(built, isolated_cache):
     with CacheStore.from_settings() as cache:
         doc = dict(next(cache.find({"name": "add"})))
         doc["output"] = "999"
-        cache.store.update(doc, key="digest")
+        cache.backend.write([doc])
     assert script("verify").returncode == 1
     proc = script("verify", "--fix")
     assert proc.returncode == 0, proc.stdout

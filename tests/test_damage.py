@@ -30,8 +30,8 @@ from jobflow import run_locally as jobflow_run_locally
 from maggma.stores import MemoryStore
 
 from jobflow_cache import CacheStore, CacheWarning, Outcome, run_locally
+from jobflow_cache.backends.base import SELECTABLE, UNREADABLE
 from jobflow_cache.cli import cli
-from jobflow_cache.docstore import UNREADABLE
 from jobflow_cache.verify import verify
 from tests import jobs
 from tests.conftest import ROOT
@@ -116,36 +116,66 @@ def _sqlite_file() -> Path:
     return Path(os.environ["JOBFLOW_CACHE_DIR"]) / "cache.sqlite"
 
 
+#: The columns of jfc_entries besides digest and name (the SELECTABLE fields, one column each).
+_OTHER_COLUMNS = [f for f in SELECTABLE if f not in ("digest", "name")]
+
+
 def _damage_sqlite(digest: str, how: str) -> None:
-    """Damage the row of ``digest`` as bit rot or a hand with sqlite3 would."""
+    """Damage the rows of ``digest`` as bit rot or a hand with sqlite3 would.
+
+    An entry is a ``jfc_entries`` row (a column per selectable field and ``doc``, the JSON text
+    of its other small fields) and a ``jfc_payloads`` row (``served``, the JSON text of its
+    output, response and files; ``explain``)."""
     conn = sqlite3.connect(_sqlite_file())
-    conn.text_factory = bytes
-    (raw,) = conn.execute("SELECT doc FROM entries WHERE key = ?", (json.dumps(digest),)).fetchone()
-    if how == "invalid UTF-8":  # one byte of the stored text is no longer UTF-8
-        damaged = raw.replace(b'"name":"add"', b'"name":"a\xffd"', 1)
-        assert damaged != raw
-    elif how == "cut short":  # the expression indexes refuse bad JSON: an attacker drops them
-        for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
-            "AND tbl_name = 'entries'"
-        ).fetchall():
-            conn.execute(f'DROP INDEX "{name.decode()}"')
-        damaged = raw[: len(raw) // 2]
+    conn.text_factory = bytes  # the stored bytes as they are, written back as text
+    (doc,) = conn.execute("SELECT doc FROM jfc_entries WHERE digest = ?", (digest,)).fetchone()
+    (served,) = conn.execute(
+        "SELECT served FROM jfc_payloads WHERE digest = ?", (digest,)
+    ).fetchone()
+    table, column, damaged = "jfc_entries", "doc", None
+    if how == "invalid UTF-8":  # one byte of the stored doc text is no longer UTF-8
+        damaged = doc.replace(b'"dynamic"', b'"dyn\xffmic"', 1)
+        assert damaged != doc
+    elif how == "invalid UTF-8 in the payload":  # the same in the large fields' text
+        table, column = "jfc_payloads", "served"
+        damaged = served.replace(b'"output"', b'"out\xffut"', 1)
+        assert damaged != served
+    elif how == "invalid UTF-8 in a column":  # the same in a field's column of its own
+        column = "name"
+        damaged = b"a\xffd"
+    elif how == "cut short":  # no index reads doc: bit rot (or a torn copy) cuts it anywhere
+        damaged = doc[: len(doc) // 2]
     elif how == "a number":
         damaged = b"5"
     elif how == "fields missing":
-        damaged = json.dumps({"digest": digest, "name": "add"}).encode()
+        # the entry reduced to its digest and name, as a hand deleting fields would leave it:
+        # doc an empty object, every other column NULL, no payload row; it reads back as
+        # {"digest": ..., "name": "add"}, which decodes but is no cache entry
+        with conn:
+            nulls = ", ".join(f"{f} = NULL" for f in _OTHER_COLUMNS)
+            sql = f"UPDATE jfc_entries SET {nulls}, doc = '{{}}' WHERE digest = ?"
+            assert conn.execute(sql, (digest,)).rowcount == 1
+            conn.execute("DELETE FROM jfc_payloads WHERE digest = ?", (digest,))
+        conn.close()
+        return
     else:
         raise ValueError(how)
     with conn:
-        conn.execute(
-            "UPDATE entries SET doc = CAST(? AS TEXT) WHERE key = ?",
-            (damaged, json.dumps(digest)),
-        )
+        changed = conn.execute(
+            f"UPDATE {table} SET {column} = CAST(? AS TEXT) WHERE digest = ?", (damaged, digest)
+        ).rowcount
+        assert changed == 1
     conn.close()
 
 
-SQLITE_DAMAGE = ["invalid UTF-8", "cut short", "a number", "fields missing"]
+SQLITE_DAMAGE = [
+    "invalid UTF-8",
+    "invalid UTF-8 in the payload",
+    "invalid UTF-8 in a column",
+    "cut short",
+    "a number",
+    "fields missing",
+]
 
 
 @pytest.mark.slow  # a fresh process (about 5 s)
@@ -193,10 +223,10 @@ def test_cachetool_reports_and_repairs_a_damaged_sqlite_row(how, tmp_path):
     assert code == 0
     rows = {row["digest"]: row for row in json.loads(out)}
     assert len(rows) == 3, "the other entries are listed too"
-    if how != "fields missing":  # a whole document missing fields is still a document
+    if how != "fields missing":  # an entry missing fields is still a document
         assert rows[digest]["name"] == "(unreadable)"
         assert rows[digest]["valid"] is False
-    if how in ("invalid UTF-8", "cut short"):  # the digest in the row is still found
+        # the digest has a column of its own: the damaged row is still found by it
         code, out = cachetool("show", digest[:10])
         assert code == 1
         assert "is unreadable" in out
@@ -215,36 +245,52 @@ def test_cachetool_reports_and_repairs_a_damaged_sqlite_row(how, tmp_path):
         assert cache.lookup(digest).outcome is Outcome.MISS
 
 
-def test_a_row_with_bytes_that_are_not_utf8_never_stops_a_listing(tmp_path):
-    """Every query streams past the damaged row: the store's own reads (whole documents, picked
-    fields, distinct, value counts) give the other rows and a stand-in for it."""
+@pytest.mark.parametrize("where", ["doc", "payload", "column"])
+def test_a_row_with_bytes_that_are_not_utf8_never_stops_a_listing(where, tmp_path):
+    """Every read streams past the damaged row: the backend's own reads (one entry, whole
+    documents, picked fields, counts and totals by column) give the other rows and a stand-in
+    for it, never an error."""
     run_here()
     digest = add_digest()
-    _damage_sqlite(digest, "invalid UTF-8")
+    how = {"doc": "", "payload": " in the payload", "column": " in a column"}[where]
+    _damage_sqlite(digest, "invalid UTF-8" + how)
+    why = "a column" if where == "column" else "the stored row"
+    stand_in = {"digest": digest, UNREADABLE: f"{why} does not decode (invalid UTF-8)"}
     with CacheStore.from_settings() as cache:
-        store = cache.store
-        docs = {d["digest"]: d for d in store.query({})}
-        assert docs[digest] == {
-            "digest": digest,
-            UNREADABLE: "the stored row does not decode (invalid UTF-8)",
-        }
+        backend = cache.backend
+        assert backend.read(digest) == stand_in
+        assert backend.read(digest, explain=False) == stand_in
+        docs = {d["digest"]: d for d in backend.select({})}
+        assert docs[digest] == stand_in
         assert len(docs) == 3
-        picked = {d["digest"]: d for d in store.query({}, properties=["digest", "name"])}
-        assert picked[digest][UNREADABLE] == "a field does not decode (invalid UTF-8)"
-        names = dict(store.value_counts("name"))
-        assert names.get("add") == 1
-        assert names.get("a\ufffdd") == 1  # shown, not raised
-        assert "a\ufffdd" in store.distinct("name")
+        assert all(UNREADABLE not in d for k, d in docs.items() if k != digest)
+        served = {d["digest"]: d for d in backend.select({}, ["name", "output"])}
+        assert served[digest] == stand_in
+        small = {d["digest"]: d for d in backend.select({}, ["name", "function"])}
+        if where != "payload":  # doc is read with every column
+            assert small[digest] == stand_in
+        else:  # the payload is not read for small fields: they are sound
+            assert small[digest] == {"digest": digest, "name": "add", "function": "tests.jobs:add"}
+        # criteria, counts and totals run on the columns alone: the damaged row never stops them
+        assert [d["digest"] for d in backend.select({"digest": digest}, ["digest"])] == [digest]
+        assert backend.count({"name": "add"}) == (1 if where == "column" else 2)
+        totals = backend.totals()
+        assert totals.entries == 3
+        assert totals.functions == {"tests.jobs:add": 2, "tests.jobs:mul": 1}
 
 
 # ------------------------------------------------------------------------- PostgreSQL rows
 
+#: The damage done to an entry's doc (``<table>__e.doc``, JSON text): the text written, or None
+#: for damage done otherwise. Bytes that are not UTF-8 cannot occur: a UTF-8 database refuses
+#: them in any text column.
 PG_DAMAGE = {
     "a number": "5",
     "a string": '"x"',
     "an array": "[1, 2]",
-    "fields missing": None,  # {"digest": ..., "name": "add"}
     "a JSON null": "null",
+    "cut short": None,  # the stored text halved (bit rot, a torn copy: nothing parses doc)
+    "fields missing": None,  # the entry reduced to {"digest": ..., "name": "add"}
 }
 
 
@@ -255,12 +301,31 @@ def pg_cache(pg_spec, monkeypatch) -> dict:
 
 
 def _damage_pg(spec: dict, digest: str, how: str) -> None:
+    """Damage the rows of ``digest`` as a hand with psycopg would: ``<table>__e`` holds a
+    column per selectable field and ``doc``, ``<table>__p`` the payloads."""
     psycopg = pytest.importorskip("psycopg")
-    text = PG_DAMAGE[how] or json.dumps({"digest": digest, "name": "add"})
-    table = '"' + spec["table"].replace('"', '""') + '"'
+
+    def ident(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    entries, payloads = ident(spec["table"] + "__e"), ident(spec["table"] + "__p")
     with psycopg.connect(spec["uri"], autocommit=True) as conn:
-        sql = f"UPDATE {table} SET doc = %s::jsonb WHERE key = %s"
-        assert conn.execute(sql, (text, json.dumps(digest))).rowcount == 1
+        if how == "fields missing":
+            # doc an empty object, every column but name NULL, no payload row: it reads back
+            # as {"digest": ..., "name": "add"}, which decodes but is no cache entry
+            nulls = ", ".join(f"{f} = NULL" for f in (*_OTHER_COLUMNS, "in_doc"))
+            sql = f"UPDATE {entries} SET {nulls}, doc = '{{}}' WHERE digest = %s"
+            assert conn.execute(sql, (digest,)).rowcount == 1
+            assert conn.execute(f"DELETE FROM {payloads} WHERE digest = %s", (digest,)).rowcount
+            return
+        text = PG_DAMAGE[how]
+        if how == "cut short":
+            (doc,) = conn.execute(
+                f"SELECT doc FROM {entries} WHERE digest = %s", (digest,)
+            ).fetchone()
+            text = doc[: len(doc) // 2]
+        sql = f"UPDATE {entries} SET doc = %s WHERE digest = %s"
+        assert conn.execute(sql, (text, digest)).rowcount == 1
 
 
 @pytest.mark.slow  # a fresh process (about 5 s)
@@ -273,6 +338,9 @@ def test_a_damaged_postgres_document_is_invalid_for_its_digest_only(
     run_here()
     digest = add_digest()
     _damage_pg(pg_cache, digest, how)
+    with CacheStore.from_settings() as cache:
+        assert cache.lookup(digest).outcome is Outcome.INVALID
+        assert cache.lookup(digest, serving=True).outcome is Outcome.INVALID
     counts.reset()
 
     code, out = cachetool("verify", "--json")
@@ -282,10 +350,17 @@ def test_a_damaged_postgres_document_is_invalid_for_its_digest_only(
     for command in (["ls"], ["stats"], ["ls", "--json"]):
         code, out = cachetool(*command)
         assert code == 0, out
+    rows = {row["digest"]: row for row in json.loads(out)}
+    assert len(rows) == 3
+    if how != "fields missing":  # an entry missing fields is still a document
+        assert rows[digest]["name"] == "(unreadable)"
 
     second = run_victim(tmp_path / "second")
     assert second["outputs"] == expected
-    assert len(second["warnings"]) == (0 if how == "a JSON null" else 1)
+    # a JSON null too: the row is there, its doc is no document (no longer read as a miss)
+    (message,) = second["warnings"]
+    assert "is not used" in message
+    assert digest[:12] in message
     assert counts() == {"add": 1}, "only the damaged entry's job ran"
     third = run_here()
     assert third == {"outputs": expected, "warnings": []}
@@ -295,7 +370,7 @@ def test_a_damaged_postgres_document_is_invalid_for_its_digest_only(
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("how", ["a number", "an array"])
+@pytest.mark.parametrize("how", ["a number", "an array", "cut short"])
 def test_verify_fix_removes_a_damaged_postgres_document(how, pg_cache, tmp_path):
     run_here()
     digest = add_digest()
@@ -309,6 +384,7 @@ def test_verify_fix_removes_a_damaged_postgres_document(how, pg_cache, tmp_path)
     with CacheStore.from_settings() as cache:
         assert cache.count() == 2
         assert verify(cache) == []
+        assert cache.lookup(digest).outcome is Outcome.MISS
 
 
 # ------------------------------------------------------------- the store file gone mid-run

@@ -22,6 +22,7 @@ from jobflow_cache import (
     SQLiteStore,
     run_locally,
 )
+from jobflow_cache.backends import SQLiteBackend
 from jobflow_cache.executor import LARGE_FOLDER, META_KEY
 from tests import jobs
 
@@ -200,7 +201,7 @@ def test_corrupt_entry_is_never_served(counts, job_store, cache_store, run_dir):
     cache_store.connect()
     doc = next(cache_store.find())
     doc["output"] = "5"  # tampered output: the checksum no longer matches
-    cache_store.store.update(doc, key="digest")
+    cache_store.backend.write([doc])
     j = jobs.add(2, 2)
     with pytest.warns(CacheWarning, match="checksum"):
         run_locally(j, store=job_store, cache=cache_store, log=False)
@@ -215,7 +216,7 @@ def test_entry_with_garbage_document_is_not_served(counts, job_store, cache_stor
     run_locally(jobs.add(2, 3), store=job_store, cache=cache_store, log=False)
     cache_store.connect()
     digest = next(cache_store.find())["digest"]
-    cache_store.store.update({"digest": digest, "output": {"not": "an entry"}}, key="digest")
+    cache_store.backend.write([{"digest": digest, "output": {"not": "an entry"}}])
     j = jobs.add(2, 3)
     with pytest.warns(CacheWarning, match="does not decode"):
         run_locally(j, store=job_store, cache=cache_store, log=False)
@@ -313,7 +314,7 @@ def test_cache_warnings_do_not_escape_as_errors_on_success(job_store, cache_stor
         warnings.simplefilter("error", CacheWarning)
         run_locally(chain(), store=job_store, cache=cache_store, log=False)
         run_locally(chain(), store=job_store, cache=cache_store, log=False)
-    assert os.path.exists(cache_store.store.path)
+    assert os.path.exists(cache_store.backend.owned_paths()[0])
 
 
 def test_cache_inside_the_run_folder_is_never_recorded(counts, job_store, run_dir, monkeypatch):
@@ -407,12 +408,12 @@ def test_a_failure_inside_hashing_runs_the_job_uncached(
     # jobflow serializes every argument itself before a job runs, so an input whose as_dict()
     # fails never reaches us; what can happen is an unforeseen error in our own hasher, which
     # is injected here
-    from jobflow_cache import executor
+    from jobflow_cache.execution import digest
 
     def broken(*args, **kwargs):
         raise RuntimeError("hasher bug")
 
-    monkeypatch.setattr(executor, "digest_call", broken)
+    monkeypatch.setattr(digest, "digest_call", broken)
     j = jobs.takes_anything(None, n=5)
     with pytest.warns(CacheWarning, match=r"takes_anything.*hashing its input failed.*hasher bug"):
         run_locally(j, store=job_store, cache=cache_store, log=False, ensure_success=True)
@@ -439,12 +440,12 @@ def test_unlistable_run_folder_runs_the_job_and_records_nothing(
 ):
     # a folder that cannot be listed cannot be made as root (permission bits are ignored),
     # so the listing failure is simulated by replacing the snapshot function
-    from jobflow_cache import executor
+    from jobflow_cache.execution import recording
 
     def unlistable(folder, exclude=()):
         raise PermissionError(f"cannot list {folder}")
 
-    monkeypatch.setattr(executor, "snapshot", unlistable)
+    monkeypatch.setattr(recording, "snapshot", unlistable)
     w = jobs.write_files("u")
     with pytest.warns(CacheWarning, match="could not be listed"):
         run_locally(w, store=job_store, cache=cache_store, log=False, ensure_success=True)
@@ -456,14 +457,14 @@ def test_unlistable_run_folder_runs_the_job_and_records_nothing(
 def test_any_failure_while_serving_runs_the_job(
     counts, job_store, cache_store, run_dir, monkeypatch
 ):
-    from jobflow_cache import executor
+    from jobflow_cache.execution import serving
 
     run_locally(jobs.add(6, 6), store=job_store, cache=cache_store, log=False)
 
     def broken_loads(text):
         raise RecursionError("unexpected")
 
-    monkeypatch.setattr(executor, "loads", broken_loads)  # an unforeseen decoder failure
+    monkeypatch.setattr(serving, "loads", broken_loads)  # an unforeseen decoder failure
     j = jobs.add(6, 6)
     with pytest.warns(CacheWarning, match="cannot be served"):
         run_locally(j, store=job_store, cache=cache_store, log=False, ensure_success=True)
@@ -566,7 +567,7 @@ def test_files_over_max_file_size_are_skipped_and_listed(
 # -- entries and hit counts written behind, in batches, during a run -------------------------------
 def on_disk(cache_store: CacheStore) -> CacheStore:
     """A second connection to the same SQLite file: sees only what was committed."""
-    return CacheStore(SQLiteStore(cache_store.store.path, key="digest"), cache_store.objects_dir)
+    return CacheStore(SQLiteBackend(cache_store.backend.owned_paths()[0]), cache_store.objects_dir)
 
 
 def fan(n: int, offset: int = 0) -> Flow:
@@ -625,7 +626,7 @@ def test_the_writer_ends_with_the_run(counts, job_store, cache_store, run_dir):
     with session.activate():
         pass  # nothing queued: leaving writes nothing and raises nothing
     run_locally(jobs.add(7, 1), store=job_store, cache=session, log=False)
-    assert session._writer is None
+    assert session.store_session.writer is None
     with on_disk(cache_store) as other:
         assert other.count() == 1
 

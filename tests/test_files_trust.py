@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -164,48 +163,29 @@ def forged(doc: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-def tamper_sqlite(db: Path, files: list[dict[str, Any]]) -> int:
-    """Replace the manifest of every entry in the embedded store, raw; returns how many."""
-    con = sqlite3.connect(db)
-    changed = 0
+def _tamper(backend: Any, files: list[dict[str, Any]]) -> int:
+    """Replace the manifest of every entry the backend holds, as anyone who may write to the
+    store can (documents written as they are: nothing seals them); returns how many."""
     try:
-        tables = [
-            row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
-        ]
-        for table in tables:
-            columns = [row[1] for row in con.execute(f'PRAGMA table_info("{table}")')]
-            if columns != ["key", "doc"]:
-                continue
-            for key, text in con.execute(f'SELECT key, doc FROM "{table}"').fetchall():
-                doc = json.loads(text)
-                if not isinstance(doc, dict) or "digest" not in doc:
-                    continue
-                con.execute(
-                    f'UPDATE "{table}" SET doc = ? WHERE key = ?',
-                    (json.dumps(forged(doc, files)), key),
-                )
-                changed += 1
-        con.commit()
+        docs = [doc for doc in backend.select() if "checksum" in doc]
+        backend.write([forged(doc, files) for doc in docs])
     finally:
-        con.close()
-    return changed
+        backend.close()
+    return len(docs)
+
+
+def tamper_sqlite(db: Path, files: list[dict[str, Any]]) -> int:
+    """Replace the manifest of every entry in the embedded store; returns how many."""
+    from jobflow_cache.backends import SQLiteBackend
+
+    return _tamper(SQLiteBackend(db), files)
 
 
 def tamper_postgres(uri: str, table: str, files: list[dict[str, Any]]) -> int:
-    """The same on a PostgreSQL table (a ``doc jsonb`` column)."""
-    import psycopg
+    """The same on a PostgreSQL cache."""
+    from jobflow_cache.backends.postgres import PostgresBackend
 
-    changed = 0
-    with psycopg.connect(uri, autocommit=True) as conn:
-        rows = conn.execute(f'SELECT key, doc FROM "{table}"').fetchall()
-        for key, doc in rows:
-            if isinstance(doc, dict) and "digest" in doc:
-                conn.execute(
-                    f'UPDATE "{table}" SET doc = %s::jsonb WHERE key = %s',
-                    (json.dumps(forged(doc, files)), key),
-                )
-                changed += 1
-    return changed
+    return _tamper(PostgresBackend(uri, table=table), files)
 
 
 def record(path: str, content: bytes = EVIL, **fields: Any) -> dict[str, Any]:

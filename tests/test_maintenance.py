@@ -75,7 +75,7 @@ def object_path(cache: CacheStore, xxh3: str) -> Path:
 
 def put_raw(cache: CacheStore, doc: dict) -> None:
     doc.pop("_id", None)
-    cache.store.update(doc, key="digest")
+    cache.backend.write([doc])
 
 
 # --------------------------------------------------------------------------- selecting

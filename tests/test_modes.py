@@ -126,11 +126,17 @@ def read_only_role(postgres_uri: str, pg_table: str) -> str:
         conn.execute(f'DROP ROLE "{role}"')
 
 
+def pg_tables(table: str) -> list[str]:
+    """The tables of a PostgresBackend on ``table``: schema version, entries, payloads,
+    consumed pairs, claims and aliases."""
+    return [f"{table}{suffix}" for suffix in ("__v", "__e", "__p", "__c", "_claims", "_aliases")]
+
+
 def grant_select(postgres_uri: str, table: str, role: str) -> None:
     import psycopg
 
     with psycopg.connect(postgres_uri, autocommit=True) as conn:
-        for name in (table, f"{table}_claims", f"{table}_aliases"):
+        for name in pg_tables(table):
             conn.execute(f'GRANT SELECT ON "{name}" TO "{role}"')
 
 
@@ -143,7 +149,7 @@ def pg_rows(postgres_uri: str, table: str) -> dict[str, list[Any]]:
                 json.dumps(row, default=str, sort_keys=True)
                 for row in conn.execute(f'SELECT * FROM "{name}"').fetchall()
             )
-            for name in (table, f"{table}_claims", f"{table}_aliases")
+            for name in pg_tables(table)
         }
 
 
@@ -218,7 +224,7 @@ def test_read_only_against_a_select_only_postgres_role(
     assert counts() == {"write_files": 2, "fan_out": 1, "add": 2}
     grant_select(postgres_uri, pg_table, read_only_role)
     before = pg_rows(postgres_uri, pg_table)
-    assert len(before[pg_table]) == 5
+    assert len(before[f"{pg_table}__e"]) == 5  # the entries
 
     counts.reset()
     ro_spec = json.dumps(

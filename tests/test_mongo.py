@@ -44,9 +44,10 @@ from jobflow_cache import (
     run_locally,
     store_from_spec,
 )
+from jobflow_cache.backends.maggma import INDEXED_FIELDS
 from jobflow_cache.cli import cli
 from jobflow_cache.purge import collect_garbage, purge
-from jobflow_cache.store import BLOBS_KEY, INDEXED_FIELDS, WriteBehind, default_blob_store
+from jobflow_cache.store import BLOBS_KEY, WriteBehind, default_blob_store
 from jobflow_cache.verify import ProblemKind, verify
 from tests import jobs
 from tests.jobs import executed

@@ -37,6 +37,7 @@ from jobflow_cache import (
     run_locally,
     store_from_spec,
 )
+from jobflow_cache.backends.postgres import PostgresBackend
 from jobflow_cache.cli import cli
 from jobflow_cache.docstore import UNREADABLE
 from jobflow_cache.entry import document_checksum
@@ -617,9 +618,17 @@ def test_cachetool_ls_show_stats_verify_on_postgres(
     assert (stats["entries"], stats["hits"], stats["invalid"]) == (3, 1, 0)
     assert stats["functions"] == {"tests.jobs:write_files": 2, "tests.jobs:add": 1}
     assert run("verify", "--json")["sound"] is True
-    doc = store.query_key(digest)
-    doc["output"] = "4"  # tampered: never served, reported
-    store.update(doc)
+    # the cache (and the CLI, from the spec) keep the entries in PostgresBackend's tables on
+    # the store's table name (<table>__e, __p, ...; PostgresStore's table was migrated away)
+    backend = PostgresBackend(postgres_uri, table=store.table)
+    try:
+        doc = backend.read(digest)
+        assert doc is not None
+        assert doc["output"] == "3"
+        doc["output"] = "4"  # tampered: never served, reported
+        backend.write([doc])
+    finally:
+        backend.close()
     result = CliRunner().invoke(cli, [*base, "verify", "--json"])
     assert result.exit_code == 1
     assert [p["kind"] for p in json.loads(result.stdout)["problems"]] == ["checksum"]

@@ -174,7 +174,7 @@ def test_a_tampered_consumed_list_is_never_served(potcar, counts, tmp_path):
     doc = next(store.find({"name": "static"}))
     doc.pop("_id", None)
     doc["consumed"] = []
-    store.store.update(doc, key="digest")
+    store.backend.write([doc])
     assert store.lookup(doc["digest"]).outcome is Outcome.INVALID
     store.close()
     second = run_flow(tmp_path / "run2")

@@ -1039,7 +1039,7 @@ def test_store_on_a_network_file_system_warns_and_still_works(
     # a real mount table file naming tmp_path an NFS mount: NFS itself cannot be mounted here
     mounts = tmp_path / "mounts"
     mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} nfs rw 0 0\n")
-    monkeypatch.setattr(sqlite_store, "MOUNTS", str(mounts))
+    monkeypatch.setattr("jobflow_cache.backends.sqlite_file.MOUNTS", str(mounts))
     with SQLiteStore(tmp_path / "cache.db", key="digest") as store:
         store.update([{"digest": "a", "n": 1}])
         assert store.query_one({"digest": "a"})["n"] == 1

@@ -18,6 +18,7 @@ from jobflow_cache import (
     CacheSettings,
     CacheStore,
     Outcome,
+    SQLiteBackend,
     SQLiteStore,
     StoreUnavailableError,
     store_from_spec,
@@ -29,9 +30,13 @@ def entry(digest: str = "a" * 32, output: str = '{"x": 1}', **kw) -> CacheEntry:
     return CacheEntry(digest=digest, scheme=SCHEME, function="m:f", output=output, **kw)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlitestore", "embedded"])
 def store(request, tmp_path: Path):
-    inner = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "c.sqlite")
+    inner = {
+        "memory": MemoryStore,
+        "sqlitestore": lambda: SQLiteStore(tmp_path / "c.sqlite"),
+        "embedded": lambda: SQLiteBackend(tmp_path / "cache.sqlite"),
+    }[request.param]()
     with CacheStore(inner, objects_dir=tmp_path / "objects") as cache:
         yield cache
 
@@ -60,9 +65,9 @@ def test_miss_is_a_falsy_sentinel_not_none():
 
 def test_tampered_entry_is_invalid(store):
     store.put(entry())
-    doc = store.store.query_one({"digest": "a" * 32})
+    doc = store.backend.read("a" * 32)
     doc["output"] = '{"x": 2}'
-    store.store.update(doc, key="digest")
+    store.backend.write([doc])
     found = store.lookup("a" * 32)
     assert found.outcome is Outcome.INVALID
     assert "checksum" in found.reason
@@ -71,9 +76,9 @@ def test_tampered_entry_is_invalid(store):
 
 def test_old_scheme_and_invalid_flag_are_not_served(store):
     store.put(entry("b" * 32))
-    doc = store.store.query_one({"digest": "b" * 32})
+    doc = store.backend.read("b" * 32)
     doc["scheme"] = "jfc0"
-    store.store.update(doc, key="digest")
+    store.backend.write([doc])
     assert "scheme" in store.lookup("b" * 32).reason
 
     store.put(entry("c" * 32))
@@ -85,7 +90,7 @@ def test_old_scheme_and_invalid_flag_are_not_served(store):
 
 
 def test_undecodable_document_is_invalid(store):
-    store.store.update({"digest": "d" * 32, "output": 5}, key="digest")
+    store.backend.write([{"digest": "d" * 32, "output": 5}])
     found = store.lookup("d" * 32)
     assert found.outcome is Outcome.INVALID
     assert "does not decode" in found.reason
@@ -120,6 +125,17 @@ def test_cache_store_is_msonable(tmp_path):
     assert revived.objects_dir == str(tmp_path / "o")
     assert revived.store.key == "digest"
     assert revived.store == cache.store
+
+
+def test_cache_store_on_the_embedded_backend_is_msonable(tmp_path):
+    cache = CacheStore(SQLiteBackend(tmp_path / "x.sqlite"), objects_dir=tmp_path / "o")
+    revived = MontyDecoder().process_decoded(json.loads(json.dumps(cache.as_dict())))
+    assert isinstance(revived.backend, SQLiteBackend)
+    assert revived.backend.path == str(tmp_path / "x.sqlite")
+    with revived:
+        revived.put(entry())
+    with cache:
+        assert cache.get("a" * 32) != MISS
 
 
 def test_from_settings_uses_the_embedded_default(tmp_path):
@@ -207,16 +223,16 @@ def test_raw_checksum_never_serves_an_altered_entry(store, serving):
         ("input_refs", {"u": "e" * 32}),
         ("files", [{"path": "a", "size": 1, "xxh3": "0" * 32, "mode": 420}]),
     ):
-        doc = store.store.query_one({"digest": "a" * 32})
+        doc = store.backend.read("a" * 32)
         doc.pop("_id", None)
         kept = doc[field]
         doc[field] = value
-        store.store.update(doc, key="digest")
+        store.backend.write([doc])
         found = store.lookup("a" * 32, serving=serving)
         assert found.outcome is Outcome.INVALID, field
         assert "checksum" in found.reason
         doc[field] = kept
-        store.store.update(doc, key="digest")
+        store.backend.write([doc])
         assert store.lookup("a" * 32, serving=serving).outcome is Outcome.HIT
 
 
@@ -225,10 +241,10 @@ def test_entry_stored_in_another_number_form_is_still_checked_by_its_fields(tmp_
     checksum decides, as before."""
     with CacheStore(MemoryStore(), objects_dir=tmp_path / "o") as cache:
         cache.put(entry(source_index=1))
-        doc = cache.store.query_one({"digest": "a" * 32})
-        doc.pop("_id")
+        doc = cache.backend.read("a" * 32)
+        doc.pop("_id", None)
         doc["source_index"] = 1.0
-        cache.store.update(doc, key="digest")
+        cache.backend.write([doc])
         found = cache.lookup("a" * 32)
         assert found.outcome is Outcome.HIT
         assert found.entry is not None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import zlib
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,10 @@ import pytest
 from jobflow.settings import JobflowSettings
 from pydantic import BaseModel
 
+from jobflow_cache.backends.sqlite import SQLiteBackend
+from jobflow_cache.backends.sqlite import _prepare as sqlite_rows
 from jobflow_cache.entry import CHECKSUM_FIELDS, document_checksum
+from tests import jobs
 from tests.conftest import run_python
 
 PAYLOAD_MODULE = "jfc_attack_payload"
@@ -31,7 +33,8 @@ from jobflow_cache import run_locally
 from tests import jobs
 parsed = []
 if {spy}:  # every text the victim parses, to show a tampered output never is
-    import jobflow_cache.codec as codec, jobflow_cache.executor as executor
+    import jobflow_cache.codec as codec
+    from jobflow_cache.execution import recording, serving
     real = json.loads
     def spy(text, *args, **kwargs):
         if isinstance(text, (str, bytes)) and "ATTACK-SENTINEL" in str(text):
@@ -43,7 +46,7 @@ if {spy}:  # every text the victim parses, to show a tampered output never is
         if "ATTACK-SENTINEL" in text:
             parsed.append(text[:80])
         return real_codec(text, *args, **kwargs)
-    executor.loads = spy_codec
+    recording.loads = serving.loads = spy_codec
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     made = [jobs.add(a, b) for a, b in {pairs}]
@@ -111,37 +114,42 @@ def shared(request: pytest.FixtureRequest, isolated_cache: Path) -> Shared:
         path = isolated_cache / "cache.sqlite"
 
         def read() -> dict[str, dict[str, Any]]:
-            with sqlite3.connect(path) as conn:
-                rows = conn.execute("SELECT key, doc FROM entries").fetchall()
-            return {json.loads(key): json.loads(doc) for key, doc in rows}
+            backend = SQLiteBackend(path)
+            try:
+                return {doc["digest"]: doc for doc in backend.select()}
+            finally:
+                backend.close()
 
         def write(key: str, doc: dict[str, Any]) -> None:
-            with sqlite3.connect(path) as conn:  # keys are held as JSON text there
-                conn.execute(
-                    "INSERT INTO entries (key, doc) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET doc = excluded.doc",
-                    (json.dumps(key), json.dumps(doc)),
-                )
+            backend = SQLiteBackend(path)  # the row of ``key`` holds ``doc``, whatever it says
+            try:
+                with backend._transaction() as conn:
+                    SQLiteBackend._insert(conn, [sqlite_rows(doc, key)])
+            finally:
+                backend.close()
 
         return Shared("sqlite", {}, read, write)
-    import psycopg
+    from jobflow_cache.backends.postgres import PostgresBackend
+    from jobflow_cache.backends.postgres import _prepare as pg_rows
 
     uri = request.getfixturevalue("postgres_uri")
     table = request.getfixturevalue("pg_table")
     spec = {"type": "PostgresStore", "uri": uri, "table": table}
 
     def pg_read() -> dict[str, dict[str, Any]]:
-        with psycopg.connect(uri) as conn:
-            rows = conn.execute(f'SELECT key, doc FROM "{table}"').fetchall()
-        return {json.loads(key): doc for key, doc in rows}
+        backend = PostgresBackend(uri, table=table)
+        try:
+            return {doc["digest"]: doc for doc in backend.select()}
+        finally:
+            backend.close()
 
     def pg_write(key: str, doc: dict[str, Any]) -> None:
-        with psycopg.connect(uri) as conn:  # keys are held as JSON text there too
-            conn.execute(
-                f'INSERT INTO "{table}" (key, doc) VALUES (%s, %s::jsonb) '
-                "ON CONFLICT (key) DO UPDATE SET doc = excluded.doc",
-                (json.dumps(key), json.dumps(doc)),
-            )
+        backend = PostgresBackend(uri, table=table)  # the row of ``key`` holds ``doc``
+        try:
+            rows = [pg_rows(doc, key)]
+            backend._run(lambda conn: backend._in_transaction(conn, rows))
+        finally:
+            backend.close()
 
     return Shared("postgres", {"JOBFLOW_CACHE_STORE": json.dumps(spec)}, pg_read, pg_write)
 
@@ -468,7 +476,7 @@ def test_allowed_values_still_decode() -> None:
     value = {
         "when": __import__("datetime").datetime(2024, 1, 2),
         "path": Path("/a/b"),
-        "job": {"@module": "tests.jobs", "@callable": "add"},
+        "job": jobs.add,
     }
     back = loads(dumps(value))
     assert back["when"] == value["when"]

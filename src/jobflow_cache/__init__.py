@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from jobflow_cache.backends import EntryBackend, MaggmaBackend, SQLiteBackend
 from jobflow_cache.decorator import cached_job
 
 # layer 2: entries and stores
@@ -62,6 +63,9 @@ __all__ = [
     "ObjectArea",
     # entries and stores
     "CacheEntry",
+    "EntryBackend",
+    "SQLiteBackend",
+    "MaggmaBackend",
     "SQLiteStore",
     "PostgresStore",
     "MISS",

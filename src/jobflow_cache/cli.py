@@ -37,8 +37,9 @@ from rich.table import Table
 from rich.text import Text
 
 from jobflow_cache import __version__
+from jobflow_cache.backends.base import unreadable_reason
+from jobflow_cache.backends.sqlite import SQLiteBackend
 from jobflow_cache.codec import UUID_RE
-from jobflow_cache.docstore import unreadable_reason
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.executor import Cache
@@ -363,7 +364,7 @@ def _unreachable(cache: CacheStore, err: BaseException) -> StoreUnavailableError
             "server runs and is reachable from here, and the host, port and credentials of "
             "the store spec"
         )
-    if kind == "PostgresStore":
+    if kind in ("PostgresStore", "PostgresBackend"):
         parts = urlsplit(str(getattr(store, "uri", "")))
         where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
         reason = _first_line(err).rpartition(": ")[2]
@@ -420,18 +421,22 @@ class State:
     @staticmethod
     def _missing_table(cache: CacheStore) -> str | None:
         store = cache.store
-        if not isinstance(store, SQLiteStore):
+        if isinstance(cache.backend, SQLiteBackend):
+            # its own table, or that of an earlier release's file (migrated when opened)
+            path, tables_wanted = cache.backend.path, ["jfc_entries", "entries"]
+        elif isinstance(store, SQLiteStore):
+            path, tables_wanted = store._file, [store.collection_name]
+        else:
             return None
-        path = store._file
         if not os.path.exists(path):
             return f"No cache at {path} yet: nothing has been cached there."
         tables = _sqlite_tables(path)
-        if tables is None or store.collection_name in tables:
+        if tables is None or any(name in tables for name in tables_wanted):
             return None
         others = ", ".join(f"{n} ({_plural(c, 'row')})" for n, c in tables.items()) or "none"
         return (
-            f"{path} has no table {store.collection_name!r}: nothing cached there "
-            f"(its tables: {others}; the embedded store's is 'entries')."
+            f"{path} has no table {tables_wanted[0]!r}: nothing cached there "
+            f"(its tables: {others}; the embedded store's is 'jfc_entries')."
         )
 
     @staticmethod

@@ -24,6 +24,18 @@ from maggma.core import Sort, Store
 from monty.json import jsanitize
 from pydash import get, set_
 
+from jobflow_cache.backends.base import (
+    UNREADABLE,
+    _json_kind,
+    unreadable_reason,
+)
+from jobflow_cache.backends.base import (
+    format_datetime as _format_datetime,
+)
+from jobflow_cache.backends.base import (
+    parse_datetime as _parse_datetime,
+)
+
 try:  # maggma >= 0.72 depends on the mongomock-ng fork
     from mongomock_ng.filtering import (
         NOTHING,
@@ -67,22 +79,6 @@ _Fragment = tuple[str, list[Any]]  # SQL text and its parameters
 
 
 # --------------------------------------------------------------------------- encoding
-
-
-def _format_datetime(value: datetime) -> str:
-    """Return the fixed-width UTC ISO-8601 text stored for a datetime."""
-    offset = value.utcoffset()
-    if offset is not None:
-        value = value.replace(tzinfo=None) - offset
-    return (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
-        f"{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}Z"
-    )
-
-
-def _parse_datetime(text: str) -> datetime:
-    """Return the naive UTC datetime for text written by :func:`_format_datetime`."""
-    return datetime.fromisoformat(text[:-1] if text.endswith("Z") else text)
 
 
 class _NotPlainError(Exception):
@@ -209,45 +205,6 @@ def _loads(text: str) -> Any:
     return _from_storable(obj) if '"$' in text else obj
 
 
-#: Field of the stand-in document a store yields for a row it cannot read (see :func:`_row`).
-UNREADABLE = "_jfc_unreadable"
-
-
-def unreadable_reason(doc: Any) -> str | None:
-    """Why a document read from a store is not one (None: it is a document).
-
-    A row that cannot be read (invalid UTF-8, JSON cut short, a JSON array, number or string
-    where a document belongs: bit rot or a hand-edited table) comes out of a query as a
-    stand-in ``{<key field>: <its key>, UNREADABLE: <why>}``, never as an exception, so one
-    damaged row never stops a lookup or a listing of the others.
-
-    Examples
-    --------
-    >>> unreadable_reason({"digest": "ab", UNREADABLE: "a JSON number, not a document"})
-    'a JSON number, not a document'
-    >>> unreadable_reason({"digest": "ab"}) is None
-    True
-    """
-    if not isinstance(doc, Mapping):
-        return f"a JSON {_json_kind(doc)}, not a document"
-    reason = doc.get(UNREADABLE)
-    return None if reason is None else str(reason)
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return type(value).__name__
-
-
 def _unreadable(key_field: str, key: Any, reason: str) -> dict[str, Any]:
     doc: dict[str, Any] = {UNREADABLE: reason}
     if key is not None:
@@ -267,16 +224,6 @@ def _row(text: Any, key_field: str, key: Any) -> dict[str, Any]:
     if not isinstance(doc, dict):
         return _unreadable(key_field, key, f"the stored row is a JSON {_json_kind(doc)}")
     return doc
-
-
-def _decode_text(raw: bytes) -> str:
-    """SQLite's text factory: UTF-8, with bytes that are not UTF-8 kept as lone surrogates
-    (bit rot), which no JSON decoder accepts, so the row reads as unreadable instead of
-    failing the whole statement."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "surrogateescape")
 
 
 def _sanitize(doc: Any) -> Any:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from maggma.core import Sort
 
-from jobflow_cache.docstore import unreadable_reason
+from jobflow_cache.backends.base import unreadable_reason
 from jobflow_cache.errors import CacheError
 from jobflow_cache.files import ObjectArea
 from jobflow_cache.store import CacheStore
@@ -375,84 +374,25 @@ class Stats:
         return data
 
 
-_STATS_FIELDS = ["function", "hits", "duration", "files_size", "valid", "created"]
-
-
 def stats(cache: CacheStore, criteria: dict[str, Any] | None = None) -> Stats:
     """Count entries, hits, time saved, file bytes, object-area bytes and entries per function.
 
-    On a :class:`.SQLiteStore` the sums are one SQL scan and the counts per function come from
-    the function index; on other stores every matching entry is streamed once (a few fields
-    each). Then the object area is listed.
+    The sums come from the backend (:meth:`.EntryBackend.totals`: SQL aggregates on the
+    embedded store and PostgreSQL, one streamed pass elsewhere); then the object area is
+    listed.
     """
-    totals = getattr(cache.store, "totals", None)
-    counts = getattr(cache.store, "value_counts", None)
-    if callable(totals) and callable(counts):
-        result = _stats_in_store(cache, criteria or {}, totals, counts)
-    else:
-        result = _stats_streamed(cache, criteria)
+    totals = cache.backend.totals(criteria or {})
+    result = Stats(
+        entries=totals.entries,
+        invalid=totals.invalid,
+        hits=totals.hits,
+        time_saved=totals.time_saved,
+        files_bytes=totals.files_bytes,
+        functions=dict(totals.functions),
+        oldest=totals.oldest,
+        newest=totals.newest,
+    )
     for _, size in ObjectArea(cache.objects_dir).iter_objects():
         result.objects += 1
         result.objects_bytes += size
-    return result
-
-
-def _stats_in_store(cache: CacheStore, criteria: dict[str, Any], totals: Any, counts: Any) -> Stats:
-    sums = totals(
-        {
-            "entries": [],
-            "valid": ["valid"],
-            "hits": ["hits"],
-            "saved": ["hits", "duration"],
-            "files_bytes": ["files_size"],
-        },
-        criteria,
-    )
-    result = Stats(
-        entries=int(sums["entries"]),
-        invalid=int(sums["entries"] - sums["valid"]),
-        hits=int(sums["hits"]),
-        time_saved=sums["saved"],
-        files_bytes=int(sums["files_bytes"]),
-    )
-    result.functions = {str(value): n for value, n in counts("function", criteria)}
-    for direction in (1, -1):
-        for doc in cache.find(criteria, ["created"], sort={"created": direction}, limit=1):
-            created = _aware(doc.get("created"))
-            if direction == 1:
-                result.oldest = created
-            else:
-                result.newest = created
-    return result
-
-
-def _aware(value: Any) -> datetime | None:
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def _stats_streamed(cache: CacheStore, criteria: dict[str, Any] | None) -> Stats:
-    result = Stats()
-    functions: Counter[str] = Counter()
-    for doc in cache.find(criteria, properties=_STATS_FIELDS):
-        result.entries += 1
-        hits = doc.get("hits")
-        hits = hits if isinstance(hits, int) else 0
-        result.hits += hits
-        duration = doc.get("duration")
-        if isinstance(duration, (int, float)):
-            result.time_saved += hits * duration
-        size = doc.get("files_size")
-        result.files_bytes += size if isinstance(size, int) else 0
-        if doc.get("valid") is False:
-            result.invalid += 1
-        functions[str(doc.get("function", "?"))] += 1
-        created = _aware(doc.get("created"))
-        if created is not None:
-            if result.oldest is None or created < result.oldest:
-                result.oldest = created
-            if result.newest is None or created > result.newest:
-                result.newest = created
-    result.functions = dict(functions.most_common())
     return result

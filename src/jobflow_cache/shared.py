@@ -8,27 +8,19 @@
   (``JOBFLOW_CACHE_EXCLUSIVE_DIRS``), so a worker in a fresh process can recognise an upstream
   job's folder among a job's inputs (atomate2's ``prev_dir``) without having seen it run.
 
-Both live beside the entries, in the same database: SQL stores (:obj:`.SQLiteStore`,
-:obj:`.PostgresStore`) implement ``claim``/``release``/``set_aliases``/``get_aliases``
-themselves; for MongoDB (and maggma's ``MemoryStore``, which is mongomock) they are
-collections ``<collection>__claims`` and ``<collection>__aliases`` in the same database. Other
-stores support neither: the cache then runs without them (with a warning when they were asked
-for).
+Both live beside the entries, in the same database, kept by the backend
+(:meth:`.EntryBackend.coordinator`): tables of the SQLite file and of :obj:`.PostgresStore`;
+for MongoDB (and maggma's ``MemoryStore``, which is mongomock) collections
+``<collection>__claims`` and ``<collection>__aliases`` in the same database. Other stores
+support neither: the cache then runs without them (with a warning when they were asked for).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Mapping, Sequence
-from typing import Protocol
 
-from maggma.core import Store
-from maggma.stores import MemoryStore, MongoStore, MongoURIStore
-from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
-
+from jobflow_cache.backends.base import Coordinator
 from jobflow_cache.store import CacheStore
 
 __all__ = ["Coordinator", "Heartbeat", "coordinator_of"]
@@ -36,73 +28,9 @@ __all__ = ["Coordinator", "Heartbeat", "coordinator_of"]
 logger = logging.getLogger(__name__)
 
 
-class Coordinator(Protocol):
-    """Claims and aliases kept in a cache store (see the module docstring)."""
-
-    def claim(self, name: str, owner: str, lease: float) -> str:
-        """Take or renew claim ``name`` for ``lease`` seconds; return its holder after the
-        call (``owner`` when the claim is ours)."""
-
-    def release(self, name: str, owner: str) -> None:
-        """Drop claim ``name`` if ``owner`` holds it."""
-
-    def set_aliases(self, pairs: Mapping[str, str]) -> None:
-        """Record ``alias -> digest`` pairs (last writer wins)."""
-
-    def get_aliases(self, names: Sequence[str]) -> dict[str, str]:
-        """The recorded ones among ``names``."""
-
-
-class _MongoCoordinator:
-    """Claims and aliases in two collections beside a MongoDB (or mongomock) collection.
-
-    Leases use the clock of the machine that takes the claim: workers sharing a MongoDB
-    cache need synchronised clocks (NTP), within a small part of the lease.
-    """
-
-    def __init__(self, store: Store) -> None:
-        database = store._collection.database  # maggma exposes no other handle
-        name = getattr(store, "collection_name", "cache")
-        self.claims = database[f"{name}__claims"]
-        self.aliases = database[f"{name}__aliases"]
-
-    def claim(self, name: str, owner: str, lease: float) -> str:
-        now = time.time()
-        for _ in range(3):
-            try:
-                self.claims.find_one_and_update(
-                    {"_id": name, "$or": [{"owner": owner}, {"expires": {"$lt": now}}]},
-                    {"$set": {"owner": owner, "expires": now + lease}},
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
-                )
-                return owner
-            except DuplicateKeyError:  # held by somebody else, and not expired
-                held = self.claims.find_one({"_id": name}, {"owner": 1})
-                if held is not None:
-                    return str(held["owner"])
-                # released between the two calls: try again
-        return "unknown"  # the caller waits and asks again
-
-    def release(self, name: str, owner: str) -> None:
-        self.claims.delete_one({"_id": name, "owner": owner})
-
-    def set_aliases(self, pairs: Mapping[str, str]) -> None:
-        for alias, target in pairs.items():
-            self.aliases.update_one(
-                {"_id": alias}, {"$set": {"target": target, "created": time.time()}}, upsert=True
-            )
-
-    def get_aliases(self, names: Sequence[str]) -> dict[str, str]:
-        if not names:
-            return {}
-        found = self.aliases.find({"_id": {"$in": list(names)}}, {"target": 1})
-        return {str(doc["_id"]): str(doc["target"]) for doc in found}
-
-
 def coordinator_of(cache_store: CacheStore) -> Coordinator | None:
-    """The claims and aliases of ``cache_store`` (connected), or None if its kind of store
-    cannot hold them.
+    """The claims and aliases of ``cache_store`` (connected), or None if its backend cannot
+    hold them.
 
     Examples
     --------
@@ -112,14 +40,7 @@ def coordinator_of(cache_store: CacheStore) -> Coordinator | None:
     ...     claims.claim("d1", "worker-1", 60), claims.claim("d1", "worker-2", 60)
     ('worker-1', 'worker-1')
     """
-    store = cache_store.store
-    if all(callable(getattr(store, m, None)) for m in ("claim", "release", "get_aliases")):
-        return store  # type: ignore[return-value]  # SQLiteStore, PostgresStore
-    # only where the entries themselves live in that database: a JSONStore is a MemoryStore
-    # whose documents go to a file, but other collections would stay in this process's memory
-    if type(store) in (MongoStore, MongoURIStore, MemoryStore):
-        return _MongoCoordinator(store)
-    return None
+    return cache_store.backend.coordinator()
 
 
 class Heartbeat:

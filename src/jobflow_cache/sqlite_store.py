@@ -40,6 +40,13 @@ import orjson
 from maggma.core import StoreError
 from pydash import get
 
+from jobflow_cache.backends.sqlite_file import (
+    NETWORK_FILE_SYSTEMS,
+    decode_text,
+    file_system_type,
+    identity,
+    sidecars_in_use,
+)
 from jobflow_cache.docstore import (  # one encoding and Mongo semantics for both stores
     _ARRAY,
     _BINARY,
@@ -57,7 +64,6 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     UNREADABLE,
     DocStore,
     _add_distinct,
-    _decode_text,
     _dumps,
     _encode,
     _field_operators,
@@ -117,62 +123,6 @@ _STATS_CHECK_EVERY = 200
 # Connections inherited over fork() are never used or closed in the child (SQLite forbids
 # both); holding them here keeps their finalisers from running in the child.
 _ABANDONED: list[Any] = []
-
-#: File systems on which SQLite's WAL mode (shared memory between processes) and its file
-#: locks are not safe: processes on two nodes can corrupt the database or lose writes.
-NETWORK_FILE_SYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "lustre",
-        "gpfs",
-        "beegfs",
-        "cifs",
-        "smb3",
-        "smbfs",
-        "ceph",
-        "fuse.sshfs",
-        "glusterfs",
-        "fuse.glusterfs",
-        "panfs",
-        "afs",
-        "9p",
-        "fuse.gcsfuse",
-        "wekafs",
-    }
-)
-
-
-#: The mount table read by :func:`file_system_type`.
-MOUNTS = "/proc/mounts"
-
-
-def file_system_type(path: str | os.PathLike[str], mounts: str | None = None) -> str | None:
-    """Type of the file system holding ``path`` (its nearest existing parent), from
-    ``/proc/mounts``; None where that cannot be read (not Linux).
-
-    Examples
-    --------
-    >>> file_system_type("/", mounts="/nonexistent") is None
-    True
-    """
-    try:
-        with open(mounts or MOUNTS, encoding="utf-8") as handle:
-            table = [line.split()[1:3] for line in handle if len(line.split()) >= 3]
-    except OSError:
-        return None
-    target = Path(path).expanduser().absolute()
-    while not target.exists() and target != target.parent:
-        target = target.parent
-    real = os.path.realpath(target)
-    best: tuple[int, str] | None = None
-    for mount_point, fs_type in table:
-        mount_point = mount_point.replace("\\040", " ")
-        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
-        if inside and (best is None or len(mount_point) > best[0]):
-            best = (len(mount_point), fs_type)
-    return best[1] if best else None
-
 
 # --------------------------------------------------------------------------- SQL helpers
 
@@ -928,7 +878,7 @@ class SQLiteStore(DocStore):
             raise
         logger.debug("connected to %s", self.name)
         state = _ProcessState(writer, self.key)
-        state.identity = _identity(file)
+        state.identity = identity(file)
         return state
 
     def _new_connection(self, file: str) -> sqlite3.Connection:
@@ -946,7 +896,7 @@ class SQLiteStore(DocStore):
             conn.create_function("jfc_match", 2, _sql_match)
             # a row holding bytes that are not UTF-8 (bit rot, a hand-edited table) reads as
             # an unreadable document instead of failing every statement that meets it
-            conn.text_factory = _decode_text
+            conn.text_factory = decode_text
         except BaseException:
             conn.close()
             raise
@@ -1041,7 +991,7 @@ class SQLiteStore(DocStore):
         recorded there), a replaced one is used as it is (or, when it is no store, the
         error says so and the caller runs uncached). One ``stat`` per write transaction.
         """
-        if state.identity is None or _identity(self._file) == state.identity:
+        if state.identity is None or identity(self._file) == state.identity:
             return state
         with _REOPEN_LOCK:
             if self._state is not state:  # another thread reopened it meanwhile
@@ -1051,11 +1001,11 @@ class SQLiteStore(DocStore):
             # file has moved): a connection to the new file would take the old file's pages
             # from them. Removed once this process's connections are closed, unless another
             # process has already put fresh ones there (other inodes than the ones in use)
-            stale = _sidecars_in_use(self._file)
+            stale = sidecars_in_use(self._file)
             self._state = None
             state.close()
             for sidecar in (f"{self._file}-wal", f"{self._file}-shm"):
-                if _identity(sidecar) in stale:
+                if identity(sidecar) in stale:
                     with contextlib.suppress(OSError):
                         os.unlink(sidecar)
             try:
@@ -2033,38 +1983,6 @@ class SQLiteStore(DocStore):
 
 #: Serialises reopening a store whose file was deleted or replaced (see ``_current_file``).
 _REOPEN_LOCK = threading.Lock()
-
-
-def _identity(file: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file at a path, None when there is none."""
-    try:
-        st = os.stat(file)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _sidecars_in_use(file: str) -> set[tuple[int, int] | None]:
-    """(st_dev, st_ino) of the -wal/-shm files of ``file`` this process has open (Linux's
-    /proc; empty elsewhere)."""
-    names = {f"{name}{suffix}" for name in (file, os.path.realpath(file)) for suffix in _SIDECARS}
-    found: set[tuple[int, int] | None] = set()
-    try:
-        fds = os.listdir("/proc/self/fd")
-    except OSError:
-        return found
-    for fd in fds:
-        link = f"/proc/self/fd/{fd}"
-        try:
-            if os.readlink(link) in names:
-                st = os.stat(link)
-                found.add((st.st_dev, st.st_ino))
-        except OSError:
-            continue
-    return found
-
-
-_SIDECARS = ("-wal", "-shm")
 
 
 #: The kind of a JSON text by its first character (digits and '-': a number).

@@ -1,6 +1,7 @@
-"""CacheStore: a digest -> CacheEntry map on top of any maggma Store, with a blob store for
-outputs too large for one document; WriteBehind: its writes in batches (one commit for many
-entries or hit counts, at most ~0.1 s behind)."""
+"""CacheStore: a digest -> CacheEntry map on an :class:`.EntryBackend` (the embedded
+fixed-schema SQLite file by default, or any maggma Store), with a blob store for outputs too
+large for one document; WriteBehind: its writes in batches (one commit for many entries or hit
+counts, at most ~0.1 s behind)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import xxhash
 from maggma.core import Sort, Store
-from maggma.stores import GridFSStore, MemoryStore, MongoStore, MongoURIStore
+from maggma.stores import GridFSStore, MongoStore, MongoURIStore
 from maggma.stores.gridfs import GridFSURIStore
 from monty.json import MontyDecoder, MSONable
 from pydantic import ValidationError
 
-from jobflow_cache.docstore import unreadable_reason
+from jobflow_cache.backends import EntryBackend, MaggmaBackend, SQLiteBackend
+from jobflow_cache.backends.base import unreadable_reason
+from jobflow_cache.backends.maggma import is_thread_safe, store_name
 from jobflow_cache.entry import (
     CHECKSUM_FIELDS,
     PACKED_KEY,
@@ -37,7 +40,6 @@ from jobflow_cache.entry import (
 from jobflow_cache.errors import CacheError, SettingsError, StoreUnavailableError
 from jobflow_cache.hashing import SCHEME
 from jobflow_cache.settings import CacheSettings, get_settings
-from jobflow_cache.sqlite_store import SQLiteStore
 from jobflow_cache.trust import group_key, sign, signature_problem
 
 if TYPE_CHECKING:
@@ -56,28 +58,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Fields indexed in the underlying store (the digest index is unique).
-INDEXED_FIELDS = ("function", "name", "created", "last_hit", "valid", "source_uuid")
-
-#: Entries per write when a cascade marks them invalid.
-CASCADE_BATCH = 500
-
-#: Fields only needed to explain a miss: not read when an entry is looked up to be served.
-EXPLAIN_FIELDS = ("canonical_input", "arg_digests")
-
 #: A :class:`WriteBehind` writes what it holds once the oldest item is this old (seconds), or
 #: its watchdog does at twice that: a crash or SIGKILL loses at most ~3 times this.
 WRITE_DELAY = 0.035
-
-#: Stores whose methods may be called from a writer thread while the job thread reads.
-_THREAD_SAFE_STORES = (
-    SQLiteStore,
-    MongoStore,
-    MemoryStore,
-    MongoURIStore,
-    GridFSStore,
-    GridFSURIStore,
-)
 
 #: Key of a stored entry document whose compressed ``output``/``response`` are kept in the blob
 #: store: field -> xxh3-128 of the compressed text there (the blob itself is keyed by digest).
@@ -186,11 +169,14 @@ def store_from_spec(spec: dict[str, Any] | str | Path | Store) -> Store:
 
 
 class CacheStore(MSONable):
-    """Cache entries keyed by digest, kept in any maggma :obj:`~maggma.core.Store`.
+    """Cache entries keyed by digest, kept in an :class:`.EntryBackend`.
 
-    The wrapped store's key is set to ``"digest"``; a unique index on it (and plain indexes on the
-    query fields) is created on :meth:`connect`. Without arguments the embedded default is used:
-    a SQLite file under ``JOBFLOW_CACHE_DIR`` that needs no server.
+    Without arguments the embedded default is used: :class:`.SQLiteBackend`, a fixed-schema
+    SQLite file under ``JOBFLOW_CACHE_DIR`` that needs no server. A maggma
+    :obj:`~maggma.core.Store` is wrapped in a :class:`.MaggmaBackend` (its key is set to
+    ``"digest"``; a unique index on it and plain indexes on the query fields are created on
+    :meth:`connect`). :attr:`backend` is the backend; :attr:`store` is the maggma store when one
+    was given, the backend otherwise.
 
     **Large outputs.** A sealed entry document larger than ``blob_threshold`` bytes (its
     ``output`` and ``response`` already compressed) keeps those two in the blob store, in one
@@ -202,7 +188,8 @@ class CacheStore(MSONable):
     Parameters
     ----------
     store
-        Any maggma store (``MongoStore``, ``MemoryStore``, :obj:`.SQLiteStore`, ...).
+        An :class:`.EntryBackend`, or any maggma store (``MongoStore``, ``MemoryStore``,
+        :obj:`.PostgresStore`, ...).
     objects_dir
         Folder of the content-addressed run-folder file objects.
     blob_store
@@ -222,7 +209,7 @@ class CacheStore(MSONable):
     >>> cache = CacheStore(MemoryStore(), "/tmp/objs", blob_store=MemoryStore(), blob_threshold=0)
     >>> cache.connect()
     >>> cache.put(CacheEntry(digest="b" * 32, scheme=SCHEME, function="m:f", output="[0]" * 9**5))
-    >>> sorted(cache.store.query_one({"digest": "b" * 32})[BLOBS_KEY])
+    >>> sorted(cache.backend.read("b" * 32)[BLOBS_KEY])
     ['output']
     >>> cache.get("b" * 32).output == "[0]" * 9**5
     True
@@ -230,7 +217,7 @@ class CacheStore(MSONable):
 
     def __init__(
         self,
-        store: Store | None = None,
+        store: Store | EntryBackend | None = None,
         objects_dir: str | Path | None = None,
         blob_store: Store | None = None,
         blob_threshold: int | None = None,
@@ -241,13 +228,14 @@ class CacheStore(MSONable):
             settings = CacheSettings.model_construct()
         if store is None:
             store = default_store(settings)
-        self.store = store
-        self.store.key = "digest"
+        self.backend: EntryBackend = _backend_of(store)
+        #: the maggma store given, else the backend
+        self.store = store if isinstance(self.backend, MaggmaBackend) else self.backend
         self.objects_dir = str(objects_dir or settings.objects_dir())
         self._blob_error: StoreUnavailableError | None = None
         if blob_store is None:
             try:  # a bad spec fails connect() (the cache is then skipped), not the constructor
-                blob_store = _configured_blob_store(store, settings)
+                blob_store = _configured_blob_store(self.store, settings)
             except StoreUnavailableError as err:
                 self._blob_error = err
         if blob_store is not None:
@@ -307,10 +295,7 @@ class CacheStore(MSONable):
                 f"cache store {self.name} is not used: {self._key_error}"
             ) from self._key_error
         try:
-            self.store.connect()
-            self.store.ensure_index("digest", unique=True)
-            for field in INDEXED_FIELDS:
-                self.store.ensure_index(field)
+            self.backend.connect()
         except CacheError:
             raise
         except Exception as err:
@@ -330,7 +315,7 @@ class CacheStore(MSONable):
 
     def close(self) -> None:
         """Close the underlying store (and the blob store)."""
-        self.store.close()
+        self.backend.close()
         if self.blob_store is not None:
             try:
                 self.blob_store.close()
@@ -352,7 +337,10 @@ class CacheStore(MSONable):
     @property
     def name(self) -> str:
         """Name of the underlying store."""
-        return _store_name(self.store)
+        try:
+            return str(self.backend.name)
+        except Exception:
+            return type(self.store).__name__
 
     # -- reading ----------------------------------------------------------------------------
     def lookup(self, digest: str, *, serving: bool = False) -> Lookup:
@@ -371,7 +359,7 @@ class CacheStore(MSONable):
         is parsed later, by the one serving it.
         """
         try:
-            doc = self._read(digest, EXPLAIN_FIELDS if serving else ())
+            doc = self.backend.read(digest, explain=not serving)
         except Exception as err:
             raise StoreUnavailableError(f"cache store {self.name} failed: {err}") from err
         if doc is None:
@@ -425,15 +413,6 @@ class CacheStore(MSONable):
             return signature_problem(self.group_key, digest, stored, doc.get("signature"))
         return None
 
-    def _read(self, digest: str, leave_out: tuple[str, ...]) -> dict[str, Any] | None:
-        store = self.store
-        query_key = getattr(store, "query_key", None)  # SQLiteStore, PostgresStore
-        if callable(query_key):
-            return query_key(digest, leave_out=leave_out)  # type: ignore[no-any-return,unused-ignore]
-        if leave_out and isinstance(store, MongoStore):  # MemoryStore too: mongomock
-            return store.query_one({"digest": digest}, properties=dict.fromkeys(leave_out, 0))
-        return store.query_one({"digest": digest})
-
     @staticmethod
     def check_entry(entry: CacheEntry) -> Lookup:
         """Lookup outcome of a decoded entry (checksum, scheme and valid flag)."""
@@ -459,7 +438,7 @@ class CacheStore(MSONable):
 
     def count(self, criteria: dict[str, Any] | None = None) -> int:
         """Number of entries matching ``criteria``."""
-        return int(self.store.count(criteria or {}))
+        return int(self.backend.count(criteria or {}))
 
     def find(
         self,
@@ -479,7 +458,8 @@ class CacheStore(MSONable):
         """
         if properties is not None and PACKED_KEY in properties and BLOBS_KEY not in properties:
             properties = [*properties, BLOBS_KEY]
-        docs = self.store.query(criteria or {}, properties=properties, sort=sort, limit=limit)
+        order = {field: _direction(way) for field, way in (sort or {}).items()}
+        docs = self.backend.select(criteria or {}, properties, order, limit)
         restore = (
             blobs
             and self.blob_store is not None
@@ -556,10 +536,10 @@ class CacheStore(MSONable):
         doc, blob = self._split(self._sealed(entry))
         if blob is not None and self.blob_store is not None:
             self.blob_store.update(blob, key="digest")
-        self.store.update(doc, key="digest")
+        self.backend.write([doc])
 
     def put_many(self, entries: list[CacheEntry]) -> None:
-        """Seal and write ``entries`` at once (one transaction in a :obj:`.SQLiteStore`).
+        """Seal and write ``entries`` at once (one transaction where the backend has them).
 
         Call only after their files are safely stored. Each entry is written whole or not
         at all, and only after its blob (if any): all blobs are written first.
@@ -573,7 +553,7 @@ class CacheStore(MSONable):
                     blobs.append(blob)
             if blobs and self.blob_store is not None:
                 self.blob_store.update(blobs, key="digest")
-            self.store.update(docs, key="digest")
+            self.backend.write(docs)
 
     def _split(self, doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """A sealed document larger than the threshold, without its compressed fields, and
@@ -592,34 +572,12 @@ class CacheStore(MSONable):
 
     def record_hit(self, digest: str, count: int = 1, when: datetime | None = None) -> None:
         """Add ``count`` to the hit counter of an entry and set its last-hit time
-        (default: now), atomically where possible."""
-        now = when or utcnow()
-        increment = getattr(self.store, "increment", None)
-        if callable(increment):
-            increment(digest, {"hits": count}, {"last_hit": now})
-            return
-        collection = getattr(self.store, "_coll", None)
-        if collection is not None and hasattr(collection, "update_one"):
-            collection.update_one(
-                {"digest": digest}, {"$inc": {"hits": count}, "$set": {"last_hit": now}}
-            )
-            return
-        doc = self.store.query_one({"digest": digest})
-        if doc is not None:
-            doc["hits"] = int(doc.get("hits", 0)) + count
-            doc["last_hit"] = now
-            self.store.update(doc, key="digest")
+        (default: now), atomically where the backend can."""
+        self.backend.add_hits({digest: (count, when or utcnow())})
 
     def record_hits(self, hits: Mapping[str, tuple[int, datetime]]) -> None:
-        """Record many hits: digest -> (count, last-hit time); one transaction in SQLite."""
-        increment_many = getattr(self.store, "increment_many", None)
-        if callable(increment_many) and len(hits) > 1:
-            increment_many(
-                [(digest, {"hits": n}, {"last_hit": when}) for digest, (n, when) in hits.items()]
-            )
-            return
-        for digest, (n, when) in hits.items():
-            self.record_hit(digest, n, when)
+        """Record many hits: digest -> (count, last-hit time); one transaction in SQL."""
+        self.backend.add_hits(hits)
 
     def dependents(self, digests: Iterable[str]) -> list[str]:
         """Digests of the entries that consumed any of ``digests``, transitively: each entry
@@ -628,12 +586,9 @@ class CacheStore(MSONable):
         The ``digests`` themselves are left out (unless one consumed another); the order is
         breadth first (direct consumers first), each digest once.
 
-        One streamed pass over the entries (their ``digest`` and ``consumed`` fields only)
-        finds the consumers of every digest; memory grows with the number of consumed
-        links, not with the entries' size. A query per level of the cascade
-        (``{"consumed": {"$in": [...]}}``, which every backend answers) costs more on the
-        embedded SQLite store, which tests array fields in Python on each document: 0.18 s
-        per level for 10,000 entries, against 0.03 s for the whole pass.
+        One pass over the backend's consumed links (:meth:`.EntryBackend.consumers`) finds
+        the consumers of every digest; memory grows with the number of links, not with the
+        entries' size.
 
         Examples
         --------
@@ -654,12 +609,9 @@ class CacheStore(MSONable):
         if not seen:
             return []
         consumers: dict[str, list[str]] = {}
-        for doc in self.store.query({}, properties=["digest", "consumed"]):
-            digest, consumed = doc.get("digest"), doc.get("consumed")
-            if isinstance(digest, str) and isinstance(consumed, list):
-                for upstream in consumed:
-                    if isinstance(upstream, str):
-                        consumers.setdefault(upstream, []).append(digest)
+        for digest, consumed in self.backend.consumers():
+            for upstream in consumed:
+                consumers.setdefault(upstream, []).append(digest)
         found: list[tuple[str, str]] = []
         frontier = sorted(seen)
         while frontier:
@@ -704,42 +656,13 @@ class CacheStore(MSONable):
         Only these two fields are written (atomically where the store can), so a hit count
         written at the same moment is not lost.
         """
-        if not reasons:
-            return []
-        increment_many = getattr(self.store, "increment_many", None)  # SQLite, PostgreSQL
-        found: list[str] = []
-        if callable(increment_many):
-            for start in range(0, len(reasons), CASCADE_BATCH):
-                batch = reasons[start : start + CASCADE_BATCH]
-                exists = increment_many(
-                    [(d, {}, {"valid": False, "invalid_reason": why}) for d, why in batch]
-                )
-                found.extend(d for (d, _), ok in zip(batch, exists) if ok)
-            return found
-        collection = getattr(self.store, "_coll", None)  # MongoStore, MemoryStore
-        for digest, why in reasons:
-            if collection is not None and hasattr(collection, "update_one"):
-                result = collection.update_one(
-                    {"digest": digest}, {"$set": {"valid": False, "invalid_reason": why}}
-                )
-                if result.matched_count:
-                    found.append(digest)
-                continue
-            doc = self.store.query_one({"digest": digest})
-            if doc is None:
-                continue
-            doc.pop("_id", None)
-            doc["valid"] = False
-            doc["invalid_reason"] = why
-            self.store.update(doc, key="digest")
-            found.append(digest)
-        return found
+        return self.backend.set_invalid(reasons) if reasons else []
 
     def remove(self, digests: list[str]) -> None:
         """Delete the entries of ``digests``, then their blobs (their file objects are left to
         garbage collection)."""
         if digests:
-            self.store.remove_docs({"digest": {"$in": list(digests)}})
+            self.backend.remove(list(digests))
             if self.blob_store is not None:
                 self.blob_store.remove_docs({"digest": {"$in": list(digests)}})
 
@@ -754,9 +677,7 @@ class CacheStore(MSONable):
             batch = held[start : start + 500]
             referring = {
                 doc.get("digest")
-                for doc in self.store.query(
-                    {"digest": {"$in": batch}}, properties=["digest", BLOBS_KEY]
-                )
+                for doc in self.backend.select({"digest": {"$in": batch}}, [BLOBS_KEY])
                 if doc.get(BLOBS_KEY)
             }
             orphans.extend(d for d in batch if d not in referring)
@@ -768,13 +689,15 @@ class CacheStore(MSONable):
             self.blob_store.remove_docs({"digest": {"$in": list(digests)}})
 
 
-def default_store(settings: CacheSettings | None = None) -> Store:
-    """The embedded default store: SQLite (WAL) at ``<JOBFLOW_CACHE_DIR>/cache.sqlite``."""
+def default_store(settings: CacheSettings | None = None) -> EntryBackend:
+    """The embedded default backend: :class:`.SQLiteBackend` (WAL) at
+    ``<JOBFLOW_CACHE_DIR>/cache.sqlite`` (a file written by an earlier release is migrated
+    when first opened)."""
     settings = settings or get_settings()
-    return SQLiteStore(settings.store_path(), collection_name="entries", key="digest")
+    return SQLiteBackend(settings.store_path())
 
 
-def default_blob_store(store: Store) -> Store | None:
+def default_blob_store(store: Store | EntryBackend) -> Store | None:
     """The blob store used with ``store`` when none is configured.
 
     A ``MongoStore`` (or ``MongoURIStore``) gets a ``GridFSStore`` in the same database and
@@ -788,6 +711,7 @@ def default_blob_store(store: Store) -> Store | None:
     >>> blobs = default_blob_store(MongoStore("jobflow", "cache", host="db.example.org"))
     >>> type(blobs).__name__, blobs.database, blobs.collection_name, blobs.host
     ('GridFSStore', 'jobflow', 'cache_blobs', 'db.example.org')
+    >>> from maggma.stores import MemoryStore
     >>> default_blob_store(MemoryStore()) is None
     True
     """
@@ -818,18 +742,49 @@ def default_blob_store(store: Store) -> Store | None:
     )
 
 
-def _configured_blob_store(store: Store, settings: CacheSettings) -> Store | None:
+def _configured_blob_store(store: Store | EntryBackend, settings: CacheSettings) -> Store | None:
     """``JOBFLOW_CACHE_BLOB_STORE`` if set, else :func:`default_blob_store` of ``store``."""
     if settings.BLOB_STORE:
         return store_from_spec(settings.BLOB_STORE)
     return default_blob_store(store)
 
 
+def _backend_of(store: Store | EntryBackend) -> EntryBackend:
+    """The backend keeping entries in ``store``.
+
+    A :class:`.SQLiteStore` of the embedded store's table (``entries``: a store spec naming
+    the cache file, as earlier releases documented) is that file's :class:`.SQLiteBackend`,
+    and a :class:`.PostgresStore` (``{"type": "PostgresStore", "uri": ..., "table": ...}``,
+    the documented spec of a group's cache) is :class:`.PostgresBackend` on the same table
+    name: both migrate what an earlier release wrote on first open. Any other maggma store
+    is wrapped in a :class:`.MaggmaBackend`.
+    """
+    if not isinstance(store, Store):
+        return store
+    from jobflow_cache.backends.postgres import PostgresBackend
+    from jobflow_cache.postgres_store import PostgresStore
+    from jobflow_cache.sqlite_store import SQLiteStore
+
+    if type(store) is SQLiteStore and store.collection_name == "entries":
+        return SQLiteBackend(store.path, timeout=store.timeout)
+    if type(store) is PostgresStore and store.key == "digest":
+        return PostgresBackend(
+            store.uri,
+            table=store.table,
+            connect_timeout=store.connect_timeout,
+            pool_size=store.pool_size,
+        )
+    return MaggmaBackend(store)
+
+
 def _store_name(store: Store) -> str:
-    try:
-        return str(store.name)
-    except Exception:
-        return type(store).__name__
+    return store_name(store)
+
+
+def _direction(way: Sort | int) -> int:
+    """1 or -1 of a maggma ``Sort`` or an int."""
+    value = way.value if isinstance(way, Sort) else way
+    return -1 if int(value) < 0 else 1
 
 
 def _blob_hash(text: str) -> str:
@@ -899,11 +854,8 @@ class WriteBehind:
     def supports(store: CacheStore) -> bool:
         """Whether ``store`` (and its blob store) may be written from a thread while the job
         thread reads it."""
-        return all(
-            type(inner) in _THREAD_SAFE_STORES or bool(getattr(inner, "thread_safe", False))
-            for inner in (store.store, store.blob_store)
-            if inner is not None
-        )
+        blobs = store.blob_store
+        return store.backend.thread_safe and (blobs is None or is_thread_safe(blobs))
 
     # -- queueing ---------------------------------------------------------------------------
     def put(self, entry: CacheEntry) -> None:

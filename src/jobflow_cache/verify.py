@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from jobflow_cache.backends.base import unreadable_reason
 from jobflow_cache.codec import loads
-from jobflow_cache.docstore import unreadable_reason
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.files import FileRecord, ObjectArea
 from jobflow_cache.hashing import SCHEME, digest_bytes, encode
