@@ -54,13 +54,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, NoReturn
 
 from jobflow import Flow, Job, JobStore, Response
 from jobflow.core.flow import get_flow
 from maggma.stores import MemoryStore
 
 from jobflow_cache.errors import CacheError, CacheWarning, warn
+from jobflow_cache.execution.call import Role
 from jobflow_cache.executor import (
     META_KEY,
     RUN_FILES,
@@ -75,9 +76,6 @@ from jobflow_cache.local import _chdir, _indexed_view
 from jobflow_cache.marking import cache_flow
 from jobflow_cache.settings import cache_disabled
 from jobflow_cache.store import CacheStore, Outcome
-
-if TYPE_CHECKING:
-    from jobflow_cache.shared import Coordinator
 
 __all__ = ["Plan", "PlannedJob", "plan"]
 
@@ -219,77 +217,32 @@ class _BlockedError(Exception):
     """A served job whose response cannot be served ahead (the worker serves it)."""
 
 
-class _ReadOnlyAliases:
-    """The store's coordinator, for :func:`plan`: aliases are read, never written."""
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._coordinator = coordinator
-
-    def get_aliases(self, names: Sequence[str]) -> dict[str, str]:
-        return self._coordinator.get_aliases(names)
-
-    def set_aliases(self, pairs: Mapping[str, str]) -> None:
-        return None
-
-    def claim(self, name: str, owner: str, lease: float) -> str:  # never used: no dedup
-        return owner
-
-    def release(self, name: str, owner: str) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._coordinator, name)
-
-
 class _ServeOnly(Cache):
     """A cache session that serves hits and never runs a job function.
 
     Everything up to the decision is :meth:`.Cache.call` itself (options, digest, lookup, the
     checks of a hit, placing files, rewriting uuids and folders); where the worker would run
-    the function (a miss, an unservable entry, caching off) :class:`_NotServedError` is raised
-    instead. Job uuids and run folders of other processes are looked up in the store, as a
-    worker outside ``run_locally`` does. With ``record`` False (:func:`plan`) nothing is
-    written to the cache; with ``record`` True (:meth:`Plan.apply`) hits are counted and the
-    served jobs' uuids and folders recorded, for the workers that run their children.
+    the function (a miss, an unservable entry, caching off) its :class:`.Role` raises
+    :class:`_NotServedError` instead. Job uuids and run folders of other processes are looked
+    up in the store, as a worker outside ``run_locally`` does, and no digest is claimed
+    (nothing runs). With ``record`` False (:func:`plan`) nothing is written to the cache; with
+    ``record`` True (:meth:`Plan.apply`) hits are counted and the served jobs' uuids and
+    folders recorded, for the workers that run their children.
     """
 
     def __init__(self, base: Cache, *, record: bool) -> None:
-        super().__init__(base.store, files=base._files, exclusive_dirs=True, settings=base.settings)
-        self._spec_error = base._spec_error
-        self.dedup = False  # no claims: nothing runs
-        self._record = record
+        role = Role(refuse=_refuse, writes=record, lineage_in_store=True, dedup=False)
+        super().__init__(
+            base.store, files=base._files, exclusive_dirs=True, settings=base.settings, role=role
+        )
+        # a store that could not be built stays unusable here too
+        self.store_session.spec_error = base.store_session.spec_error
 
-    # where the worker would run the function
-    def _run_and_record(self, job: Job, *args: Any, **kwargs: Any) -> Any:
-        # (job, function, args, kwargs, options, call_digest, refs, outcome, *, write=)
-        call_digest, outcome = args[4], args[6]
-        why = self._conflicts.pop(job.uuid, None)  # a folder conflict, refresh mode
-        raise _NotServedError(outcome, call_digest.digest, why)
 
-    def _uncached(self, job: Job, *args: Any, **kwargs: Any) -> Any:
-        # (job, function, args, kwargs, outcome, options)
-        raise _NotServedError(args[3], None)
-
-    def _executing(self, job: Job, options: Any, digest: str | None, outcome: Outcome,
-                   *args: Any, **kwargs: Any) -> None:  # fmt: skip
-        raise _NotServedError(outcome, digest)
-
-    # writing
-    def _put(self, entry: Any) -> None:  # never reached (nothing is recorded)
-        return None
-
-    def _record_hit(self, digest: str) -> None:
-        if self._record:
-            super()._record_hit(digest)
-
-    def _lineage_in_store(self) -> bool:
-        return True  # as a worker outside run_locally: upstream jobs ran in other processes
-
-    def _coordination(self) -> Coordinator | None:
-        coordinator = super()._coordination()
-        if coordinator is None or self._record:
-            return coordinator
-        return _ReadOnlyAliases(coordinator)
+def _refuse(outcome: Outcome, digest: str | None, why: str | None) -> NoReturn:
+    """Where the worker would run the function: the job is not served (why: a folder
+    conflict, refresh mode)."""
+    raise _NotServedError(outcome, digest, why)
 
 
 class _PlanIntercept(_Intercept):
