@@ -61,6 +61,9 @@ _NUMPY_KINDS = frozenset("biufcSUmM")
 # stateless (the encoder keeps state only with allow_unserializable_objects): one of each for
 # all calls, as json.dumps(obj, cls=MontyEncoder, ...) would build; building one costs ~5-15 us
 _ENCODER = MontyEncoder(separators=(",", ":"), allow_nan=True)
+# a key (a JSON string followed by a colon) naming a class, or starting with "$"
+_MONTY_KEY = re.compile(r'"@module"\s*:')
+_DOLLAR_KEY = re.compile(r'"\$[^"\\]*"\s*:')
 _DECODER = MontyDecoder()
 
 
@@ -200,12 +203,18 @@ def loads(text: str, tree: Any = _UNPARSED) -> Any:
             # no JSON object: nothing for monty's decoder (or bson's object hook) to rebuild,
             # and no tag; json.loads gives the same value without building a decoder
             return json.loads(text) if parsed is None else parsed
-        if "@module" in text or "\\u" in text:  # a module may be named (or escaped)
+        escaped = "\\u" in text  # a key may be written with escapes: decoded as named
+        monty = escaped or _MONTY_KEY.search(text) is not None
+        if monty:  # a module may be named
             if parsed is None:
                 parsed = json.loads(text)
             check_trusted(parsed)
-        if '"$' in text or '"\\u0024' in text:
+        if escaped or _DOLLAR_KEY.search(text) is not None:
             value = _DECODER.decode(text)
+        elif not monty:
+            # no dict names a class (a returned monty dict is tagged: its "@module" is no
+            # key), none has a "$..." key: nothing for monty's or bson's decoder to rebuild
+            value = json.loads(text) if parsed is None else parsed
         else:
             # monty parses with bson's json_util when bson is installed, whose object hook
             # only rebuilds objects with a "$..." key; with none (no key starts with "$",
