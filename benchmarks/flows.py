@@ -7,6 +7,8 @@ then all misses and a warm run all hits. ``work`` seconds of sleep stand for a j
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import time
@@ -15,7 +17,7 @@ from typing import Any
 
 from jobflow import Flow, Job, Response, job
 
-__all__ = ["SHAPES", "build", "final_output"]
+__all__ = ["SHAPES", "big_output", "build", "final_output", "payload", "plain_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +168,47 @@ def final_output(responses: dict[str, dict[int, Response]], last: Job) -> Any:
     if not runs:
         return None
     return runs[max(runs)].output
+
+
+# --------------------------------------------------------------------------- large outputs
+def _site(i: int) -> dict[str, Any]:
+    """One site of a pymatgen-like structure dict (about 260 bytes of JSON)."""
+    f = (i % 997) / 997
+    return {
+        "species": [{"element": "Si", "occu": 1.0, "oxidation_state": None}],
+        "abc": [f, 1 - f, f / 2],
+        "xyz": [f * 5.43, (1 - f) * 5.43, f * 2.715],
+        "properties": {"magmom": 0.0, "selective_dynamics": [True, True, False]},
+        "label": f"Si{i}",
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def payload(nbytes: int) -> dict[str, Any]:
+    """A JSON-able, dict-heavy output of about ``nbytes`` bytes of JSON (built once per size).
+
+    About three quarters are site dicts (strings, small float lists), the rest a flat list of
+    floats, as in a relaxation's structure plus its energy trajectory.
+    """
+    site = len(json.dumps(_site(500), separators=(",", ":"))) + 1
+    sites = max(1, nbytes * 3 // 4 // site)
+    floats = max(1, (nbytes - sites * site - 200) // 18)
+    return {
+        "@module": "pymatgen.core.structure",
+        "@class": "Structure",
+        "lattice": {"matrix": [[5.43, 0.0, 0.0], [0.0, 5.43, 0.0], [0.0, 0.0, 5.43]]},
+        "sites": [_site(i) for i in range(sites)],
+        "energies": [-10.84 - k * 1.0e-7 for k in range(floats)],
+    }
+
+
+@job
+def big_output(nbytes: int, tag: str) -> dict[str, Any]:
+    """Return the (prebuilt) ``payload(nbytes)``: trivial compute, a large output."""
+    return payload(nbytes)
+
+
+def plain_step(x: int, tag: int, work: float = 0.0) -> int:
+    """:func:`step` as a plain function (memoised by joblib.Memory for comparison)."""
+    _work(work)
+    return x + 1

@@ -21,7 +21,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_contents, bench_files, bench_flows, bench_hashing, bench_store
+from benchmarks import (
+    bench_contents,
+    bench_files,
+    bench_flows,
+    bench_hashing,
+    bench_outputs,
+    bench_store,
+)
 from benchmarks import shared as bench_shared
 from benchmarks.common import ROOT, Mode, machine_facts, table
 from benchmarks.targets import evaluate, targets_table
@@ -41,6 +48,8 @@ BENCHMARKS = {
     "files": "materialising run folders by hard link vs copy",
     "contents": "content digests of files/folders named in inputs: first, memoised, other process",
     "shared": "8 writer processes per backend (SQLite, PostgreSQL), lookups, claims, leases",
+    "outputs": "hit on a 1 kB / 1 MB / 16 MB output vs uncached run; one hit-count write per size",
+    "peers": "own part of a warm job vs a joblib.Memory hit (and AiiDA's when installed)",
 }
 
 
@@ -149,6 +158,10 @@ def render(results: dict[str, Any]) -> list[str]:
         sections.append(bench_contents.contents_table(results["contents"]))
     if results.get("shared"):
         sections += bench_shared.shared_tables(results["shared"])
+    if results.get("outputs"):
+        sections.append(bench_outputs.outputs_table(results["outputs"]))
+    if results.get("peers"):
+        sections.append(bench_outputs.peers_table(results["peers"]))
     if results.get("targets"):
         sections.append(targets_table(results["targets"], quick=results["mode"] == "quick"))
     if results.get("checks"):
@@ -246,6 +259,25 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> None:
         shared = _guard("shared", results, lambda: bench_shared.run_shared(mode))
         if shared:
             results["shared"] = shared
+    if "outputs" in selected:
+        outputs = _guard("outputs", results, lambda: bench_outputs.run_outputs(mode))
+        if outputs:
+            results["outputs"] = outputs
+            for row in outputs:
+                if row.get("status") != "ok":
+                    results["errors"][f"outputs:{row['label']}"] = {
+                        "error": f"{row.get('status')}: {row.get('error', '')}",
+                        "traceback": row.get("traceback", ""),
+                    }
+    if "peers" in selected:
+        peers = _guard("peers", results, lambda: bench_outputs.run_peers(mode))
+        if peers:
+            results["peers"] = peers
+            if peers.get("status") != "ok":
+                results["errors"]["peers"] = {
+                    "error": f"{peers.get('status')}: {peers.get('error', '')}",
+                    "traceback": peers.get("traceback", ""),
+                }
     for name in ("flows", "work", "memory"):
         for run in results.get(name) or []:
             if run.get("status") == "error":

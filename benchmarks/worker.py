@@ -14,6 +14,12 @@ Task kinds
 ``writer``
     Put entries into a cache store from this process once the parent says go (two of these
     run at once to measure concurrent writers).
+``output``
+    One job with a large output: uncached, cold and warm runs side by side, then the cost of
+    one hit-count write on the entry (:mod:`benchmarks.bench_outputs`).
+``peers``
+    The cache's own part of a warm job next to a joblib.Memory hit, and an AiiDA cached
+    calcfunction when aiida-core is installed (:mod:`benchmarks.bench_outputs`).
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ from jobflow import JobStore
 from maggma.stores import MemoryStore
 
 import jobflow_cache
-from benchmarks.common import MARK
+from benchmarks.common import MARK, time_call
 from benchmarks.entries import cache_store, sealed_entry
-from benchmarks.flows import build, final_output
+from benchmarks.flows import big_output, build, final_output, payload, plain_step
 
 __all__ = ["main"]
 
@@ -240,7 +246,185 @@ def task_writer(task: dict) -> dict:
     return {"started": started, "seconds": total, "latencies": latencies}
 
 
-TASKS = {"flow": task_flow, "toggle": task_toggle, "writer": task_writer}
+# --------------------------------------------------------------------------- large outputs
+def _run_big(nbytes: int, executor: str, tag: str, cache_dir: str | None) -> dict:
+    """Run one ``big_output`` job with ``executor``; its time, outcome and digest."""
+    _set_env(executor, cache_dir)
+    one = big_output(nbytes, tag)
+    store = JobStore(MemoryStore())
+    store.connect()
+    gc.collect()
+    t0 = time.perf_counter()
+    _execute(executor, one, store)
+    seconds = time.perf_counter() - t0
+    doc = store.query_one({"uuid": one.uuid}, properties=["metadata"]) or {}
+    info = (doc.get("metadata") or {}).get("jobflow_cache") or {}
+    _set_env("", None)
+    return {
+        "seconds": seconds,
+        "outcome": info.get("outcome", "none"),
+        "digest": info.get("digest"),
+    }
+
+
+def _timed(fn: Any, quick: bool) -> dict[str, float]:
+    if quick:
+        return time_call(fn, min_time=0.05, repeats=5, max_total=2.0)
+    return time_call(fn, min_time=0.2, repeats=7, max_total=8.0)
+
+
+def task_output(task: dict) -> dict:
+    """Uncached, cold and warm runs of a one-job flow whose output is ``nbytes`` of JSON,
+    interleaved ``repeats`` times (each cold run on a fresh cache folder, its warm run after
+    it); then ``CacheStore.record_hit`` timed on the entry the last cold run recorded."""
+    nbytes, root = int(task["nbytes"]), task["cache_dir"]
+    json_bytes = len(json.dumps(payload(nbytes), separators=(",", ":")))  # also builds it once
+    scratch = os.path.join(task["workdir"], f"warm-up-output-{os.getpid()}")
+    for executor in ("uncached", "cold", "warm"):  # imports, first connection, first hit
+        _run_big(1024, executor, "warm-up", scratch)
+    times: dict[str, list[float]] = {"uncached": [], "cold": [], "warm": []}
+    outcomes: Counter[str] = Counter()
+    digest, cache_dir = None, root
+    previous = os.getcwd()
+    run_dir = tempfile.mkdtemp(prefix="run-", dir=_RUNS_ROOT)
+    os.chdir(run_dir)
+    try:
+        for r in range(int(task["repeats"])):
+            cache_dir = f"{root}-r{r}"
+            for executor in ("uncached", "cold", "warm"):
+                run = _run_big(nbytes, executor, f"out-{nbytes}", cache_dir)
+                times[executor].append(run["seconds"])
+                outcomes[f"{executor}: {run['outcome']}"] += 1
+                digest = run["digest"] or digest
+    finally:
+        os.chdir(previous)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    result: dict[str, Any] = {
+        "nbytes": nbytes,
+        "json_bytes": json_bytes,
+        "times": times,
+        "outcomes": dict(outcomes),
+        **{executor: statistics.median(values) for executor, values in times.items()},
+    }
+    if digest is not None:
+        settings = jobflow_cache.CacheSettings(DIR=cache_dir)
+        with jobflow_cache.CacheStore.from_settings(settings) as cache:
+            cache.record_hit(digest)  # first write (page cache, statement cache)
+            result["record_hit"] = _timed(lambda: cache.record_hit(digest), task["quick"])
+    return result
+
+
+# --------------------------------------------------------------------------- peers
+def task_peers(task: dict) -> dict:
+    """The cache's own part of a warm job next to a joblib.Memory hit (and AiiDA's).
+
+    Own part: ``(warm - uncached) / n`` of an ``n``-job chain of trivial jobs, the two runs
+    alternating ``repeats`` times in this process after one cold run filled the cache. The
+    joblib hit memoises the chain's job function as a plain function with the same arguments.
+    The floor: xxh3 of the arguments' JSON plus one primary-key probe of the store.
+    """
+    n, root = int(task["n"]), task["cache_dir"]
+    warm_up("cold", task["workdir"])
+    warm_up("uncached", task["workdir"])
+    cold = run_flow_once("chain", n, "cold", 0.0, root)
+    times: dict[str, list[float]] = {"uncached": [], "warm": []}
+    outcomes: Counter[str] = Counter()
+    for _ in range(int(task["repeats"])):
+        for executor in ("uncached", "warm"):
+            run = run_flow_once("chain", n, executor, 0.0, root)
+            times[executor].append(run["seconds"])
+            outcomes.update({f"{executor}: {k}": v for k, v in run["outcomes"].items()})
+    uncached, warm = statistics.median(times["uncached"]), statistics.median(times["warm"])
+    result: dict[str, Any] = {
+        "n": n,
+        "cold_outcomes": cold["outcomes"],
+        "times": times,
+        "outcomes": dict(outcomes),
+        "uncached_per_job": uncached / n,
+        "warm_per_job": warm / n,
+        "own_part": (warm - uncached) / n,
+        "joblib": _joblib_hit(task),
+        "floor": _floor(root, task["quick"]),
+        "aiida": _aiida_hit(task),
+    }
+    return result
+
+
+def _joblib_hit(task: dict) -> dict[str, Any]:
+    try:
+        import joblib
+    except ImportError:
+        return {"status": "skipped", "reason": "joblib is not installed"}
+    memory = joblib.Memory(os.path.join(task["workdir"], "joblib-memory"), verbose=0)
+    cached = memory.cache(plain_step)
+    cached(41, 7, 0.0)  # the miss that stores it
+    timing = _timed(lambda: cached(41, 7, 0.0), task["quick"])
+    return {"status": "ok", "version": joblib.__version__, **timing}
+
+
+def _floor(cache_dir: str, quick: bool) -> dict[str, Any]:
+    """xxh3 of the JSON of a job's arguments plus one primary-key probe (an absent digest)."""
+    import orjson
+    import xxhash
+
+    arguments = {"x": 41, "tag": 7, "work": 0.0}
+    with jobflow_cache.CacheStore.from_settings(jobflow_cache.CacheSettings(DIR=cache_dir)) as cs:
+
+        def probe() -> Any:
+            digest = xxhash.xxh3_128_hexdigest(orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS))
+            return cs.lookup(digest)
+
+        return {"status": "ok", **_timed(probe, quick)}
+
+
+def _aiida_hit(task: dict) -> dict[str, Any]:
+    """Seconds per cached calcfunction call on AiiDA's loaded (or a temporary SQLite) profile."""
+    try:
+        import aiida
+        from aiida import orm
+        from aiida.engine import calcfunction
+        from aiida.manage.caching import enable_caching
+    except ImportError:
+        return {"status": "skipped", "reason": "aiida-core is not installed"}
+    try:
+        try:
+            aiida.load_profile()
+        except Exception:  # no configured profile: a throw-away SQLite one
+            from aiida.storage.sqlite_temp import SqliteTempBackend
+
+            aiida.load_profile(SqliteTempBackend.create_profile("jfc-bench"), allow_switch=True)
+
+        @calcfunction
+        def add_one(x: Any, tag: Any) -> Any:
+            return orm.Int(x.value + 1)
+
+        with enable_caching():
+            add_one(orm.Int(41), orm.Int(7))  # stored: the later calls are cached
+            calls = 5 if task["quick"] else 20
+            seconds = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                node = add_one.run_get_node(orm.Int(41), orm.Int(7)).node
+                seconds.append(time.perf_counter() - t0)
+            cached = node.base.caching.is_created_from_cache
+    except Exception as err:
+        return {"status": "error", "reason": f"{type(err).__name__}: {err}"[:300]}
+    return {
+        "status": "ok" if cached else "not cached",
+        "version": aiida.__version__,
+        "median": statistics.median(seconds),
+        "min": min(seconds),
+        "number": len(seconds),
+    }
+
+
+TASKS = {
+    "flow": task_flow,
+    "toggle": task_toggle,
+    "writer": task_writer,
+    "output": task_output,
+    "peers": task_peers,
+}
 
 
 def main() -> int:
