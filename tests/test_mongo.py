@@ -526,8 +526,8 @@ def test_sqlite_with_a_blob_store_from_settings(tmp_path: Path, monkeypatch: pyt
         assert cache.blob_threshold == 100_000
         cache.put(_big_entry(n=4_000))  # 81 KB of text, 52 KB compressed: stays
         cache.put(_big_entry("e" * 32, n=30_000))  # 384 KB compressed: moves
-        assert BLOBS_KEY not in cache.store.query_one({"digest": "d" * 32})
-        assert BLOBS_KEY in cache.store.query_one({"digest": "e" * 32})
+        assert BLOBS_KEY not in cache.backend.read("d" * 32)
+        assert BLOBS_KEY in cache.backend.read("e" * 32)
         assert cache.blob_store.count() == 1
         assert cache.get("e" * 32).output == _big_entry("e" * 32, n=30_000).output
 

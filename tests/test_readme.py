@@ -67,7 +67,7 @@ def test_readme_demo_reports_a_second_run_served_from_the_cache(tmp_path):
     }
     assert "the same in both runs" in proc.stdout
     assert "7 OUTCAR files: 7 restored from the cache" in proc.stdout
-    assert re.search(r"store +sqlite:///.*cache\.sqlite/entries +\(9 entries\)", proc.stdout)
+    assert re.search(r"store +sqlite:///.*cache\.sqlite +\(9 entries\)", proc.stdout)
     cache_dirs = list(tmp_path.glob("jobflow-cache-demo-*/cache"))
     assert len(cache_dirs) == 1
     assert (cache_dirs[0] / "cache.sqlite").is_file(), "the embedded default store"
