@@ -61,7 +61,6 @@ from datetime import datetime, timezone
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import xxhash
 from monty.json import MSONable
 
@@ -71,17 +70,18 @@ from jobflow_cache.backends.base import (
     UNREADABLE,
     Criteria,
     Totals,
+    parse_datetime,
 )
 from jobflow_cache.backends.criteria import Column, Compiler, column_value
-from jobflow_cache.backends.sqlite import (
-    _UNMIGRATED,
+from jobflow_cache.backends.layout import (
     FIELD_KINDS,
     PAYLOAD_FIELDS,
-    _json,
-    _object,
-    _UnreadableError,
+    UNMIGRATED,
+    UnreadableError,
+    old_document,
+    parse_object,
+    split,
 )
-from jobflow_cache.docstore import _parse_datetime
 from jobflow_cache.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def _operand(kind: str, value: Any) -> Any:
     if kind == "bool":
         return bool(value)
     if kind == "date":
-        return _parse_datetime(value).replace(tzinfo=UTC)
+        return parse_datetime(value).replace(tzinfo=UTC)
     return value
 
 
@@ -275,42 +275,11 @@ _Prepared = tuple[tuple[Any, ...], tuple[Any, ...], list[tuple[str, str]]]
 
 def _prepare(doc: Mapping[str, Any], digest: Any = None) -> _Prepared:
     """The rows of a document: entries row, payload row and consumed pairs."""
-    digest = doc.get("digest") if digest is None else digest
-    if not isinstance(digest, str) or not _text_fits(digest):
-        raise ValueError(f"a document needs a str 'digest', got {digest!r}")
-    columns = dict.fromkeys(_FIELDS)
-    in_doc: list[str] = []
-    rest: dict[str, Any] = {}
-    served: dict[str, Any] = {}
-    explain: dict[str, Any] = {}
-    for key, value in doc.items():
-        kind = FIELD_KINDS.get(key)
-        if kind is not None:
-            if key == "digest":
-                if value != digest:  # filed under another key: read back as it says
-                    rest[key] = value
-                continue
-            stored = _column(kind, value)
-            if stored is not None:
-                columns[key] = stored
-                continue
-            in_doc.append(key)
-        if key in PAYLOAD_FIELDS:
-            served[key] = value
-        elif key in EXPLAIN_FIELDS:
-            explain[key] = value
-        else:
-            rest[key] = value
-    consumed = doc.get("consumed")
-    pairs = []
-    if isinstance(consumed, list):
-        pairs = [
-            (up, digest) for up in dict.fromkeys(consumed) if isinstance(up, str) and _text_fits(up)
-        ]
+    part = split(doc, digest, _column, _text_fits)
     return (
-        (digest, *columns.values(), in_doc or None, _json(rest)),
-        (digest, _json(served) if served else None, _json(explain) if explain else None),
-        pairs,
+        (part.digest, *part.columns, part.in_doc or None, part.doc),
+        (part.digest, part.served, part.explain),
+        part.consumed,
     )
 
 
@@ -318,11 +287,11 @@ def _document(row: Sequence[Any]) -> dict[str, Any]:
     """The document of a row (digest, columns, doc, served, explain) or its stand-in."""
     digest = row[0]
     try:
-        doc = {"digest": digest, **_object(row[_DOC])}
+        doc = {"digest": digest, **parse_object(row[_DOC])}
         for text in row[_DOC + 1 :]:
             if text is not None:
-                doc.update(_object(text))
-    except _UnreadableError as err:
+                doc.update(parse_object(text))
+    except UnreadableError as err:
         return {"digest": digest, UNREADABLE: str(err)}
     for field, value in zip(_FIELDS, row[1:_DOC]):
         if value is not None:
@@ -336,22 +305,12 @@ def _old_row(key: Any, text: Any) -> _Prepared:
     document, or an unreadable row when it is none or this schema cannot hold it."""
     from jobflow_cache.postgres_store import _loads
 
-    try:
-        digest = orjson.loads(key)
-    except (ValueError, TypeError):
-        digest = None
-    if not isinstance(digest, str) or not _text_fits(digest):
-        digest = str(key)
-    raw = str(text)
-    try:
-        doc = _loads(raw)
-    except (ValueError, TypeError):
-        doc = None
-    if isinstance(doc, dict):
+    digest, doc, raw = old_document(key, str(text), _loads, _text_fits)
+    if doc is not None:
         try:
             return _prepare(doc, digest)
         except (ValueError, TypeError):
-            raw = _UNMIGRATED + raw  # JSON this schema cannot hold (a date elsewhere, NaN...)
+            raw = UNMIGRATED + raw  # JSON this schema cannot hold (a date elsewhere, NaN...)
     # a JSON scalar or array reads as "a JSON <kind>", the rest as "does not decode"
     return (digest, *([None] * len(_FIELDS)), None, raw), (digest, None, None), []
 

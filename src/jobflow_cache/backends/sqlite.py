@@ -45,7 +45,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import orjson
 from monty.json import MSONable
 
 from jobflow_cache.backends.base import (
@@ -54,11 +53,19 @@ from jobflow_cache.backends.base import (
     UNREADABLE,
     Criteria,
     Totals,
-    _json_kind,
     format_datetime,
     parse_datetime,
 )
-from jobflow_cache.backends.criteria import Column, Compiler, column_value, regexp
+from jobflow_cache.backends.criteria import Column, Compiler, regexp
+from jobflow_cache.backends.layout import (
+    FIELD_KINDS,
+    PAYLOAD_FIELDS,
+    UNMIGRATED,
+    UnreadableError,
+    old_document,
+    parse_object,
+    split,
+)
 from jobflow_cache.backends.sqlite_file import (
     NETWORK_FILE_SYSTEMS,
     decode_text,
@@ -75,15 +82,6 @@ logger = logging.getLogger(__name__)
 #: Version of the schema this module writes (in table ``jfc_schema``).
 SCHEMA_VERSION = 1
 
-#: The large fields of an entry, kept in ``jfc_payloads.served``.
-PAYLOAD_FIELDS = ("output", "response", "packed", "files", "blobs")
-
-#: The kind of each column field (see :mod:`jobflow_cache.backends.criteria`), in table order.
-FIELD_KINDS: dict[str, str] = {
-    f: {"created": "date", "last_hit": "date", "hits": "int", "files_size": "int"}.get(f, "text")
-    for f in SELECTABLE
-} | {"valid": "bool", "duration": "real"}
-
 _FIELDS = SELECTABLE[1:]  # the columns after digest, in table order
 _DOC = len(SELECTABLE)  # index of doc in a row (served and explain follow)
 _SQL_TYPES = {"text": "TEXT", "int": "INTEGER", "real": "REAL", "bool": "INTEGER", "date": "TEXT"}
@@ -91,7 +89,6 @@ _INDEXED = ("function", "name", "created", "last_hit", "valid", "source_uuid", "
 _CLAIMS, _ALIASES = '"entries__claims"', '"entries__aliases"'
 # SQLiteStore's collection, its side tables and the prefix of an old row this schema cannot hold
 _OLD, _OLD_META, _OLD_ARRAYS = "entries", "jobflow_cache_collections", "jobflow_cache_array_paths"
-_UNMIGRATED = "jfc-unmigrated:"
 _BATCH = 500  # digests per statement
 # SQLite primary result codes of a file that cannot be written now (PERM, BUSY, LOCKED,
 # READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB), as SQLiteStore had them
@@ -152,10 +149,6 @@ class _Connection(sqlite3.Connection):
     """A SQLite connection that can be weakly referenced."""
 
 
-class _UnreadableError(Exception):
-    """A stored row does not decode (its message says why)."""
-
-
 class _State:
     """One process's connections: a locked writer and one reader per thread."""
 
@@ -175,83 +168,14 @@ class _State:
             self.readers.clear()
 
 
-def _refuse(obj: Any) -> Any:
-    raise TypeError(f"{type(obj).__name__} is not JSON")
-
-
-def _non_finite(obj: Any) -> bool:
-    if isinstance(obj, float):
-        return obj != obj or obj in (float("inf"), float("-inf"))
-    if isinstance(obj, dict):
-        return any(_non_finite(value) for value in obj.values())
-    if isinstance(obj, list | tuple):
-        return any(_non_finite(value) for value in obj)
-    return False
-
-
-def _json(obj: dict[str, Any]) -> str:
-    """JSON text of a mapping of JSON values (``TypeError`` for anything else)."""
-    data = orjson.dumps(
-        obj,
-        default=_refuse,
-        option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS,
-    )
-    if b"null" in data and _non_finite(obj):  # orjson writes NaN and infinities as null
-        raise TypeError("NaN and infinity are not JSON")
-    return data.decode("utf-8")
-
-
 def _prepare(doc: Mapping[str, Any], digest: Any = None) -> _Prepared:
     """The rows of a document: entries row, payload row and consumed pairs."""
-    digest = doc.get("digest") if digest is None else digest
-    if not isinstance(digest, str):
-        raise ValueError(f"a document needs a str 'digest', got {digest!r}")
-    columns = dict.fromkeys(_FIELDS)
-    rest: dict[str, Any] = {}
-    served: dict[str, Any] = {}
-    explain: dict[str, Any] = {}
-    for key, value in doc.items():
-        kind = FIELD_KINDS.get(key)
-        if kind is not None:
-            if key == "digest":
-                if value != digest:  # filed under another key: read back as it says
-                    rest[key] = value
-                continue
-            stored = column_value(kind, value)
-            if stored is not None:
-                columns[key] = stored
-                continue
-        if key in PAYLOAD_FIELDS:
-            served[key] = value
-        elif key in EXPLAIN_FIELDS:
-            explain[key] = value
-        else:
-            rest[key] = value
-    consumed = doc.get("consumed")
-    pairs = []
-    if isinstance(consumed, list):
-        pairs = [(up, digest) for up in dict.fromkeys(consumed) if isinstance(up, str)]
+    part = split(doc, digest)
     return (
-        (digest, *columns.values(), _json(rest)),
-        (digest, _json(served) if served else None, _json(explain) if explain else None),
-        pairs,
+        (part.digest, *part.columns, part.doc),
+        (part.digest, part.served, part.explain),
+        part.consumed,
     )
-
-
-def _object(text: Any) -> dict[str, Any]:
-    """The JSON object a stored text holds (:class:`_UnreadableError` otherwise)."""
-    try:
-        value = orjson.loads(text)
-    except (ValueError, TypeError) as err:  # orjson.JSONDecodeError is a ValueError
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "surrogates not allowed" in first:
-            first = "invalid UTF-8"
-        elif isinstance(text, str) and text.startswith(_UNMIGRATED):
-            first = "a row of the old format holding values JSON cannot"
-        raise _UnreadableError(f"the stored row does not decode ({first})") from None
-    if not isinstance(value, dict):
-        raise _UnreadableError(f"the stored row is a JSON {_json_kind(value)}")
-    return value
 
 
 def _from_column(kind: str, value: Any) -> Any:
@@ -271,14 +195,14 @@ def _document(row: Sequence[Any]) -> dict[str, Any]:
     """The document of a row (digest, columns, doc, served, explain) or its stand-in."""
     digest = row[0]
     try:
-        doc = {"digest": digest, **_object(row[_DOC])}
+        doc = {"digest": digest, **parse_object(row[_DOC])}
         for text in row[_DOC + 1 :]:
             if text is not None:
-                doc.update(_object(text))
+                doc.update(parse_object(text))
         for field, value in zip(_FIELDS, row[1:_DOC]):
             if value is not None:
                 doc[field] = _from_column(FIELD_KINDS[field], value)
-    except _UnreadableError as err:
+    except UnreadableError as err:
         return {"digest": digest, UNREADABLE: str(err)}
     except (ValueError, TypeError) as err:  # a column edited by hand
         return {"digest": digest, UNREADABLE: f"a column does not decode ({err})"}
@@ -780,22 +704,12 @@ def _old_row(key: Any, text: Any) -> _Prepared:
     (:meth:`SQLiteBackend.read` then gives the stand-in, ``cachetool verify --fix`` removes it)."""
     from jobflow_cache.docstore import _loads
 
-    try:
-        digest = orjson.loads(key)
-    except (ValueError, TypeError):
-        digest = None
-    if not isinstance(digest, str):
-        digest = str(key)
-    raw = text if isinstance(text, str) else str(text)
-    try:
-        doc = _loads(raw)
-    except (ValueError, TypeError):
-        doc = None
-    if isinstance(doc, dict):
+    digest, doc, raw = old_document(key, text, _loads, lambda text: True)
+    if doc is not None:
         try:
             return _prepare(doc, digest)
         except (ValueError, TypeError):
-            raw = _UNMIGRATED + raw  # valid JSON that this schema cannot hold: make it unreadable
+            raw = UNMIGRATED + raw  # valid JSON that this schema cannot hold: make it unreadable
     stored: Any = raw
     try:
         raw.encode("utf-8")

@@ -1,0 +1,202 @@
+"""The fixed layout both SQL backends share: which field goes where, and how its texts read.
+
+An entry document is split (:func:`split`) into
+
+* one value per column field (:data:`FIELD_KINDS`: the :data:`~.base.SELECTABLE` fields) when
+  the value fits its column's kind, else the field stays in ``doc`` (the column is NULL), so a
+  read gives back exactly what was written;
+* ``doc``: JSON of the other small fields;
+* ``served``: JSON of the large fields (:data:`PAYLOAD_FIELDS`), kept in a table of their own
+  so a hit updates a small row;
+* ``explain``: JSON of the :data:`~.base.EXPLAIN_FIELDS`;
+* the ``(upstream, digest)`` pairs of its ``consumed`` list.
+
+Stored JSON is read back by :func:`parse_object`, which raises :class:`UnreadableError` (the
+backend then yields the stand-in ``{"digest": d, UNREADABLE: why}``). A row migrated from an
+earlier release that this layout cannot hold is stored as its text behind :data:`UNMIGRATED`,
+so it reads as unreadable (``cachetool verify --fix`` removes it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import orjson
+
+from jobflow_cache.backends.base import EXPLAIN_FIELDS, SELECTABLE, _json_kind
+from jobflow_cache.backends.criteria import column_value
+
+__all__ = [
+    "FIELD_KINDS",
+    "PAYLOAD_FIELDS",
+    "UNMIGRATED",
+    "Split",
+    "UnreadableError",
+    "old_document",
+    "parse_object",
+    "split",
+    "to_json",
+]
+
+#: The large fields of an entry, kept apart from its small row.
+PAYLOAD_FIELDS = ("output", "response", "packed", "files", "blobs")
+
+#: The kind of each column field (see :mod:`jobflow_cache.backends.criteria`).
+FIELD_KINDS: dict[str, str] = {
+    "digest": "text",
+    "scheme": "text",
+    "function": "text",
+    "name": "text",
+    "maker": "text",
+    "cache_version": "text",
+    "created": "date",
+    "last_hit": "date",
+    "hits": "int",
+    "valid": "bool",
+    "invalid_reason": "text",
+    "source_uuid": "text",
+    "files_size": "int",
+    "duration": "real",
+    "host": "text",
+}
+assert tuple(FIELD_KINDS) == SELECTABLE  # one column per selectable field
+
+#: Prefix of the text of a migrated row this layout cannot hold.
+UNMIGRATED = "jfc-unmigrated:"
+
+
+class UnreadableError(Exception):
+    """A stored text does not decode (its message says why)."""
+
+
+class Split(NamedTuple):
+    """A document split into the parts the tables hold (see the module docstring)."""
+
+    digest: str
+    columns: list[Any]  # the column fields after digest, in SELECTABLE order (None: in doc)
+    in_doc: list[str]  # column fields whose value stayed in doc
+    doc: str
+    served: str | None
+    explain: str | None
+    consumed: list[tuple[str, str]]
+
+
+def _refuse(obj: Any) -> Any:
+    raise TypeError(f"{type(obj).__name__} is not JSON")
+
+
+def _non_finite(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return obj != obj or obj in (float("inf"), float("-inf"))
+    if isinstance(obj, dict):
+        return any(_non_finite(value) for value in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_non_finite(value) for value in obj)
+    return False
+
+
+def to_json(obj: dict[str, Any]) -> str:
+    """JSON text of a mapping of JSON values (``TypeError`` for anything else, NaN too)."""
+    data = orjson.dumps(
+        obj,
+        default=_refuse,
+        option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS,
+    )
+    if b"null" in data and _non_finite(obj):  # orjson writes NaN and infinities as null
+        raise TypeError("NaN and infinity are not JSON")
+    return data.decode("utf-8")
+
+
+def split(
+    doc: Mapping[str, Any],
+    digest: Any = None,
+    column: Callable[[str, Any], Any] = column_value,
+    fits: Callable[[str], bool] = lambda text: True,
+) -> Split:
+    """The parts of ``doc`` filed under ``digest`` (default: its own).
+
+    ``column(kind, value)`` is the value a column of that kind holds (None: the field stays
+    in ``doc``); ``fits(text)`` whether the database can hold a text (a digest, a consumed
+    digest). Raises ``ValueError`` without a str digest, ``TypeError`` for a value JSON
+    cannot hold.
+    """
+    digest = doc.get("digest") if digest is None else digest
+    if not isinstance(digest, str) or not fits(digest):
+        raise ValueError(f"a document needs a str 'digest', got {digest!r}")
+    columns = dict.fromkeys(SELECTABLE[1:])
+    in_doc: list[str] = []
+    rest: dict[str, Any] = {}
+    served: dict[str, Any] = {}
+    explain: dict[str, Any] = {}
+    for key, value in doc.items():
+        kind = FIELD_KINDS.get(key)
+        if kind is not None:
+            if key == "digest":
+                if value != digest:  # filed under another key: read back as it says
+                    rest[key] = value
+                continue
+            stored = column(kind, value)
+            if stored is not None:
+                columns[key] = stored
+                continue
+            in_doc.append(key)
+        if key in PAYLOAD_FIELDS:
+            served[key] = value
+        elif key in EXPLAIN_FIELDS:
+            explain[key] = value
+        else:
+            rest[key] = value
+    consumed = doc.get("consumed")
+    pairs = []
+    if isinstance(consumed, list):
+        pairs = [
+            (upstream, digest)
+            for upstream in dict.fromkeys(consumed)
+            if isinstance(upstream, str) and fits(upstream)
+        ]
+    return Split(
+        digest,
+        list(columns.values()),
+        in_doc,
+        to_json(rest),
+        to_json(served) if served else None,
+        to_json(explain) if explain else None,
+        pairs,
+    )
+
+
+def parse_object(text: Any) -> dict[str, Any]:
+    """The JSON object a stored text holds (:class:`UnreadableError` otherwise)."""
+    try:
+        value = orjson.loads(text)
+    except (ValueError, TypeError) as err:  # orjson.JSONDecodeError is a ValueError
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "surrogates not allowed" in first:
+            first = "invalid UTF-8"
+        elif isinstance(text, str) and text.startswith(UNMIGRATED):
+            first = "a row of the old format holding values JSON cannot"
+        raise UnreadableError(f"the stored row does not decode ({first})") from None
+    if not isinstance(value, dict):
+        raise UnreadableError(f"the stored row is a JSON {_json_kind(value)}")
+    return value
+
+
+def old_document(
+    key: Any, text: Any, loads: Callable[[str], Any], fits: Callable[[str], bool]
+) -> tuple[str, Any, str]:
+    """``(digest, document or None, raw text)`` of a row an earlier release's store wrote
+    (``key`` the JSON of the digest, ``text`` the document as that store encoded it and
+    ``loads`` decodes it)."""
+    try:
+        digest = orjson.loads(key)
+    except (ValueError, TypeError):
+        digest = None
+    if not isinstance(digest, str) or not fits(digest):
+        digest = str(key)
+    raw = text if isinstance(text, str) else str(text)
+    try:
+        doc = loads(raw)
+    except (ValueError, TypeError):
+        doc = None
+    return digest, doc if isinstance(doc, dict) else None, raw
