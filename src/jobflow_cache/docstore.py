@@ -26,7 +26,7 @@ from pydash import get, set_
 
 from jobflow_cache.backends.base import (
     UNREADABLE,
-    _json_kind,
+    json_kind,
     unreadable_reason,
 )
 from jobflow_cache.backends.base import (
@@ -222,7 +222,7 @@ def _row(text: Any, key_field: str, key: Any) -> dict[str, Any]:
             first = "invalid UTF-8"
         return _unreadable(key_field, key, f"the stored row does not decode ({first})")
     if not isinstance(doc, dict):
-        return _unreadable(key_field, key, f"the stored row is a JSON {_json_kind(doc)}")
+        return _unreadable(key_field, key, f"the stored row is a JSON {json_kind(doc)}")
     return doc
 
 

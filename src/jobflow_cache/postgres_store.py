@@ -48,6 +48,7 @@ import xxhash
 from maggma.core import StoreError
 from pydash import get
 
+from jobflow_cache.backends.base import json_kind
 from jobflow_cache.docstore import (  # one encoding and Mongo semantics for both stores
     _ARRAY,
     _BINARY,
@@ -70,7 +71,6 @@ from jobflow_cache.docstore import (  # one encoding and Mongo semantics for bot
     _increment_key,
     _increment_paths,
     _joined,
-    _json_kind,
     _key_literal,
     _negation,
     _NotPlainError,
@@ -1262,7 +1262,7 @@ class PostgresStore(DocStore):
             return None
         doc = row[0]
         if not isinstance(doc, dict):  # a damaged row: a stand-in, never an exception
-            return _unreadable(self.key, value, f"the stored row is a JSON {_json_kind(doc)}")
+            return _unreadable(self.key, value, f"the stored row is a JSON {json_kind(doc)}")
         return doc
 
     def totals(
@@ -1771,7 +1771,7 @@ def _documents(
     (see :func:`~jobflow_cache.docstore.unreadable_reason`), never as an exception."""
     for key, doc in rows:
         if not isinstance(doc, dict):
-            kind = _json_kind(doc)
+            kind = json_kind(doc)
             yield _unreadable(key_field, _key_value(key), f"the stored row is a JSON {kind}")
         else:
             yield doc if projection is None else _project(doc, *projection)

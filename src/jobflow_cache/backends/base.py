@@ -38,6 +38,7 @@ __all__ = [
     "EntryBackend",
     "Totals",
     "format_datetime",
+    "json_kind",
     "parse_datetime",
     "unreadable_reason",
 ]
@@ -111,12 +112,13 @@ def unreadable_reason(doc: Any) -> str | None:
     True
     """
     if not isinstance(doc, Mapping):
-        return f"a JSON {_json_kind(doc)}, not a document"
+        return f"a JSON {json_kind(doc)}, not a document"
     reason = doc.get(UNREADABLE)
     return None if reason is None else str(reason)
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """The JSON name of a value's kind (``null``, ``boolean``, ``number``, ...)."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from jobflow_cache.backends.base import EXPLAIN_FIELDS, SELECTABLE, _json_kind
+from jobflow_cache.backends.base import EXPLAIN_FIELDS, SELECTABLE, json_kind
 from jobflow_cache.backends.criteria import column_value
 
 __all__ = [
@@ -178,7 +178,7 @@ def parse_object(text: Any) -> dict[str, Any]:
             first = "a row of the old format holding values JSON cannot"
         raise UnreadableError(f"the stored row does not decode ({first})") from None
     if not isinstance(value, dict):
-        raise UnreadableError(f"the stored row is a JSON {_json_kind(value)}")
+        raise UnreadableError(f"the stored row is a JSON {json_kind(value)}")
     return value
 
 
