@@ -61,7 +61,7 @@ def _bulk(cache: Any, start: int, stop: int) -> float:
     gc.disable()  # a million small dicts: the cyclic collector would dominate the build
     try:
         for batch in document_batches(start, stop, batch=10_000):
-            cache.store.update(batch)
+            cache.backend.write(batch)
     finally:
         if gc_was:
             gc.enable()
