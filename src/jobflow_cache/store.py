@@ -309,7 +309,7 @@ class CacheStore(MSONable):
                 self.blob_store.ensure_index("digest")
             except Exception as err:
                 raise StoreUnavailableError(
-                    f"cannot connect to the blob store {_store_name(self.blob_store)} of cache "
+                    f"cannot connect to the blob store {store_name(self.blob_store)} of cache "
                     f"store {self.name}: {err}"
                 ) from err
 
@@ -494,12 +494,11 @@ class CacheStore(MSONable):
             blob = self.blob_store.query_one({"digest": doc.get("digest")})
         except Exception as err:
             raise StoreUnavailableError(
-                f"blob store {_store_name(self.blob_store)} of cache store {self.name} failed: "
-                f"{err}"
+                f"blob store {store_name(self.blob_store)} of cache store {self.name} failed: {err}"
             ) from err
         held = blob.get(PACKED_KEY) if isinstance(blob, Mapping) else None
         if not isinstance(held, Mapping):
-            return doc, f"blob missing from {_store_name(self.blob_store)}"
+            return doc, f"blob missing from {store_name(self.blob_store)}"
         packed = dict(doc.get(PACKED_KEY) or {})
         for field, expected in refs.items():
             text = held.get(field)
@@ -775,10 +774,6 @@ def _backend_of(store: Store | EntryBackend) -> EntryBackend:
             pool_size=store.pool_size,
         )
     return MaggmaBackend(store)
-
-
-def _store_name(store: Store) -> str:
-    return store_name(store)
 
 
 def _direction(way: Sort | int) -> int:
