@@ -1,4 +1,4 @@
-"""Content hashing of files and folders named in inputs (:mod:`jobflow_cache.contents`).
+"""Content hashing of files and folders named in inputs (:mod:`jobflow_cache.hashing.contents`).
 
 For each case: the first digest (every byte read and hashed; the file was just written, so it is
 read from the page cache: a lower bound of a read from a cold disk), the memoised digest in the
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT, Mode, fmt_seconds, table
-from jobflow_cache import contents
+from jobflow_cache.hashing import contents
 
 __all__ = ["contents_table", "run_contents"]
 
@@ -65,7 +65,7 @@ def _fresh_process(path: Path, single: bool, db: Path) -> dict[str, Any]:
     code = (
         "import json, time\n"
         "from pathlib import Path\n"
-        "from jobflow_cache import contents\n"
+        "from jobflow_cache.hashing import contents\n"
         f"contents.use_database({str(db)!r})\n"
         "t0 = time.perf_counter()\n"
         f"p = Path({str(path)!r})\n"

@@ -221,10 +221,10 @@ def run_verification(mode: Mode, repeats: int = 3, hit_repeats: int = 1) -> list
     (:meth:`ObjectArea.materialize`, copy mode), with the memo cold (first hit of a process
     on this host: every object read and hashed) and warm (a later hit: one ``fstat`` each),
     and a whole hit with verification skipped for reference. Objects are memoised once they
-    are 2 s old (:data:`jobflow_cache.contents.RACY_NS`): the benchmark waits that long
+    are 2 s old (:data:`jobflow_cache.hashing.contents.RACY_NS`): the benchmark waits that long
     after recording. Times are medians of ``repeats`` (whole hits: of ``hit_repeats``);
     per GB figures are scaled."""
-    from jobflow_cache import contents
+    from jobflow_cache.hashing import contents
 
     rows = []
     for name, layout in verification_cases(mode).items():

@@ -26,7 +26,7 @@ from monty.json import MontyEncoder
 from pymatgen.core import Lattice, Structure
 
 from benchmarks.common import Mode, fmt_ratio, fmt_seconds, table, time_call
-from jobflow_cache.hashing import digest_value
+from jobflow_cache.hashing.canonical import digest_value
 
 __all__ = ["hashing_table", "inputs", "run_hashing"]
 

@@ -216,7 +216,7 @@ class Bench:
         """Rows per digest, entries not served whole, verify's problems, stale temporary
         files of killed ingests."""
         from jobflow_cache import Outcome
-        from jobflow_cache.verify import verify
+        from jobflow_cache.admin.verify import verify
 
         with self.opened() as cache:
             digests = [d.get("digest") for d in cache.find({}, properties=["digest"])]

@@ -53,7 +53,7 @@ from tests import pgserver
 from benchmarks.common import MARK, ROOT, Mode, fmt_seconds, percentile, table
 from benchmarks.entries import cache_store, digest_of, sealed_entry
 from jobflow_cache import CacheStore, Outcome, cached_job, run_locally, store_from_spec
-from jobflow_cache.shared import coordinator_of
+from jobflow_cache.execution.claims import coordinator_of
 
 __all__ = ["held", "run_shared", "shared_tables", "worker_main"]
 

@@ -106,7 +106,7 @@ def write_here(tag: str):
 @job
 def folder_knowledge(tag: str):
     """What the running cache knows of this job's folder (``tag`` keeps each call distinct)."""
-    from jobflow_cache.executor import current_cache
+    from jobflow_cache.execution.cache import current_cache
 
     executed("folder_knowledge")
     cache = current_cache()

@@ -19,8 +19,8 @@ from jobflow import Flow, JobStore
 from maggma.stores import MemoryStore
 
 from jobflow_cache import Cache, CacheStore, run_locally
-from jobflow_cache.executor import EXPOSED_STORE_REASON, META_KEY
-from jobflow_cache.shared import coordinator_of
+from jobflow_cache.execution.cache import EXPOSED_STORE_REASON, META_KEY
+from jobflow_cache.execution.claims import coordinator_of
 from tests import jobs
 from tests import provenance_jobs as pj
 from tests.conftest import run_python

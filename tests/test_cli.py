@@ -31,7 +31,7 @@ from jobflow_cache import (
     run_locally,
 )
 from jobflow_cache.cli import cli
-from jobflow_cache.hashing import SCHEME
+from jobflow_cache.hashing.canonical import SCHEME
 from tests import jobs
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from jobflow_cache import codeversion
-from jobflow_cache.codeversion import (
+from jobflow_cache.hashing import code as codeversion
+from jobflow_cache.hashing.code import (
     JobCode,
     cache_version_slot,
     code_differences,
@@ -541,7 +541,7 @@ def test_a_redefined_helper_is_seen_in_the_same_process(tmp_path: Path) -> None:
 def test_explain_says_what_code_and_which_versions_differ() -> None:
     import jobflow
 
-    from jobflow_cache.explain import Inputs, compare, served_version_notes
+    from jobflow_cache.admin.explain import Inputs, compare, served_version_notes
 
     cached = Inputs("m:f", "code:aa|uses:bb", {"a": "1"}, versions={"jobflow": "0.0.1"})
     now = Inputs("m:f", "code:aa|uses:cc", {"a": "1"}, versions={"jobflow": jobflow.__version__})

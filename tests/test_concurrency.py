@@ -8,7 +8,7 @@ jobs that must be in flight at a given moment wait on a hold file the test remov
 
 MongoDB is not covered here: no MongoDB server can run on this machine, and maggma's
 MemoryStore (mongomock) lives inside one process, so it cannot be shared between processes.
-Its claims (``jobflow_cache.shared``) are exercised in-process by the shared-store tests.
+Its claims (``jobflow_cache.execution.claims``) are exercised in-process by the shared-store tests.
 
 No test asserts a duration: a worker still running after :data:`DEADLOCK_GUARD` seconds is
 reported as stuck. Measured waiting times are printed (``pytest -s``) and recorded as test
@@ -32,9 +32,9 @@ import pytest
 from click.testing import CliRunner
 
 from jobflow_cache import CacheStore, ObjectArea, Outcome
+from jobflow_cache.admin.verify import verify
 from jobflow_cache.cli import cli
 from jobflow_cache.codec import loads
-from jobflow_cache.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = "from tests.concurrency_worker import main; main()"

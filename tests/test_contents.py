@@ -1,5 +1,5 @@
-"""Content digests of files and folders (jobflow_cache.contents): what they see, the memo, the
-bounds."""
+"""Content digests of files and folders (jobflow_cache.hashing.contents): what they see, the
+memo, the bounds."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from jobflow_cache import contents
 from jobflow_cache.errors import CacheError, InputTooLargeError
 from jobflow_cache.files import ObjectArea, _hash_file
+from jobflow_cache.hashing import contents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_sparse_10gb_file_is_read_once(tmp_path, memo):
 def _child_digest(path: Path, db: Path) -> dict[str, int]:
     code = (
         "import json, sys\n"
-        "from jobflow_cache import contents\n"
+        "from jobflow_cache.hashing import contents\n"
         f"contents.use_database({str(db)!r})\n"
         f"d = contents.file_digest({str(path)!r})\n"
         "print(json.dumps({'digest': d, **contents.memo().stats}))\n"

@@ -30,9 +30,9 @@ from jobflow import run_locally as jobflow_run_locally
 from maggma.stores import MemoryStore
 
 from jobflow_cache import CacheStore, CacheWarning, Outcome, run_locally
+from jobflow_cache.admin.verify import verify
 from jobflow_cache.backends.base import SELECTABLE, UNREADABLE
 from jobflow_cache.cli import cli
-from jobflow_cache.verify import verify
 from tests import jobs
 from tests.conftest import ROOT
 

@@ -11,7 +11,7 @@ from maggma.stores import MemoryStore
 from monty.json import MontyDecoder, MontyEncoder
 
 from jobflow_cache import CacheStore, cached_job, run_locally
-from jobflow_cache.executor import META_KEY
+from jobflow_cache.execution.cache import META_KEY
 from tests import jobs
 
 

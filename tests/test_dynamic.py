@@ -11,10 +11,10 @@ from maggma.stores import MemoryStore
 from monty.json import MSONable
 
 from jobflow_cache import CacheStore, CacheWarning, run_locally
+from jobflow_cache.admin.verify import verify
 from jobflow_cache.backends import SQLiteBackend
 from jobflow_cache.entry import PACK_MIN, CacheEntry, document_checksum, unpack_document
 from jobflow_cache.store import Outcome
-from jobflow_cache.verify import verify
 from tests import jobs
 from tests.conftest import run_python
 

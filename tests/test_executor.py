@@ -23,7 +23,7 @@ from jobflow_cache import (
     run_locally,
 )
 from jobflow_cache.backends import SQLiteBackend
-from jobflow_cache.executor import LARGE_FOLDER, META_KEY
+from jobflow_cache.execution.cache import LARGE_FOLDER, META_KEY
 from tests import jobs
 
 

@@ -43,9 +43,9 @@ from jobflow_cache import (
     files,
     run_locally,
 )
+from jobflow_cache.admin.purge import collect_garbage
+from jobflow_cache.admin.verify import verify
 from jobflow_cache.cli import cli
-from jobflow_cache.purge import collect_garbage
-from jobflow_cache.verify import verify
 from tests import fault_jobs, jobs
 from tests.conftest import ROOT
 

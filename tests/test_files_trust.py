@@ -30,7 +30,8 @@ import xxhash
 from jobflow import Flow, job
 
 from jobflow_cache.entry import document_checksum, unpack_document
-from jobflow_cache.files import FileRecord, ObjectArea, UnsafeManifestError, check_manifest
+from jobflow_cache.errors import UnsafeManifestError
+from jobflow_cache.files import FileRecord, ObjectArea, check_manifest
 from tests.jobs import executed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -477,7 +478,7 @@ def test_large_objects_beyond_the_limit_are_checked_by_their_seal(
 def test_a_memo_others_can_write_is_not_used(tmp_path: Path, mode: int) -> None:
     """A digest planted in the host's memo would pass a tampered object (or a changed
     input) for sound: a memo file or folder that others can write is not used."""
-    from jobflow_cache.contents import ContentMemo
+    from jobflow_cache.hashing.contents import ContentMemo
 
     folder = tmp_path / "contents"
     folder.mkdir()

@@ -24,8 +24,8 @@ import pytest
 from jobflow import Flow, job
 
 from jobflow_cache import files
+from jobflow_cache.admin.purge import collect_garbage
 from jobflow_cache.files import FileRecord, ObjectArea
-from jobflow_cache.purge import collect_garbage
 from jobflow_cache.store import CacheStore
 from tests.jobs import executed
 

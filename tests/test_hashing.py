@@ -31,7 +31,7 @@ from monty.json import MontyDecoder, MontyEncoder, MSONable, jsanitize
 from pymatgen.core import Lattice, Structure
 
 from jobflow_cache.errors import UnhashableInputError
-from jobflow_cache.hashing import (
+from jobflow_cache.hashing.canonical import (
     MAX_DEPTH,
     SCHEME,
     CallDigest,
@@ -281,7 +281,10 @@ value = {
 
 
 def _digest_in_subprocess(seed: str) -> str:
-    code = VALUE_CODE + "from jobflow_cache.hashing import digest_value\nprint(digest_value(value))"
+    code = (
+        VALUE_CODE
+        + "from jobflow_cache.hashing.canonical import digest_value\nprint(digest_value(value))"
+    )
     env = dict(os.environ, PYTHONHASHSEED=seed)
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

@@ -20,7 +20,7 @@ import pytest
 from jobflow import Flow, run_locally
 
 import jobflow_cache
-from jobflow_cache import contents
+from jobflow_cache.hashing import contents
 from tests import input_jobs as ij
 from tests.jobs import my_uuid
 

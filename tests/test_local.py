@@ -22,7 +22,7 @@ from maggma.core import Sort
 from maggma.stores import JSONStore, MemoryStore
 
 from jobflow_cache import CacheStore, run_locally
-from jobflow_cache.executor import META_KEY
+from jobflow_cache.execution.cache import META_KEY
 from jobflow_cache.local import _indexed_view, _IndexedMemoryStore
 from tests import jobs
 from tests.integration import dropin_jobs as dj

@@ -25,8 +25,8 @@ from jobflow_cache import (
     SQLiteStore,
     run_locally,
 )
-from jobflow_cache.explain import MISSING, Inputs, compare, diff, nearest, render
-from jobflow_cache.maintenance import (
+from jobflow_cache.admin.explain import MISSING, Inputs, compare, diff, nearest, render
+from jobflow_cache.admin.listing import (
     AmbiguousDigestError,
     Filters,
     UnknownDigestError,
@@ -36,8 +36,8 @@ from jobflow_cache.maintenance import (
     short_digest,
     stats,
 )
-from jobflow_cache.purge import collect_garbage, purge
-from jobflow_cache.verify import ProblemKind, verify
+from jobflow_cache.admin.purge import collect_garbage, purge
+from jobflow_cache.admin.verify import ProblemKind, verify
 from tests import jobs
 
 
@@ -240,7 +240,7 @@ def test_verify_catches_output_altered_in_the_store(built):
 
 
 def test_verify_never_parses_an_altered_output(built, monkeypatch):
-    import jobflow_cache.verify as verify_module
+    import jobflow_cache.admin.verify as verify_module
 
     parsed: list[str] = []
     real = verify_module.loads

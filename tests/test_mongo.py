@@ -44,11 +44,11 @@ from jobflow_cache import (
     run_locally,
     store_from_spec,
 )
+from jobflow_cache.admin.purge import collect_garbage, purge
+from jobflow_cache.admin.verify import ProblemKind, verify
 from jobflow_cache.backends.maggma import INDEXED_FIELDS
 from jobflow_cache.cli import cli
-from jobflow_cache.purge import collect_garbage, purge
 from jobflow_cache.store import BLOBS_KEY, WriteBehind, default_blob_store
-from jobflow_cache.verify import ProblemKind, verify
 from tests import jobs
 from tests.jobs import executed
 

@@ -21,9 +21,9 @@ from monty.json import MontyDecoder, MontyEncoder
 
 from jobflow_cache import Cache, CacheStore, SQLiteStore, plan, run_locally
 from jobflow_cache.codec import UUID_RE
-from jobflow_cache.executor import META_KEY
+from jobflow_cache.execution.cache import META_KEY
+from jobflow_cache.execution.claims import coordinator_of
 from jobflow_cache.marking import is_marked
-from jobflow_cache.shared import coordinator_of
 from tests.jobs import (
     add,
     executed,

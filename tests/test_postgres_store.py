@@ -739,7 +739,7 @@ WRITER = """
 import json, sys
 from maggma.stores import MemoryStore
 from jobflow_cache import CacheEntry, CacheStore, PostgresStore
-from jobflow_cache.hashing import SCHEME
+from jobflow_cache.hashing.canonical import SCHEME
 from jobflow_cache.postgres_store import _nor_for_not
 uri, table, me, go = sys.argv[1:5]
 import os, time

@@ -16,10 +16,10 @@ import pytest
 from maggma.stores import MemoryStore
 
 from jobflow_cache import CacheStore, SQLiteStore
+from jobflow_cache.admin.purge import purge
 from jobflow_cache.backends import MaggmaBackend, SQLiteBackend
 from jobflow_cache.entry import CacheEntry
-from jobflow_cache.hashing import SCHEME
-from jobflow_cache.purge import purge
+from jobflow_cache.hashing.canonical import SCHEME
 from jobflow_cache.store import Outcome
 from tests.conftest import run_python
 from tests.provenance_jobs import POTCAR_ENV

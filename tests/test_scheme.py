@@ -6,9 +6,9 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from jobflow_cache import CacheStore, run_locally
+from jobflow_cache.admin.purge import purge
 from jobflow_cache.cli import cli
-from jobflow_cache.hashing import SCHEME, digest_bytes, digest_value, encode
-from jobflow_cache.purge import purge
+from jobflow_cache.hashing.canonical import SCHEME, digest_bytes, digest_value, encode
 from tests import jobs
 
 

@@ -1,4 +1,5 @@
-"""Claims and run-folder aliases (jobflow_cache.shared) on each kind of store, in one process.
+"""Claims and run-folder aliases (jobflow_cache.execution.claims) on each kind of store, in one
+process.
 
 Multi-process hammering is in test_concurrency.py; managers in other processes in
 test_remote.py. The MongoDB variant runs on maggma's MemoryStore (mongomock): no MongoDB server
@@ -19,7 +20,7 @@ from jobflow import Flow
 from maggma.stores import JSONStore, MemoryStore
 
 from jobflow_cache import CacheStore, SQLiteStore, run_locally
-from jobflow_cache.shared import Heartbeat, coordinator_of
+from jobflow_cache.execution.claims import Heartbeat, coordinator_of
 from tests import jobs
 
 

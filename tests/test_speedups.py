@@ -32,9 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from monty.json import MSONable
 
-from jobflow_cache import hashing
 from jobflow_cache.errors import UnhashableInputError
-from jobflow_cache.hashing import (
+from jobflow_cache.hashing import canonical as hashing
+from jobflow_cache.hashing.canonical import (
     MAX_DEPTH,
     Normalizer,
     bind_arguments,
@@ -561,7 +561,7 @@ sys.meta_path.insert(0, Block())
 """
 DIGEST = """
 import math
-from jobflow_cache import hashing
+from jobflow_cache.hashing import canonical as hashing
 assert hashing._speedups is None
 print(hashing.digest_value({"a": [1, 2.5, math.nan, (3,)], "b": {1: "x"}, "c": "\\ud800"}))
 """

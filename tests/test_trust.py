@@ -464,7 +464,8 @@ def test_real_dynamic_responses_pass_the_check() -> None:
     ],
 )
 def test_handlers_and_denied_classes(node: dict[str, Any]) -> None:
-    from jobflow_cache.trust import UntrustedValueError, check_trusted
+    from jobflow_cache.errors import UntrustedValueError
+    from jobflow_cache.trust import check_trusted
 
     with pytest.raises(UntrustedValueError):
         check_trusted({"x": [node]})
@@ -488,7 +489,8 @@ def test_bomb_inflation_is_bounded_in_memory() -> None:
     import time
     import tracemalloc
 
-    from jobflow_cache.entry import TooLargeError, unpack_document
+    from jobflow_cache.entry import unpack_document
+    from jobflow_cache.errors import TooLargeError
 
     bomb = _bomb(300 << 20)
     doc = {"output": "", "packed": {"output": bomb}}

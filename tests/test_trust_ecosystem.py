@@ -26,7 +26,8 @@ from maggma.stores import MemoryStore
 
 from jobflow_cache import run_locally
 from jobflow_cache.codec import dumps, loads
-from jobflow_cache.trust import UntrustedValueError, check_trusted, class_problem, value_checks
+from jobflow_cache.errors import UntrustedValueError
+from jobflow_cache.trust import check_trusted, class_problem, value_checks
 from tests import jobs
 
 pytest.importorskip("atomate2")

@@ -17,16 +17,23 @@ from jobflow_cache.entry import CacheEntry
 
 # layer 0: errors and settings
 from jobflow_cache.errors import (
+    AmbiguousDigestError,
     CacheError,
     CacheWarning,
     CorruptEntryError,
     FilesUnavailableError,
+    FolderConflictError,
+    InputTooLargeError,
+    SettingsError,
     StoreUnavailableError,
     UnhashableInputError,
+    UnknownDigestError,
+    UnsafeManifestError,
+    UntrustedValueError,
 )
 
 # layer 3: execution
-from jobflow_cache.executor import Cache, CacheReport, JobOptions, current_cache
+from jobflow_cache.execution.cache import Cache, CacheReport, JobOptions, current_cache
 from jobflow_cache.files import FileRecord, ObjectArea
 
 # layer 1: hashing and files (pure)
@@ -46,12 +53,19 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     # errors and settings
+    "AmbiguousDigestError",
     "CacheError",
     "CacheWarning",
     "CorruptEntryError",
     "FilesUnavailableError",
+    "FolderConflictError",
+    "InputTooLargeError",
+    "SettingsError",
     "StoreUnavailableError",
     "UnhashableInputError",
+    "UnknownDigestError",
+    "UnsafeManifestError",
+    "UntrustedValueError",
     "CacheSettings",
     "get_settings",
     # hashing and files

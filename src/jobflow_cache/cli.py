@@ -37,13 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from jobflow_cache import __version__
-from jobflow_cache.backends.base import unreadable_reason
-from jobflow_cache.backends.sqlite import SQLiteBackend
-from jobflow_cache.codec import UUID_RE
-from jobflow_cache.entry import CacheEntry
-from jobflow_cache.errors import CacheError, StoreUnavailableError
-from jobflow_cache.executor import Cache
-from jobflow_cache.explain import (
+from jobflow_cache.admin.explain import (
     Comparison,
     Inputs,
     job_from_file,
@@ -53,9 +47,7 @@ from jobflow_cache.explain import (
     open_job_store,
     render,
 )
-from jobflow_cache.files import ObjectArea
-from jobflow_cache.hashing import SCHEME
-from jobflow_cache.maintenance import (
+from jobflow_cache.admin.listing import (
     ROW_FIELDS,
     SORT_FIELDS,
     EntryRow,
@@ -65,13 +57,21 @@ from jobflow_cache.maintenance import (
     short_digest,
     stats,
 )
+from jobflow_cache.admin.purge import GCReport, collect_garbage, purge
+from jobflow_cache.admin.verify import Problem, ProblemKind, verify
+from jobflow_cache.backends.base import unreadable_reason
+from jobflow_cache.backends.sqlite import SQLiteBackend
+from jobflow_cache.codec import UUID_RE
+from jobflow_cache.entry import CacheEntry
+from jobflow_cache.errors import CacheError, StoreUnavailableError
+from jobflow_cache.execution.cache import Cache
+from jobflow_cache.files import ObjectArea
+from jobflow_cache.hashing.canonical import SCHEME
 from jobflow_cache.plan import MANAGERS, Plan
 from jobflow_cache.plan import plan as plan_flow
-from jobflow_cache.purge import GCReport, collect_garbage, purge
 from jobflow_cache.settings import CacheSettings, config_file, get_settings, setting_sources
 from jobflow_cache.sqlite_store import SQLiteStore
 from jobflow_cache.store import CacheStore, Outcome
-from jobflow_cache.verify import Problem, ProblemKind, verify
 
 __all__ = ["cli", "main"]
 

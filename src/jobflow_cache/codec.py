@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 
 from monty.json import MontyDecoder, MontyEncoder
 
-from jobflow_cache.errors import CorruptEntryError
-from jobflow_cache.trust import UntrustedValueError, check_trusted
+from jobflow_cache.errors import CorruptEntryError, UntrustedValueError
+from jobflow_cache.trust import check_trusted
 
 __all__ = [
     "UUID_RE",

@@ -13,9 +13,8 @@ from typing import Any, overload
 from jobflow import CURRENT_JOB
 from jobflow import job as jobflow_job
 
-from jobflow_cache.codeversion import env_names, instance_type, is_local, local_identity
 from jobflow_cache.errors import UnhashableInputError, trim_traceback, warn
-from jobflow_cache.executor import (
+from jobflow_cache.execution.cache import (
     CacheMode,
     FilesMode,
     JobOptions,
@@ -23,7 +22,8 @@ from jobflow_cache.executor import (
     current_cache,
     job_options,
 )
-from jobflow_cache.hashing import CallDigest, bind_arguments, function_path
+from jobflow_cache.hashing.canonical import CallDigest, bind_arguments, function_path
+from jobflow_cache.hashing.code import env_names, instance_type, is_local, local_identity
 from jobflow_cache.settings import cache_disabled
 
 __all__ = ["cached_job"]
@@ -223,7 +223,7 @@ def cached_job(
             raise ValueError(f"ignore names unknown arguments of {inner.__qualname__}: {unknown}")
         # No check of the name here: a lambda or a function or Maker defined inside a function
         # (a notebook, a test) is cached when what it captures can be hashed (its code and
-        # closure values count, see jobflow_cache.codeversion.local_identity), else its jobs
+        # closure values count, see jobflow_cache.hashing.code.local_identity), else its jobs
         # run uncached with one warning; never an error at decoration.
         caching_call = _make_caching_call(inner, options)
         wrapped: Any = caching_call

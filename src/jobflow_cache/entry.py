@@ -20,7 +20,7 @@ import orjson
 import xxhash
 from pydantic import BaseModel, Field, field_validator
 
-from jobflow_cache.errors import SettingsError
+from jobflow_cache.errors import SettingsError, TooLargeError
 from jobflow_cache.files import FileRecord
 from jobflow_cache.settings import get_settings
 
@@ -28,7 +28,6 @@ __all__ = [
     "CHECKSUM_FIELDS",
     "PACK_MIN",
     "CacheEntry",
-    "TooLargeError",
     "document_checksum",
     "package_versions",
     "unpack_document",
@@ -81,10 +80,6 @@ def _pack(text: str) -> str:
 
 #: Bytes inflated at a time while a packed field's size is measured.
 _INFLATE_CHUNK = 1 << 20
-
-
-class TooLargeError(ValueError):
-    """A stored field is larger (once decompressed) than ``MAX_DECODED_SIZE``."""
 
 
 def _inflated_size(data: bytes, limit: int) -> int:
@@ -187,7 +182,7 @@ def package_versions(function: str = "") -> dict[str, str]:
     The top-level package of ``function`` (``"atomate2.ase.jobs:..."`` -> atomate2) is included,
     and so are the distributions of the installed code its jobs came from in this process (a
     Maker's class and its bases, installed functions and classes the job's user code uses; see
-    :func:`jobflow_cache.codeversion.packages_of`), under their distribution names. Versions are
+    :func:`jobflow_cache.hashing.code.packages_of`), under their distribution names. Versions are
     recorded, never hashed: an upgrade does not invalidate the cache by itself.
 
     Examples
@@ -195,7 +190,7 @@ def package_versions(function: str = "") -> dict[str, str]:
     >>> sorted(package_versions("jobflow.core.job:store_inputs"))[:2]
     ['jobflow', 'jobflow-cache']
     """
-    from jobflow_cache.codeversion import current_versions, packages_of
+    from jobflow_cache.hashing.code import current_versions, packages_of
 
     packages = packages_of(function)
     key = (function, packages)
@@ -394,7 +389,7 @@ class CacheEntry(BaseModel):
 
         Examples
         --------
-        >>> nan = {chr(0) + "float": "nan"}  # a tagged node, see jobflow_cache.hashing
+        >>> nan = {chr(0) + "float": "nan"}  # a tagged node, see jobflow_cache.hashing.canonical
         >>> e = CacheEntry(digest="d", scheme="jfc1", function="m:f",
         ...                canonical_input={"x": nan}, files_skipped={"$date": 9})
         >>> doc = e.to_document()

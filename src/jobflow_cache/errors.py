@@ -1,4 +1,11 @@
-"""Exceptions and warnings raised by jobflow-cache."""
+"""Every exception and warning jobflow-cache raises, and how a warning reaches the user.
+
+:class:`CacheError` is the base of the public ones. :class:`TooLargeError` and
+:class:`CallMismatchError` derive from ``ValueError`` and ``TypeError`` instead: they say
+"this entry's field is too large to decode" (the cache treats the entry as invalid and runs
+the job) and "these arguments do not fit the function" (the job runs uncached and fails as
+it would without the cache).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +17,21 @@ import types
 import warnings
 
 __all__ = [
+    "AmbiguousDigestError",
     "CacheError",
     "CacheWarning",
+    "CallMismatchError",
     "CorruptEntryError",
     "FilesUnavailableError",
     "FolderConflictError",
     "InputTooLargeError",
     "SettingsError",
     "StoreUnavailableError",
+    "TooLargeError",
     "UnhashableInputError",
+    "UnknownDigestError",
+    "UnsafeManifestError",
+    "UntrustedValueError",
     "trim_traceback",
     "warn",
 ]
@@ -86,6 +99,53 @@ class FolderConflictError(CacheError):
 
 class StoreUnavailableError(CacheError):
     """The cache store cannot be reached (connection refused, bad spec, ...)."""
+
+
+# ------------------------------------------------ raised by one layer, caught or shown by another
+
+
+class UnknownDigestError(CacheError):
+    """No entry has a digest starting with the given prefix."""
+
+
+class AmbiguousDigestError(CacheError):
+    """Several entries have a digest starting with the given prefix.
+
+    Attributes
+    ----------
+    candidates
+        ``(digest, name)`` of the entries found (the message names ``shown_at_most`` of them).
+    """
+
+    def __init__(
+        self, prefix: str, candidates: list[tuple[str, str]], shown_at_most: int = 10
+    ) -> None:
+        self.prefix = prefix
+        self.candidates = candidates
+        shown = ", ".join(f"{digest} ({name})" for digest, name in candidates[:shown_at_most])
+        more = ", ..." if len(candidates) > shown_at_most else ""
+        super().__init__(f"digest prefix {prefix!r} is ambiguous: {shown}{more}")
+
+
+class UnsafeManifestError(FilesUnavailableError):
+    """A manifest that serving must refuse as a whole: a path that is not a normalised
+    relative path below the run folder, a control character, a path below another record
+    that is no folder, a setuid/setgid bit, or (``SERVE_CODE_FILES`` off) a file Python or a
+    shell would run (:data:`CODE_FILE_PATTERNS`) or a symlink leading out of the run folder.
+    Nothing is changed; the hit is not served and the job runs."""
+
+
+class UntrustedValueError(CorruptEntryError):
+    """A cached value names a module, class or function it may not name (see
+    :func:`check_trusted`)."""
+
+
+class CallMismatchError(TypeError):
+    """The arguments do not fit the job function's signature (the call would raise)."""
+
+
+class TooLargeError(ValueError):
+    """A stored field is larger (once decompressed) than ``MAX_DECODED_SIZE``."""
 
 
 class CacheWarning(UserWarning):

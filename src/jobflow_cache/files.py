@@ -44,7 +44,12 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import pydantic
 import xxhash
 
-from jobflow_cache.errors import CacheError, FilesUnavailableError, FolderConflictError
+from jobflow_cache.errors import (
+    CacheError,
+    FilesUnavailableError,
+    FolderConflictError,
+    UnsafeManifestError,
+)
 
 try:  # reflinks (FICLONE); not on every platform
     import fcntl
@@ -68,7 +73,6 @@ __all__ = [
     "FileState",
     "ObjectArea",
     "Snapshot",
-    "UnsafeManifestError",
     "changed_files",
     "check_manifest",
     "changed_paths",
@@ -264,7 +268,7 @@ def _memo_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
 def known_digest(st: os.stat_result) -> str | None:
     """The content digest of the regular file whose ``lstat`` is ``st``, when this process
     hashed, stored or placed that file since it last changed (device, inode, size, mtime and
-    ctime all equal), or :mod:`jobflow_cache.contents`' memo knows it (a file named in the
+    ctime all equal), or :mod:`jobflow_cache.hashing.contents`' memo knows it (a file named in the
     inputs, a large file hashed by another process of this host); otherwise None. Never reads
     the file."""
     digest = _MEMO.get(_memo_key(st))
@@ -280,7 +284,7 @@ def known_digest(st: os.stat_result) -> str | None:
 
 def remember(path: str | os.PathLike[str], st: os.stat_result, xxh3: str) -> None:
     """Remember that the file ``path`` whose ``lstat`` is ``st`` holds content ``xxh3`` (see
-    :func:`known_digest`); also tells :mod:`jobflow_cache.contents` when it is there."""
+    :func:`known_digest`); also tells :mod:`jobflow_cache.hashing.contents` when it is there."""
     if len(_MEMO) >= _MEMO_MAX:
         _MEMO.clear()
     _MEMO[_memo_key(st)] = xxh3
@@ -293,7 +297,7 @@ def remember(path: str | os.PathLike[str], st: os.stat_result, xxh3: str) -> Non
 @functools.cache
 def _contents_module() -> Any:
     try:
-        from jobflow_cache import contents  # a later layer, optional
+        from jobflow_cache.hashing import contents  # a later layer, optional
     except ImportError:
         return None
     usable = callable(getattr(contents, "remember", None)) and callable(
@@ -368,14 +372,6 @@ def _clean_relpath(relpath: str) -> str:
 @functools.cache
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
-
-
-class UnsafeManifestError(FilesUnavailableError):
-    """A manifest that serving must refuse as a whole: a path that is not a normalised
-    relative path below the run folder, a control character, a path below another record
-    that is no folder, a setuid/setgid bit, or (``SERVE_CODE_FILES`` off) a file Python or a
-    shell would run (:data:`CODE_FILE_PATTERNS`) or a symlink leading out of the run folder.
-    Nothing is changed; the hit is not served and the job runs."""
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -72,7 +72,7 @@ from mongomock_ng.helpers import patch_datetime_awareness_in_document
 from monty.json import jsanitize
 
 from jobflow_cache.errors import trim_traceback
-from jobflow_cache.executor import (
+from jobflow_cache.execution.cache import (
     RUN_FILES,
     RUN_FOLDERS,
     Cache,
@@ -235,7 +235,7 @@ def _log_summary(report: CacheReport, session: Cache | None, interrupted: bool =
 
 def _miss_hints(report: CacheReport, session: Cache) -> Iterator[tuple[str, str]]:
     # explain sits above local in the layers; imported here, only when there are misses
-    from jobflow_cache.explain import Inputs, nearest, render
+    from jobflow_cache.admin.explain import Inputs, nearest, render
 
     store = session.store
     explained = 0

@@ -26,9 +26,9 @@ from typing import Any
 from jobflow import CURRENT_JOB, Flow, Job, Response
 from monty.json import MSONable
 
-from jobflow_cache.codeversion import env_names
 from jobflow_cache.errors import trim_traceback
-from jobflow_cache.executor import SKIP_FUNCTIONS, JobOptions, current_cache
+from jobflow_cache.execution.cache import SKIP_FUNCTIONS, JobOptions, current_cache
+from jobflow_cache.hashing.code import env_names
 from jobflow_cache.settings import cache_disabled
 
 __all__ = ["CachedFunction", "cache_flow", "is_marked"]

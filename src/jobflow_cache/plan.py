@@ -61,8 +61,7 @@ from jobflow.core.flow import get_flow
 from maggma.stores import MemoryStore
 
 from jobflow_cache.errors import CacheError, CacheWarning, warn
-from jobflow_cache.execution.call import Role
-from jobflow_cache.executor import (
+from jobflow_cache.execution.cache import (
     META_KEY,
     RUN_FILES,
     RUN_FOLDERS,
@@ -72,6 +71,7 @@ from jobflow_cache.executor import (
     _Intercept,
     is_cached_function,
 )
+from jobflow_cache.execution.call import Role
 from jobflow_cache.local import _chdir, _indexed_view
 from jobflow_cache.marking import cache_flow
 from jobflow_cache.settings import cache_disabled

@@ -38,7 +38,7 @@ from jobflow_cache.entry import (
     utcnow,
 )
 from jobflow_cache.errors import CacheError, SettingsError, StoreUnavailableError
-from jobflow_cache.hashing import SCHEME
+from jobflow_cache.hashing.canonical import SCHEME
 from jobflow_cache.settings import CacheSettings, get_settings
 from jobflow_cache.trust import group_key, sign, signature_problem
 

@@ -112,7 +112,7 @@ from typing import TYPE_CHECKING, Any
 from monty.json import MSONable
 from pydantic import BaseModel
 
-from jobflow_cache.errors import CorruptEntryError, SettingsError
+from jobflow_cache.errors import SettingsError, UntrustedValueError
 from jobflow_cache.settings import get_settings
 
 if TYPE_CHECKING:
@@ -121,7 +121,6 @@ if TYPE_CHECKING:
     from jobflow_cache.settings import CacheSettings
 
 __all__ = [
-    "UntrustedValueError",
     "check_trusted",
     "class_problem",
     "group_key",
@@ -132,11 +131,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class UntrustedValueError(CorruptEntryError):
-    """A cached value names a module, class or function it may not name (see
-    :func:`check_trusted`)."""
 
 
 #: Standard-library classes monty rebuilds from plain data with a handler of its own.

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from jobflow_cache import SCHEME
+from jobflow_cache.admin.listing import Filters
 from jobflow_cache.backends.base import (
     EXPLAIN_FIELDS,
     Coordinator,
@@ -34,7 +35,6 @@ from jobflow_cache.backends.base import (
 )
 from jobflow_cache.entry import PACK_MIN, PACKED_KEY, CacheEntry
 from jobflow_cache.files import FileRecord, FileState
-from jobflow_cache.maintenance import Filters
 
 UTC = timezone.utc
 DAY = timedelta(days=1)

@@ -41,7 +41,7 @@ from pydantic import BaseModel
 
 import jobflow_cache
 from jobflow_cache import CacheStore, SQLiteStore
-from jobflow_cache.executor import META_KEY
+from jobflow_cache.execution.cache import META_KEY
 from tests.integration import dropin_jobs as dj
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

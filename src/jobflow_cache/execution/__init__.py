@@ -20,9 +20,10 @@ module             owns
 :mod:`.dedup`      :class:`.InFlight`: claims on the digests being computed, and waiting
 =================  ===========================================================================
 
-Contract: nothing here imports :mod:`jobflow_cache.executor` (the modules depend on each other
-in the order of the table); no part reaches into another's state, they call each other's
-methods; none of them ever fails a job for a cache problem.
+Contract: :mod:`.cache` (:class:`.Cache`, the one interception core) composes the parts, and
+no part imports it (the parts depend on each other in the order of the table); no part reaches
+into another's state, they call each other's methods; none of them ever fails a job for a
+cache problem. :mod:`.claims` holds the claim heartbeat that :mod:`.dedup` uses.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from jobflow import Job
 
 from jobflow_cache.errors import trim_traceback
 from jobflow_cache.execution.options import FilesMode, JobOptions
-from jobflow_cache.hashing import CallDigest
+from jobflow_cache.hashing.canonical import CallDigest
 from jobflow_cache.store import Outcome
 
 __all__ = ["Call", "CallsJobs", "Intercept", "Refs", "Role"]

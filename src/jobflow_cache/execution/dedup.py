@@ -26,11 +26,11 @@ from typing import Any
 from jobflow import Response
 
 from jobflow_cache.execution.call import Call
+from jobflow_cache.execution.claims import Coordinator, Heartbeat
 from jobflow_cache.execution.report import progress
 from jobflow_cache.execution.serving import NotServed, Server, this_host
 from jobflow_cache.execution.session import HELD, StoreSession
 from jobflow_cache.settings import CacheSettings
-from jobflow_cache.shared import Coordinator, Heartbeat
 from jobflow_cache.store import Outcome
 
 __all__ = ["InFlight"]

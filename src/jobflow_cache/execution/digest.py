@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from jobflow_cache import codeversion, contents
+from jobflow_cache.errors import CallMismatchError
 from jobflow_cache.execution.call import Refs
 from jobflow_cache.execution.lineage import Lineage
 from jobflow_cache.execution.options import JobOptions
-from jobflow_cache.hashing import (
+from jobflow_cache.hashing import code as codeversion
+from jobflow_cache.hashing import contents
+from jobflow_cache.hashing.canonical import (
     CallDigest,
     Normalizer,
     bind_arguments,
@@ -30,11 +32,7 @@ from jobflow_cache.hashing import (
     function_path,
 )
 
-__all__ = ["CallMismatchError", "digest_of"]
-
-
-class CallMismatchError(TypeError):
-    """The arguments do not fit the job function's signature (the call would raise)."""
+__all__ = ["digest_of"]
 
 
 def digest_of(
@@ -57,7 +55,7 @@ def digest_of(
         arguments = bind_arguments(function, args, kwargs, ignore=options.ignore)
     except TypeError as err:
         raise CallMismatchError(str(err)) from err
-    # user code (not installed packages) counts by its source, see jobflow_cache.codeversion
+    # user code (not installed packages) counts by its source, see jobflow_cache.hashing.code
     instance = codeversion.instance_type(function, args)
     code = codeversion.job_code(function, instance, versioned=options.cache_version is not None)
     env = codeversion.env_part(codeversion.env_names(options.env, digest_env))

@@ -27,12 +27,12 @@ from typing import Any
 
 from jobflow import Job
 
-from jobflow_cache import contents
 from jobflow_cache.codec import UUID_RE
 from jobflow_cache.execution.call import Refs
+from jobflow_cache.execution.claims import Coordinator
 from jobflow_cache.execution.folders import Excludes
-from jobflow_cache.hashing import Normalizer
-from jobflow_cache.shared import Coordinator
+from jobflow_cache.hashing import contents
+from jobflow_cache.hashing.canonical import Normalizer
 
 __all__ = ["Lineage"]
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from jobflow import Job
 
-from jobflow_cache import codeversion
+from jobflow_cache.hashing import code as codeversion
 
 __all__ = [
     "EXPOSED_STORE_REASON",

@@ -20,7 +20,7 @@ from jobflow import Job
 
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.execution.options import META_KEY, OPTION_KEYS, JobOptions
-from jobflow_cache.hashing import SCHEME
+from jobflow_cache.hashing.canonical import SCHEME
 from jobflow_cache.store import Outcome
 
 __all__ = [

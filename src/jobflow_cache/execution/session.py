@@ -34,8 +34,8 @@ from jobflow import Job
 
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.errors import CacheError, SettingsError, StoreUnavailableError, warn
+from jobflow_cache.execution.claims import Coordinator, coordinator_of
 from jobflow_cache.execution.report import CacheReport
-from jobflow_cache.shared import Coordinator, coordinator_of
 from jobflow_cache.store import CacheStore, Lookup, Outcome, WriteBehind
 
 __all__ = [

@@ -27,7 +27,7 @@ it (comprehensions, inner functions, lambdas), resolved against the function's g
 attribute chains through user modules (``helpers.scale``); closure cells; default arguments;
 ``__wrapped__``. A user class counts with its source, the references of its methods and every
 user-code class of its MRO. A module-level constant of user code counts by value
-(:func:`jobflow_cache.hashing.digest_value`); a referenced global whose value cannot be hashed
+(:func:`.canonical.digest_value`); a referenced global whose value cannot be hashed
 counts as a marker with its name and type (and warns once), so it never fails a job. The rest of
 a file does not count: an edit elsewhere in the script leaves the digest as it was.
 
@@ -76,7 +76,7 @@ from uuid import UUID
 from warnings import warn
 
 from jobflow_cache.errors import CacheWarning
-from jobflow_cache.hashing import digest_bytes, digest_value
+from jobflow_cache.hashing.canonical import digest_bytes, digest_value
 
 __all__ = [
     "JobCode",
@@ -187,7 +187,7 @@ def is_user_module(name: str) -> bool:
 
     Examples
     --------
-    >>> is_user_module("json"), is_user_module("jobflow_cache.hashing")
+    >>> is_user_module("json"), is_user_module("jobflow_cache.hashing.canonical")
     (False, False)
     """
     known = _USER_MODULES.get(name)
@@ -721,7 +721,7 @@ def _local_class(cls: type, active: frozenset[int]) -> str:
 def _strict(value: Any, active: frozenset[int], where: str) -> str:
     """What a local function reads in ``value``; raises UnhashableInputError if unknowable."""
     from jobflow_cache.errors import UnhashableInputError
-    from jobflow_cache.hashing import canonicalize, encode
+    from jobflow_cache.hashing.canonical import canonicalize, encode
 
     if isinstance(value, types.FunctionType):
         if is_local(value):

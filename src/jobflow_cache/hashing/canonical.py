@@ -423,7 +423,7 @@ def function_path(func: Callable[..., Any]) -> str:
     (``"tests.test_x:test_a.<locals>.add"``), but that path does not identify it: another call
     of the enclosing function makes another function of the same name, with other closure
     values, and an edit may keep the name. A job digest therefore always holds its code as
-    well (:func:`jobflow_cache.codeversion.job_code`, which for such functions always counts
+    well (:func:`jobflow_cache.hashing.code.job_code`, which for such functions always counts
     their compiled code, closure values and defaults). As *values* (arguments), such
     functions and classes stay unhashable (see :func:`canonicalize`).
 
@@ -445,7 +445,7 @@ def function_path(func: Callable[..., Any]) -> str:
     >>> def outer():
     ...     return lambda x: x
     >>> function_path(outer())
-    'jobflow_cache.hashing:outer.<locals>.<lambda>'
+    'jobflow_cache.hashing.canonical:outer.<locals>.<lambda>'
     """
     try:
         module, qualname = _qualified_name(func, local=True)

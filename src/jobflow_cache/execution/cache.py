@@ -31,11 +31,16 @@ from typing import Any
 from jobflow import Job
 from maggma.stores import MemoryStore
 
-from jobflow_cache import contents
-from jobflow_cache.errors import CacheError, SettingsError, UnhashableInputError, warn
+from jobflow_cache.errors import (
+    CacheError,
+    CallMismatchError,
+    SettingsError,
+    UnhashableInputError,
+    warn,
+)
 from jobflow_cache.execution.call import Call, Intercept, Refs, Role
 from jobflow_cache.execution.dedup import InFlight
-from jobflow_cache.execution.digest import CallMismatchError, digest_of
+from jobflow_cache.execution.digest import digest_of
 from jobflow_cache.execution.folders import Excludes
 from jobflow_cache.execution.lineage import Lineage
 from jobflow_cache.execution.options import EXPOSED_STORE_REASON as EXPOSED_STORE_REASON
@@ -59,7 +64,8 @@ from jobflow_cache.execution.report import progress as progress
 from jobflow_cache.execution.serving import NotServed, Server
 from jobflow_cache.execution.session import Accepting, StoreSession
 from jobflow_cache.files import ObjectArea
-from jobflow_cache.hashing import CallDigest, function_path
+from jobflow_cache.hashing import contents
+from jobflow_cache.hashing.canonical import CallDigest, function_path
 from jobflow_cache.settings import CacheSettings, cache_disabled, get_settings
 from jobflow_cache.store import CacheStore, Outcome
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from jobflow_cache.errors import CacheError
 from jobflow_cache.files import GC_GRACE, ObjectArea
-from jobflow_cache.hashing import SCHEME
+from jobflow_cache.hashing.canonical import SCHEME
 from jobflow_cache.settings import CacheSettings
 from jobflow_cache.store import CacheStore
 

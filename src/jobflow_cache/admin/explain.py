@@ -5,7 +5,7 @@ metadata names its digest and outcome), or from a serialized job, whose digest i
 as the executor computes it (so this module sits beside the CLI, after the executor).
 
 Every entry keeps its per-argument sub-digests and, up to ``MAX_CANONICAL_INPUT`` bytes, the
-canonical tree of each argument (see :mod:`jobflow_cache.hashing`). Two calls of one function
+canonical tree of each argument (see :mod:`.hashing.canonical`). Two calls of one function
 miss each other exactly where a sub-digest differs; the canonical trees then say which key or
 index differs, and how. Tagged nodes are shown readably: ``nan``, ``ndarray(float64, (3, 3),
 xxh3 1a2b3c4d)``, ``<uuid of job 3f2c1a9b>``.
@@ -34,11 +34,11 @@ from monty.json import MontyDecoder, MontyEncoder
 from monty.serialization import loadfn
 
 from jobflow_cache.codec import UUID_RE
-from jobflow_cache.codeversion import code_differences, current_versions, version_differences
 from jobflow_cache.entry import package_versions
 from jobflow_cache.errors import CacheError, StoreUnavailableError
-from jobflow_cache.executor import META_KEY, Cache, JobOptions, job_options
-from jobflow_cache.hashing import SCHEME, bind_arguments, encode
+from jobflow_cache.execution.cache import META_KEY, Cache, JobOptions, job_options
+from jobflow_cache.hashing.canonical import SCHEME, bind_arguments, encode
+from jobflow_cache.hashing.code import code_differences, current_versions, version_differences
 from jobflow_cache.store import CacheStore, Outcome, store_from_spec
 
 __all__ = [

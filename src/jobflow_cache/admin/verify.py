@@ -22,7 +22,7 @@ from jobflow_cache.backends.base import unreadable_reason
 from jobflow_cache.codec import loads
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.files import FileRecord, ObjectArea
-from jobflow_cache.hashing import SCHEME, digest_bytes, encode
+from jobflow_cache.hashing.canonical import SCHEME, digest_bytes, encode
 from jobflow_cache.store import CacheStore
 
 __all__ = ["Problem", "ProblemKind", "verify"]

@@ -3,8 +3,8 @@
 Everything here streams documents from the store: a cache of a million entries is never held in
 memory. Selections are plain maggma (Mongo) criteria, built by :class:`Filters`; digest prefixes
 are anchored ``$regex`` queries, which MongoDB and :class:`.SQLiteStore` answer from the unique
-digest index. Checking entries is in :mod:`jobflow_cache.verify`, removing them in
-:mod:`jobflow_cache.purge`.
+digest index. Checking entries is in :mod:`jobflow_cache.admin.verify`, removing them in
+:mod:`jobflow_cache.admin.purge`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from maggma.core import Sort
 
 from jobflow_cache.backends.base import unreadable_reason
-from jobflow_cache.errors import CacheError
+from jobflow_cache.errors import AmbiguousDigestError, UnknownDigestError
 from jobflow_cache.files import ObjectArea
 from jobflow_cache.store import CacheStore
 
@@ -27,11 +27,9 @@ __all__ = [
     "MIN_PREFIX",
     "SHORT_LENGTH",
     "SORT_FIELDS",
-    "AmbiguousDigestError",
     "EntryRow",
     "Filters",
     "Stats",
-    "UnknownDigestError",
     "glob_regex",
     "iter_rows",
     "parse_age",
@@ -78,27 +76,6 @@ SORT_FIELDS = {
     "function": "function",
     "size": "files_size",
 }
-
-
-class UnknownDigestError(CacheError):
-    """No entry has a digest starting with the given prefix."""
-
-
-class AmbiguousDigestError(CacheError):
-    """Several entries have a digest starting with the given prefix.
-
-    Attributes
-    ----------
-    candidates
-        ``(digest, name)`` of up to :data:`MAX_CANDIDATES` of them.
-    """
-
-    def __init__(self, prefix: str, candidates: list[tuple[str, str]]) -> None:
-        self.prefix = prefix
-        self.candidates = candidates
-        shown = ", ".join(f"{digest} ({name})" for digest, name in candidates[:MAX_CANDIDATES])
-        more = ", ..." if len(candidates) > MAX_CANDIDATES else ""
-        super().__init__(f"digest prefix {prefix!r} is ambiguous: {shown}{more}")
 
 
 # --------------------------------------------------------------------------- selecting
