@@ -23,7 +23,7 @@ from maggma.stores import JSONStore, MemoryStore
 
 from jobflow_cache import CacheStore, run_locally
 from jobflow_cache.execution.cache import META_KEY
-from jobflow_cache.local import _indexed_view, _IndexedMemoryStore
+from jobflow_cache.local.view import IndexedMemoryStore, indexed_view
 from tests import jobs
 from tests.integration import dropin_jobs as dj
 
@@ -250,13 +250,13 @@ def _normalised(collection: Any, docs: list[dict[str, Any]]) -> list[list[tuple[
     return [[(k, f"#{position[v]}" if k == "_id" else v) for k, v in doc.items()] for doc in docs]
 
 
-def _twin_stores() -> tuple[MemoryStore, CountingCollection, _IndexedMemoryStore, Any]:
+def _twin_stores() -> tuple[MemoryStore, CountingCollection, IndexedMemoryStore, Any]:
     """A plain MemoryStore, and one seen through the index, holding the same documents."""
     plain, indexed = MemoryStore(), MemoryStore()
     plain_coll, indexed_coll = counted(plain), counted(indexed)
     for store in (plain, indexed):  # history from before the run
         store.update({"uuid": "old", "index": 1, "output": 0}, key=["uuid", "index"])
-    view = _IndexedMemoryStore(indexed, "uuid")
+    view = IndexedMemoryStore(indexed, "uuid")
     key = ["uuid", "index"]
     for target in (plain, view):
         for doc in documents():
@@ -304,7 +304,7 @@ def test_index_drops_itself_when_documents_are_removed():
 def test_documents_written_by_others_are_read_from_the_store():
     store = MemoryStore()
     coll = counted(store)
-    view = _IndexedMemoryStore(store, "uuid")
+    view = IndexedMemoryStore(store, "uuid")
     store.update({"uuid": "z", "index": 1}, key=["uuid", "index"])  # not through the view
     assert [d["index"] for d in view.query({"uuid": "z"})] == [1]
     assert coll.calls["find"] == 1
@@ -313,22 +313,22 @@ def test_documents_written_by_others_are_read_from_the_store():
 def test_view_only_for_plain_jobstores_on_memory_stores(tmp_path):
     plain = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
     plain.connect()
-    view = _indexed_view(plain)
+    view = indexed_view(plain)
     assert view is not plain
     assert type(view) is JobStore
     assert view.docs_store.store is plain.docs_store
     assert view.additional_stores["data"].store is plain.additional_stores["data"]
     assert view.save is plain.save
-    assert isinstance(view.docs_store, _IndexedMemoryStore)
-    assert isinstance(view.additional_stores["data"], _IndexedMemoryStore)
+    assert isinstance(view.docs_store, IndexedMemoryStore)
+    assert isinstance(view.additional_stores["data"], IndexedMemoryStore)
     on_file = JobStore(JSONStore(str(tmp_path / "docs.json"), read_only=False))
-    assert _indexed_view(on_file) is on_file
+    assert indexed_view(on_file) is on_file
     shared = MemoryStore()
     shared.connect()
-    assert _indexed_view(JobStore(shared, additional_stores={"data": shared})).docs_store is shared
+    assert indexed_view(JobStore(shared, additional_stores={"data": shared})).docs_store is shared
     lazy = JobStore(MemoryStore(), additional_stores=defaultdict(MemoryStore))
     lazy.connect()
-    assert _indexed_view(lazy).additional_stores is lazy.additional_stores
+    assert indexed_view(lazy).additional_stores is lazy.additional_stores
 
 
 def test_other_store_types_run_as_under_jobflow(tmp_path, run_dir):

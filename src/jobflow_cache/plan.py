@@ -68,11 +68,11 @@ from jobflow_cache.execution.cache import (
     SKIP_FUNCTIONS,
     Cache,
     JobOptions,
-    _Intercept,
     is_cached_function,
 )
-from jobflow_cache.execution.call import Role
-from jobflow_cache.local import _chdir, _indexed_view
+from jobflow_cache.execution.call import Intercept, Role
+from jobflow_cache.local.manager import chdir
+from jobflow_cache.local.view import indexed_view
 from jobflow_cache.marking import cache_flow
 from jobflow_cache.settings import cache_disabled
 from jobflow_cache.store import CacheStore, Outcome
@@ -245,7 +245,7 @@ def _refuse(outcome: Outcome, digest: str | None, why: str | None) -> NoReturn:
     raise _NotServedError(outcome, digest, why)
 
 
-class _PlanIntercept(_Intercept):
+class _PlanIntercept(Intercept):
     """``job.function`` for an unmarked job (when :func:`.cache_flow` is unavailable): the
     cache's call with the plan's options."""
 
@@ -283,7 +283,7 @@ def _staging_store() -> JobStore:
     stores: Any = _AnyStores()
     store = JobStore(docs, additional_stores=stores)
     store.connect()
-    return _indexed_view(store)
+    return indexed_view(store)
 
 
 def _clean(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -457,7 +457,7 @@ class _Walk:
         folders = RUN_FOLDERS.set(True)
         files = RUN_FILES.set(None)
         try:
-            with warnings.catch_warnings(record=True) as caught, _chdir(folder):
+            with warnings.catch_warnings(record=True) as caught, chdir(folder):
                 warnings.simplefilter("always")
                 try:
                     if self.marked or is_cached_function(function):
