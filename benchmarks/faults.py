@@ -61,7 +61,7 @@ from jobflow import Flow, JobStore, job
 from maggma.stores import MemoryStore
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tests.pgserver: the private PostgreSQL server of the tests
+if str(ROOT) not in sys.path:  # tests.support.pgserver: the private PostgreSQL server of the tests
     sys.path.insert(0, str(ROOT))
 
 __all__ = ["main", "produce", "worker_main"]
@@ -402,7 +402,7 @@ def phase_server_stopped(bench: Bench, cluster: Any, workers: int = 4) -> dict[s
 def _postgres(base: Path) -> tuple[Any, str | None]:
     """A private PostgreSQL cluster (the tests' own helper), or why there is none."""
     try:
-        from tests.pgserver import PrivateCluster, server_bindir
+        from tests.support.pgserver import PrivateCluster, server_bindir
 
         bindir = server_bindir()
         if bindir is None:

@@ -48,7 +48,7 @@ from typing import Any
 
 from jobflow import Flow, JobStore
 from maggma.stores import MemoryStore
-from tests import pgserver
+from tests.support import pgserver
 
 from benchmarks.common import MARK, ROOT, Mode, fmt_seconds, percentile, table
 from benchmarks.entries import cache_store, digest_of, sealed_entry
@@ -444,7 +444,7 @@ def _backend_runs(
 def _postgres(mode: Mode) -> Iterator[tuple[str | None, str]]:
     """(uri, which server) of a PostgreSQL server, or (None, why not): the server named by
     ``JOBFLOW_CACHE_TEST_POSTGRES_URI``, else (full mode) a private one started as the tests
-    do (tests/pgserver.py: fsync off, so writes look faster) and destroyed afterwards."""
+    do (tests/support/pgserver.py: fsync off, so writes look faster) and destroyed afterwards."""
     uri = os.environ.get(pgserver.ENV_URI)
     if uri:
         yield uri, pgserver.ENV_URI

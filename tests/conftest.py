@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pgserver import *  # noqa: F403  (PostgreSQL server fixtures)
+from tests.support.pgserver import *  # noqa: F403  (PostgreSQL server fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,8 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config = tmp_path / "no-config.yaml"
     config.touch()
     monkeypatch.setenv("JOBFLOW_CACHE_CONFIG_FILE", str(config))
-    # gc and purge delete unreferenced objects at once (tests/test_gc_safety.py tests the grace)
+    # gc and purge delete unreferenced objects at once (tests/execution/test_gc_safety.py tests the
+    # grace)
     monkeypatch.setenv("JOBFLOW_CACHE_GC_GRACE", "0")
     monkeypatch.delenv("JFC_FAIL", raising=False)
     return cache_dir
@@ -75,7 +76,7 @@ def no_swallowed_cache_warnings(request: pytest.FixtureRequest, caplog: pytest.L
 
 
 class Counts:
-    """Reads the executions written by tests/jobs.py (works across processes)."""
+    """Reads the executions written by tests/support/jobs.py (works across processes)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

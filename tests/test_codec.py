@@ -347,7 +347,7 @@ import numpy as np
 from jobflow import Flow, JobStore
 from maggma.stores import MemoryStore
 from jobflow_cache import run_locally
-from tests import value_jobs as vj
+from tests.support import value_jobs as vj
 
 def describe(value):
     if isinstance(value, np.ndarray):
@@ -406,7 +406,7 @@ from jobflow import Flow, JobStore
 from jobflow.managers.local import run_locally as jobflow_run_locally
 from maggma.stores import MemoryStore
 from jobflow_cache import run_locally
-from tests import value_jobs as vj
+from tests.support import value_jobs as vj
 import os
 job = vj.monty_dicts(5.43)
 store = JobStore(MemoryStore())

@@ -49,8 +49,8 @@ from jobflow_cache.admin.verify import ProblemKind, verify
 from jobflow_cache.backends.maggma import INDEXED_FIELDS
 from jobflow_cache.cli import cli
 from jobflow_cache.store import BLOBS_KEY, WriteBehind, default_blob_store
-from tests import jobs
-from tests.jobs import executed
+from tests.support import jobs
+from tests.support.jobs import executed
 
 MONGODB_URI = os.environ.get("JOBFLOW_CACHE_TEST_MONGODB_URI", "")
 REAL = bool(MONGODB_URI)

@@ -2,7 +2,7 @@
 
 Differential: every scenario is also run under plain jobflow, and the JobStore documents
 (modulo uuids, dates and run folders), additional-store data and run-folder files are compared;
-executions are counted across the runs (tests/jobs.py's counter).
+executions are counted across the runs (tests/support/jobs.py's counter).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jobflow_cache.codec import UUID_RE
 from jobflow_cache.execution.cache import META_KEY
 from jobflow_cache.execution.claims import coordinator_of
 from jobflow_cache.marking import is_marked
-from tests.jobs import (
+from tests.support.jobs import (
     add,
     executed,
     issue_873_flow,

@@ -43,9 +43,9 @@ from jobflow_cache.docstore import UNREADABLE
 from jobflow_cache.entry import document_checksum
 from jobflow_cache.postgres_store import _nor_for_not
 from jobflow_cache.store import Outcome
-from tests import jobs
 from tests.conftest import ROOT
-from tests.pgserver import PrivateCluster, drop_tables
+from tests.support import jobs
+from tests.support.pgserver import PrivateCluster, drop_tables
 from tests.test_sqlite_store import CRITERIA, DOCS, SORTS, T0, ids
 
 pytestmark = pytest.mark.postgres
@@ -616,7 +616,7 @@ def test_cachetool_ls_show_stats_verify_on_postgres(
     assert (shown["digest"], shown["output"], shown["status"]) == (digest, "3", "served on a hit")
     stats = run("stats", "--json")
     assert (stats["entries"], stats["hits"], stats["invalid"]) == (3, 1, 0)
-    assert stats["functions"] == {"tests.jobs:write_files": 2, "tests.jobs:add": 1}
+    assert stats["functions"] == {"tests.support.jobs:write_files": 2, "tests.support.jobs:add": 1}
     assert run("verify", "--json")["sound"] is True
     # the cache (and the CLI, from the spec) keep the entries in PostgresBackend's tables on
     # the store's table name (<table>__e, __p, ...; PostgresStore's table was migrated away)

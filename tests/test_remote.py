@@ -1,8 +1,8 @@
 """``@cached_job`` flows under remote managers: FireWorks rockets and a jobflow-remote style
-worker, every job in a fresh process and a run folder of its own (tests/remote_worker.py); workers
-that cannot reach the cache; run folders recorded on another host.
+worker, every job in a fresh process and a run folder of its own (tests/support/remote_worker.py);
+workers that cannot reach the cache; run folders recorded on another host.
 
-The jobs (tests/remote_jobs.py) count their real executions across processes (``counts``):
+The jobs (tests/support/remote_jobs.py) count their real executions across processes (``counts``):
 ``relax`` writes files into its folder and returns the folder, ``read_outcar`` takes that folder
 as its input (atomate2's ``prev_dir``), ``static`` and ``summarize`` take plain values.
 """
@@ -26,8 +26,8 @@ from maggma.stores import JSONStore
 from jobflow_cache import CacheStore
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.files import ObjectArea
-from tests import remote_worker as rw
-from tests.remote_jobs import read_outcar, relax, relax_flow
+from tests.support import remote_worker as rw
+from tests.support.remote_jobs import read_outcar, relax, relax_flow
 
 pytestmark = pytest.mark.slow
 
@@ -99,9 +99,9 @@ def shared_cache(
     if request.param == "sqlite":
         return Path(os.environ["JOBFLOW_CACHE_DIR"]) / "objects"
     try:
-        spec = request.getfixturevalue("pg_spec")  # tests/pgserver.py, loaded by conftest
+        spec = request.getfixturevalue("pg_spec")  # tests/support/pgserver.py, loaded by conftest
     except pytest.FixtureLookupError:
-        pytest.skip("the PostgreSQL fixtures of tests/pgserver.py are not loaded")
+        pytest.skip("the PostgreSQL fixtures of tests/support/pgserver.py are not loaded")
     objects = tmp_path / "shared-objects"
     monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(spec))
     monkeypatch.setenv("JOBFLOW_CACHE_OBJECTS_DIR", str(objects))
@@ -428,7 +428,7 @@ def test_worker_with_unusable_store_spec_runs_uncached(spec, counts, tmp_path, j
 # -- run folders on another host ------------------------------------------------------------------
 # Each worker below runs under a host name of its own: in a UTS namespace (unshare --uts, as
 # root), where socket.gethostname() really returns that name. Without namespaces the worker
-# patches socket.gethostname (a stand-in; see tests/remote_worker.py).
+# patches socket.gethostname (a stand-in; see tests/support/remote_worker.py).
 def two_hosts_flow(volume: float = 42.0) -> Flow:
     upstream = relax(volume)
     return Flow([upstream, read_outcar(upstream.output["dir_name"])])

@@ -163,7 +163,7 @@ import json, sys, warnings
 from jobflow import Flow, JobStore, run_locally as jobflow_run_locally
 from maggma.stores import MemoryStore
 from jobflow_cache import CacheWarning, run_locally
-from tests import jobs
+from tests.support import jobs
 
 def caught(run):
     with warnings.catch_warnings(record=True) as seen:

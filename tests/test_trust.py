@@ -21,8 +21,8 @@ from pydantic import BaseModel
 from jobflow_cache.backends.sqlite import SQLiteBackend
 from jobflow_cache.backends.sqlite import _prepare as sqlite_rows
 from jobflow_cache.entry import CHECKSUM_FIELDS, document_checksum
-from tests import jobs
 from tests.conftest import run_python
+from tests.support import jobs
 
 PAYLOAD_MODULE = "jfc_attack_payload"
 
@@ -30,7 +30,7 @@ VICTIM = """
 import json, resource, sys, warnings
 from jobflow import Flow
 from jobflow_cache import run_locally
-from tests import jobs
+from tests.support import jobs
 parsed = []
 if {spy}:  # every text the victim parses, to show a tampered output never is
     import jobflow_cache.codec as codec
@@ -441,7 +441,7 @@ def test_real_dynamic_responses_pass_the_check() -> None:
 
     from jobflow_cache.codec import check_trusted, dumps, loads
     from jobflow_cache.marking import cache_flow
-    from tests import jobs
+    from tests.support import jobs
 
     plain = Flow([jobs.add(1, 2), jobs.mul(2, 3)])
     marked = cache_flow(Flow([jobs.add(1, 2)]))
@@ -460,7 +460,7 @@ def test_real_dynamic_responses_pass_the_check() -> None:
         {"@module": "builtins", "@class": "eval", "source": "1"},  # no class
         {"@module": "jobflow_cache.store", "@class": "CacheStore"},
         {"@module": "maggma.stores", "@class": "MongoStore", "database": "x"},
-        {"@module": "tests.jobs", "@callable": "executed"},  # a function, not a job
+        {"@module": "tests.support.jobs", "@callable": "executed"},  # a function, not a job
     ],
 )
 def test_handlers_and_denied_classes(node: dict[str, Any]) -> None:

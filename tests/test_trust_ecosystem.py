@@ -28,7 +28,7 @@ from jobflow_cache import run_locally
 from jobflow_cache.codec import dumps, loads
 from jobflow_cache.errors import UntrustedValueError
 from jobflow_cache.trust import check_trusted, class_problem, value_checks
-from tests import jobs
+from tests.support import jobs
 
 pytest.importorskip("atomate2")
 
@@ -243,7 +243,7 @@ def _generator_document(**fields: Any) -> dict[str, Any]:
         ("prev_kpoints", {"@module": "pathlib", "@class": "PosixPath", "string": "/etc/passwd"}),
         ("prev_incar", {"@module": "tests.test_trust_ecosystem", "@class": "Name", "value": "x"}),
         ("prev_incar", {"@module": "builtins", "@class": "str"}),
-        ("prev_incar", {"@module": "tests.jobs", "@callable": "add"}),
+        ("prev_incar", {"@module": "tests.support.jobs", "@callable": "add"}),
         ("prev_incar", ["/etc/passwd"]),
         ("prev_incar", {"$symbol": "/etc/passwd"}),  # bson's decoder makes it a str
         ("prev_kpoints", {"$binary": {"base64": "L2V0Yy9wYXNzd2Q=", "subType": "00"}}),

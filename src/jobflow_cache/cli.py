@@ -1181,7 +1181,7 @@ def purge_command(
     Examples:
       cachetool purge --older-than 90d --dry-run
       cachetool purge --unused-for 30d --yes
-      cachetool purge --function 'tests.jobs:*' --invalid
+      cachetool purge --function 'tests.support.jobs:*' --invalid
       cachetool purge --digest 3f2c1a9b
       cachetool purge --outdated --yes
       cachetool purge --all --yes

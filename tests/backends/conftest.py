@@ -19,7 +19,7 @@ Parameters (test ids):
     ``MaggmaBackend`` over the package's ``SQLiteStore`` (the pre-backend embedded store).
 ``postgres``
     ``MaggmaBackend`` over the package's ``PostgresStore`` on a fresh table of the test
-    server (tests/pgserver.py; skipped, saying why, when no server can run), marked
+    server (tests/support/pgserver.py; skipped, saying why, when no server can run), marked
     ``@pytest.mark.postgres``.
 ``pgbackend``
     :class:`~jobflow_cache.backends.postgres.PostgresBackend` on fresh tables of the same
@@ -142,17 +142,18 @@ def backend_opener(
             SQLiteStore(path, collection_name="entries", key="digest")
         ), "durable"
     if kind == "postgres":
-        from tests.pgserver import new_table_name
+        from tests.support.pgserver import new_table_name
 
-        # tests/pgserver.py: closed and dropped at teardown; skips when no server can run
+        # tests/support/pgserver.py: closed and dropped at teardown; skips when no server can run
         make_pg_store = request.getfixturevalue("make_pg_store")
         table = new_table_name()
         return lambda: MaggmaBackend(make_pg_store(table=table, connect=False)), "durable"
     if kind == "pgbackend":
         from jobflow_cache.backends.postgres import PostgresBackend
-        from tests.pgserver import new_table_name
+        from tests.support.pgserver import new_table_name
 
-        # tests/pgserver.py: skips when no server can run; the tables are dropped at teardown
+        # tests/support/pgserver.py: skips when no server can run; the tables are dropped at
+        # teardown
         uri = request.getfixturevalue("postgres_uri")
         table = new_table_name()
         request.addfinalizer(lambda: drop_backend_tables(uri, table))  # after the backend closes
@@ -162,7 +163,7 @@ def backend_opener(
 
 def drop_backend_tables(uri: str, table: str) -> None:
     """Drop a PostgresBackend's tables (and a PostgresStore's of the same name)."""
-    from tests.pgserver import drop_tables
+    from tests.support.pgserver import drop_tables
 
     drop_tables(uri, table)
 

@@ -1,4 +1,4 @@
-"""PostgresBackend on a real PostgreSQL server (tests/pgserver.py): its tables, round trips
+"""PostgresBackend on a real PostgreSQL server (tests/support/pgserver.py): its tables, round trips
 (tampered documents too), hit counts that never touch the payload row, criteria (``$nor``,
 date ranges, ``$regex`` searched as Python does, cross-checked against :func:`criteria.matches`),
 claims and aliases shared with PostgresStore, migration of a table PostgresStore wrote (real

@@ -1,7 +1,8 @@
 """Jobs for the drop-in fidelity tests, equivalents of jobflow's ``tests/managers`` fixtures.
 
 They live at module level so jobflow (and the cache) import them by path. Each one counts its
-real executions through :func:`tests.jobs.executed`; jobs whose name starts with ``fail`` raise.
+real executions through :func:`tests.support.jobs.executed`; jobs whose name starts with ``fail``
+raise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from jobflow import CURRENT_JOB, Flow, JobConfig, Maker, Response, job
 from monty.json import MSONable
 from pydantic import BaseModel
 
-from tests.jobs import executed
+from tests.support.jobs import executed
 
 
 # -- jobflow's simple_job and the dynamic jobs built on it ----------------------------------------

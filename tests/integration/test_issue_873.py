@@ -20,7 +20,7 @@ import json, sys
 from jobflow import JobStore, run_locally as jobflow_run_locally
 from maggma.stores import MemoryStore
 from jobflow_cache import run_locally
-from tests.jobs import issue_873_flow
+from tests.support.jobs import issue_873_flow
 
 mode, root = sys.argv[1], sys.argv[2]
 flow = issue_873_flow(1.5)

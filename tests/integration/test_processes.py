@@ -16,7 +16,7 @@ import json, sys
 from jobflow import Flow, JobStore
 from maggma.stores import MemoryStore
 from jobflow_cache import run_locally
-from tests import jobs
+from tests.support import jobs
 
 a = jobs.add(1, 2)
 b = jobs.mul(a.output, 10)

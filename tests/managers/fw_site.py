@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests import remote_worker as rw
 from tests.managers import scenarios
+from tests.support import remote_worker as rw
 
 
 def _command(*args: str) -> list[str]:

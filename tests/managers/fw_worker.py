@@ -16,7 +16,8 @@
 Each prints one JSON report as its last stdout line. The LaunchPad is FireWorks' mongomock
 persisted in the file named by ``MONGOMOCK_SERVERSTORE_FILE``, written when the process exits:
 adding a workflow and launching rockets therefore happen in separate processes, one after the
-other (``tests/remote_worker.py`` explains why that variable is never set in the test process).
+other (``tests/support/remote_worker.py`` explains why that variable is never set in the test
+process).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Plain ``@job`` functions (not ``@cached_job``) for the jobflow-remote tests: ``cache_flow``
 marks them. At module level, so the worker's ``jf execution run`` process imports them by path.
 
-Each counts its real executions through :func:`tests.jobs.executed` (``JFC_COUNTS_FILE``).
+Each counts its real executions through :func:`tests.support.jobs.executed` (``JFC_COUNTS_FILE``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from jobflow import Flow, job
 from pydantic import BaseModel
 
-from tests.jobs import executed
+from tests.support.jobs import executed
 
 
 @job

@@ -5,7 +5,7 @@ JSON-native value (dicts with str keys, lists, str, int, finite float, bool, Non
 non-JSON type is replaced by a *tagged node*. The tree is encoded to bytes with orjson (sorted
 keys) and hashed with xxh3-128. The encoding is identified by :data:`SCHEME`, which every cache
 entry records; any change to the rules below changes digests and needs a new scheme id (the
-golden tests in ``tests/test_hashing.py`` pin them).
+golden tests in ``tests/hashing/test_hashing.py`` pin them).
 
 The rule is Python's own: two values have one digest when they are ``==`` *and* of the same
 type, recursively (``(0, 1)`` and ``[0, 1]``, ``np.float32(x)`` and ``float(x)``, ``{1}`` and
@@ -150,8 +150,8 @@ keys, monty numpy and datetime dicts, nesting beyond :data:`MAX_DEPTH`, str valu
 replace) to the pure-Python rules above, whose result takes the node's place in a copy of its
 containers. Inside an object's JSON form it walks tuples as lists and its fallback is the form's
 (``_canon_in_form``). The bytes hashed are therefore the same either way; the Python path is the
-reference, ``tests/test_speedups.py`` checks that both give identical encodings, errors and hook
-calls. Without a C compiler the package installs and runs without the extension; setting
+reference, ``tests/hashing/test_speedups.py`` checks that both give identical encodings, errors and
+hook calls. Without a C compiler the package installs and runs without the extension; setting
 ``JOBFLOW_CACHE_SPEEDUPS=0`` (read at import) turns it off.
 
 A hook called for every str value would cost a Python call each; a :class:`Normalizer` names the
