@@ -32,8 +32,8 @@ from typing import Any
 from unittest import mock
 
 from benchmarks.common import Mode, fmt_ratio, fmt_seconds, table
-from jobflow_cache import files
 from jobflow_cache.files import ObjectArea, snapshot
+from jobflow_cache.files import objects as files
 
 __all__ = [
     "files_table",

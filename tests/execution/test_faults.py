@@ -40,12 +40,12 @@ from jobflow_cache import (
     ObjectArea,
     Outcome,
     codec,
-    files,
     run_locally,
 )
 from jobflow_cache.admin.purge import collect_garbage
 from jobflow_cache.admin.verify import verify
 from jobflow_cache.cli import cli
+from jobflow_cache.files import objects as files
 from tests.conftest import ROOT
 from tests.support import fault_jobs, jobs
 

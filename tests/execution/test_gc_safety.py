@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from jobflow import Flow, job
 
-from jobflow_cache import files
 from jobflow_cache.admin.purge import collect_garbage
 from jobflow_cache.files import FileRecord, ObjectArea
+from jobflow_cache.files import objects as files
 from jobflow_cache.store import CacheStore
 from tests.support.jobs import executed
 
@@ -154,7 +154,7 @@ def _ingest_and_hang(root: str, src: str, ready: str) -> None:
         Path(ready).touch()
         time.sleep(600)
 
-    files._hash_stream = hang  # type: ignore[assignment]
+    files.hash_stream = hang  # type: ignore[assignment]
     ObjectArea(root).ingest(src)
 
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import pytest
 import xxhash
 
-from jobflow_cache import files
 from jobflow_cache.errors import CacheError, FilesUnavailableError, FolderConflictError
 from jobflow_cache.files import (
     FileRecord,
@@ -27,6 +26,7 @@ from jobflow_cache.files import (
     changed_files,
     snapshot,
 )
+from jobflow_cache.files import objects as files
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from jobflow_cache.errors import CacheError, InputTooLargeError
-from jobflow_cache.files import ObjectArea, _hash_file
+from jobflow_cache.files import ObjectArea
+from jobflow_cache.files.objects import _hash_file
 from jobflow_cache.hashing import contents
 
 ROOT = Path(__file__).resolve().parents[2]

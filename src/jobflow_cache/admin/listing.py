@@ -18,7 +18,7 @@ from typing import Any
 
 from maggma.core import Sort
 
-from jobflow_cache.backends.base import unreadable_reason
+from jobflow_cache.backends.base import Totals, unreadable_reason
 from jobflow_cache.errors import AmbiguousDigestError, UnknownDigestError
 from jobflow_cache.files import ObjectArea
 from jobflow_cache.store import CacheStore
@@ -323,19 +323,12 @@ def resolve_prefix(cache: CacheStore, prefix: str) -> str:
 
 
 @dataclasses.dataclass
-class Stats:
-    """Numbers describing a cache (see :func:`stats`)."""
+class Stats(Totals):
+    """Numbers describing a cache (see :func:`stats`): the backend's :class:`.Totals`, and the
+    object area's file count and bytes."""
 
-    entries: int = 0
-    invalid: int = 0
-    hits: int = 0
-    time_saved: float = 0.0
-    files_bytes: int = 0
     objects: int = 0
     objects_bytes: int = 0
-    functions: dict[str, int] = dataclasses.field(default_factory=dict)
-    oldest: datetime | None = None
-    newest: datetime | None = None
 
     @property
     def dedup_ratio(self) -> float:
@@ -358,17 +351,7 @@ def stats(cache: CacheStore, criteria: dict[str, Any] | None = None) -> Stats:
     embedded store and PostgreSQL, one streamed pass elsewhere); then the object area is
     listed.
     """
-    totals = cache.backend.totals(criteria or {})
-    result = Stats(
-        entries=totals.entries,
-        invalid=totals.invalid,
-        hits=totals.hits,
-        time_saved=totals.time_saved,
-        files_bytes=totals.files_bytes,
-        functions=dict(totals.functions),
-        oldest=totals.oldest,
-        newest=totals.newest,
-    )
+    result = Stats(**vars(cache.backend.totals(criteria or {})))
     for _, size in ObjectArea(cache.objects_dir).iter_objects():
         result.objects += 1
         result.objects_bytes += size

@@ -9,37 +9,11 @@ module              what it hashes
 :mod:`.contents`    the files and folders a job's inputs name, memoised on their ``stat``
 ==================  ========================================================================
 
-The names of :mod:`.canonical` are re-exported here (``jobflow_cache.hashing.digest_value``).
+The public names of :mod:`.canonical` are re-exported here (``jobflow_cache.hashing.digest_value``).
 """
 
 from __future__ import annotations
 
-from jobflow_cache.hashing.canonical import (
-    MAX_DEPTH,
-    SCHEME,
-    CallDigest,
-    Normalizer,
-    NormalizeStr,
-    bind_arguments,
-    canonicalize,
-    digest_bytes,
-    digest_call,
-    digest_value,
-    encode,
-    function_path,
-)
+from jobflow_cache.hashing.canonical import SCHEME, CallDigest, digest_call, digest_value
 
-__all__ = [
-    "MAX_DEPTH",
-    "SCHEME",
-    "CallDigest",
-    "NormalizeStr",
-    "Normalizer",
-    "bind_arguments",
-    "canonicalize",
-    "digest_bytes",
-    "digest_call",
-    "digest_value",
-    "encode",
-    "function_path",
-]
+__all__ = ["SCHEME", "CallDigest", "digest_call", "digest_value"]

@@ -52,7 +52,7 @@ import orjson
 import xxhash
 
 from jobflow_cache.errors import InputTooLargeError
-from jobflow_cache.files import _excluder, _hash_stream
+from jobflow_cache.files.objects import excluder, hash_stream
 
 __all__ = [
     "MAX_TREE_BYTES",
@@ -357,7 +357,7 @@ def file_digest(path: str | os.PathLike[str], st: os.stat_result | None = None) 
             digest = memo.get(st)
             if digest is not None:
                 return digest
-        digest, size = _hash_stream(stream)
+        digest, size = hash_stream(stream)
         after = os.fstat(fd)
     memo.stats["reads"] += 1
     memo.stats["bytes_read"] += size
@@ -443,7 +443,7 @@ class TreeDigest:
 def _exclusion(exclude: Callable[[str], bool] | Sequence[str]) -> Callable[[str], bool]:
     if callable(exclude):
         return exclude
-    return _excluder(tuple(exclude))
+    return excluder(tuple(exclude))
 
 
 def tree_digest(

@@ -1,10 +1,13 @@
 """Run-folder snapshots and change records, content-addressed file objects, and serving them.
 
+What a record holds, and the check of a manifest read from a store, are in
+:mod:`.files.manifest`.
+
 Recording a job compares a :func:`snapshot` of its run folder taken before it ran with one
 taken after, and keeps, for every path the job created, modified or deleted, the state it
 found ("before": absent, a file of known size and, when cheaply known, content digest, a
 symlink, a folder) and the state it left ("after": a file, a symlink with its target text, an
-empty folder, or deleted); see :class:`FileRecord`. Serving (:meth:`ObjectArea.materialize`)
+empty folder, or deleted); see :class:`.FileRecord`. Serving (:meth:`ObjectArea.materialize`)
 checks the whole folder against those records before changing anything: a path is changed
 only where it still holds the recorded "before" state (or already holds the "after" state);
 anything else raises :class:`~jobflow_cache.errors.FolderConflictError`, and the job runs.
@@ -13,10 +16,10 @@ The object area never shares an inode with a folder a user or job can write (exc
 opt-in ``link`` placement of large files, see :data:`LINK_MIN_SIZE`): files are stored and
 served as reflinks (copy-on-write clones) where the file system has them, copies elsewhere.
 
-A manifest read from a store is untrusted (:func:`check_manifest`): it can only create,
+A manifest read from a store is untrusted (:func:`.check_manifest`): it can only create,
 below the run folder, the paths the recorded job changed, walked without following symlinks,
 never through or over something that appeared meanwhile, and never code or hidden files
-(:data:`CODE_FILE_PATTERNS`) unless ``SERVE_CODE_FILES``. Every object is verified by its
+(:data:`.CODE_FILE_PATTERNS`) unless ``SERVE_CODE_FILES``. Every object is verified by its
 content before a hit places it (:meth:`ObjectArea.materialize`). Garbage collection keeps
 objects stored recently (:data:`GC_GRACE`) and objects pinned by processes recording
 entries (:meth:`ObjectArea.pinned`).
@@ -30,18 +33,16 @@ import fnmatch
 import functools
 import logging
 import os
-import posixpath
 import re
 import shutil
 import socket
 import stat
 import time
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-import pydantic
 import xxhash
 
 from jobflow_cache.errors import (
@@ -49,6 +50,13 @@ from jobflow_cache.errors import (
     FilesUnavailableError,
     FolderConflictError,
     UnsafeManifestError,
+)
+from jobflow_cache.files.manifest import (
+    FileRecord,
+    FileState,
+    check_manifest,
+    clean_relpath,
+    is_code_path,
 )
 
 try:  # reflinks (FICLONE); not on every platform
@@ -62,23 +70,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_SIZE",
-    "CODE_FILE_PATTERNS",
     "GC_GRACE",
     "LINK_MIN_SIZE",
     "LIVE_FILE_PATTERNS",
     "PIN_TTL",
     "STALE_DEAD_AFTER",
     "VERIFY_FILES_LIMIT",
-    "FileRecord",
-    "FileState",
     "ObjectArea",
+    "PlaceMode",
     "Snapshot",
     "changed_files",
-    "check_manifest",
     "changed_paths",
     "differences",
+    "excluder",
     "file_digest",
-    "is_code_path",
+    "hash_stream",
     "known_digest",
     "prehash",
     "remember",
@@ -144,26 +150,6 @@ whose process is gone protects nothing. A process starts a new pin file every ha
 VERIFY_FILES_LIMIT = 1 << 30
 """Default size (bytes) up to which a hit verifies each file object by its content."""
 
-CODE_FILE_PATTERNS = (
-    "*.py",
-    "*.pyc",
-    "*.pyo",
-    "*.pyw",
-    "*.pth",
-    "*.so",
-    "*.pyd",
-    "*.egg-link",
-    "sitecustomize*",
-    "usercustomize*",
-    "__pycache__",
-    ".*",
-)
-"""Names (matched against every component of a manifest path) of files a hit never places
-unless ``JOBFLOW_CACHE_SERVE_CODE_FILES`` is on: what Python would import from a run folder
-that is the working directory or on ``sys.path`` (modules, byte code, extension modules,
-``.pth`` files, ``sitecustomize``), and hidden names (``.bashrc``, ``.git/hooks/...``,
-``.envrc``) that shells, git and editors run. Symlinks leading out of the run folder (a
-package directory elsewhere) are held to the same rule."""
 _O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY: int = getattr(os, "O_DIRECTORY", 0)
 _O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in is never waited on
@@ -187,72 +173,6 @@ class Snapshot(dict[str, tuple[int, int, int, int, int]]):
         super().__init__(*args, **kwargs)
         self.dev = dev
         self.targets: dict[str, str] = {}
-
-
-class FileState(pydantic.BaseModel):
-    """What a path held before a job ran (see :attr:`FileRecord.before`).
-
-    Attributes
-    ----------
-    kind
-        ``"file"``, ``"symlink"`` or ``"dir"``.
-    size
-        Size of a file in bytes.
-    xxh3
-        ``xxh3_128`` of a file's content, ``""`` when it was not known cheaply (the content
-        was never hashed in this process): a folder holding a file there is then never
-        served into.
-    target
-        A symlink's target text.
-    """
-
-    kind: Literal["file", "symlink", "dir"] = "file"
-    size: int = 0
-    xxh3: str = ""
-    target: str = ""
-
-
-class FileRecord(pydantic.BaseModel):
-    """One path of a run folder the job changed, as kept in a cache entry's manifest.
-
-    Attributes
-    ----------
-    path
-        POSIX path relative to the run folder (never absolute, never containing ``..``).
-    size
-        Size of the content in bytes (files).
-    xxh3
-        ``xxh3_128`` hex digest of the content (files); the object id in an
-        :class:`ObjectArea` when ``stored``.
-    mode
-        Permission bits of the file (e.g. ``0o755`` for an executable script).
-    kind
-        What the job left: ``"file"``, ``"symlink"``, ``"dir"`` (an empty folder it made) or
-        ``"deleted"``.
-    target
-        A symlink's target text, exactly as the job wrote it (relative or absolute; never
-        followed).
-    stored
-        False for a file the cache did not keep (``MAX_FILE_SIZE``, ``FILES=none``): a hit
-        copies it from the recording run's folder when it is still there unchanged (same
-        size and digest), and otherwise runs the job.
-    before
-        What the path held when the job started: ``None`` when it did not exist.
-    """
-
-    path: str
-    size: int = 0
-    xxh3: str = ""
-    mode: int = 0
-    kind: Literal["file", "symlink", "dir", "deleted"] = "file"
-    target: str = ""
-    stored: bool = True
-    before: FileState | None = None
-
-    @property
-    def has_object(self) -> bool:
-        """Whether the record's content is an object of the area."""
-        return self.kind == "file" and self.stored
 
 
 # --------------------------------------------------------------------------- digest memo
@@ -322,7 +242,7 @@ def file_digest(path: str | os.PathLike[str], st: os.stat_result | None = None) 
             first = os.fstat(stream.fileno())
             if _memo_key(first) != _memo_key(st):
                 return None
-            digest, size = _hash_stream(stream)
+            digest, size = hash_stream(stream)
             after = os.fstat(stream.fileno())
     except OSError:
         return None
@@ -337,11 +257,11 @@ def file_digest(path: str | os.PathLike[str], st: os.stat_result | None = None) 
 
 def _is_excluded(relpath: str, exclude: Sequence[str]) -> bool:
     """Whether a relative POSIX path or its basename matches one of the glob patterns."""
-    return _excluder(tuple(exclude))(relpath)
+    return excluder(tuple(exclude))(relpath)
 
 
 @functools.lru_cache(maxsize=64)
-def _excluder(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+def excluder(patterns: tuple[str, ...]) -> Callable[[str], bool]:
     """:func:`_is_excluded` for fixed ``patterns``, with one compiled regex matching what any
     of them matches with ``fnmatchcase`` (a snapshot tests every file of a run folder)."""
     if not patterns:
@@ -357,148 +277,15 @@ def _excluder(patterns: tuple[str, ...]) -> Callable[[str], bool]:
     return excluded
 
 
-def _clean_relpath(relpath: str) -> str:
-    """Normalise a relative POSIX path; raise ``ValueError`` if absolute or escaping.
-
-    ``"./a//b"`` becomes ``"a/b"``; ``""``, ``"."``, ``"/a"`` and anything with a ``..``
-    component are refused.
-    """
-    pure = PurePosixPath(relpath)
-    if not relpath or pure.is_absolute() or ".." in pure.parts or not pure.parts:
-        raise ValueError(f"not a safe relative path: {relpath!r}")
-    return pure.as_posix()
-
-
 @functools.cache
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CODE_NAME = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in CODE_FILE_PATTERNS))
-_MAX_PATH = 4096
-_MAX_NAME = 255
 
 
 def _bytecode_cache(relpath: str) -> bool:
     """Whether ``relpath`` is in a ``__pycache__`` folder: Python's byte code of a module a
     job imported, never recorded (Python writes it again; a hit never serves one)."""
     return "__pycache__" in relpath.split("/")
-
-
-def is_code_path(relpath: str) -> bool:
-    """Whether a component of the relative POSIX path ``relpath`` matches
-    :data:`CODE_FILE_PATTERNS` (a module, byte code, a ``.pth`` file, a hidden name...).
-
-    Examples
-    --------
-    >>> [is_code_path(p) for p in ("OUTCAR", "victim_jobs.py", ".bashrc", "a/__pycache__/x")]
-    [False, True, True, True]
-    """
-    return any(_CODE_NAME.fullmatch(part) for part in relpath.split("/"))
-
-
-def _link_leaves(relpath: str, target: str, dest: str) -> bool:
-    """Whether the symlink ``relpath`` (below ``dest``) with ``target`` may lead out of
-    ``dest``: an absolute target elsewhere, more leading ``..`` than the link is deep, or a
-    ``..`` after another component (the kernel resolves that one through what precedes it)."""
-    if not target:
-        return True
-    if target.startswith("/"):
-        norm = posixpath.normpath(target)
-        root = posixpath.normpath(dest)
-        return ".." in target.split("/") or not (norm == root or norm.startswith(root + "/"))
-    parts = [part for part in target.split("/") if part not in ("", ".")]
-    ups = 0
-    while ups < len(parts) and parts[ups] == "..":
-        ups += 1
-    if ".." in parts[ups:]:
-        return True
-    return ups > relpath.count("/")
-
-
-def check_manifest(
-    records: Sequence[FileRecord], dest: str | os.PathLike[str], *, serve_code: bool = False
-) -> list[str]:
-    """Check a manifest from a store before anything of it is served into ``dest``.
-
-    Every path must be a normalised relative POSIX path (no ``..``, ``.``, empty or
-    absolute component, no control character, no NUL), unique, and not below another
-    record unless both are deletions of what was a folder; modes carry no setuid, setgid or
-    sticky bit. Paths with a component matching :data:`CODE_FILE_PATTERNS`, and symlinks
-    whose target may lead out of ``dest``, are refused unless ``serve_code``; even then only
-    when the job created them (nothing was there before: such a file never replaces or
-    deletes one).
-
-    Returns
-    -------
-    list[str]
-        The paths, in the order of ``records``.
-
-    Raises
-    ------
-    UnsafeManifestError
-        Naming the first offending path and why.
-
-    Examples
-    --------
-    >>> check_manifest([FileRecord(path="OUTCAR", xxh3="0" * 32)], "/run")
-    ['OUTCAR']
-    >>> try:
-    ...     check_manifest([FileRecord(path="../jobs.py", xxh3="0" * 32)], "/run")
-    ... except UnsafeManifestError as err:
-    ...     print(err)
-    refusing to serve '../jobs.py' into /run: absolute, empty or outside the run folder
-    """
-    dest = os.fspath(dest)
-    paths: list[str] = []
-    kinds: dict[str, FileRecord] = {}
-
-    def refuse(path: object, why: str) -> UnsafeManifestError:
-        return UnsafeManifestError(f"refusing to serve {path!r} into {dest}: {why}")
-
-    for record in records:
-        path = record.path
-        if not isinstance(path, str) or _CONTROL.search(path):
-            raise refuse(path, "a control character in the path")
-        if len(path) > _MAX_PATH or any(len(part) > _MAX_NAME for part in path.split("/")):
-            raise refuse(path, "a path or name too long")
-        try:
-            clean = _clean_relpath(path)
-        except ValueError:
-            raise refuse(path, "absolute, empty or outside the run folder") from None
-        if clean != path or "." in path.split("/"):
-            raise refuse(path, "not a normalised relative path")
-        if path in kinds:
-            raise refuse(path, "listed twice")
-        if record.mode & ~0o777 or record.mode < 0:
-            raise refuse(path, f"mode {record.mode:#o} (setuid, setgid or sticky bits)")
-        if record.kind == "symlink" and "\x00" in record.target:
-            raise refuse(path, "a NUL in the symlink target")
-        leaves = record.kind == "symlink" and _link_leaves(path, record.target, dest)
-        if is_code_path(path) or leaves:
-            what = (
-                f"a symlink to {record.target!r}, out of the run folder"
-                if leaves and not is_code_path(path)
-                else "a file Python would import, or a hidden file"
-            )
-            if not serve_code:
-                raise refuse(path, f"{what} (JOBFLOW_CACHE_SERVE_CODE_FILES is off)")
-            if record.kind == "deleted" or record.before is not None:
-                raise refuse(path, f"{what} that the job did not create (it replaces or deletes)")
-        kinds[path] = record
-        paths.append(path)
-    for path, record in kinds.items():
-        prefix = path
-        while "/" in prefix:
-            prefix = prefix.rpartition("/")[0]
-            above = kinds.get(prefix)
-            if above is None:
-                continue
-            before = above.before
-            if record.kind != "deleted" or before is None or before.kind != "dir":
-                raise refuse(path, f"below {prefix!r}, which the manifest makes {above.kind!r}")
-    return paths
 
 
 def _tmp_base() -> str:
@@ -541,7 +328,7 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def _hash_stream(src: FileIO, dst: IO[bytes] | None = None) -> tuple[str, int]:
+def hash_stream(src: FileIO, dst: IO[bytes] | None = None) -> tuple[str, int]:
     """Hash a binary stream in :data:`CHUNK_SIZE` chunks, optionally copying it to ``dst``.
 
     Returns
@@ -569,7 +356,7 @@ def _hash_file(path: Path) -> tuple[str, int]:
     """``xxh3_128`` hex digest and size of a regular file (symlinks are not followed)."""
     fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW)
     with open(fd, "rb", buffering=0) as stream:
-        return _hash_stream(stream)
+        return hash_stream(stream)
 
 
 def _safe_file(folder: Path, relpath: str) -> Path:
@@ -581,7 +368,7 @@ def _safe_file(folder: Path, relpath: str) -> Path:
         If ``relpath`` is absolute or escapes ``folder``, or a component is a symlink or the
         file is not a regular file.
     """
-    clean = _clean_relpath(relpath)
+    clean = clean_relpath(relpath)
     current = Path(folder)
     parts = clean.split("/")
     for part in parts[:-1]:
@@ -714,7 +501,7 @@ def differences(folder: str | os.PathLike[str], records: Iterable[FileRecord]) -
     differ = []
     for record in records:
         try:
-            target = folder / _clean_relpath(record.path)
+            target = folder / clean_relpath(record.path)
             same = _parent_problem(folder, record.path, {}) is None and _holds_after(
                 target, _lstat(target), record
             )
@@ -808,7 +595,7 @@ def snapshot(folder: str | os.PathLike[str], exclude: Sequence[str] = ()) -> Sna
     ['INCAR']
     """
     result = Snapshot()
-    excluded = _excluder(tuple(exclude))
+    excluded = excluder(tuple(exclude))
     pending: list[tuple[str, str]] = [(os.fspath(folder), "")]
     while pending:
         directory, prefix = pending.pop()
@@ -1284,7 +1071,7 @@ class ObjectArea:
                 # read from the page cache), so the digest is that of what was stored
                 _clone_or_copy(source.fileno(), out.fileno())
                 out.seek(0)
-                digest, size = _hash_stream(out)
+                digest, size = hash_stream(out)
                 if self.fsync:
                     os.fsync(out.fileno())
                 os.fchmod(out.fileno(), OBJECT_MODE)
@@ -1395,7 +1182,7 @@ class ObjectArea:
         records: dict[str, FileRecord] = {}
         for relpath in relpaths:
             try:
-                clean = _clean_relpath(relpath)
+                clean = clean_relpath(relpath)
                 if clean in records:
                     continue
                 records[clean] = self._file_record(folder, clean, None, store=True)
@@ -1479,7 +1266,7 @@ class ObjectArea:
         folder = Path(folder)
         if serve_code is None:
             serve_code = self.serve_code
-        live = _excluder(LIVE_FILE_PATTERNS)
+        live = excluder(LIVE_FILE_PATTERNS)
 
         def skipped(path: str) -> bool:  # a live process's, byte code, the cache's own
             name = path.rpartition("/")[2]
@@ -1782,7 +1569,7 @@ class ObjectArea:
             ):
                 return _Verified(_memo_key(st), st.st_uid)  # the documented cheaper check
             else:
-                digest, size = _hash_stream(stream)
+                digest, size = hash_stream(stream)
                 after = os.fstat(fd)
                 if _memo_key(after) != _memo_key(st) or size != st.st_size:
                     return "written to while it was checked"
