@@ -702,9 +702,7 @@ def _old_row(key: Any, text: Any) -> _Prepared:
     """The rows of one row of :class:`.SQLiteStore`'s table (``key`` is the JSON of the
     digest): its document, or, when that does not decode or fit, its text as an unreadable row
     (:meth:`SQLiteBackend.read` then gives the stand-in, ``cachetool verify --fix`` removes it)."""
-    from jobflow_cache.docstore import _loads
-
-    digest, doc, raw = old_document(key, text, _loads, lambda text: True)
+    digest, doc, raw = old_document(key, text, lambda text: True)
     if doc is not None:
         try:
             return _prepare(doc, digest)
