@@ -116,7 +116,7 @@ def test_job_kwargs_are_passed_to_jobflow(run_dir):
 
 def test_cached_store_spec_through_settings(counts, run_dir, tmp_path, monkeypatch):
     """JOBFLOW_CACHE_STORE takes a maggma spec like jobflow's JOB_STORE."""
-    spec = {"type": "SQLiteStore", "path": str(tmp_path / "spec.sqlite"), "key": "digest"}
+    spec = {"type": "JSONStore", "paths": str(tmp_path / "spec.json"), "read_only": False}
     monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(spec))
     jf_run(jobs.cached_add(3, 3))
     jf_run(jobs.cached_add(3, 3))

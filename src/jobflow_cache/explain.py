@@ -39,7 +39,7 @@ from jobflow_cache.entry import package_versions
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.executor import META_KEY, Cache, JobOptions, job_options
 from jobflow_cache.hashing import SCHEME, bind_arguments, encode
-from jobflow_cache.store import CacheStore, Outcome, store_from_spec
+from jobflow_cache.store import CacheStore, Outcome, maggma_store_from_spec
 
 __all__ = [
     "MISSING",
@@ -432,7 +432,7 @@ def open_job_store(spec: Any = None) -> JobStore:
         elif isinstance(spec, dict) and spec.get("@class") == "JobStore":
             store = MontyDecoder().process_decoded(spec)
         else:
-            store = JobStore(store_from_spec(spec))
+            store = JobStore(maggma_store_from_spec(spec, "a JobStore's documents store"))
         store.connect()
     except CacheError:
         raise

@@ -1,7 +1,7 @@
 """PostgresBackend: a fixed-schema :class:`~.base.EntryBackend` on PostgreSQL, the shared cache.
 
 The layout of :class:`.SQLiteBackend`, with real column types. For ``table`` ``T`` (at most
-48 bytes, as :class:`.PostgresStore` allows), schema version :data:`SCHEMA_VERSION`:
+48 bytes, as 0.1.0's ``PostgresStore`` allows), schema version :data:`SCHEMA_VERSION`:
 
 * ``T__v``: the schema version (one row).
 * ``T__e``: one row per entry, one column per :data:`~.base.SELECTABLE` field (text
@@ -21,7 +21,7 @@ The layout of :class:`.SQLiteBackend`, with real column types. For ``table`` ``T
 * ``T__c``: ``(upstream, digest)`` for each str of an entry's ``consumed`` list
   (:meth:`PostgresBackend.consumers`).
 * ``T_claims`` and ``T_aliases``: the claims (leases on the database clock) and aliases, the
-  very tables :class:`.PostgresStore` keeps, with its SQL.
+  very tables 0.1.0's ``PostgresStore`` keeps, with its SQL.
 
 ``doc`` and the payloads are ``text``, not ``jsonb``: JSON text gives back exactly what was
 written (jsonb reorders keys, reads a float such as ``1e16`` back as an int, loses ``-0.0`` and
@@ -36,11 +36,11 @@ a PostgreSQL regular expression translated to search exactly as Python's ``re.se
 (:func:`postgres_pattern`); an anchored literal prefix is a range of the column.
 
 **Migration**: on :meth:`~PostgresBackend.connect`, when the schema is new and
-:class:`.PostgresStore`'s table ``T`` (key ``digest``) exists, every row is copied in the same
-transaction (decoded as :class:`.PostgresStore` decodes it; a row that is no document, or
+0.1.0's ``PostgresStore``'s table ``T`` (key ``digest``) exists, every row is copied in the same
+transaction (decoded as 0.1.0's ``PostgresStore`` decodes it; a row that is no document, or
 that this schema cannot hold, becomes an unreadable row), then ``T`` is dropped; its claims
 and aliases stay where they are. Several processes connecting at once are serialised by the
-advisory lock :class:`.PostgresStore` takes to create its tables.
+advisory lock 0.1.0's ``PostgresStore`` takes to create its tables.
 
 Each process keeps one connection pool (psycopg 3, ``psycopg_pool``: the optional
 ``postgres`` extra, imported on first use), made again by itself after ``fork()``; the
@@ -376,7 +376,7 @@ def _document(row: Sequence[Any]) -> dict[str, Any]:
 
 
 def _old_row(key: Any, text: Any) -> _Prepared:
-    """The rows of one row of :class:`.PostgresStore`'s table (``key`` the JSON of the
+    """The rows of one row of 0.1.0's ``PostgresStore``'s table (``key`` the JSON of the
     digest, ``text`` its JSONB document as text), decoded as that store decodes it: the
     document, or an unreadable row when it is none or this schema cannot hold it."""
     digest, doc, raw = old_document(key, str(text), _text_fits, postgres=True)
@@ -488,7 +488,7 @@ class PostgresBackend(MSONable):
         libpq connection URI or string, e.g. ``postgresql://user:pw@host:5432/db``.
     table
         The name the tables are derived from (``<table>__e``, ``<table>__p``, ...,
-        ``<table>_claims``, ``<table>_aliases``); at most 48 bytes. A :class:`.PostgresStore`
+        ``<table>_claims``, ``<table>_aliases``); at most 48 bytes. A ``PostgresStore`` (0.1.0)
         table of this name is migrated on :meth:`connect`.
     connect_timeout
         Seconds to wait for a connection (also how long a busy pool is waited for).
