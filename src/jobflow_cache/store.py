@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import xxhash
+from maggma import stores as maggma_stores
 from maggma.core import Sort, Store
 from maggma.stores import GridFSStore, MongoStore, MongoURIStore
 from maggma.stores.gridfs import GridFSURIStore
@@ -126,9 +127,7 @@ _REMOVED_MODULES = {
 
 
 def _store_class(name: str) -> type[Store]:
-    from maggma import stores
-
-    cls = getattr(stores, name, None)
+    cls = getattr(maggma_stores, name, None)
     if isinstance(cls, type) and issubclass(cls, Store):
         return cls
     raise StoreUnavailableError(f"unknown store type {name!r} in store spec")
