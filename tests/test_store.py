@@ -531,3 +531,19 @@ def test_entries_with_reserved_keys_round_trip_on_every_backend(backend, tmp_pat
     assert back.canonical_input == {"x": nan_node, "y": {"$date": 1}}
     assert back.files_skipped == {"$date": 7, "a.b/c": 9}
     assert back.checksum == original.checksum
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"docs_store": {"type": "SQLiteStore", "path": "jobs.sqlite", "key": "uuid"}},
+        {"type": "SQLiteStore", "path": "jobs.sqlite", "collection_name": "outputs"},
+        {"docs_store": {"type": "MemoryStore"}, "additional_stores": {"data": OLD_POSTGRES}},
+    ],
+)
+def test_a_jobstore_spec_naming_a_removed_store_says_what_to_use(spec):
+    """cachetool explain --jobstore with a jobstore.yaml of 0.1.0's walkthrough."""
+    from jobflow_cache.explain import open_job_store
+
+    with pytest.raises(StoreUnavailableError, match="was removed after jobflow-cache 0.1.0; keep"):
+        open_job_store(spec)

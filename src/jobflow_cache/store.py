@@ -146,12 +146,13 @@ def _removed_store(kind: str, kwargs: dict[str, Any]) -> EntryBackend:
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith("@")}
     if kind == "SQLiteStore":
         collection = kwargs.get("collection_name", "entries")
-        if collection != "entries" or kwargs.get("key", "digest") != "digest":
+        key = kwargs.get("key", "digest")
+        if collection != "entries" or key != "digest":
             raise StoreUnavailableError(
-                f"SQLiteStore was removed after jobflow-cache 0.1.0 and this spec names its "
-                f"collection {collection!r}, which the cache cannot read: give the cache "
-                '{"type": "SQLiteBackend", "path": ...} (a JobStore: maggma\'s JSONStore or '
-                "MongoStore)"
+                f"SQLiteStore was removed after jobflow-cache 0.1.0, and this spec's table "
+                f"({collection!r}, key {key!r}) is not the one the cache kept ('entries', key "
+                '\'digest\'): give the cache {"type": "SQLiteBackend", "path": ...} (a JobStore: '
+                "maggma's JSONStore or MongoStore)"
             )
         if "path" not in kwargs:
             raise StoreUnavailableError("a SQLiteStore spec needs a 'path'")
