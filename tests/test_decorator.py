@@ -123,7 +123,7 @@ def test_cached_store_spec_through_settings(counts, run_dir, tmp_path, monkeypat
     assert counts()["cached_add"] == 1
     with CacheStore.from_settings() as store:
         assert store.count() == 1
-        assert "spec.sqlite" in store.name
+        assert store.store.paths == [str(tmp_path / "spec.json")]
 
 
 def test_disabled_decorated_job_touches_nothing(counts, run_dir, isolated_cache, monkeypatch):
