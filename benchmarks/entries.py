@@ -15,7 +15,7 @@ from typing import Any
 
 import xxhash
 
-from jobflow_cache import SCHEME, CacheEntry, CacheStore, SQLiteStore
+from jobflow_cache import SCHEME, CacheEntry, CacheStore, SQLiteBackend
 from jobflow_cache.entry import package_versions
 
 __all__ = ["cache_store", "digest_of", "document_batches", "sealed_entry"]
@@ -101,7 +101,4 @@ def document_batches(start: int, stop: int, batch: int = 5000) -> Iterator[list[
 def cache_store(cache_dir: str | Path) -> CacheStore:
     """The embedded default store under ``cache_dir`` (as ``JOBFLOW_CACHE_DIR=cache_dir`` does)."""
     root = Path(cache_dir)
-    return CacheStore(
-        SQLiteStore(root / "cache.sqlite", collection_name="entries", key="digest"),
-        objects_dir=root / "objects",
-    )
+    return CacheStore(SQLiteBackend(root / "cache.sqlite"), objects_dir=root / "objects")

@@ -438,20 +438,20 @@ def main(argv: list[str] | None = None) -> int:
                 spec = None
                 if name == "postgres":
                     table = f"jfc_bench_{os.getpid()}_{int(dedup)}"
-                    spec = {"type": "PostgresStore", "uri": cluster.uri, "table": table}
+                    spec = {"type": "PostgresBackend", "uri": cluster.uri, "table": table}
                 bench = Bench(name, base / f"{name}-c{int(dedup)}", spec)
                 key = f"{name}/concurrency/{'dedup' if dedup else 'no-dedup'}"
                 report[key] = phase_concurrency(bench, args.workers, dedup)
                 print(json.dumps({key: report[key]}), file=sys.stderr)
             spec = None
             if name == "postgres":
-                spec = {"type": "PostgresStore", "uri": cluster.uri, "table": "jfc_bench_kill"}
+                spec = {"type": "PostgresBackend", "uri": cluster.uri, "table": "jfc_bench_kill"}
             bench = Bench(name, base / f"{name}-kill", spec)
             if "sigkill" in args.phases:
                 report[f"{name}/sigkill"] = phase_sigkill(bench, kills_each)
                 print(json.dumps({f"{name}/sigkill": report[f"{name}/sigkill"]}), file=sys.stderr)
             if name == "postgres" and "server_stopped" in args.phases:
-                spec = {"type": "PostgresStore", "uri": cluster.uri, "table": "jfc_bench_stop"}
+                spec = {"type": "PostgresBackend", "uri": cluster.uri, "table": "jfc_bench_stop"}
                 bench = Bench(name, base / f"{name}-stop", spec)
                 report[f"{name}/server_stopped"] = phase_server_stopped(bench, cluster)
     finally:

@@ -487,7 +487,7 @@ def run_shared(mode: Mode) -> dict[str, Any]:
         else:
             root = base / "postgres"
             root.mkdir(parents=True)
-            spec = {"type": "PostgresStore", "uri": uri, "table": pgserver.new_table_name()}
+            spec = {"type": "PostgresBackend", "uri": uri, "table": pgserver.new_table_name()}
             env = {"JOBFLOW_CACHE_DIR": str(root), "JOBFLOW_CACHE_STORE": json.dumps(spec)}
             cache = CacheStore(store_from_spec(spec), objects_dir=root / "objects")
             try:

@@ -40,7 +40,7 @@ from jobflow_cache import (
     CacheSettings,
     CacheStore,
     Outcome,
-    SQLiteStore,
+    SQLiteBackend,
     run_locally,
     store_from_spec,
 )
@@ -508,21 +508,22 @@ def test_default_blob_store_is_gridfs_on_the_server(backend: Backend, tmp_path):
 
 # -- SQLite: nothing moves unless a blob store is configured ----------------------------------
 def test_sqlite_moves_nothing_without_a_blob_store(tmp_path: Path):
-    with CacheStore(SQLiteStore(tmp_path / "c.sqlite"), tmp_path / "o", blob_threshold=0) as c:
+    with CacheStore(SQLiteBackend(tmp_path / "c.sqlite"), tmp_path / "o", blob_threshold=0) as c:
         assert c.blob_store is None
         c.put(_big_entry())
-        assert BLOBS_KEY not in c.store.query_one({"digest": "d" * 32})
+        assert BLOBS_KEY not in c.backend.read("d" * 32)
         assert c.get("d" * 32).output == _big_entry().output
 
 
 def test_sqlite_with_a_blob_store_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    blob_file = tmp_path / "blobs.sqlite"
+    blob_file = tmp_path / "blobs.json"
     monkeypatch.setenv(
-        "JOBFLOW_CACHE_BLOB_STORE", json.dumps({"type": "SQLiteStore", "path": str(blob_file)})
+        "JOBFLOW_CACHE_BLOB_STORE",
+        json.dumps({"type": "JSONStore", "paths": str(blob_file), "read_only": False}),
     )
     monkeypatch.setenv("JOBFLOW_CACHE_BLOB_THRESHOLD", "100000")
     with CacheStore.from_settings() as cache:
-        assert isinstance(cache.blob_store, SQLiteStore)
+        assert isinstance(cache.blob_store, JSONStore)
         assert cache.blob_threshold == 100_000
         cache.put(_big_entry(n=4_000))  # 81 KB of text, 52 KB compressed: stays
         cache.put(_big_entry("e" * 32, n=30_000))  # 384 KB compressed: moves
@@ -555,7 +556,7 @@ def test_a_bad_blob_store_spec_leaves_the_flow_uncached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counts
 ):
     monkeypatch.setenv("JOBFLOW_CACHE_BLOB_STORE", json.dumps({"type": "NoSuchStore"}))
-    cache = CacheStore(SQLiteStore(tmp_path / "c.sqlite"), tmp_path / "o")  # does not raise
+    cache = CacheStore(SQLiteBackend(tmp_path / "c.sqlite"), tmp_path / "o")  # does not raise
     for given in (cache, None):  # None: CacheStore.from_settings
         flow = jobs.add(1, 2)
         out = run_locally(flow, log=False, store=JobStore(MemoryStore()), cache=given)
@@ -645,7 +646,7 @@ def test_settings_build_a_mongo_cache_with_gridfs_blobs(tmp_path: Path):
 
 def test_in_memory_and_sqlite_stores_get_no_default_blob_store(tmp_path: Path):
     assert default_blob_store(MemoryStore()) is None
-    assert default_blob_store(SQLiteStore(tmp_path / "x.sqlite")) is None
+    assert default_blob_store(SQLiteBackend(tmp_path / "x.sqlite")) is None
     assert CacheStore(MemoryStore(), tmp_path).blob_store is None
 
 

@@ -19,7 +19,7 @@ from jobflow import Flow, JobOrder, JobStore, job
 from maggma.stores import MemoryStore
 from monty.json import MontyDecoder, MontyEncoder
 
-from jobflow_cache import Cache, CacheStore, SQLiteStore, plan, run_locally
+from jobflow_cache import Cache, CacheStore, PostgresBackend, SQLiteBackend, plan, run_locally
 from jobflow_cache.codec import UUID_RE
 from jobflow_cache.execution.cache import META_KEY
 from jobflow_cache.execution.claims import coordinator_of
@@ -79,9 +79,7 @@ def new_job_store() -> JobStore:
 
 @pytest.fixture
 def cache(tmp_path: Path) -> Cache:
-    return Cache(
-        CacheStore(SQLiteStore(tmp_path / "c.sqlite", key="digest"), tmp_path / "cache/objects")
-    )
+    return Cache(CacheStore(SQLiteBackend(tmp_path / "c.sqlite"), tmp_path / "cache/objects"))
 
 
 def record(flow: Flow, cache: Cache, root: Path) -> JobStore:
@@ -503,8 +501,8 @@ def test_jobstore_failures_never_leave_half_documents(
 
 
 @pytest.mark.postgres
-def test_postgres_cache_half_cached(make_pg_store: Any, tmp_path: Path, counts: Any) -> None:
-    pg_cache = Cache(CacheStore(make_pg_store(key="digest"), tmp_path / "pg/objects"))
+def test_postgres_cache_half_cached(make_pg_backend: Any, tmp_path: Path, counts: Any) -> None:
+    pg_cache = Cache(CacheStore(make_pg_backend(), tmp_path / "pg/objects"))
     record(build(), pg_cache, tmp_path / "rec")
     reference = plain(build(factor=6), tmp_path / "plain")
     counts.reset()
@@ -722,13 +720,11 @@ def test_cache_store_down_plans_everything_to_run(
     pg_cluster: Any, tmp_path: Path, counts: Any
 ) -> None:
     """A PostgreSQL cache that went down: plan says why and serves nothing, never raises."""
-    from jobflow_cache import PostgresStore
-
-    store = CacheStore(PostgresStore(pg_cluster.uri, table="plan_down"), tmp_path / "pg/objects")
+    store = CacheStore(PostgresBackend(pg_cluster.uri, table="plan_down"), tmp_path / "pg/objects")
     record(Flow([add(5, 5)]), Cache(store), tmp_path / "rec")
     store.close()
     pg_cluster.stop()
-    down = CacheStore(PostgresStore(pg_cluster.uri, table="plan_down"), tmp_path / "pg/objects")
+    down = CacheStore(PostgresBackend(pg_cluster.uri, table="plan_down"), tmp_path / "pg/objects")
     planned = plan(Flow([add(5, 5)]), cache=Cache(down))
     (row,) = planned
     assert row.status == "run"
@@ -777,13 +773,11 @@ def test_read_only_store_plans_and_applies(pg_cluster: Any, tmp_path: Path, coun
     apply with mode="read_only" serves into the JobStore without writing to the cache."""
     import psycopg
 
-    from jobflow_cache import PostgresStore
-
     def build_ro() -> Flow:
         w = write_files("ro")
         return Flow([w, read_back(w.output)])
 
-    writer = CacheStore(PostgresStore(pg_cluster.uri, table="shared"), tmp_path / "objects")
+    writer = CacheStore(PostgresBackend(pg_cluster.uri, table="shared"), tmp_path / "objects")
     record(build_ro(), Cache(writer), tmp_path / "rec")
     writer.close()
     with psycopg.connect(pg_cluster.uri, autocommit=True) as conn:
@@ -791,7 +785,7 @@ def test_read_only_store_plans_and_applies(pg_cluster: Any, tmp_path: Path, coun
         conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO reader")
     reader_uri = pg_cluster.uri.replace("postgres@", "reader@")
     assert reader_uri != pg_cluster.uri
-    reader = CacheStore(PostgresStore(reader_uri, table="shared"), tmp_path / "objects")
+    reader = CacheStore(PostgresBackend(reader_uri, table="shared"), tmp_path / "objects")
     counts.reset()
     planned = plan(build_ro(), cache=Cache(reader), mode="read_only")
     assert [j.status for j in planned] == ["served", "served"]

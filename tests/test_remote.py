@@ -336,7 +336,7 @@ def dead_mongodb(tmp_path: Path) -> dict[str, str]:
 
 def dead_postgres(tmp_path: Path) -> dict[str, str]:
     uri = f"postgresql://jfc@127.0.0.1:{free_port()}/postgres"
-    spec = {"type": "PostgresStore", "uri": uri, "connect_timeout": 2}
+    spec = {"type": "PostgresBackend", "uri": uri, "connect_timeout": 2}
     return {"JOBFLOW_CACHE_STORE": json.dumps(spec)}
 
 

@@ -1,4 +1,5 @@
-"""CacheStore over real maggma stores (MemoryStore and our SQLiteStore), and the entry schema."""
+"""CacheStore over a maggma store (MemoryStore) and the embedded backend, store specs (those of
+earlier releases too), and the entry schema."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from jobflow_cache import (
     CacheSettings,
     CacheStore,
     Outcome,
+    PostgresBackend,
     SQLiteBackend,
-    SQLiteStore,
     StoreUnavailableError,
     store_from_spec,
 )
@@ -30,11 +31,10 @@ def entry(digest: str = "a" * 32, output: str = '{"x": 1}', **kw) -> CacheEntry:
     return CacheEntry(digest=digest, scheme=SCHEME, function="m:f", output=output, **kw)
 
 
-@pytest.fixture(params=["memory", "sqlitestore", "embedded"])
+@pytest.fixture(params=["memory", "embedded"])
 def store(request, tmp_path: Path):
     inner = {
         "memory": MemoryStore,
-        "sqlitestore": lambda: SQLiteStore(tmp_path / "c.sqlite"),
         "embedded": lambda: SQLiteBackend(tmp_path / "cache.sqlite"),
     }[request.param]()
     with CacheStore(inner, objects_dir=tmp_path / "objects") as cache:
@@ -119,7 +119,7 @@ def test_remove_and_find(store):
 
 
 def test_cache_store_is_msonable(tmp_path):
-    cache = CacheStore(SQLiteStore(tmp_path / "x.sqlite"), objects_dir=tmp_path / "o")
+    cache = CacheStore(JSONStore(str(tmp_path / "x.json"), read_only=False), tmp_path / "o")
     revived = MontyDecoder().process_decoded(json.loads(json.dumps(cache.as_dict())))
     assert isinstance(revived, CacheStore)
     assert revived.objects_dir == str(tmp_path / "o")
@@ -149,22 +149,191 @@ def test_from_settings_uses_the_embedded_default(tmp_path):
 def test_store_specs_like_jobflow(tmp_path):
     mem = store_from_spec({"type": "MemoryStore", "collection_name": "x"})
     assert isinstance(mem, MemoryStore)
-    lite = store_from_spec({"type": "SQLiteStore", "path": str(tmp_path / "s.sqlite")})
-    assert isinstance(lite, SQLiteStore)
+    assert store_from_spec(mem.as_dict()) == mem
+    lite = store_from_spec({"type": "SQLiteBackend", "path": str(tmp_path / "s.sqlite")})
+    assert isinstance(lite, SQLiteBackend)
     serialized = store_from_spec(lite.as_dict())
-    assert serialized == lite
+    assert isinstance(serialized, SQLiteBackend)
+    assert (serialized.path, serialized.timeout) == (lite.path, lite.timeout)
+    pg = store_from_spec({"type": "PostgresBackend", "uri": "postgresql://u:pw@h/db", "table": "t"})
+    assert isinstance(pg, PostgresBackend)
+    assert store_from_spec(pg.as_dict()).name == "postgresql://u@h/db/t"
     with pytest.raises(StoreUnavailableError, match="unknown store type"):
         store_from_spec({"type": "NoSuchStore"})
     with pytest.raises(StoreUnavailableError, match="malformed"):
         store_from_spec({"type": "MemoryStore", "no_such_argument": 1})
+    with pytest.raises(StoreUnavailableError, match="malformed"):
+        store_from_spec({"type": "SQLiteBackend"})  # no path
     with pytest.raises(StoreUnavailableError):
         store_from_spec({"database": "x"})
+
+
+# -- specs of the stores earlier releases kept the cache in ----------------------------------------
+# 0.1.0 kept the cache in its own maggma stores, SQLiteStore and PostgresStore (removed since);
+# users have their specs in settings files and JOBFLOW_CACHE_STORE. These are the spec forms
+# 0.1.0 wrote or documented, as it wrote them.
+OLD_SQLITE = {  # SQLiteStore(path, collection_name="entries", key="digest").as_dict() of 0.1.0
+    "@module": "jobflow_cache.sqlite_store",
+    "@class": "SQLiteStore",
+    "@version": "0.1.0",
+    "collection_name": "entries",
+    "key": "digest",
+    "last_updated_field": "last_updated",
+    "timeout": 7.0,
+}
+OLD_POSTGRES = {  # PostgresStore(uri, table="shared").as_dict() of 0.1.0
+    "@module": "jobflow_cache.postgres_store",
+    "@class": "PostgresStore",
+    "@version": "0.1.0",
+    "uri": "postgresql://jfc:secret@db.example.org:5432/cache",
+    "table": "shared",
+    "key": "digest",
+    "pool_size": 3,
+    "connect_timeout": 4.0,
+}
+
+
+def _old_sqlite_specs(path: Path) -> list[dict]:
+    return [
+        {"type": "SQLiteStore", "path": str(path)},
+        {"type": "SQLiteStore", "path": str(path), "collection_name": "entries", "timeout": 7},
+        {"type": "SQLiteStore", "path": str(path), "key": "digest"},
+        {**OLD_SQLITE, "path": str(path)},
+    ]
+
+
+@pytest.mark.parametrize("form", range(4))
+def test_an_old_sqlite_store_spec_opens_the_embedded_backend(tmp_path, form):
+    path = tmp_path / "cache.sqlite"
+    spec = _old_sqlite_specs(path)[form]
+    backend = store_from_spec(spec)
+    assert isinstance(backend, SQLiteBackend)
+    assert backend.path == str(path)
+    assert backend.timeout == (7.0 if "timeout" in spec else 30.0)
+    with CacheStore.from_settings(CacheSettings(STORE=spec, DIR=tmp_path / "d")) as cache:
+        assert cache.backend.path == str(path)
+        cache.put(entry())
+    with CacheStore(SQLiteBackend(path), tmp_path / "o") as cache:
+        assert cache.get("a" * 32) is not MISS
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "PostgresStore", "uri": OLD_POSTGRES["uri"], "table": "shared"},
+        {"type": "PostgresStore", "uri": OLD_POSTGRES["uri"], "table": "shared", "key": "digest",
+         "pool_size": 3, "connect_timeout": 4, "validator": None},
+        OLD_POSTGRES,
+    ],
+)  # fmt: skip
+def test_an_old_postgres_store_spec_opens_postgres_backend(spec):
+    backend = store_from_spec(spec)
+    assert isinstance(backend, PostgresBackend)
+    assert (backend.uri, backend.table) == (OLD_POSTGRES["uri"], "shared")
+    if "pool_size" in spec:
+        assert (backend.pool_size, backend.connect_timeout) == (3, 4.0)
+    cache = CacheStore.from_settings(CacheSettings(STORE=spec))  # connects only when used
+    assert cache.backend.name == "postgresql://jfc@db.example.org:5432/cache/shared"
+    assert "secret" not in repr(cache.backend)
+
+
+@pytest.mark.parametrize(
+    ("spec", "instead"),
+    [
+        ({"type": "SQLiteStore", "path": "x.sqlite", "collection_name": "cache"}, "SQLiteBackend"),
+        ({**OLD_SQLITE, "path": "x.sqlite", "collection_name": "outputs"}, "SQLiteBackend"),
+        ({"type": "SQLiteStore", "path": "x.sqlite", "key": "uuid"}, "JSONStore"),
+        ({"type": "SQLiteStore"}, "needs a 'path'"),
+        ({"type": "PostgresStore", "uri": OLD_POSTGRES["uri"], "key": "uuid"}, "PostgresBackend"),
+        ({**OLD_POSTGRES, "table": "t" * 49}, "PostgresBackend"),
+    ],
+)
+def test_an_old_spec_that_cannot_be_honoured_says_what_to_use(spec, instead, tmp_path):
+    with pytest.raises(StoreUnavailableError, match=instead):
+        store_from_spec(spec)
+    with pytest.raises(StoreUnavailableError, match=instead):  # a run: cache off, one warning
+        CacheStore.from_settings(CacheSettings(STORE=spec, DIR=tmp_path))
+
+
+def test_an_old_sqlite_store_spec_in_the_environment_runs_the_flow_cached(tmp_path, monkeypatch):
+    from jobflow import Flow, JobStore
+
+    from jobflow_cache import run_locally
+    from tests.support import jobs
+
+    path = tmp_path / "cache.sqlite"
+    monkeypatch.setenv(
+        "JOBFLOW_CACHE_STORE", json.dumps({"type": "SQLiteStore", "path": str(path)})
+    )
+    monkeypatch.setenv("JOBFLOW_CACHE_DIR", str(tmp_path / "dir"))
+    for _ in range(2):
+        run_locally(Flow([jobs.add(1, 2)]), store=JobStore(MemoryStore()), log=False)
+    with CacheStore(SQLiteBackend(path), tmp_path / "o") as cache:
+        ((doc,),) = [list(cache.find())]
+        assert doc["hits"] == 1
+
+
+@pytest.mark.parametrize("which", ["sqlite", "postgres"])
+def test_a_cache_store_serialized_by_an_earlier_release_loads(tmp_path, which):
+    """``CacheStore.as_dict()`` of 0.1.0, with its SQLiteStore or PostgresStore inside (as a
+    flow or a settings file may hold it): from_dict opens the same cache on the backend."""
+    inner = (
+        {**OLD_SQLITE, "path": str(tmp_path / "cache.sqlite")}
+        if which == "sqlite"
+        else OLD_POSTGRES
+    )
+    old = {
+        "@module": "jobflow_cache.store",
+        "@class": "CacheStore",
+        "@version": "0.1.0",
+        "store": inner,
+        "objects_dir": str(tmp_path / "objects"),
+        "blob_store": None,
+        "blob_threshold": 8388608,
+    }
+    for revived in (
+        CacheStore.from_dict(old),
+        MontyDecoder().process_decoded(json.loads(json.dumps(old))),
+    ):
+        assert isinstance(revived, CacheStore)
+        assert revived.objects_dir == str(tmp_path / "objects")
+        if which == "postgres":
+            assert isinstance(revived.backend, PostgresBackend)
+            assert revived.backend.table == "shared"
+            continue
+        assert isinstance(revived.backend, SQLiteBackend)
+        assert revived.backend.path == str(tmp_path / "cache.sqlite")
+        with revived:
+            revived.put(entry())
+            assert revived.get("a" * 32) is not MISS
+        # and it serializes as what it now is
+        again = CacheStore.from_dict(revived.as_dict())
+        assert isinstance(again.backend, SQLiteBackend)
+
+
+def test_a_cache_store_serialized_with_an_unusable_old_store_says_so(tmp_path):
+    old = {
+        "@module": "jobflow_cache.store",
+        "@class": "CacheStore",
+        "store": {**OLD_SQLITE, "path": str(tmp_path / "x.sqlite"), "collection_name": "cache"},
+        "objects_dir": str(tmp_path / "objects"),
+    }
+    with pytest.raises(StoreUnavailableError, match="SQLiteStore was removed"):
+        CacheStore.from_dict(old)
+
+
+def test_a_backend_is_refused_where_a_maggma_store_must_go(tmp_path):
+    spec = {"type": "SQLiteStore", "path": str(tmp_path / "blobs.sqlite")}
+    settings = CacheSettings(DIR=tmp_path, BLOB_STORE=spec)
+    cache = CacheStore.from_settings(settings)  # a bad blob store fails connect(), not this
+    with pytest.raises(StoreUnavailableError, match="a blob store must be a maggma store"):
+        cache.connect()
 
 
 def test_connect_failure_is_a_cache_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    cache = CacheStore(SQLiteStore(blocker / "c.sqlite"), objects_dir=tmp_path)
+    cache = CacheStore(SQLiteBackend(blocker / "c.sqlite"), objects_dir=tmp_path)
     with pytest.raises(StoreUnavailableError):
         cache.connect()
 
@@ -186,9 +355,9 @@ def test_entry_document_round_trip():
 
 def test_store_spec_from_a_file(tmp_path):
     spec = tmp_path / "store.yaml"
-    spec.write_text(f"type: SQLiteStore\npath: {tmp_path / 'f.sqlite'}\nkey: digest\n")
+    spec.write_text(f"type: SQLiteBackend\npath: {tmp_path / 'f.sqlite'}\n")
     store = store_from_spec(str(spec))
-    assert isinstance(store, SQLiteStore)
+    assert isinstance(store, SQLiteBackend)
     assert Path(store.path) == tmp_path / "f.sqlite"
     with pytest.raises(StoreUnavailableError, match="does not exist"):
         store_from_spec(str(tmp_path / "missing.yaml"))
@@ -320,17 +489,17 @@ def test_write_behind_writes_a_full_batch_at_once(store):
 
 
 def test_write_behind_reports_entries_it_could_not_write(tmp_path):
-    cache = CacheStore(SQLiteStore(tmp_path / "c.sqlite"), objects_dir=tmp_path / "o")
+    cache = CacheStore(SQLiteBackend(tmp_path / "c.sqlite"), objects_dir=tmp_path / "o")
     cache.connect()
     writer = WriteBehind(cache, delay=3600)
     writer.put(entry("b" * 32))
     bad = entry("c" * 32)
-    bad.versions = {"$date": "not a date"}  # a key SQLiteStore refuses to store
+    bad.duration = float("nan")  # a value the backend refuses to store: JSON has no NaN
     writer.put(bad)
     writer.flush()
     errors = writer.take_errors()
     assert [digests for digests, _ in errors] == [["c" * 32]]
-    assert "reserved" in str(errors[0][1])
+    assert "NaN" in str(errors[0][1])
     assert cache.get("b" * 32) is not MISS  # one bad entry does not lose the others
     assert writer.take_errors() == []
     writer.close()
@@ -338,7 +507,7 @@ def test_write_behind_reports_entries_it_could_not_write(tmp_path):
 
 
 def test_write_behind_only_for_stores_safe_across_threads(tmp_path):
-    assert WriteBehind.supports(CacheStore(SQLiteStore(tmp_path / "c.sqlite"), tmp_path))
+    assert WriteBehind.supports(CacheStore(SQLiteBackend(tmp_path / "c.sqlite"), tmp_path))
     assert WriteBehind.supports(CacheStore(MemoryStore(), tmp_path))
     assert not WriteBehind.supports(CacheStore(JSONStore(str(tmp_path / "s.json")), tmp_path))
 
@@ -346,7 +515,8 @@ def test_write_behind_only_for_stores_safe_across_threads(tmp_path):
 @pytest.mark.parametrize("backend", ["sqlite", "memory"])
 def test_entries_with_reserved_keys_round_trip_on_every_backend(backend, tmp_path):
     """Tagged canonical nodes have NUL-prefixed keys (BSON forbids them) and file names are
-    arbitrary ("$date" is SQLiteStore's own datetime tag): neither may reach a store as a key."""
+    arbitrary ("$date" was 0.1.0's SQLiteStore's datetime tag): neither may reach a store as a
+    key."""
     import bson
 
     nan_node = {"\x00float": "nan"}
@@ -354,10 +524,27 @@ def test_entries_with_reserved_keys_round_trip_on_every_backend(backend, tmp_pat
     original.files_skipped = {"$date": 7, "a.b/c": 9}
     doc = original.to_document()
     bson.encode({k: v for k, v in doc.items() if k not in ("created", "last_hit")})
-    raw = SQLiteStore(tmp_path / "c.sqlite") if backend == "sqlite" else MemoryStore()
+    raw = SQLiteBackend(tmp_path / "c.sqlite") if backend == "sqlite" else MemoryStore()
     with CacheStore(raw, objects_dir=tmp_path / "o") as cache:
         cache.put(original)
         (back,) = cache.entries()
     assert back.canonical_input == {"x": nan_node, "y": {"$date": 1}}
     assert back.files_skipped == {"$date": 7, "a.b/c": 9}
     assert back.checksum == original.checksum
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"docs_store": {"type": "SQLiteStore", "path": "jobs.sqlite", "key": "uuid"}},
+        {"type": "SQLiteStore", "path": "jobs.sqlite", "collection_name": "outputs"},
+        {"docs_store": {"type": "MemoryStore"}, "additional_stores": {"data": OLD_POSTGRES}},
+    ],
+)
+def test_a_jobstore_spec_naming_a_removed_store_says_what_to_use(spec):
+    """cachetool explain --jobstore with a jobstore.yaml of 0.1.0's walkthrough."""
+    from jobflow_cache.admin.explain import open_job_store
+
+    removed = r"was removed after jobflow-cache 0\.1\.0; keep"
+    with pytest.raises(StoreUnavailableError, match=removed):
+        open_job_store(spec)

@@ -134,7 +134,7 @@ def shared(request: pytest.FixtureRequest, isolated_cache: Path) -> Shared:
 
     uri = request.getfixturevalue("postgres_uri")
     table = request.getfixturevalue("pg_table")
-    spec = {"type": "PostgresStore", "uri": uri, "table": table}
+    spec = {"type": "PostgresBackend", "uri": uri, "table": table}
 
     def pg_read() -> dict[str, dict[str, Any]]:
         backend = PostgresBackend(uri, table=table)

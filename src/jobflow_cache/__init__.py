@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from jobflow_cache.backends import EntryBackend, MaggmaBackend, SQLiteBackend
+from jobflow_cache.backends import EntryBackend, MaggmaBackend, PostgresBackend, SQLiteBackend
 from jobflow_cache.decorator import cached_job
 
 # layer 2: entries and stores
@@ -41,9 +41,7 @@ from jobflow_cache.hashing import SCHEME, CallDigest, digest_call, digest_value
 from jobflow_cache.local import run_locally
 from jobflow_cache.marking import cache_flow
 from jobflow_cache.plan import Plan, plan
-from jobflow_cache.postgres_store import PostgresStore
 from jobflow_cache.settings import CacheSettings, get_settings
-from jobflow_cache.sqlite_store import SQLiteStore
 from jobflow_cache.store import MISS, CacheStore, Lookup, Outcome, store_from_spec
 
 try:
@@ -80,8 +78,7 @@ __all__ = [
     "EntryBackend",
     "SQLiteBackend",
     "MaggmaBackend",
-    "SQLiteStore",
-    "PostgresStore",
+    "PostgresBackend",
     "MISS",
     "CacheStore",
     "Lookup",

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import xxhash
+from maggma import stores as maggma_stores
 from maggma.core import Sort, Store
 from maggma.stores import GridFSStore, MongoStore, MongoURIStore
 from maggma.stores.gridfs import GridFSURIStore
 from monty.json import MontyDecoder, MSONable
 from pydantic import ValidationError
 
-from jobflow_cache.backends import EntryBackend, MaggmaBackend, SQLiteBackend
+from jobflow_cache.backends import EntryBackend, MaggmaBackend, PostgresBackend, SQLiteBackend
 from jobflow_cache.backends.base import unreadable_reason
 from jobflow_cache.backends.maggma import is_thread_safe, store_name
 from jobflow_cache.entry import (
@@ -53,6 +54,7 @@ __all__ = [
     "Outcome",
     "WriteBehind",
     "default_blob_store",
+    "maggma_store_from_spec",
     "store_from_spec",
 ]
 
@@ -110,16 +112,59 @@ class Lookup:
     reason: str = ""
 
 
+#: The package's own backends, by the ``type`` a store spec gives them.
+_BACKENDS: dict[str, type[SQLiteBackend] | type[PostgresBackend]] = {
+    "SQLiteBackend": SQLiteBackend,
+    "PostgresBackend": PostgresBackend,
+}
+
+#: The modules of the document stores earlier releases kept the cache in (removed after 0.1.0),
+#: and their class, as a serialized spec names them.
+_REMOVED_MODULES = {
+    "jobflow_cache.sqlite_store": "SQLiteStore",
+    "jobflow_cache.postgres_store": "PostgresStore",
+}
+
+
 def _store_class(name: str) -> type[Store]:
-    from maggma import stores
-
-    from jobflow_cache import postgres_store, sqlite_store
-
-    for module in (sqlite_store, postgres_store, stores):
-        cls = getattr(module, name, None)
-        if isinstance(cls, type) and issubclass(cls, Store):
-            return cls
+    cls = getattr(maggma_stores, name, None)
+    if isinstance(cls, type) and issubclass(cls, Store):
+        return cls
     raise StoreUnavailableError(f"unknown store type {name!r} in store spec")
+
+
+def _removed_store(kind: str, kwargs: dict[str, Any]) -> EntryBackend:
+    """The backend that keeps what a spec of an earlier release's ``SQLiteStore`` or
+    ``PostgresStore`` named (both removed after 0.1.0), or :class:`.StoreUnavailableError`
+    saying what to use instead when it cannot be honoured.
+
+    ``{"type": "SQLiteStore", "path": p}`` (collection ``entries`` or none) is the embedded
+    cache file ``p``: :class:`.SQLiteBackend` migrates its table ``entries`` on first open.
+    ``{"type": "PostgresStore", "uri": u, "table": t}`` (key ``digest``) is
+    :class:`.PostgresBackend` on ``t``, which migrates that table.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("@")}
+    if kind == "SQLiteStore":
+        collection = kwargs.get("collection_name", "entries")
+        key = kwargs.get("key", "digest")
+        if collection != "entries" or key != "digest":
+            raise StoreUnavailableError(
+                f"SQLiteStore was removed after jobflow-cache 0.1.0, and this spec's table "
+                f"({collection!r}, key {key!r}) is not the one the cache kept ('entries', key "
+                '\'digest\'): give the cache {"type": "SQLiteBackend", "path": ...} (a JobStore: '
+                "maggma's JSONStore or MongoStore)"
+            )
+        if "path" not in kwargs:
+            raise StoreUnavailableError("a SQLiteStore spec needs a 'path'")
+        return SQLiteBackend(kwargs["path"], timeout=float(kwargs.get("timeout", 30.0)))
+    try:
+        return PostgresBackend(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise StoreUnavailableError(
+            f"PostgresStore was removed after jobflow-cache 0.1.0 and this spec cannot open "
+            f'PostgresBackend ({err}): give the cache {{"type": "PostgresBackend", "uri": ..., '
+            '"table": ...}'
+        ) from err
 
 
 def _load_spec_file(path: Path) -> Any:
@@ -133,17 +178,23 @@ def _load_spec_file(path: Path) -> Any:
         raise StoreUnavailableError(f"cannot read store spec file {path}: {err}") from err
 
 
-def store_from_spec(spec: dict[str, Any] | str | Path | Store) -> Store:
-    """Build a maggma Store from a spec, in the same forms jobflow accepts for ``JOB_STORE``.
+def store_from_spec(spec: dict[str, Any] | str | Path | Store) -> Store | EntryBackend:
+    """Build the store a spec names, in the same forms jobflow accepts for ``JOB_STORE``.
 
     A serialized store (``{"@module": ..., "@class": ..., ...}``),
     ``{"type": "MongoStore", "database": ..., "collection_name": ...}``, or the path of a YAML or
-    JSON file holding either.
+    JSON file holding either, gives a maggma ``Store``. The package's backends are named the
+    same way: ``{"type": "SQLiteBackend", "path": ...}``,
+    ``{"type": "PostgresBackend", "uri": ..., "table": ...}``. The specs of the
+    ``SQLiteStore`` and ``PostgresStore`` of earlier releases (removed after 0.1.0) still open
+    the cache they named, through those backends.
 
     Examples
     --------
     >>> store_from_spec({"type": "MemoryStore", "collection_name": "c"}).collection_name
     'c'
+    >>> store_from_spec({"type": "SQLiteStore", "path": "/tmp/cache.sqlite"})
+    SQLiteBackend('/tmp/cache.sqlite')
     """
     if isinstance(spec, Store):
         return spec
@@ -153,18 +204,37 @@ def store_from_spec(spec: dict[str, Any] | str | Path | Store) -> Store:
         raise StoreUnavailableError(f"a store spec must be a mapping, not {type(spec).__name__}")
     try:
         if "@class" in spec:
+            removed = _REMOVED_MODULES.get(str(spec.get("@module")))
+            if removed is not None and spec["@class"] == removed:
+                return _removed_store(removed, spec)
             store = MontyDecoder().process_decoded(dict(spec))
         elif "type" in spec:
+            kind = str(spec["type"])
             kwargs = {k: v for k, v in spec.items() if k != "type"}
-            store = _store_class(str(spec["type"]))(**kwargs)
+            if kind in _REMOVED_MODULES.values():
+                return _removed_store(kind, kwargs)
+            backend = _BACKENDS.get(kind)
+            store = backend(**kwargs) if backend is not None else _store_class(kind)(**kwargs)
         else:
             raise StoreUnavailableError("a store spec needs '@class' or 'type'")
     except CacheError:
         raise
     except Exception as err:
         raise StoreUnavailableError(f"malformed store spec: {err}") from err
-    if not isinstance(store, Store):
+    if not isinstance(store, Store | EntryBackend):
         raise StoreUnavailableError(f"store spec built a {type(store).__name__}, not a Store")
+    return store
+
+
+def maggma_store_from_spec(spec: dict[str, Any] | str | Path | Store, what: str) -> Store:
+    """:func:`store_from_spec` for a place only a maggma store fits (``what``: a blob store,
+    a JobStore's documents); :class:`.StoreUnavailableError` for a backend."""
+    store = store_from_spec(spec)
+    if not isinstance(store, Store):
+        raise StoreUnavailableError(
+            f"{what} must be a maggma store (MongoStore, GridFSStore, JSONStore, ...), "
+            f"not {store!r}"
+        )
     return store
 
 
@@ -188,8 +258,11 @@ class CacheStore(MSONable):
     Parameters
     ----------
     store
-        An :class:`.EntryBackend`, or any maggma store (``MongoStore``, ``MemoryStore``,
-        :obj:`.PostgresStore`, ...).
+        An :class:`.EntryBackend` (:class:`.SQLiteBackend`, :class:`.PostgresBackend`), any
+        maggma store (``MongoStore``, ``MemoryStore``, ...), or a store spec (see
+        :func:`store_from_spec`; ``CacheStore.from_dict`` passes one for a serialized store
+        it cannot import, such as an earlier release's ``SQLiteStore``, which then opens the
+        cache it named).
     objects_dir
         Folder of the content-addressed run-folder file objects.
     blob_store
@@ -217,7 +290,7 @@ class CacheStore(MSONable):
 
     def __init__(
         self,
-        store: Store | EntryBackend | None = None,
+        store: Store | EntryBackend | dict[str, Any] | None = None,
         objects_dir: str | Path | None = None,
         blob_store: Store | None = None,
         blob_threshold: int | None = None,
@@ -228,6 +301,8 @@ class CacheStore(MSONable):
             settings = CacheSettings.model_construct()
         if store is None:
             store = default_store(settings)
+        elif isinstance(store, dict):  # from_dict of a store it could not import (below)
+            store = store_from_spec(store)
         self.backend: EntryBackend = _backend_of(store)
         #: the maggma store given, else the backend
         self.store = store if isinstance(self.backend, MaggmaBackend) else self.backend
@@ -744,36 +819,13 @@ def default_blob_store(store: Store | EntryBackend) -> Store | None:
 def _configured_blob_store(store: Store | EntryBackend, settings: CacheSettings) -> Store | None:
     """``JOBFLOW_CACHE_BLOB_STORE`` if set, else :func:`default_blob_store` of ``store``."""
     if settings.BLOB_STORE:
-        return store_from_spec(settings.BLOB_STORE)
+        return maggma_store_from_spec(settings.BLOB_STORE, "a blob store")
     return default_blob_store(store)
 
 
 def _backend_of(store: Store | EntryBackend) -> EntryBackend:
-    """The backend keeping entries in ``store``.
-
-    A :class:`.SQLiteStore` of the embedded store's table (``entries``: a store spec naming
-    the cache file, as earlier releases documented) is that file's :class:`.SQLiteBackend`,
-    and a :class:`.PostgresStore` (``{"type": "PostgresStore", "uri": ..., "table": ...}``,
-    the documented spec of a group's cache) is :class:`.PostgresBackend` on the same table
-    name: both migrate what an earlier release wrote on first open. Any other maggma store
-    is wrapped in a :class:`.MaggmaBackend`.
-    """
-    if not isinstance(store, Store):
-        return store
-    from jobflow_cache.backends.postgres import PostgresBackend
-    from jobflow_cache.postgres_store import PostgresStore
-    from jobflow_cache.sqlite_store import SQLiteStore
-
-    if type(store) is SQLiteStore and store.collection_name == "entries":
-        return SQLiteBackend(store.path, timeout=store.timeout)
-    if type(store) is PostgresStore and store.key == "digest":
-        return PostgresBackend(
-            store.uri,
-            table=store.table,
-            connect_timeout=store.connect_timeout,
-            pool_size=store.pool_size,
-        )
-    return MaggmaBackend(store)
+    """The backend keeping entries in ``store`` (a maggma store: a :class:`.MaggmaBackend`)."""
+    return MaggmaBackend(store) if isinstance(store, Store) else store
 
 
 def _direction(way: Sort | int) -> int:
@@ -798,7 +850,7 @@ class WriteBehind:
     always sees its own entries.
 
     Safety: an entry is queued only once its files are stored, and each entry is written
-    whole (one transaction per batch in a :obj:`.SQLiteStore`), so a crash or ``SIGKILL``
+    whole (one transaction per batch in a :class:`.SQLiteBackend`), so a crash or ``SIGKILL``
     loses at most what was queued in the last ``3 * delay`` seconds (plus one write), never
     leaves a partial entry and never an entry without its files. A batch that fails is
     retried entry by entry; what still fails is reported by :meth:`take_errors`. In a child

@@ -22,7 +22,7 @@ from jobflow_cache import (
     CacheWarning,
     ObjectArea,
     Outcome,
-    SQLiteStore,
+    SQLiteBackend,
     run_locally,
 )
 from jobflow_cache.admin.explain import MISSING, Inputs, compare, diff, nearest, render
@@ -131,9 +131,7 @@ def sealed(digest: str, name: str = "x") -> CacheEntry:
 
 @pytest.mark.parametrize("backend", ["sqlite", "memory"])
 def test_prefixes_unique_unknown_ambiguous(tmp_path, backend):
-    store = (
-        SQLiteStore(tmp_path / "c.sqlite", key="digest") if backend == "sqlite" else MemoryStore()
-    )
+    store = SQLiteBackend(tmp_path / "c.sqlite") if backend == "sqlite" else MemoryStore()
     with CacheStore(store, tmp_path / "objects") as cache:
         twins = ["abcdef0123" + "0" * 22, "abcdef0123" + "1" * 22]
         for i, digest in enumerate([*twins, "abce" + "2" * 28, "f" * 32]):
@@ -153,42 +151,6 @@ def test_prefixes_unique_unknown_ambiguous(tmp_path, backend):
         for bad in ("abc", "xyz1", "a" * 33):
             with pytest.raises(ValueError, match="digest prefix"):
                 resolve_prefix(cache, bad)
-
-
-KEYS = ["ab", "ab!", 'ab"', "ab\\", "abc", "abz", "ab{", "a", "b", "Ab", "ab_"]
-
-
-@pytest.mark.parametrize(
-    "pattern", ["^ab", "^ab?", "^abc*", "^a|b", "^z", "^ab_", "^a", "^ab\\\\", "^ab{1}", "^Ab"]
-)
-def test_anchored_key_regex_matches_memory_store(tmp_path, pattern):
-    """The key-range narrowing of an anchored ``$regex`` on the key field stays exact."""
-    docs = [{"k": key, "i": i} for i, key in enumerate(KEYS)] + [{"k": 5, "i": 99}]
-    with SQLiteStore(tmp_path / "s.sqlite", key="k") as sqlite:
-        sqlite.update([dict(d) for d in docs])
-        memory = MemoryStore(key="k")
-        memory.connect()
-        memory.update([dict(d) for d in docs])
-        criteria = {"k": {"$regex": pattern}}
-        got = sorted(d["i"] for d in sqlite.query(criteria))
-        assert got == sorted(d["i"] for d in memory.query(criteria))
-
-
-def test_prefix_lookup_is_a_primary_key_range(tmp_path):
-    with SQLiteStore(tmp_path / "s.sqlite", key="digest") as store:
-        store.update([{"digest": f"{i:032x}"} for i in range(300)])
-        statements: list[str] = []
-        conn = store._reader()
-        conn.set_trace_callback(statements.append)
-        try:
-            found = [d["digest"] for d in store.query({"digest": {"$regex": "^" + "0" * 30 + "a"}})]
-            assert found == [f"{i:032x}" for i in range(0xA0, 0xB0)]
-        finally:
-            conn.set_trace_callback(None)
-        (select,) = [s for s in statements if s.lstrip().startswith("SELECT key, doc FROM")]
-        plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {select}"))
-        assert "USING INDEX sqlite_autoindex" in plan, plan
-        assert "(key>? AND key<?)" in plan, plan
 
 
 # --------------------------------------------------------------------------- verify
@@ -475,12 +437,13 @@ def test_compare_without_canonical_input_names_the_argument():
 
 
 def test_relative_sqlite_path_is_fixed_at_construction(tmp_path, monkeypatch):
-    """A job running in its own folder must reach the store the user named (jobstore.yaml)."""
+    """A job running in its own folder must reach the store the user named (a settings file)."""
     monkeypatch.chdir(tmp_path)
-    store = SQLiteStore("relative.sqlite", key="k")
+    backend = SQLiteBackend("relative.sqlite")
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path / "run")
-    with store:
-        store.update({"k": 1})
+    backend.write([{"digest": "d1"}])
+    backend.close()
     assert (tmp_path / "relative.sqlite").exists()
+    assert not (tmp_path / "run" / "relative.sqlite").exists()
     assert not (tmp_path / "run" / "relative.sqlite").exists()

@@ -15,15 +15,10 @@ Parameters (test ids):
     ``MemoryStore`` runs on (tests/test_mongo.py's substitute is a ``MemoryStore``; here the
     ``MongoStore`` class itself runs, so the ``memory`` and ``mongo`` cases differ): every
     client the store makes reaches one in-memory "server" per test.
-``sqlitestore``
-    ``MaggmaBackend`` over the package's ``SQLiteStore`` (the pre-backend embedded store).
-``postgres``
-    ``MaggmaBackend`` over the package's ``PostgresStore`` on a fresh table of the test
+``pgbackend``
+    :class:`~jobflow_cache.backends.postgres.PostgresBackend` on fresh tables of the test
     server (tests/support/pgserver.py; skipped, saying why, when no server can run), marked
     ``@pytest.mark.postgres``.
-``pgbackend``
-    :class:`~jobflow_cache.backends.postgres.PostgresBackend` on fresh tables of the same
-    test server, marked ``@pytest.mark.postgres``.
 
 Each backend is connected before the test and closed after it.
 
@@ -59,13 +54,11 @@ BACKENDS = [
         # cannot exist on this machine
         marks=() if MONGODB_URI else pytest.mark.substitute,
     ),
-    pytest.param("sqlitestore", id="sqlitestore"),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
     pytest.param("pgbackend", id="pgbackend", marks=pytest.mark.postgres),
 ]
 
 #: Kinds that keep files of their own (``owned_paths()`` non-empty), and the file they keep.
-_FILES = {"sqlite": "cache.sqlite", "sqlitestore": "old.sqlite"}
+_FILES = {"sqlite": "cache.sqlite"}
 
 
 def _unique() -> str:
@@ -134,20 +127,6 @@ def backend_opener(
     if kind == "mongo":
         open_store = _mongo_opener(request, monkeypatch)
         return lambda: MaggmaBackend(open_store()), "durable" if MONGODB_URI else "live"
-    if kind == "sqlitestore":
-        from jobflow_cache.sqlite_store import SQLiteStore
-
-        path = tmp_path / "old.sqlite"
-        return lambda: MaggmaBackend(
-            SQLiteStore(path, collection_name="entries", key="digest")
-        ), "durable"
-    if kind == "postgres":
-        from tests.support.pgserver import new_table_name
-
-        # tests/support/pgserver.py: closed and dropped at teardown; skips when no server can run
-        make_pg_store = request.getfixturevalue("make_pg_store")
-        table = new_table_name()
-        return lambda: MaggmaBackend(make_pg_store(table=table, connect=False)), "durable"
     if kind == "pgbackend":
         from jobflow_cache.backends.postgres import PostgresBackend
         from tests.support.pgserver import new_table_name
@@ -162,7 +141,7 @@ def backend_opener(
 
 
 def drop_backend_tables(uri: str, table: str) -> None:
-    """Drop a PostgresBackend's tables (and a PostgresStore's of the same name)."""
+    """Drop a PostgresBackend's tables (and 0.1.0's PostgresStore's of the same name)."""
     from tests.support.pgserver import drop_tables
 
     drop_tables(uri, table)

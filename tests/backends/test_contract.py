@@ -1,7 +1,7 @@
 """The behaviour every :class:`~jobflow_cache.backends.base.EntryBackend` shares.
 
 Each test runs on every backend of tests/backends/conftest.py (``sqlite``, ``memory``,
-``mongo``, ``sqlitestore``, ``postgres``) with real entry documents
+``mongo``, ``pgbackend``) with real entry documents
 (:meth:`.CacheEntry.sealed_document`), and selects with the criteria the command line builds
 (:meth:`.Filters.criteria`), so ``cachetool ls/stats/invalidate/purge`` select the same
 entries whatever the backend.

@@ -1,12 +1,17 @@
 """SQLiteBackend on real files: round trips (tampered documents too), projections, orders,
 criteria (cross-checked against :func:`criteria.matches` on random documents), hit counts that
-never touch the payloads, unreadable rows, fork, a file replaced mid-use, claims and aliases."""
+never touch the payloads, unreadable rows, fork, a file replaced mid-use, claims and aliases;
+and, ported from 0.1.0's SQLiteStore, network file systems, unusable locations, streaming while
+writing, and processes writing at once."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,6 +25,7 @@ from jobflow_cache.backends import base
 from jobflow_cache.backends.base import UNREADABLE, Coordinator, EntryBackend, unreadable_reason
 from jobflow_cache.backends.criteria import OPERATORS, Column, Compiler, matches
 from jobflow_cache.backends.sqlite import FIELD_KINDS, PAYLOAD_FIELDS, SQLiteBackend
+from jobflow_cache.backends.sqlite_file import file_system_type
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.errors import CacheWarning, StoreUnavailableError
 
@@ -606,3 +612,144 @@ def test_readers_in_threads_while_a_writer_writes(backend: SQLiteBackend) -> Non
 
 def test_payload_fields_constant() -> None:
     assert set(PAYLOAD_FIELDS) == {"output", "response", "packed", "files", "blobs"}
+
+
+# -- ported from the tests of 0.1.0's SQLiteStore: what the cache still relies on --------------
+
+
+def test_file_system_type_picks_the_nearest_mount(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw 0 0\n"
+        f"server:/export {tmp_path}/shared nfs4 rw 0 0\n"
+        f"/dev/sdb1 {tmp_path}/shared/local ext4 rw 0 0\n"
+    )
+    (tmp_path / "shared" / "local").mkdir(parents=True)
+    assert file_system_type(tmp_path / "shared/cache/x.db", str(mounts)) == "nfs4"
+    assert file_system_type(tmp_path / "shared/local/x.db", str(mounts)) == "ext4"
+    assert file_system_type(tmp_path / "sharedx/x.db", str(mounts)) == "ext4"
+
+
+def test_a_file_on_a_network_file_system_warns_once_and_still_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a real mount table file naming tmp_path an NFS mount: NFS itself cannot be mounted here
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} nfs rw 0 0\n")
+    monkeypatch.setattr("jobflow_cache.backends.sqlite_file.MOUNTS", str(mounts))
+    backend = SQLiteBackend(tmp_path / "cache.sqlite")
+    with pytest.warns(CacheWarning, match="nfs file system") as caught:
+        backend.connect()
+    assert len(caught) == 1
+    assert "PostgreSQL or MongoDB" in str(caught[0].message)
+    backend.write([entry_doc("a" * 32, hits=1)])
+    backend.add_hits({"a" * 32: (1, T0)})
+    assert backend.read("a" * 32)["hits"] == 2
+    backend.close()
+
+
+def test_unusable_locations_raise_store_unavailable(tmp_path: Path) -> None:
+    nested = SQLiteBackend(tmp_path / "sub" / "dir" / "cache.sqlite")
+    nested.connect()  # missing folders are made
+    assert (tmp_path / "sub" / "dir" / "cache.sqlite").is_file()
+    nested.close()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreUnavailableError, match="cannot open") as info:
+        SQLiteBackend(blocker / "cache.sqlite").connect()
+    assert isinstance(info.value.__cause__, OSError | sqlite3.Error)
+    for bad in ("", ":memory:", "file:x.db?mode=ro"):
+        with pytest.raises(ValueError, match="file path"):
+            SQLiteBackend(bad)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
+def test_a_read_only_folder_raises_store_unavailable(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(StoreUnavailableError):
+            SQLiteBackend(folder / "cache.sqlite").connect()
+    finally:
+        folder.chmod(0o700)
+
+
+def test_a_file_that_is_no_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "notes.sqlite"
+    path.write_text("this is a text file, not a database\n" * 100)
+    with pytest.raises(StoreUnavailableError, match="SQLite") as info:
+        SQLiteBackend(path).connect()
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+    assert path.read_text() == "this is a text file, not a database\n" * 100
+
+
+def test_select_streams_while_the_same_backend_writes(tmp_path: Path) -> None:
+    backend = SQLiteBackend(tmp_path / "stream.sqlite")
+    backend.write([entry_doc(f"{i:05d}", hits=0) for i in range(1500)])
+    other = SQLiteBackend(tmp_path / "stream.sqlite")  # a second writer, as another process
+    seen = 0
+    for doc in backend.select(None, ["hits"], {"digest": 1}):
+        other.write([entry_doc(f"new{seen:05d}")])
+        backend.add_hits({doc["digest"]: (2, T0)})
+        seen += 1
+    assert seen == 1500  # the snapshot did not change under the cursor
+    assert backend.count({"hits": 2}) == 1500
+    assert backend.count() == 3000
+    other.close()
+    backend.close()
+
+
+WORKER = """
+import json, os, sys, time
+from datetime import datetime
+from jobflow_cache.backends.sqlite import SQLiteBackend
+path, worker, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+backend = SQLiteBackend(path, timeout=60)
+while not os.path.exists(go):
+    time.sleep(0.005)
+backend.connect()  # all workers create the file and its schema at the same time
+claimed = backend.claim("shared", f"w{worker}", 600) == f"w{worker}"
+for i in range(100):
+    doc = {"digest": f"w{worker}-{i:03d}", "name": f"w{worker}", "hits": 0, "payload": "x" * i}
+    backend.write([doc])
+    if i % 4 == 0:
+        backend.add_hits({"w0-000": (1, datetime(2024, 1, 1))})
+backend.close()
+print(json.dumps({"claimed": claimed}))
+"""
+
+
+def test_concurrent_processes_lose_nothing(tmp_path: Path) -> None:
+    """Eight processes create one file at once, then write, count hits and claim in it (the
+    busy timeout makes each wait for the others' transactions)."""
+    path = tmp_path / "deep" / "concurrent.sqlite"  # does not exist yet: creation races too
+    go = tmp_path / "go"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(path), str(worker), str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for worker in range(8)
+    ]
+    go.touch()
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert err == ""
+    assert sum(json.loads(out)["claimed"] for out, _ in outputs) == 1
+    backend = SQLiteBackend(path)
+    assert backend.count() == 8 * 100
+    for worker in range(8):
+        docs = list(backend.select({"name": f"w{worker}"}, ["payload"], {"digest": 1}))
+        assert [d["payload"] for d in docs] == ["x" * i for i in range(100)]
+    # w0-000 exists once worker 0 wrote it: hits before that found nothing to count
+    assert 0 < backend.read("w0-000")["hits"] <= 8 * 25
+    check = sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0]
+    assert check == "ok"
+    backend.close()

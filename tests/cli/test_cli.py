@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -87,7 +88,7 @@ def flow(value: float) -> Flow:
 def built(isolated_cache, tmp_path, counts):
     root = tmp_path / "runs"
     root.mkdir()
-    docs = {"type": "SQLiteStore", "path": str(tmp_path / "jobs.sqlite")}
+    docs = {"type": "JSONStore", "paths": str(tmp_path / "jobs.json"), "read_only": False}
     spec = {"docs_store": {**docs, "collection_name": "outputs", "key": "uuid"}}
     job_store = JobStore.from_dict_spec(spec)
     flows = [flow(1.0), flow(2.0)]
@@ -372,7 +373,9 @@ def test_store_option_spec_forms_and_errors(built, isolated_cache, tmp_path):
         "collection_name": "entries",
         "key": "digest",
     }
-    assert len(as_json("--store", json.dumps(spec), "ls")) == 5
+    assert len(as_json("--store", json.dumps(spec), "ls")) == 5  # 0.1.0's spec of the file
+    backend = {"type": "SQLiteBackend", "path": spec["path"]}
+    assert len(as_json("--store", json.dumps(backend), "ls")) == 5
     yaml_file = tmp_path / "store.yaml"
     yaml_file.write_text("".join(f"{k}: {v}\n" for k, v in spec.items()))
     assert as_json("--store", str(yaml_file), "stats")["entries"] == 5
@@ -648,10 +651,17 @@ def test_store_forms_before_and_after_the_command(built, isolated_cache, tmp_pat
     proc = script("ls", "--store", bare, "--json")
     assert len(json.loads(proc.stdout)) == 5
     other = json.dumps({"type": "SQLiteStore", "path": path, "collection_name": "cache"})
-    result = invoke("ls", "--store", other)
+    error = one_line_error(invoke("ls", "--store", other))  # 0.1.0's store of another table
+    assert "SQLiteStore was removed" in error
+    assert '{"type": "SQLiteBackend", "path": ...}' in error
+    other_file = tmp_path / "other.sqlite"
+    sqlite3.connect(other_file).execute(
+        "CREATE TABLE cache (key TEXT, doc TEXT)"
+    ).connection.close()
+    result = invoke("ls", "--store", json.dumps({"type": "SQLiteBackend", "path": str(other_file)}))
     assert result.exit_code == 0
-    assert f"{path} has no table 'cache'" in result.stderr
-    assert "entries (5 rows)" in result.stderr
+    assert f"{other_file} has no table 'jfc_entries'" in result.stderr
+    assert "cache (0 rows)" in result.stderr
     fresh = tmp_path / "fresh.sqlite"
     result = invoke("ls", "--store", json.dumps({"type": "SQLiteStore", "path": str(fresh)}))
     assert result.stderr.startswith(f"No cache at {fresh} yet")

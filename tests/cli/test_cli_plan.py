@@ -29,9 +29,9 @@ def console_script() -> str:
 
 @pytest.fixture
 def planned(isolated_cache: Path, tmp_path: Path, counts: Any) -> Any:
-    """A cache holding add(1, 2) -> mul(., 3), a JobStore (SQLite) holding that run, and a
+    """A cache holding add(1, 2) -> mul(., 3), a JobStore (a JSON file) holding that run, and a
     rebuilt flow whose first job is served, second runs (new factor), third waits."""
-    docs = {"type": "SQLiteStore", "path": str(tmp_path / "jobs.sqlite")}
+    docs = {"type": "JSONStore", "paths": str(tmp_path / "jobs.json"), "read_only": False}
     spec = {"docs_store": {**docs, "collection_name": "outputs", "key": "uuid"}}
     job_store = JobStore.from_dict_spec(spec)
     first = jobs.add(1, 2)

@@ -116,14 +116,14 @@ def test_job_kwargs_are_passed_to_jobflow(run_dir):
 
 def test_cached_store_spec_through_settings(counts, run_dir, tmp_path, monkeypatch):
     """JOBFLOW_CACHE_STORE takes a maggma spec like jobflow's JOB_STORE."""
-    spec = {"type": "SQLiteStore", "path": str(tmp_path / "spec.sqlite"), "key": "digest"}
+    spec = {"type": "JSONStore", "paths": str(tmp_path / "spec.json"), "read_only": False}
     monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(spec))
     jf_run(jobs.cached_add(3, 3))
     jf_run(jobs.cached_add(3, 3))
     assert counts()["cached_add"] == 1
     with CacheStore.from_settings() as store:
         assert store.count() == 1
-        assert "spec.sqlite" in store.name
+        assert store.store.paths == [str(tmp_path / "spec.json")]
 
 
 def test_disabled_decorated_job_touches_nothing(counts, run_dir, isolated_cache, monkeypatch):

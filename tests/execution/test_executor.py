@@ -19,7 +19,6 @@ from jobflow_cache import (
     CacheStore,
     CacheWarning,
     Outcome,
-    SQLiteStore,
     run_locally,
 )
 from jobflow_cache.backends import SQLiteBackend
@@ -239,7 +238,7 @@ def test_missing_file_objects_rerun_the_job(counts, job_store, cache_store, tmp_
 def test_unreachable_store_runs_everything_uncached(counts, job_store, tmp_path, run_dir):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    broken = CacheStore(SQLiteStore(blocker / "cache.sqlite", key="digest"), tmp_path / "o")
+    broken = CacheStore(SQLiteBackend(blocker / "cache.sqlite"), tmp_path / "o")
     flow = chain()
     with pytest.warns(CacheWarning, match="unavailable") as record:
         run_locally(flow, store=job_store, cache=broken, log=False, ensure_success=True)
@@ -355,8 +354,7 @@ def test_concurrent_runs_in_threads_use_their_own_caches(counts, tmp_path):
     from jobflow import Job
 
     caches = [
-        CacheStore(SQLiteStore(tmp_path / f"c{i}.sqlite", key="digest"), tmp_path / "o")
-        for i in range(2)
+        CacheStore(SQLiteBackend(tmp_path / f"c{i}.sqlite"), tmp_path / "o") for i in range(2)
     ]
     errors: list[BaseException] = []
     barrier = threading.Barrier(3)
@@ -686,19 +684,18 @@ def write_named(name: str, size: int):
 def refusing_cache(tmp_path):
     """A real SQLite cache that refuses the entries of ``write_named``, as a backend refuses a
     document it cannot hold (MongoDB's 16 MB limit, a full disk). Neither can be produced on
-    demand here, so this one store's ``update`` is wrapped (its type stays SQLiteStore, so the
-    run batches its writes exactly as for any SQLite cache)."""
-    store = SQLiteStore(tmp_path / "refusing.sqlite")
-    update = store.update
+    demand here, so this one backend's ``write`` is wrapped (its type stays SQLiteBackend, so
+    the run batches its writes exactly as for any SQLite cache)."""
+    backend = SQLiteBackend(tmp_path / "refusing.sqlite")
+    write = backend.write
 
-    def refusing_update(docs, key=None):
-        batch = docs if isinstance(docs, list) else [docs]
-        if any(str(d.get("function", "")).endswith(":write_named") for d in batch):
+    def refusing_write(docs):
+        if any(str(d.get("function", "")).endswith(":write_named") for d in docs):
             raise ValueError("document refused by the backend")
-        update(docs, key=key)
+        write(docs)
 
-    store.update = refusing_update
-    return CacheStore(store, tmp_path / "objects")
+    backend.write = refusing_write  # type: ignore[method-assign]
+    return CacheStore(backend, tmp_path / "objects")
 
 
 def test_an_entry_that_cannot_be_written_warns_when_the_run_ends(

@@ -978,7 +978,7 @@ def test_postgresql_dropping_mid_run_never_fails_the_flow(
         )  # tests/support/pgserver.py: a private server
     except pytest.FixtureLookupError:
         pytest.skip("the PostgreSQL fixtures of tests/support/pgserver.py are not loaded")
-    spec = {"type": "PostgresStore", "uri": cluster.uri, "table": "faults", "connect_timeout": 2}
+    spec = {"type": "PostgresBackend", "uri": cluster.uri, "table": "faults", "connect_timeout": 2}
     monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(spec))
     run_locally(jobs.add(0, 0), log=False)  # an entry from before
     if how == "terminate":
@@ -1020,7 +1020,7 @@ def test_a_store_that_breaks_mid_run_gives_one_warning(
             cluster = request.getfixturevalue("pg_cluster")
         except pytest.FixtureLookupError:
             pytest.skip("the PostgreSQL fixtures of tests/support/pgserver.py are not loaded")
-        spec = {"type": "PostgresStore", "uri": cluster.uri, "table": "f", "connect_timeout": 2}
+        spec = {"type": "PostgresBackend", "uri": cluster.uri, "table": "f", "connect_timeout": 2}
         monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(spec))
         stop = [str(cluster.bindir / "pg_ctl"), "-D", str(cluster.data), "-m", "immediate", "stop"]
         how, target = "command", json.dumps([*cluster.prefix, *stop])

@@ -216,7 +216,7 @@ def test_read_only_against_a_select_only_postgres_role(
     With DEDUP (claims) and outside run_locally (jobflow's manager: uuids and folders are
     recorded in the store for other processes) every write path would be taken.
     """
-    spec = json.dumps({"type": "PostgresStore", "uri": postgres_uri, "table": pg_table})
+    spec = json.dumps({"type": "PostgresBackend", "uri": postgres_uri, "table": pg_table})
     env = {"JOBFLOW_CACHE_STORE": spec, "JOBFLOW_CACHE_DEDUP": "1"}
     # recorded by the owner (jobflow's run_locally caches marked flows only)
     code = PG_PROGRAM.format(runner=runner, values=["a", "b"], mark={})
@@ -228,7 +228,11 @@ def test_read_only_against_a_select_only_postgres_role(
 
     counts.reset()
     ro_spec = json.dumps(
-        {"type": "PostgresStore", "uri": user_uri(postgres_uri, read_only_role), "table": pg_table}
+        {
+            "type": "PostgresBackend",
+            "uri": user_uri(postgres_uri, read_only_role),
+            "table": pg_table,
+        }
     )
     ro_env = {**env, "JOBFLOW_CACHE_STORE": ro_spec}
     if how == "setting":

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from maggma.stores import MemoryStore
 
-from jobflow_cache import CacheStore, SQLiteStore
+from jobflow_cache import CacheStore
 from jobflow_cache.admin.purge import purge
 from jobflow_cache.backends import MaggmaBackend, SQLiteBackend
 from jobflow_cache.entry import CacheEntry
@@ -228,10 +228,6 @@ def _check_backend(store: CacheStore) -> None:
     assert {doc["name"] for doc in store.find({}, properties=["name"])} == {"a", "b", "f"}
 
 
-def test_cascade_on_sqlite(tmp_path):
-    _check_backend(CacheStore(SQLiteStore(tmp_path / "c.sqlite"), tmp_path / "objects"))
-
-
 def test_cascade_on_the_embedded_backend(tmp_path):
     _check_backend(CacheStore(SQLiteBackend(tmp_path / "cache.sqlite"), tmp_path / "objects"))
 
@@ -241,5 +237,5 @@ def test_cascade_on_memory_store(tmp_path):
 
 
 @pytest.mark.postgres
-def test_cascade_on_postgres(make_pg_store, tmp_path):
-    _check_backend(CacheStore(make_pg_store(), tmp_path / "objects"))  # PostgresBackend
+def test_cascade_on_postgres(make_pg_backend, tmp_path):
+    _check_backend(CacheStore(make_pg_backend(), tmp_path / "objects"))

@@ -14,12 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jobflow import Flow
 from maggma.stores import JSONStore, MemoryStore
 
-from jobflow_cache import CacheStore, SQLiteStore, run_locally
+from jobflow_cache import CacheStore, SQLiteBackend, run_locally
 from jobflow_cache.execution.claims import Heartbeat, coordinator_of
 from tests.support import jobs
 
@@ -29,7 +30,7 @@ from tests.support import jobs
 )
 def shared_cache(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "sqlite":
-        store = SQLiteStore(tmp_path / "cache.sqlite", collection_name="entries", key="digest")
+        store: Any = SQLiteBackend(tmp_path / "cache.sqlite")
     else:  # mongomock stands in for MongoDB: same pymongo calls, no server
         store = MemoryStore(collection_name="entries")
     cache = CacheStore(store, objects_dir=tmp_path / "objects")

@@ -407,7 +407,7 @@ def test_editable_install_is_user_code(project: Project) -> None:
         _prelude(site)
         + """
 import json, libmakers, edpkg, jobflow
-from jobflow_cache import codeversion as cv
+from jobflow_cache.hashing import code as cv
 print("RESULT " + json.dumps([
     cv.is_user_module("libmakers"), cv.is_user_module("edpkg"), cv.is_user_module("jobflow"),
     cv.is_user_module("json"), cv.is_user_module("__main__"), cv.is_user_module("jobflow_cache"),

@@ -40,7 +40,7 @@ from monty.json import MSONable
 from pydantic import BaseModel
 
 import jobflow_cache
-from jobflow_cache import CacheStore, SQLiteStore
+from jobflow_cache import CacheStore, SQLiteBackend
 from jobflow_cache.execution.cache import META_KEY
 from tests.integration import dropin_jobs as dj
 
@@ -434,7 +434,7 @@ def execute(scenario: Scenario, runner: Runner, root: Path, counts: Any) -> Run:
 
 def cache_at(folder: Path) -> CacheStore:
     """A cache on a SQLite file; a second call opens the same cache anew."""
-    return CacheStore(SQLiteStore(folder / "cache.sqlite", key="digest"), folder / "objects")
+    return CacheStore(SQLiteBackend(folder / "cache.sqlite"), folder / "objects")
 
 
 def run_three(name: str, tmp_path: Path, counts: Any) -> dict[str, Run]:

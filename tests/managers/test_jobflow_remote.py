@@ -279,7 +279,7 @@ def test_parallel_identical_jobs_compute_once(
     if backend == "postgres":
         uri = request.getfixturevalue("postgres_uri")
         table = request.getfixturevalue("pg_table")
-        store = {"type": "PostgresStore", "uri": uri, "table": table}
+        store = {"type": "PostgresBackend", "uri": uri, "table": table}
         monkeypatch.setenv("JOBFLOW_CACHE_STORE", json.dumps(store))
     # 3 s: long beside the worker's start-up, so the two processes overlap
     flow = cache_flow(Flow([jr_jobs.slow_square(7, 3.0), jr_jobs.slow_square(7, 3.0)]))

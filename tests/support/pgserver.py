@@ -9,13 +9,12 @@ Fixtures (loaded by tests/conftest.py; mark the tests using them ``@pytest.mark.
     why, when PostgreSQL's server binaries are missing or the cluster cannot start.
 ``pg_table``
     A fresh table name (``jfc_<hex>``); its tables are dropped at teardown.
-``make_pg_store``
-    Factory ``make_pg_store(table=None, connect=True, **kwargs) -> PostgresStore`` on a fresh
-    table (or the given one); stores are closed and tables dropped at teardown.
-``pg_store``
-    A connected PostgresStore on a fresh table (``key="digest"``).
+``make_pg_backend``
+    Factory ``make_pg_backend(table=None, connect=True, **kwargs) -> PostgresBackend`` on a
+    fresh table name (or the given one); backends are closed and tables dropped at teardown.
 ``pg_spec``
-    ``{"type": "PostgresStore", "uri": ..., "table": <pg_table>}`` for subprocesses and the CLI.
+    ``{"type": "PostgresBackend", "uri": ..., "table": <pg_table>}`` for subprocesses and the
+    CLI.
 ``pg_cluster``
     A private cluster of the test's own (:class:`PrivateCluster`) that the test may stop and
     start (fault injection); never the CI server, which other workers share.
@@ -41,15 +40,14 @@ from typing import Any
 
 import pytest
 
-from jobflow_cache.postgres_store import PostgresStore
+from jobflow_cache.backends.postgres import PostgresBackend
 
 __all__ = [
     "ENV_URI",
     "PrivateCluster",
-    "make_pg_store",
+    "make_pg_backend",
     "pg_cluster",
     "pg_spec",
-    "pg_store",
     "pg_table",
     "postgres_uri",
 ]
@@ -243,7 +241,7 @@ def postgres_uri() -> Iterator[str]:
 
 def drop_tables(uri: str, table: str) -> None:
     """Drop the cache's tables of ``table``: PostgresBackend's (``__v``, ``__e``, ``__p``,
-    ``__c``), a PostgresStore's (the table itself), and their claims and aliases."""
+    ``__c``), 0.1.0's PostgresStore's (the table itself), and their claims and aliases."""
     psycopg = _psycopg()
     tables = (
         table,
@@ -274,37 +272,32 @@ def pg_table(postgres_uri: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def make_pg_store(postgres_uri: str) -> Iterator[Callable[..., PostgresStore]]:
-    """Factory of PostgresStores on fresh (or given) tables, closed and dropped at teardown."""
-    made: list[PostgresStore] = []
+def make_pg_backend(postgres_uri: str) -> Iterator[Callable[..., PostgresBackend]]:
+    """Factory of PostgresBackends on fresh (or given) table names, closed and dropped at
+    teardown."""
+    made: list[PostgresBackend] = []
     tables: set[str] = set()
 
-    def make(table: str | None = None, connect: bool = True, **kwargs: Any) -> PostgresStore:
+    def make(table: str | None = None, connect: bool = True, **kwargs: Any) -> PostgresBackend:
         table = table or new_table_name()
         tables.add(table)
-        store = PostgresStore(postgres_uri, table=table, **kwargs)
-        made.append(store)
+        backend = PostgresBackend(postgres_uri, table=table, **kwargs)
+        made.append(backend)
         if connect:
-            store.connect()
-        return store
+            backend.connect()
+        return backend
 
     yield make
-    for store in made:
-        store.close()
+    for backend in made:
+        backend.close()
     for table in tables:
         drop_tables(postgres_uri, table)
 
 
 @pytest.fixture
-def pg_store(make_pg_store: Callable[..., PostgresStore]) -> PostgresStore:
-    """A connected PostgresStore (key ``digest``) on a fresh table."""
-    return make_pg_store()
-
-
-@pytest.fixture
 def pg_spec(postgres_uri: str, pg_table: str) -> dict[str, Any]:
-    """A store spec (``{"type": "PostgresStore", ...}``) on a fresh table."""
-    return {"type": "PostgresStore", "uri": postgres_uri, "table": pg_table}
+    """A store spec (``{"type": "PostgresBackend", ...}``) on a fresh table."""
+    return {"type": "PostgresBackend", "uri": postgres_uri, "table": pg_table}
 
 
 @pytest.fixture

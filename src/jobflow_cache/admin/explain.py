@@ -39,7 +39,7 @@ from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.execution.cache import META_KEY, Cache, JobOptions, job_options
 from jobflow_cache.hashing.canonical import SCHEME, bind_arguments, encode
 from jobflow_cache.hashing.code import code_differences, current_versions, version_differences
-from jobflow_cache.store import CacheStore, Outcome, store_from_spec
+from jobflow_cache.store import CacheStore, Outcome, maggma_store_from_spec
 
 __all__ = [
     "MISSING",
@@ -417,11 +417,30 @@ def nearest(
 # --------------------------------------------------------------------------- jobs
 
 
+def _removed_store_type(spec: Any) -> str | None:
+    """``SQLiteStore`` or ``PostgresStore`` (0.1.0's stores, removed since) when a JobStore
+    spec names one anywhere, else None."""
+    if isinstance(spec, dict):
+        for key in ("type", "@class"):
+            if spec.get(key) in ("SQLiteStore", "PostgresStore"):
+                return str(spec[key])
+        spec = list(spec.values())
+    if isinstance(spec, list):
+        return next((found for item in spec if (found := _removed_store_type(item))), None)
+    return None
+
+
 def open_job_store(spec: Any = None) -> JobStore:
     """A connected JobStore from a loaded spec: jobflow's ``JOB_STORE`` forms (``docs_store`` +
     ``additional_stores``, a serialized JobStore) or a maggma store spec for the docs alone;
     ``None``: jobflow's configured ``JOB_STORE``.
     """
+    removed = _removed_store_type(spec)
+    if removed is not None:
+        raise StoreUnavailableError(
+            f"cannot open the JobStore: {removed} was removed after jobflow-cache 0.1.0; keep "
+            "a JobStore in maggma's JSONStore (a file, read_only: false) or MongoStore"
+        )
     try:
         if spec is None:
             store = SETTINGS.JOB_STORE
@@ -432,7 +451,7 @@ def open_job_store(spec: Any = None) -> JobStore:
         elif isinstance(spec, dict) and spec.get("@class") == "JobStore":
             store = MontyDecoder().process_decoded(spec)
         else:
-            store = JobStore(store_from_spec(spec))
+            store = JobStore(maggma_store_from_spec(spec, "a JobStore's documents store"))
         store.connect()
     except CacheError:
         raise

@@ -2,7 +2,7 @@
 
 Everything here streams documents from the store: a cache of a million entries is never held in
 memory. Selections are plain maggma (Mongo) criteria, built by :class:`Filters`; digest prefixes
-are anchored ``$regex`` queries, which MongoDB and :class:`.SQLiteStore` answer from the unique
+are anchored ``$regex`` queries, which MongoDB and the SQL backends answer from the unique
 digest index. Checking entries is in :mod:`jobflow_cache.admin.verify`, removing them in
 :mod:`jobflow_cache.admin.purge`.
 """

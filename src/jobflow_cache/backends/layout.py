@@ -15,16 +15,23 @@ Stored JSON is read back by :func:`parse_object`, which raises :class:`Unreadabl
 backend then yields the stand-in ``{"digest": d, UNREADABLE: why}``). A row migrated from an
 earlier release that this layout cannot hold is stored as its text behind :data:`UNMIGRATED`,
 so it reads as unreadable (``cachetool verify --fix`` removes it).
+
+The rows an earlier release wrote (its document stores, one JSON document per row) are read by
+:func:`decode_old_row`: their JSON tagged the values JSON cannot hold, Mongo extended-JSON
+style (``{"$date": "...Z"}``, ``{"$binary": base64}``, ``{"$numberDouble": "NaN"}``, and in
+PostgreSQL ``{"$string": <JSON text>}`` for a string holding NUL).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import orjson
 
-from jobflow_cache.backends.base import EXPLAIN_FIELDS, SELECTABLE, json_kind
+from jobflow_cache.backends.base import EXPLAIN_FIELDS, SELECTABLE, json_kind, parse_datetime
 from jobflow_cache.backends.criteria import column_value
 
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "UNMIGRATED",
     "Split",
     "UnreadableError",
+    "decode_old_row",
     "old_document",
     "parse_object",
     "split",
@@ -182,12 +190,64 @@ def parse_object(text: Any) -> dict[str, Any]:
     return value
 
 
+#: The tags of an earlier release's document stores (see the module docstring).
+OLD_TAGS = ("$date", "$binary", "$numberDouble", "$string")
+
+
+def _untagged(obj: Any, strings: bool) -> Any:
+    """``obj`` with the tagged values of :data:`OLD_TAGS` restored (``$string`` only when
+    ``strings``)."""
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            ((key, value),) = obj.items()
+            if key == "$date":
+                return parse_datetime(value)
+            if key == "$binary":
+                return base64.b64decode(value)
+            if key == "$numberDouble":
+                return float(value.lower().replace("infinity", "inf"))
+            if key == "$string" and strings:
+                return orjson.loads(value)
+        return {
+            key: _untagged(value, strings) if type(value) is dict or type(value) is list else value
+            for key, value in obj.items()
+        }
+    if isinstance(obj, list):
+        return [
+            _untagged(value, strings) if type(value) is dict or type(value) is list else value
+            for value in obj
+        ]
+    return obj
+
+
+def decode_old_row(text: str, *, postgres: bool = False) -> Any:
+    """The value an earlier release's document store kept as ``text``, its tagged values
+    restored (``postgres``: PostgresStore's JSONB text, which may also tag strings holding
+    NUL; else SQLiteStore's JSON). Raises ``ValueError`` for text
+    that is no JSON.
+
+    Examples
+    --------
+    >>> decode_old_row('{"created": {"$date": "2024-01-02T03:04:05.000006Z"}, "n": 1}')
+    {'created': datetime.datetime(2024, 1, 2, 3, 4, 5, 6), 'n': 1}
+    >>> decode_old_row('{"b": {"$binary": "aGk="}, "x": {"$numberDouble": "-Infinity"}}')
+    {'b': b'hi', 'x': -inf}
+    """
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        if not postgres:
+            raise
+        obj = json.loads(text)  # what JSONB holds and orjson refuses, as PostgresStore read it
+    return _untagged(obj, postgres) if '"$' in text else obj
+
+
 def old_document(
-    key: Any, text: Any, loads: Callable[[str], Any], fits: Callable[[str], bool]
+    key: Any, text: Any, fits: Callable[[str], bool], *, postgres: bool = False
 ) -> tuple[str, Any, str]:
     """``(digest, document or None, raw text)`` of a row an earlier release's store wrote
-    (``key`` the JSON of the digest, ``text`` the document as that store encoded it and
-    ``loads`` decodes it)."""
+    (``key`` the JSON of the digest, ``text`` the document as that store encoded it, decoded
+    by :func:`decode_old_row`)."""
     try:
         digest = orjson.loads(key)
     except (ValueError, TypeError):
@@ -196,7 +256,7 @@ def old_document(
         digest = str(key)
     raw = text if isinstance(text, str) else str(text)
     try:
-        doc = loads(raw)
+        doc = decode_old_row(raw, postgres=postgres)
     except (ValueError, TypeError):
         doc = None
     return digest, doc if isinstance(doc, dict) else None, raw

@@ -1,12 +1,9 @@
 """Cache entries in any maggma Store: :class:`MaggmaBackend`, the adapter the jobflow ecosystem
-expects (``MongoStore``, ``MongoURIStore``, ``MemoryStore``, and this package's
-:obj:`.SQLiteStore` and :obj:`.PostgresStore`).
+expects (``MongoStore``, ``MongoURIStore``, ``MemoryStore``, ``JSONStore``, ...).
 
 Criteria stay native Mongo criteria: the store answers them (MongoDB with its indexes). What
 a store can do beyond maggma's ``Store`` interface is known from its type, in one place here:
 
-* the package's SQL document stores (:class:`.DocStore`) read one key leaving fields out,
-  add hit counts in one statement, sum fields in SQL, and hold claims and aliases;
 * MongoDB (and maggma's ``MemoryStore``, which is mongomock) updates hit counts with ``$inc``
   and keeps claims and aliases in two collections beside the entries;
 * any other store is read, modified and written back (last writer wins), without claims.
@@ -15,7 +12,6 @@ a store can do beyond maggma's ``Store`` interface is known from its type, in on
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +25,6 @@ from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from jobflow_cache.backends.base import EXPLAIN_FIELDS, Coordinator, Criteria, Totals
-from jobflow_cache.docstore import DocStore
 
 __all__ = ["INDEXED_FIELDS", "MaggmaBackend", "is_thread_safe", "store_name"]
 
@@ -37,9 +32,6 @@ logger = logging.getLogger(__name__)
 
 #: Fields indexed in the underlying store (the digest index is unique).
 INDEXED_FIELDS = ("function", "name", "created", "last_hit", "valid", "source_uuid")
-
-#: Entries per statement when many are marked invalid at once.
-_BATCH = 500
 
 #: Stores whose methods may be called from a writer thread while the job thread reads.
 _THREAD_SAFE = (MongoStore, MemoryStore, MongoURIStore, GridFSStore, GridFSURIStore)
@@ -59,11 +51,7 @@ def store_name(store: Store) -> str:
 
 def is_thread_safe(store: Store) -> bool:
     """Whether a writer thread may call ``store`` while another thread reads it."""
-    return (
-        isinstance(store, DocStore)
-        or type(store) in _THREAD_SAFE
-        or bool(getattr(store, "thread_safe", False))
-    )
+    return type(store) in _THREAD_SAFE or bool(getattr(store, "thread_safe", False))
 
 
 class MaggmaBackend:
@@ -82,9 +70,7 @@ class MaggmaBackend:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.store.key = "digest"
-        kind = type(store)
-        self._sql = isinstance(store, DocStore)
-        self._mongo = kind in _MONGO
+        self._mongo = type(store) in _MONGO
         self.thread_safe = is_thread_safe(store)
         self._coordinator: Coordinator | None = None
 
@@ -112,18 +98,15 @@ class MaggmaBackend:
             logger.debug("closing %s: %s", self.name, err)
 
     def owned_paths(self) -> list[str]:
-        """The SQLite file of a :obj:`.SQLiteStore`; nothing for other stores."""
-        path = getattr(self.store, "path", None) if self._sql else None
-        return [os.path.abspath(os.path.expanduser(path))] if isinstance(path, str) else []
+        """Nothing: no maggma store keeps its documents in a file of the cache's."""
+        return []
 
     # -- reading ----------------------------------------------------------------------------
     def read(self, digest: str, *, explain: bool = True) -> dict[str, Any] | None:
         """The document of ``digest`` (the store leaves the explain fields out when it can)."""
         leave_out = () if explain else EXPLAIN_FIELDS
         store: Any = self.store
-        if self._sql:
-            doc = store.query_key(digest, leave_out=leave_out)
-        elif leave_out and isinstance(store, MongoStore):  # MemoryStore too: mongomock
+        if leave_out and isinstance(store, MongoStore):  # MemoryStore too: mongomock
             doc = store.query_one({"digest": digest}, properties=dict.fromkeys(leave_out, 0))
         else:
             doc = store.query_one({"digest": digest})
@@ -156,9 +139,7 @@ class MaggmaBackend:
         return int(self.store.count(dict(criteria or {})))
 
     def totals(self, criteria: Criteria | None = None) -> Totals:
-        """Sums in SQL on the package's SQL stores; one streamed pass on others."""
-        if self._sql:
-            return self._sql_totals(dict(criteria or {}))
+        """Sums of one streamed pass over the matching entries."""
         result = Totals()
         functions: Counter[str] = Counter()
         fields = ["function", "hits", "duration", "files_size", "valid", "created"]
@@ -179,31 +160,6 @@ class MaggmaBackend:
         result.functions = dict(functions.most_common())
         return result
 
-    def _sql_totals(self, criteria: dict[str, Any]) -> Totals:
-        store: Any = self.store
-        sums = store.totals(
-            {
-                "entries": [],
-                "valid": ["valid"],
-                "hits": ["hits"],
-                "saved": ["hits", "duration"],
-                "files_bytes": ["files_size"],
-            },
-            criteria,
-        )
-        result = Totals(
-            entries=int(sums["entries"]),
-            invalid=int(sums["entries"] - sums["valid"]),
-            hits=int(sums["hits"]),
-            time_saved=sums["saved"],
-            files_bytes=int(sums["files_bytes"]),
-        )
-        result.functions = {str(value): n for value, n in store.value_counts("function", criteria)}
-        for direction in (1, -1):
-            for doc in self.select(criteria, ["created"], {"created": direction}, 1):
-                _widen(result, doc.get("created"))
-        return result
-
     def consumers(self) -> Iterator[tuple[str, list[str]]]:
         """``(digest, consumed)`` of the entries holding a consumed list."""
         for doc in self.store.query({}, properties=["digest", "consumed"]):
@@ -213,20 +169,15 @@ class MaggmaBackend:
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, docs: Sequence[Mapping[str, Any]]) -> None:
-        """Upsert whole documents (one transaction in the SQL stores)."""
+        """Upsert whole documents."""
         if docs:
             self.store.update([dict(doc) for doc in docs], key="digest")
 
     def add_hits(self, hits: Mapping[str, tuple[int, datetime]]) -> None:
-        """Add hit counts: one statement in the SQL stores, ``$inc`` in MongoDB."""
+        """Add hit counts: ``$inc`` in MongoDB, read, modified and written back elsewhere."""
         if not hits:
             return
         store: Any = self.store
-        if self._sql:
-            store.increment_many(
-                [(digest, {"hits": n}, {"last_hit": when}) for digest, (n, when) in hits.items()]
-            )
-            return
         for digest, (n, when) in hits.items():
             if self._mongo:
                 store._collection.update_one(
@@ -244,14 +195,6 @@ class MaggmaBackend:
         """Set ``valid``/``invalid_reason`` only; the digests found, in order."""
         store: Any = self.store
         found: list[str] = []
-        if self._sql:
-            for start in range(0, len(reasons), _BATCH):
-                batch = reasons[start : start + _BATCH]
-                exists = store.increment_many(
-                    [(d, {}, {"valid": False, "invalid_reason": why}) for d, why in batch]
-                )
-                found.extend(d for (d, _), ok in zip(batch, exists) if ok)
-            return found
         for digest, why in reasons:
             if self._mongo:
                 result = store._collection.update_one(
@@ -277,10 +220,8 @@ class MaggmaBackend:
 
     # -- coordination -----------------------------------------------------------------------
     def coordinator(self) -> Coordinator | None:
-        """The SQL stores' own claims and aliases, two collections beside a MongoDB (or
-        mongomock) collection, or None for other stores."""
-        if self._sql:
-            return self.store  # type: ignore[return-value]
+        """Claims and aliases in two collections beside a MongoDB (or mongomock) collection,
+        or None for other stores."""
         if self._mongo:
             if self._coordinator is None:
                 self._coordinator = MongoCoordinator(self.store)

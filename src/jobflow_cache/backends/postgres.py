@@ -1,7 +1,7 @@
 """PostgresBackend: a fixed-schema :class:`~.base.EntryBackend` on PostgreSQL, the shared cache.
 
 The layout of :class:`.SQLiteBackend`, with real column types. For ``table`` ``T`` (at most
-48 bytes, as :class:`.PostgresStore` allows), schema version :data:`SCHEMA_VERSION`:
+48 bytes, as 0.1.0's ``PostgresStore`` allows), schema version :data:`SCHEMA_VERSION`:
 
 * ``T__v``: the schema version (one row).
 * ``T__e``: one row per entry, one column per :data:`~.base.SELECTABLE` field (text
@@ -21,7 +21,7 @@ The layout of :class:`.SQLiteBackend`, with real column types. For ``table`` ``T
 * ``T__c``: ``(upstream, digest)`` for each str of an entry's ``consumed`` list
   (:meth:`PostgresBackend.consumers`).
 * ``T_claims`` and ``T_aliases``: the claims (leases on the database clock) and aliases, the
-  very tables :class:`.PostgresStore` keeps, with its SQL.
+  very tables 0.1.0's ``PostgresStore`` keeps, with its SQL.
 
 ``doc`` and the payloads are ``text``, not ``jsonb``: JSON text gives back exactly what was
 written (jsonb reorders keys, reads a float such as ``1e16`` back as an int, loses ``-0.0`` and
@@ -36,11 +36,11 @@ a PostgreSQL regular expression translated to search exactly as Python's ``re.se
 (:func:`postgres_pattern`); an anchored literal prefix is a range of the column.
 
 **Migration**: on :meth:`~PostgresBackend.connect`, when the schema is new and
-:class:`.PostgresStore`'s table ``T`` (key ``digest``) exists, every row is copied in the same
-transaction (decoded as :class:`.PostgresStore` decodes it; a row that is no document, or
+0.1.0's ``PostgresStore``'s table ``T`` (key ``digest``) exists, every row is copied in the same
+transaction (decoded as 0.1.0's ``PostgresStore`` decodes it; a row that is no document, or
 that this schema cannot hold, becomes an unreadable row), then ``T`` is dropped; its claims
 and aliases stay where they are. Several processes connecting at once are serialised by the
-advisory lock :class:`.PostgresStore` takes to create its tables.
+advisory lock 0.1.0's ``PostgresStore`` takes to create its tables.
 
 Each process keeps one connection pool (psycopg 3, ``psycopg_pool``: the optional
 ``postgres`` extra, imported on first use), made again by itself after ``fork()``; the
@@ -54,12 +54,15 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import xxhash
 from monty.json import MSONable
@@ -88,8 +91,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from psycopg import Connection
-
-    from jobflow_cache.postgres_store import _State
+    from psycopg_pool import ConnectionPool
 
 __all__ = ["SCHEMA_VERSION", "PostgresBackend", "postgres_pattern"]
 
@@ -100,6 +102,7 @@ SCHEMA_VERSION = 1
 
 UTC = timezone.utc
 _INSTALL_HINT = "pip install 'jobflow-cache[postgres]'"
+_MIN_SERVER_VERSION = 140000
 _MAX_TABLE_BYTES = 48  # PostgresStore's limit: "<table>_aliases" must fit 63 bytes
 _FIELDS = SELECTABLE[1:]  # the columns after digest, in table order
 _DOC = len(SELECTABLE)  # index of doc in a row (served and explain follow)
@@ -119,12 +122,85 @@ _CURSOR_IDS = itertools.count(1)
 _OPEN_LOCK = threading.RLock()  # one pool per backend and process, even if threads race
 
 
+# --------------------------------------------------------------------------- connections
+
+
+class _State:
+    """One process's connection pool, the connections it made and what is known to exist."""
+
+    def __init__(self, pool: ConnectionPool, pg: ModuleType, pool_module: ModuleType) -> None:
+        self.pid = os.getpid()
+        self.pool = pool
+        self.pg = pg
+        self.pool_module = pool_module
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def close(self) -> None:
+        self.pool.close(timeout=5.0)
+
+    def abandon(self) -> None:
+        """In a forked child: make the parent's connections unusable here without touching
+        the parent's sessions, and keep every object alive so nothing is ever finalised.
+
+        Closing (or freeing) a connection sends the server a Terminate message on the
+        socket the parent shares; pointing each socket's descriptor at a fresh unconnected
+        socket makes those messages fail harmlessly instead.
+        """
+        _ABANDONED.append(self)
+        dummy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            for conn in list(self.connections):
+                try:
+                    fd = conn.pgconn.socket
+                except Exception:  # closed or never connected
+                    continue
+                os.dup2(dummy.fileno(), fd, inheritable=False)
+        finally:
+            dummy.close()
+
+
+# Process states left behind in a forked child: never used, closed or freed there (their
+# sockets belong to the parent; see _State.abandon).
+_ABANDONED: list[_State] = []
+#: The states of this process's open pools (a forked child abandons those of its parent).
+_LIVE: weakref.WeakSet[_State] = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
     global _OPEN_LOCK
     _OPEN_LOCK = threading.RLock()  # another thread may have held it at fork()
+    for state in list(_LIVE):
+        if state.pid != os.getpid():
+            _LIVE.discard(state)
+            state.abandon()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_DSN_PAIR = re.compile(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def _conninfo_parts(uri: str) -> dict[str, str]:
+    """host, port, user and dbname of a URI or ``key=value`` connection string."""
+    if uri.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(uri)
+        found = {
+            "host": parts.hostname or "",
+            "port": str(parts.port or ""),
+            "user": unquote(parts.username or ""),
+            "dbname": unquote(parts.path.lstrip("/")),
+        }
+    else:
+        found = {k: v.strip("'") for k, v in _DSN_PAIR.findall(uri)}
+    return {k: found.get(k, "") for k in ("host", "port", "user", "dbname")}
+
+
+def _redact(uri: str) -> str:
+    """The URI with its password hidden."""
+    if uri.startswith(("postgresql://", "postgres://")):
+        return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", uri)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", uri)
 
 
 # --------------------------------------------------------------------------- values
@@ -300,12 +376,10 @@ def _document(row: Sequence[Any]) -> dict[str, Any]:
 
 
 def _old_row(key: Any, text: Any) -> _Prepared:
-    """The rows of one row of :class:`.PostgresStore`'s table (``key`` the JSON of the
+    """The rows of one row of 0.1.0's ``PostgresStore``'s table (``key`` the JSON of the
     digest, ``text`` its JSONB document as text), decoded as that store decodes it: the
     document, or an unreadable row when it is none or this schema cannot hold it."""
-    from jobflow_cache.postgres_store import _loads
-
-    digest, doc, raw = old_document(key, str(text), _loads, _text_fits)
+    digest, doc, raw = old_document(key, str(text), _text_fits, postgres=True)
     if doc is not None:
         try:
             return _prepare(doc, digest)
@@ -414,7 +488,7 @@ class PostgresBackend(MSONable):
         libpq connection URI or string, e.g. ``postgresql://user:pw@host:5432/db``.
     table
         The name the tables are derived from (``<table>__e``, ``<table>__p``, ...,
-        ``<table>_claims``, ``<table>_aliases``); at most 48 bytes. A :class:`.PostgresStore`
+        ``<table>_claims``, ``<table>_aliases``); at most 48 bytes. A ``PostgresStore`` (0.1.0)
         table of this name is migrated on :meth:`connect`.
     connect_timeout
         Seconds to wait for a connection (also how long a busy pool is waited for).
@@ -470,16 +544,12 @@ class PostgresBackend(MSONable):
     @property
     def name(self) -> str:
         """``postgresql://user@host:port/dbname/table`` (never the password)."""
-        from jobflow_cache.postgres_store import _conninfo_parts
-
         parts = _conninfo_parts(self.uri)
         user = f"{parts['user']}@" if parts["user"] else ""
         port = f":{parts['port']}" if parts["port"] else ""
         return f"postgresql://{user}{parts['host']}{port}/{parts['dbname']}/{self.table}"
 
     def __repr__(self) -> str:
-        from jobflow_cache.postgres_store import _redact
-
         return f"PostgresBackend(uri={_redact(self.uri)!r}, table={self.table!r})"
 
     def owned_paths(self) -> list[str]:
@@ -502,8 +572,6 @@ class PostgresBackend(MSONable):
             ``connect_timeout``, it is older than PostgreSQL 14 or not UTF-8, or its schema
             was written by a newer jobflow-cache.
         """
-        from jobflow_cache.postgres_store import _LIVE
-
         with _OPEN_LOCK:
             state = self._state
             if state is not None and state.pid == os.getpid():
@@ -516,8 +584,6 @@ class PostgresBackend(MSONable):
 
     def close(self) -> None:
         """Close this process's pool; calling it twice is harmless."""
-        from jobflow_cache.postgres_store import _LIVE
-
         state, self._state = self._state, None
         if state is None:
             return
@@ -528,8 +594,6 @@ class PostgresBackend(MSONable):
             state.abandon()
 
     def _open(self) -> _State:
-        from jobflow_cache.postgres_store import _LIVE, _State
-
         pg, pool_module = _modules()
         try:
             given = pg.conninfo.conninfo_to_dict(self.uri)
@@ -572,13 +636,11 @@ class PostgresBackend(MSONable):
             raise StoreUnavailableError(
                 f"cannot open connections to the PostgreSQL store {self.name}: {err}"
             ) from err
-        _LIVE.add(state)  # PostgresStore's fork handler abandons it in a child
+        _LIVE.add(state)  # the fork handler abandons it in a child
         logger.debug("connected to %s", self.name)
         return state
 
     def _check_server(self, conn: Connection[Any]) -> None:
-        from jobflow_cache.postgres_store import _MIN_SERVER_VERSION
-
         if conn.info.server_version < _MIN_SERVER_VERSION:
             raise StoreUnavailableError(
                 f"PostgresBackend needs PostgreSQL 14 or later; {self.name} runs "

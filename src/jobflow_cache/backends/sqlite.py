@@ -14,13 +14,13 @@ Schema (version :data:`SCHEMA_VERSION`, in table ``jfc_schema``):
 * ``jfc_consumed``: ``(upstream, digest)`` for each str in an entry's ``consumed`` list (the
   list itself stays in ``doc``), answering :meth:`SQLiteBackend.consumers`.
 * ``entries__claims`` and ``entries__aliases``: the claims and aliases, exactly as
-  :class:`.SQLiteStore` keeps them (a file it wrote keeps its claims and aliases).
+  0.1.0's ``SQLiteStore`` keeps them (a file it wrote keeps its claims and aliases).
 
 Documents are JSON (``TypeError`` otherwise) except ``created`` and ``last_hit``, which are
 ``datetime`` (aware ones are converted to UTC; they read back as naive UTC, like pymongo's).
 A row whose JSON does not decode reads as the stand-in ``{"digest": d, UNREADABLE: why}``.
 
-A file written by :class:`.SQLiteStore` (collection ``entries``, key ``digest``) is migrated
+A file written by 0.1.0's ``SQLiteStore`` (collection ``entries``, key ``digest``) is migrated
 on :meth:`~SQLiteBackend.connect`, in one transaction: every row is copied (one that does not
 decode as an unreadable row), then the old table is dropped.
 
@@ -254,7 +254,7 @@ class SQLiteBackend(MSONable):
     # ---------------------------------------------------------------- connections
 
     def connect(self) -> None:
-        """Open the file, creating the schema or migrating a :class:`.SQLiteStore` file.
+        """Open the file, creating the schema or migrating a file of 0.1.0's ``SQLiteStore``.
 
         Raises
         ------
@@ -360,7 +360,7 @@ class SQLiteBackend(MSONable):
             raise
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Copy the rows of :class:`.SQLiteStore`'s collection ``entries`` (key ``digest``)
+        """Copy the rows of 0.1.0's ``SQLiteStore``'s collection ``entries`` (key ``digest``)
         into the fixed schema and drop it (inside the caller's transaction)."""
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         if _OLD not in tables or _OLD_META not in tables:
@@ -699,12 +699,10 @@ def _aware(text: Any) -> datetime | None:
 
 
 def _old_row(key: Any, text: Any) -> _Prepared:
-    """The rows of one row of :class:`.SQLiteStore`'s table (``key`` is the JSON of the
+    """The rows of one row of 0.1.0's ``SQLiteStore``'s table (``key`` is the JSON of the
     digest): its document, or, when that does not decode or fit, its text as an unreadable row
     (:meth:`SQLiteBackend.read` then gives the stand-in, ``cachetool verify --fix`` removes it)."""
-    from jobflow_cache.docstore import _loads
-
-    digest, doc, raw = old_document(key, text, _loads, lambda text: True)
+    digest, doc, raw = old_document(key, text, lambda text: True)
     if doc is not None:
         try:
             return _prepare(doc, digest)

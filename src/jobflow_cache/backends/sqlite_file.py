@@ -1,5 +1,5 @@
-"""What every SQLite file of the package shares (the embedded backend, and the maggma
-:class:`.SQLiteStore`): the file-system check, file identity, and how text is read.
+"""What the embedded backend's SQLite file needs apart from SQL: the file-system check, file
+identity, and how text is read.
 
 * :func:`file_system_type` names the file system of a path (``/proc/mounts``), so opening a
   file on a network file system (:data:`NETWORK_FILE_SYSTEMS`), where SQLite's locks and WAL

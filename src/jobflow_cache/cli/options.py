@@ -25,7 +25,6 @@ from jobflow_cache.backends.sqlite import SQLiteBackend
 from jobflow_cache.cli import output as fmt
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.settings import CacheSettings, get_settings
-from jobflow_cache.sqlite_store import SQLiteStore
 from jobflow_cache.store import CacheStore
 
 __all__ = [
@@ -73,7 +72,7 @@ def load_spec(text: str) -> Any:
     if stripped.startswith(("mongodb://", "mongodb+srv://")):
         return _mongo_uri_spec(stripped)
     if stripped.startswith(("postgresql://", "postgres://")):
-        return {"type": "PostgresStore", "uri": stripped}
+        return {"type": "PostgresBackend", "uri": stripped}
     if stripped.startswith("{"):
         try:
             return _unwrap(json.loads(stripped))
@@ -102,8 +101,7 @@ def _unwrap(spec: Any) -> Any:
 
 
 def _with_timeouts(spec: Any) -> Any:
-    """A spec whose database server is given up on after :data:`CONNECT_TIMEOUT`; a
-    ``SQLiteStore`` spec without a table names the embedded store's (``entries``)."""
+    """A spec whose database server is given up on after :data:`CONNECT_TIMEOUT`."""
     if not isinstance(spec, dict):
         return spec
     spec = dict(spec)
@@ -114,10 +112,8 @@ def _with_timeouts(spec: Any) -> Any:
         kwargs.setdefault("serverSelectionTimeoutMS", ms)
         kwargs.setdefault("connectTimeoutMS", ms)
         spec["mongoclient_kwargs"] = kwargs
-    elif kind == "PostgresStore":
+    elif kind in ("PostgresBackend", "PostgresStore"):  # PostgresStore: an earlier release's
         spec.setdefault("connect_timeout", CONNECT_TIMEOUT)
-    elif kind == "SQLiteStore":
-        spec.setdefault("collection_name", "entries")
     return spec
 
 
@@ -154,7 +150,7 @@ def _unreachable(cache: CacheStore, err: BaseException) -> StoreUnavailableError
             "server runs and is reachable from here, and the host, port and credentials of "
             "the store spec"
         )
-    if kind in ("PostgresStore", "PostgresBackend"):
+    if kind == "PostgresBackend":
         parts = urlsplit(str(getattr(store, "uri", "")))
         where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
         reason = first_line(err).rpartition(": ")[2]
@@ -203,21 +199,15 @@ class State:
         except StoreUnavailableError as err:
             raise _unreachable(cache, err.__cause__ or err) from err
         click.get_current_context().call_on_close(cache.close)
-        if self.missing is None and isinstance(cache.store, SQLiteStore):
-            self._say_if_empty(cache.store)
         self._cache = cache
         return cache
 
     @staticmethod
     def _missing_table(cache: CacheStore) -> str | None:
-        store = cache.store
-        if isinstance(cache.backend, SQLiteBackend):
-            # its own table, or that of an earlier release's file (migrated when opened)
-            path, tables_wanted = cache.backend.path, ["jfc_entries", "entries"]
-        elif isinstance(store, SQLiteStore):
-            path, tables_wanted = store._file, [store.collection_name]
-        else:
+        if not isinstance(cache.backend, SQLiteBackend):
             return None
+        # its own table, or that of an earlier release's file (migrated when opened)
+        path, tables_wanted = cache.backend.path, ["jfc_entries", "entries"]
         if not os.path.exists(path):
             return f"No cache at {path} yet: nothing has been cached there."
         tables = _sqlite_tables(path)
@@ -228,18 +218,6 @@ class State:
             f"{path} has no table {tables_wanted[0]!r}: nothing cached there "
             f"(its tables: {others}; the embedded store's is 'jfc_entries')."
         )
-
-    @staticmethod
-    def _say_if_empty(store: SQLiteStore) -> None:
-        tables = _sqlite_tables(store._file) or {}
-        if tables.get(store.collection_name) == 0:
-            others = {n: c for n, c in tables.items() if c and n != store.collection_name}
-            if others:
-                listed = ", ".join(f"{n} ({fmt.plural(c, 'row')})" for n, c in others.items())
-                fmt.note(
-                    f"Table {store.collection_name!r} of {store._file} is empty; "
-                    f"the file's other tables: {listed}."
-                )
 
 
 def first_line(err: BaseException) -> str:

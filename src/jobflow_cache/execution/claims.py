@@ -9,7 +9,7 @@
   job's folder among a job's inputs (atomate2's ``prev_dir``) without having seen it run.
 
 Both live beside the entries, in the same database, kept by the backend
-(:meth:`.EntryBackend.coordinator`): tables of the SQLite file and of :obj:`.PostgresStore`;
+(:meth:`.EntryBackend.coordinator`): tables of the SQLite file or the PostgreSQL database;
 for MongoDB (and maggma's ``MemoryStore``, which is mongomock) collections
 ``<collection>__claims`` and ``<collection>__aliases`` in the same database. Other stores
 support neither: the cache then runs without them (with a warning when they were asked for).
