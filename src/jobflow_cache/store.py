@@ -382,7 +382,7 @@ class CacheStore(MSONable):
         if problem is not None:
             return Lookup(Outcome.INVALID, None, problem)
         try:
-            entry = CacheEntry.from_document(doc)
+            entry = CacheEntry.from_document(doc, unpacked=True)
         except (ValidationError, TypeError, ValueError) as err:
             return Lookup(Outcome.INVALID, None, f"entry does not decode: {err}")
         return self._judge(entry, verified=True)
