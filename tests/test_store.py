@@ -310,6 +310,21 @@ def test_write_behind_writes_by_itself_when_due(store):
     writer.close()
 
 
+def test_write_behind_lets_hit_counts_wait_longer_than_entries(store):
+    """Hit counts alone are written once ``hit_delay`` old; an entry queued makes the queue
+    due at ``delay`` (the job thread writes it on its next item)."""
+    store.put(entry("c" * 32))
+    writer = WriteBehind(store, delay=0.01, hit_delay=3600)
+    writer.hit("c" * 32)
+    time.sleep(0.05)  # older than delay, and than the watchdog's 2 * delay
+    writer.hit("c" * 32)
+    assert store.get("c" * 32).hits == 0  # hits only: not due
+    writer.put(entry("b" * 32))  # an entry waits: due at delay, written by this call
+    assert store.get("b" * 32) is not MISS
+    assert store.get("c" * 32).hits == 2
+    writer.close()
+
+
 def test_write_behind_writes_a_full_batch_at_once(store):
     writer = WriteBehind(store, delay=3600, max_batch=3)
     for i in range(3):

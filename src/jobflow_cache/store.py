@@ -61,6 +61,9 @@ logger = logging.getLogger(__name__)
 #: A :class:`WriteBehind` writes what it holds once the oldest item is this old (seconds), or
 #: its watchdog does at twice that: a crash or SIGKILL loses at most ~3 times this.
 WRITE_DELAY = 0.035
+#: The same for a queue holding hit counts only (book-keeping, outside the checksum): a
+#: warm run of trivial jobs then writes its counts in batches of ~500, not ~35.
+HIT_DELAY = 0.5
 
 #: Key of a stored entry document whose compressed ``output``/``response`` are kept in the blob
 #: store: field -> xxh3-128 of the compressed text there (the blob itself is keyed by digest).
@@ -792,14 +795,15 @@ class WriteBehind:
     A commit costs a few tenths of a millisecond, more than everything else the cache does
     for a trivial job. :meth:`put` and :meth:`hit` queue; the queue is written as one batch
     (all entries in one write, then the hit counts in another) by the caller's own thread
-    once its oldest item is ``delay`` seconds old or ``max_batch`` items wait, or by a
-    watchdog thread once it is ``2 * delay`` old (while a long job runs, say), or by
-    :meth:`flush`. Entries waiting to be written are found by :meth:`pending`, so a process
-    always sees its own entries.
+    once its oldest item is ``delay`` seconds old (``hit_delay`` while only hit counts
+    wait) or ``max_batch`` items wait, or by a watchdog thread at twice that age (while a
+    long job runs, say), or by :meth:`flush`. Entries waiting to be written are found by
+    :meth:`pending`, so a process always sees its own entries.
 
     Safety: an entry is queued only once its files are stored, and each entry is written
     whole (one transaction per batch in a :obj:`.SQLiteStore`), so a crash or ``SIGKILL``
-    loses at most what was queued in the last ``3 * delay`` seconds (plus one write), never
+    loses at most the entries queued in the last ``3 * delay`` seconds (plus one write) and
+    the hit counts of the last ``3 * hit_delay`` seconds, never
     leaves a partial entry and never an entry without its files. A batch that fails is
     retried entry by entry; what still fails is reported by :meth:`take_errors`. In a child
     made by ``fork()``, items are written at once (the watchdog does not exist there).
@@ -811,6 +815,8 @@ class WriteBehind:
     delay
         Age in seconds at which the queue is written by the caller (twice that by the
         watchdog).
+    hit_delay
+        The same while the queue holds hit counts only (at least ``delay``).
     max_batch
         Queued items that make the queue due at once.
 
@@ -829,9 +835,16 @@ class WriteBehind:
     (1, None)
     """
 
-    def __init__(self, store: CacheStore, delay: float = WRITE_DELAY, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        store: CacheStore,
+        delay: float = WRITE_DELAY,
+        max_batch: int = 500,
+        hit_delay: float = HIT_DELAY,
+    ) -> None:
         self.store = store
         self.delay = delay
+        self.hit_delay = max(hit_delay, delay)
         self.max_batch = max_batch
         self._pid = os.getpid()
         self._cond = threading.Condition()  # guards the queue
@@ -902,7 +915,12 @@ class WriteBehind:
                     target=self._watch, name="jobflow-cache-writer", daemon=True
                 )
                 self._watchdog.start()
-        return self._count >= self.max_batch or now - self._oldest >= self.delay
+        return self._count >= self.max_batch or now - self._oldest >= self._due_age()
+
+    def _due_age(self) -> float:
+        """Age of the oldest item at which the queue is due (lock held): ``delay`` when an
+        entry waits, ``hit_delay`` when only hit counts do."""
+        return self.delay if self._entries else self.hit_delay
 
     # -- writing ----------------------------------------------------------------------------
     def flush(self) -> None:
@@ -940,7 +958,7 @@ class WriteBehind:
                 self._cond.wait(self.delay)
                 if self._stopping:
                     return
-                due = self._count and time.monotonic() - self._oldest >= 2 * self.delay
+                due = self._count and time.monotonic() - self._oldest >= 2 * self._due_age()
             if due:
                 self._write_queue()
 
