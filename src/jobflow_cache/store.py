@@ -857,6 +857,7 @@ class WriteBehind:
         self._stopping = False
         self._errors: list[tuple[list[str], BaseException]] = []
         self._watchdog: threading.Thread | None = None
+        self._sleeping_long = False  # the watchdog waits hit_delay (only hit counts queued)
 
     @staticmethod
     def supports(store: CacheStore) -> bool:
@@ -872,6 +873,9 @@ class WriteBehind:
             self.store.put(entry)
             return
         with self._cond:
+            if self._sleeping_long:  # the watchdog waits for hit counts: not for an entry
+                self._sleeping_long = False
+                self._cond.notify_all()
             self._entries[entry.digest] = entry
             self._hits.pop(entry.digest, None)  # counted on the entry it replaces: start over
             due = self._queue_one()
@@ -949,13 +953,17 @@ class WriteBehind:
         return errors
 
     def _watch(self) -> None:
-        """Every ``delay`` seconds, write the queue if its oldest item is ``2 * delay`` old
-        (polling: waking it on every new batch would cost the job thread a switch each)."""
+        """Every ``delay`` seconds (``hit_delay`` while only hit counts wait), write the queue
+        if its oldest item is twice its due age old (polling: waking it on every new batch
+        would cost the job thread a switch each; only the first entry queued behind hit
+        counts wakes it, see :meth:`put`)."""
         while True:
             with self._cond:
                 if self._stopping:
                     return
-                self._cond.wait(self.delay)
+                self._sleeping_long = bool(self._hits) and not self._entries
+                self._cond.wait(self.hit_delay if self._sleeping_long else self.delay)
+                self._sleeping_long = False
                 if self._stopping:
                     return
                 due = self._count and time.monotonic() - self._oldest >= 2 * self._due_age()
