@@ -479,6 +479,37 @@ def test_write_behind_writes_by_itself_when_due(store):
     writer.close()
 
 
+def test_write_behind_lets_hit_counts_wait_longer_than_entries(store):
+    """Hit counts alone are written once ``hit_delay`` old; an entry queued makes the queue
+    due at ``delay`` (the job thread writes it on its next item)."""
+    store.put(entry("c" * 32))
+    writer = WriteBehind(store, delay=0.01, hit_delay=3600)
+    writer.hit("c" * 32)
+    time.sleep(0.05)  # older than delay, and than the watchdog's 2 * delay
+    writer.hit("c" * 32)
+    assert store.get("c" * 32).hits == 0  # hits only: not due
+    writer.put(entry("b" * 32))  # an entry waits: due at delay, written by this call
+    assert store.get("b" * 32) is not MISS
+    assert store.get("c" * 32).hits == 2
+    writer.close()
+
+
+def test_write_behind_watchdog_writes_an_entry_queued_behind_hit_counts(store):
+    """While only hit counts wait, the watchdog sleeps ``hit_delay``; an entry queued then
+    wakes it, so it is still written at about ``2 * delay`` when the job thread is busy."""
+    store.put(entry("c" * 32))
+    writer = WriteBehind(store, delay=0.2, hit_delay=3600)
+    writer.hit("c" * 32)  # starts the watchdog, which sleeps long
+    time.sleep(0.1)
+    writer.put(entry("b" * 32))  # not due yet for this thread, which then stays away
+    deadline = time.monotonic() + 30
+    while store.get("b" * 32) is MISS and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.get("b" * 32) is not MISS
+    assert store.get("c" * 32).hits == 1
+    writer.close()
+
+
 def test_write_behind_writes_a_full_batch_at_once(store):
     writer = WriteBehind(store, delay=3600, max_batch=3)
     for i in range(3):

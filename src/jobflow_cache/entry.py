@@ -421,10 +421,12 @@ class CacheEntry(BaseModel):
         return dict(value) if isinstance(value, list) else value
 
     @classmethod
-    def from_document(cls, doc: dict[str, Any]) -> CacheEntry:
+    def from_document(cls, doc: dict[str, Any], *, unpacked: bool = False) -> CacheEntry:
         """Parse a store document (raises ``pydantic.ValidationError`` when malformed, and
-        ``ValueError`` when a compressed field does not decompress)."""
-        doc = unpack_document(doc)
+        ``ValueError`` when a compressed field does not decompress). With ``unpacked``,
+        ``doc`` is what :func:`unpack_document` returned (a copy the caller gives away, its
+        size already bounded): it is not restored, measured and copied a second time."""
+        doc = dict(doc) if unpacked else unpack_document(doc)
         doc.pop("_id", None)
         return cls.model_validate(doc)
 

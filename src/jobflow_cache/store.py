@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 #: A :class:`WriteBehind` writes what it holds once the oldest item is this old (seconds), or
 #: its watchdog does at twice that: a crash or SIGKILL loses at most ~3 times this.
 WRITE_DELAY = 0.035
+#: The same for a queue holding hit counts only (book-keeping, outside the checksum): a
+#: warm run of trivial jobs then writes its counts in batches of ~500, not ~35.
+HIT_DELAY = 0.5
 
 #: Key of a stored entry document whose compressed ``output``/``response`` are kept in the blob
 #: store: field -> xxh3-128 of the compressed text there (the blob itself is keyed by digest).
@@ -457,7 +460,7 @@ class CacheStore(MSONable):
         if problem is not None:
             return Lookup(Outcome.INVALID, None, problem)
         try:
-            entry = CacheEntry.from_document(doc)
+            entry = CacheEntry.from_document(doc, unpacked=True)
         except (ValidationError, TypeError, ValueError) as err:
             return Lookup(Outcome.INVALID, None, f"entry does not decode: {err}")
         return self._judge(entry, verified=True)
@@ -844,14 +847,15 @@ class WriteBehind:
     A commit costs a few tenths of a millisecond, more than everything else the cache does
     for a trivial job. :meth:`put` and :meth:`hit` queue; the queue is written as one batch
     (all entries in one write, then the hit counts in another) by the caller's own thread
-    once its oldest item is ``delay`` seconds old or ``max_batch`` items wait, or by a
-    watchdog thread once it is ``2 * delay`` old (while a long job runs, say), or by
-    :meth:`flush`. Entries waiting to be written are found by :meth:`pending`, so a process
-    always sees its own entries.
+    once its oldest item is ``delay`` seconds old (``hit_delay`` while only hit counts
+    wait) or ``max_batch`` items wait, or by a watchdog thread at twice that age (while a
+    long job runs, say), or by :meth:`flush`. Entries waiting to be written are found by
+    :meth:`pending`, so a process always sees its own entries.
 
     Safety: an entry is queued only once its files are stored, and each entry is written
     whole (one transaction per batch in a :class:`.SQLiteBackend`), so a crash or ``SIGKILL``
-    loses at most what was queued in the last ``3 * delay`` seconds (plus one write), never
+    loses at most the entries queued in the last ``3 * delay`` seconds (plus one write) and
+    the hit counts of the last ``3 * hit_delay`` seconds, never
     leaves a partial entry and never an entry without its files. A batch that fails is
     retried entry by entry; what still fails is reported by :meth:`take_errors`. In a child
     made by ``fork()``, items are written at once (the watchdog does not exist there).
@@ -863,6 +867,8 @@ class WriteBehind:
     delay
         Age in seconds at which the queue is written by the caller (twice that by the
         watchdog).
+    hit_delay
+        The same while the queue holds hit counts only (at least ``delay``).
     max_batch
         Queued items that make the queue due at once.
 
@@ -881,9 +887,16 @@ class WriteBehind:
     (1, None)
     """
 
-    def __init__(self, store: CacheStore, delay: float = WRITE_DELAY, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        store: CacheStore,
+        delay: float = WRITE_DELAY,
+        max_batch: int = 500,
+        hit_delay: float = HIT_DELAY,
+    ) -> None:
         self.store = store
         self.delay = delay
+        self.hit_delay = max(hit_delay, delay)
         self.max_batch = max_batch
         self._pid = os.getpid()
         self._cond = threading.Condition()  # guards the queue
@@ -896,6 +909,7 @@ class WriteBehind:
         self._stopping = False
         self._errors: list[tuple[list[str], BaseException]] = []
         self._watchdog: threading.Thread | None = None
+        self._sleeping_long = False  # the watchdog waits hit_delay (only hit counts queued)
 
     @staticmethod
     def supports(store: CacheStore) -> bool:
@@ -911,6 +925,9 @@ class WriteBehind:
             self.store.put(entry)
             return
         with self._cond:
+            if self._sleeping_long:  # the watchdog waits for hit counts: not for an entry
+                self._sleeping_long = False
+                self._cond.notify_all()
             self._entries[entry.digest] = entry
             self._hits.pop(entry.digest, None)  # counted on the entry it replaces: start over
             due = self._queue_one()
@@ -954,7 +971,12 @@ class WriteBehind:
                     target=self._watch, name="jobflow-cache-writer", daemon=True
                 )
                 self._watchdog.start()
-        return self._count >= self.max_batch or now - self._oldest >= self.delay
+        return self._count >= self.max_batch or now - self._oldest >= self._due_age()
+
+    def _due_age(self) -> float:
+        """Age of the oldest item at which the queue is due (lock held): ``delay`` when an
+        entry waits, ``hit_delay`` when only hit counts do."""
+        return self.delay if self._entries else self.hit_delay
 
     # -- writing ----------------------------------------------------------------------------
     def flush(self) -> None:
@@ -983,16 +1005,20 @@ class WriteBehind:
         return errors
 
     def _watch(self) -> None:
-        """Every ``delay`` seconds, write the queue if its oldest item is ``2 * delay`` old
-        (polling: waking it on every new batch would cost the job thread a switch each)."""
+        """Every ``delay`` seconds (``hit_delay`` while only hit counts wait), write the queue
+        if its oldest item is twice its due age old (polling: waking it on every new batch
+        would cost the job thread a switch each; only the first entry queued behind hit
+        counts wakes it, see :meth:`put`)."""
         while True:
             with self._cond:
                 if self._stopping:
                     return
-                self._cond.wait(self.delay)
+                self._sleeping_long = bool(self._hits) and not self._entries
+                self._cond.wait(self.hit_delay if self._sleeping_long else self.delay)
+                self._sleeping_long = False
                 if self._stopping:
                     return
-                due = self._count and time.monotonic() - self._oldest >= 2 * self.delay
+                due = self._count and time.monotonic() - self._oldest >= 2 * self._due_age()
             if due:
                 self._write_queue()
 

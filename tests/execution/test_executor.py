@@ -746,3 +746,31 @@ def test_a_cache_warning_never_fails_a_job_where_warnings_are_errors(
     assert cache_store.count() == 1, "the job was recorded all the same"
     (record,) = [r for r in caplog.records if getattr(r, "jfc_swallowed_warning", False)]
     assert "holds 2000 files" in record.getMessage()
+
+
+def test_a_hashed_call_keeps_every_field_of_the_call():
+    """``Call.hashed`` builds the call field by field: none may be dropped or reordered."""
+    import dataclasses
+
+    from jobflow_cache.execution.call import Call, Refs
+    from jobflow_cache.execution.options import JobOptions
+    from jobflow_cache.hashing import digest_call
+
+    job_ = jobs.add(1, 2)
+    values = {
+        "job": job_,
+        "function": jobs.add.original,
+        "args": (1, 2),
+        "kwargs": {"b": 2},
+        "options": JobOptions(ignore=("b",)),
+        "mode": "read_only",
+        "files": "none",
+        "refs": Refs(),
+        "call_digest": None,
+    }
+    assert [f.name for f in dataclasses.fields(Call)] == list(values)
+    call = Call(**values)
+    digest = digest_call("m:f", {"a": 1})
+    hashed = call.hashed(digest)
+    for name, value in values.items():
+        assert getattr(hashed, name) is (digest if name == "call_digest" else value), name

@@ -8,15 +8,17 @@ and what ``cache=False`` / ``JOBFLOW_CACHE_DISABLE`` do.
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from jobflow import Flow, JobStore
+from jobflow import Flow, JobStore, job
 from jobflow import run_locally as jobflow_run_locally
 from maggma.core import Sort
 from maggma.stores import JSONStore, MemoryStore
@@ -365,3 +367,67 @@ def test_concurrent_runs_on_one_memory_store(run_dir, tmp_path):
     assert store.get_output(flows[0][-1].uuid) == "c" + "_end" * 40
     assert store.get_output(flows[1][-1].uuid) == [f"f{i}_end" for i in range(40)]
     assert store.count() == 40 + 43
+
+
+# -- the cyclic GC during a run ------------------------------------------------------------------
+_FROZEN_SEEN: list[int] = []
+_CYCLE_REFS: list[Any] = []
+
+
+class _Cyclic:
+    """An object in a reference cycle (only the cyclic collector frees it)."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+@job
+def _frozen_count(x: int) -> int:
+    _FROZEN_SEEN.append(gc.get_freeze_count())
+    return x + 1
+
+
+@job
+def _cycle_survives_full_collection(x: int) -> int:
+    cyclic = _Cyclic()
+    _CYCLE_REFS.append(weakref.ref(cyclic))
+    gc.collect()  # a full collection while it is alive: it is frozen with the survivors
+    del cyclic
+    return x + 1
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_run_freezes_older_objects_and_thaws_them(run_dir, tmp_path, cache):
+    """The objects held before a run are out of the collector's scans during the run only."""
+    _FROZEN_SEEN.clear()
+    assert gc.get_freeze_count() == 0
+    first = _frozen_count(1)
+    flow = Flow([first, _frozen_count(first.output)])
+    store = CacheStore(MemoryStore(), objects_dir=str(tmp_path)) if cache else False
+    responses = run_locally(flow, log=False, cache=store, ensure_success=True)
+    assert responses[flow[-1].uuid][1].output == 3
+    assert len(_FROZEN_SEEN) == 2
+    assert min(_FROZEN_SEEN) > 0
+    assert gc.get_freeze_count() == 0
+    assert not any(getattr(cb, "__module__", "") == "jobflow_cache.local" for cb in gc.callbacks)
+
+
+def test_run_keeps_a_freeze_made_by_someone_else(run_dir):
+    _FROZEN_SEEN.clear()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        run_locally(_frozen_count(1), log=False, cache=False, ensure_success=True)
+        # still frozen (a few frozen objects may have been freed meanwhile), never thawed
+        assert gc.get_freeze_count() > frozen // 2
+    finally:
+        gc.unfreeze()
+
+
+def test_garbage_cycles_frozen_during_a_run_are_collected_after_it(run_dir):
+    """A cycle alive at a full collection during the run is frozen, and freed after it."""
+    _CYCLE_REFS.clear()
+    run_locally(_cycle_survives_full_collection(1), log=False, cache=False, ensure_success=True)
+    assert len(_CYCLE_REFS) == 1
+    gc.collect()
+    assert _CYCLE_REFS[0]() is None

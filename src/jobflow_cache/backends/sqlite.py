@@ -119,6 +119,15 @@ _COMPILER = Compiler(
 )
 
 _ROW = "e.digest, " + ", ".join(f"e.{f}" for f in _FIELDS) + ", e.doc"
+_READ_SERVED = (
+    f"SELECT {_ROW}, p.served FROM jfc_entries e LEFT JOIN jfc_payloads p "
+    "ON p.digest = e.digest WHERE e.digest = ?"
+)
+_READ_EXPLAIN = (
+    f"SELECT {_ROW}, p.served, p.explain FROM jfc_entries e LEFT JOIN jfc_payloads p "
+    "ON p.digest = e.digest WHERE e.digest = ?"
+)
+_UNDECODED: Any = object()  # a row sqlite3 could not decode as UTF-8
 _WRITE_ENTRY = (
     f"INSERT OR REPLACE INTO jfc_entries (digest, {', '.join(_FIELDS)}, doc) "
     f"VALUES ({'?, ' * len(SELECTABLE)}CAST(? AS TEXT))"
@@ -474,16 +483,20 @@ class SQLiteBackend(MSONable):
     def read(self, digest: str, *, explain: bool = True) -> dict[str, Any] | None:
         """The document of ``digest``, None when there is none (a stand-in when its row does
         not decode); without ``explain`` the explain column is never read."""
-        extra = "p.served, p.explain" if explain else "p.served"
-        row = (
-            self._reader()
-            .execute(
-                f"SELECT {_ROW}, {extra} FROM jfc_entries e LEFT JOIN jfc_payloads p "
-                "ON p.digest = e.digest WHERE e.digest = ?",
-                (digest,),
-            )
-            .fetchone()
-        )
+        statement = _READ_EXPLAIN if explain else _READ_SERVED
+        conn = self._reader()
+        # texts are decoded by sqlite3 itself (a Python text factory costs a call per column);
+        # a row holding bytes that are not UTF-8 fails that, and is read again with the
+        # factory that keeps them (the row then reads as unreadable, see decode_text)
+        conn.text_factory = str
+        try:
+            row = conn.execute(statement, (digest,)).fetchone()
+        except sqlite3.OperationalError:
+            row = _UNDECODED
+        finally:
+            conn.text_factory = decode_text
+        if row is _UNDECODED:
+            row = conn.execute(statement, (digest,)).fetchone()
         return None if row is None else _document(row)
 
     def write(self, docs: Sequence[Mapping[str, Any]]) -> None:

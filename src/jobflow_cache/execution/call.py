@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 from jobflow import Job
@@ -107,8 +107,19 @@ class Call:
         return self.mode != "read_only"
 
     def hashed(self, call_digest: CallDigest) -> Call:
-        """This call with its digest."""
-        return replace(self, call_digest=call_digest)
+        """This call with its digest (made directly: ``dataclasses.replace`` reads the fields
+        of the class again on every call)."""
+        return Call(
+            self.job,
+            self.function,
+            self.args,
+            self.kwargs,
+            self.options,
+            self.mode,
+            self.files,
+            self.refs,
+            call_digest,
+        )
 
     def run(self) -> Any:
         """Call the function (what jobflow would have done)."""
