@@ -509,6 +509,37 @@ def test_a_tag_key_written_with_escapes_is_still_decoded() -> None:
     assert loads(text) == [[1], (1, 2), {3}]
 
 
+def _collections_inside(names: set[str]) -> list[bool]:
+    """A list that gets, for every collection started from now on, whether it ran inside a
+    call of one of the functions ``names`` (remove the callback with ``_stop_watching``)."""
+    import gc
+
+    seen: list[bool] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            frame = sys._getframe(1)
+            inside = False
+            while frame is not None:
+                inside = inside or frame.f_code.co_name in names
+                frame = frame.f_back
+            seen.append(inside)
+
+    gc.callbacks.append(callback)
+    _WATCHERS.append(callback)
+    return seen
+
+
+_WATCHERS: list = []
+
+
+def _stop_watching() -> None:
+    import gc
+
+    while _WATCHERS:
+        gc.callbacks.remove(_WATCHERS.pop())
+
+
 def test_parse_pauses_the_collector_only_while_it_parses() -> None:
     import gc
 
@@ -516,27 +547,26 @@ def test_parse_pauses_the_collector_only_while_it_parses() -> None:
 
     big = json.dumps([[i, {"k": [i]}] for i in range(codec.PAUSE_GC_MIN // 10)])
     assert len(big) >= codec.PAUSE_GC_MIN
-    seen = []
-    callback = lambda phase, info: seen.append(phase)  # noqa: E731
-    gc.callbacks.append(callback)
+    expected = json.loads(big)
+    seen = _collections_inside({"raw_decode"})
     try:
         assert gc.isenabled()
-        assert codec.parse(big) == json.loads(big)
+        assert codec.parse(big) == expected
         assert gc.isenabled()
         with pytest.raises(ValueError):
             codec.parse(big[:-1])  # an error: enabled again all the same
         assert gc.isenabled()
-        seen.clear()
-        codec.parse(big)
-        assert seen == []  # no collection while the tree was built
+        assert True not in seen  # no collection while a tree was built
         gc.disable()
         try:
             codec.parse(big)
             assert not gc.isenabled()  # left as the caller had it
         finally:
             gc.enable()
+        json.loads(big)  # the check itself: it sees collections without the pause
+        assert True in seen
     finally:
-        gc.callbacks.remove(callback)
+        _stop_watching()
 
 
 UUIDS = [f"{i}" * 8 + "-aaaa-bbbb-cccc-" + "d" * 12 for i in (1, 2, 3)]
@@ -557,3 +587,21 @@ def test_uuid_rewrite_is_the_pattern_s_substitution(text, keys, extra) -> None:
     uuids.update({f"{i:08x}-ffff-ffff-ffff-{i:012x}": "x" for i in range(extra)})
     expected = UUID_RE.sub(lambda m: uuids.get(m.group(0), m.group(0)), text)
     assert rewrite_text(text, uuids, {}) == expected
+
+
+def test_loads_of_a_long_text_runs_no_collection() -> None:
+    import gc
+
+    from jobflow_cache import codec
+
+    text = dumps([(1,), *[Color.RED] * 40_000])
+    assert len(text) >= codec.PAUSE_GC_MIN
+    seen = _collections_inside({"_loads"})
+    try:
+        got = loads(text)
+    finally:
+        _stop_watching()
+    assert True not in seen
+    assert gc.isenabled()
+    assert got[0] == (1,)
+    assert got[1:] == [Color.RED] * 40_000

@@ -21,6 +21,7 @@ for the modules it names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib
@@ -28,7 +29,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -44,6 +45,7 @@ __all__ = [
     "check_trusted",
     "created_uuids",
     "dumps",
+    "gc_paused",
     "job_uuids",
     "loads",
     "parse",
@@ -196,27 +198,37 @@ def dumps(obj: Any) -> str:
 
 #: The tag key as :func:`dumps` writes it (monty's encoder escapes no character of it).
 _TAG_JSON = json.dumps(TAG)
-#: Texts from this length on are parsed with the cyclic garbage collector paused (see
-#: :func:`parse`).
-PAUSE_GC_MIN = 1 << 20
+#: Texts from this length on are decoded with the cyclic garbage collector paused (see
+#: :func:`gc_paused`).
+PAUSE_GC_MIN = 256 * 1024
+
+
+@contextlib.contextmanager
+def gc_paused(pause: bool = True) -> Iterator[None]:
+    """Pause the cyclic garbage collector inside the block (when ``pause`` and it is enabled),
+    and enable it again afterwards, whatever happens.
+
+    Decoding a large value builds one container per JSON array and object (and one object
+    per job of a dynamic response), and the collector, triggered by those allocations, walks
+    the growing heap again and again: for 16 MB of JSON it costs three times the parse
+    itself, for a response of 10,000 jobs several times the decode. Collection only frees
+    reference cycles, so pausing it changes no result: it defers the work to the first
+    collection after the block.
+    """
+    if not pause or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def parse(text: str) -> Any:
-    """``json.loads(text)``; a long text with the cyclic garbage collector paused.
-
-    Parsing builds one container per JSON array and object, and the collector, triggered by
-    those allocations, would walk the growing tree again and again: for 16 MB of JSON it
-    costs three times the parse itself. A parsed tree holds no reference cycle, so pausing
-    the collector only defers its work; it is enabled again (when it was) once the tree is
-    built, whatever happens.
-    """
-    if len(text) < PAUSE_GC_MIN or not gc.isenabled():
+    """``json.loads(text)``, with the collector paused for a long text (:func:`gc_paused`)."""
+    with gc_paused(len(text) >= PAUSE_GC_MIN):
         return json.loads(text)
-    gc.disable()
-    try:
-        return json.loads(text)
-    finally:
-        gc.enable()
 
 
 class _Unparsed:
@@ -242,6 +254,11 @@ def loads(text: str, tree: Any = _UNPARSED) -> Any:
     >>> loads(text, json.loads(text)) == loads(text) == {"a": (1, 2)}
     True
     """
+    with gc_paused(len(text) >= PAUSE_GC_MIN):
+        return _loads(text, tree)
+
+
+def _loads(text: str, tree: Any) -> Any:
     try:
         parsed = tree if not isinstance(tree, _Unparsed) else None
         if "{" not in text:
