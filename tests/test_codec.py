@@ -451,3 +451,157 @@ def test_a_returned_monty_dict_is_served_as_the_dict_jobflow_stores(counts, tmp_
 def test_dicts_a_decoder_would_rebuild_come_back_as_dicts(value) -> None:
     assert loads(dumps(value)) == value
     assert type(loads(dumps(value))) is dict
+
+
+# -- fast paths of loads and rewrite_text: the same result as the full walk and scan ---------
+TAG_TEXT = '"@jfc"'
+tag_like = st.sampled_from(
+    ["@jfc", TAG_TEXT, f"x{TAG_TEXT}", f"{TAG_TEXT}:", "@jfc:", '{"@jfc": "tuple"}', "items"]
+)
+tag_values = st.recursive(
+    st.one_of(scalars, tag_like),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.frozensets(st.one_of(hashables, tag_like), max_size=3),
+        st.dictionaries(st.one_of(st.text(max_size=5), tag_like), inner, max_size=4),
+        st.dictionaries(st.sampled_from(["@module", "@class", "$date", "@jfc"]), inner, max_size=3),
+        st.dictionaries(hashables, inner, max_size=3),
+    ),
+    max_leaves=16,
+)
+
+
+@given(tag_values)
+def test_loads_stopping_at_the_last_tag_is_the_full_untag(value) -> None:
+    """The walk that stops once the text's count of "@jfc" strings is used up gives what the
+    whole walk gives, whatever strings (the tag's text among them) the value holds."""
+    text = dumps(value)
+    full = _untag(json.loads(text)) if "@module" not in text else None
+    for got in (loads(text), loads(text, json.loads(text))):
+        assert same(got, value)
+        if full is not None:
+            assert same(got, full)
+
+
+def test_untag_stops_once_every_tag_was_found() -> None:
+    tree = [{"@jfc": "tuple", "items": [1]}, [{"@jfc": "set", "items": [2]}]]
+    assert _untag(tree, [1]) == [(1,), [{"@jfc": "set", "items": [2]}]]  # bound: 1 tag
+    assert _untag(tree, [2]) == _untag(tree) == [(1,), [{2}]]
+
+
+def test_a_returned_monty_dict_is_not_walked_below_its_tag() -> None:
+    """Its one tag is the top-level node: the parts below come back as parsed, unwalked."""
+    value = {"@module": "m", "@class": "C", "sites": [{"a": [1, 2.5]}] * 3, "x": "@jfc!"}
+    text = dumps(value)
+    tree = json.loads(text)
+    sites = next(v for k, v in tree["items"] if k == "sites")
+    got = loads(text, tree)
+    assert got == value
+    assert type(got) is dict
+    assert got["sites"] is sites
+
+
+def test_a_tag_key_written_with_escapes_is_still_decoded() -> None:
+    """Another writer may escape the tag's key: the whole tree is then walked."""
+    text = '[[1], {"\\u0040jfc": "tuple", "items": [1, 2]}, {"@jfc": "set", "items": [3]}]'
+    assert text.count(TAG_TEXT) == 1
+    assert loads(text) == [[1], (1, 2), {3}]
+
+
+def _collections_inside(names: set[str]) -> list[bool]:
+    """A list that gets, for every collection started from now on, whether it ran inside a
+    call of one of the functions ``names`` (remove the callback with ``_stop_watching``)."""
+    import gc
+
+    seen: list[bool] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            frame = sys._getframe(1)
+            inside = False
+            while frame is not None:
+                inside = inside or frame.f_code.co_name in names
+                frame = frame.f_back
+            seen.append(inside)
+
+    gc.callbacks.append(callback)
+    _WATCHERS.append(callback)
+    return seen
+
+
+_WATCHERS: list = []
+
+
+def _stop_watching() -> None:
+    import gc
+
+    while _WATCHERS:
+        gc.callbacks.remove(_WATCHERS.pop())
+
+
+def test_parse_pauses_the_collector_only_while_it_parses() -> None:
+    import gc
+
+    from jobflow_cache import codec
+
+    big = json.dumps([[i, {"k": [i]}] for i in range(codec.PAUSE_GC_MIN // 10)])
+    assert len(big) >= codec.PAUSE_GC_MIN
+    expected = json.loads(big)
+    seen = _collections_inside({"raw_decode"})
+    try:
+        assert gc.isenabled()
+        assert codec.parse(big) == expected
+        assert gc.isenabled()
+        with pytest.raises(ValueError):
+            codec.parse(big[:-1])  # an error: enabled again all the same
+        assert gc.isenabled()
+        assert True not in seen  # no collection while a tree was built
+        gc.disable()
+        try:
+            codec.parse(big)
+            assert not gc.isenabled()  # left as the caller had it
+        finally:
+            gc.enable()
+        json.loads(big)  # the check itself: it sees collections without the pause
+        assert True in seen
+    finally:
+        _stop_watching()
+
+
+UUIDS = [f"{i}" * 8 + "-aaaa-bbbb-cccc-" + "d" * 12 for i in (1, 2, 3)]
+uuid_parts = st.sampled_from([*UUIDS, "0", "f", "-", " ", '"', "aaaa-", "dddddd"])
+
+
+@given(
+    st.lists(uuid_parts, max_size=12).map("".join),
+    st.lists(uuid_parts.filter(lambda p: len(p) == 36), max_size=3, unique=True),
+    st.integers(0, 12),
+)
+def test_uuid_rewrite_is_the_pattern_s_substitution(text, keys, extra) -> None:
+    """Searching the text for a few uuids first changes nothing: the result is the pattern's
+    substitution of the mapped uuids, with few keys and with many."""
+    from jobflow_cache.codec import UUID_RE
+
+    uuids = {k: f"{i:08x}-0000-0000-0000-{i:012x}" for i, k in enumerate(keys)}
+    uuids.update({f"{i:08x}-ffff-ffff-ffff-{i:012x}": "x" for i in range(extra)})
+    expected = UUID_RE.sub(lambda m: uuids.get(m.group(0), m.group(0)), text)
+    assert rewrite_text(text, uuids, {}) == expected
+
+
+def test_loads_of_a_long_text_runs_no_collection() -> None:
+    import gc
+
+    from jobflow_cache import codec
+
+    text = dumps([(1,), *[Color.RED] * 40_000])
+    assert len(text) >= codec.PAUSE_GC_MIN
+    seen = _collections_inside({"_loads"})
+    try:
+        got = loads(text)
+    finally:
+        _stop_watching()
+    assert True not in seen
+    assert gc.isenabled()
+    assert got[0] == (1,)
+    assert got[1:] == [Color.RED] * 40_000

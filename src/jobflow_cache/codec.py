@@ -21,13 +21,15 @@ for the modules it names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import importlib
 import json
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -43,8 +45,10 @@ __all__ = [
     "check_trusted",
     "created_uuids",
     "dumps",
+    "gc_paused",
     "job_uuids",
     "loads",
+    "parse",
     "referenced_uuids",
     "rewrite_text",
 ]
@@ -143,16 +147,34 @@ def _numpy_scalar(node: dict[str, Any]) -> Any:
     return value
 
 
-def _untag(obj: Any) -> Any:
+def _untag(obj: Any, left: list[int] | None = None) -> Any:
+    """The value of a tagged JSON tree: every tag node rebuilt into what it stands for.
+
+    ``left`` holds one number, at least the count of tag nodes (dicts with a ``"@jfc"`` key)
+    in ``obj`` that are yet to be found; it is counted down as they are found, and once it
+    is 0 the rest of the tree holds none and is returned as it is, unwalked (the parts of a
+    freshly parsed tree are not shared, so nothing is aliased that would not be). None: no
+    bound, the whole tree is walked.
+    """
+    return _untag_node(obj, [sys.maxsize] if left is None else left)
+
+
+def _untag_node(obj: Any, left: list[int]) -> Any:
+    if not left[0]:  # every tag node has been found: nothing below needs rebuilding
+        return obj
     if type(obj) is list:
-        return [_untag(v) for v in obj]
+        return [_untag_node(v, left) if type(v) is list or type(v) is dict else v for v in obj]
     if type(obj) is dict:
         kind = obj.get(TAG)
         if kind is None:
-            return {k: _untag(v) for k, v in obj.items()}
+            return {
+                k: _untag_node(v, left) if type(v) is list or type(v) is dict else v
+                for k, v in obj.items()
+            }
+        left[0] -= 1
         if kind == "numpy":
             return _numpy_scalar(obj)
-        items = [_untag(v) for v in obj["items"]]
+        items = [_untag_node(v, left) for v in obj["items"]]
         if kind == "dict":
             return {_freeze(k): v for k, v in items}
         return _CONTAINERS[kind](items)
@@ -172,6 +194,41 @@ def dumps(obj: Any) -> str:
     {'a': (1, 2.5), 3: {'x'}, 'n': nan}
     """
     return _ENCODER.encode(_tag(obj))
+
+
+#: The tag key as :func:`dumps` writes it (monty's encoder escapes no character of it).
+_TAG_JSON = json.dumps(TAG)
+#: Texts from this length on are decoded with the cyclic garbage collector paused (see
+#: :func:`gc_paused`).
+PAUSE_GC_MIN = 256 * 1024
+
+
+@contextlib.contextmanager
+def gc_paused(pause: bool = True) -> Iterator[None]:
+    """Pause the cyclic garbage collector inside the block (when ``pause`` and it is enabled),
+    and enable it again afterwards, whatever happens.
+
+    Decoding a large value builds one container per JSON array and object (and one object
+    per job of a dynamic response), and the collector, triggered by those allocations, walks
+    the growing heap again and again: for 16 MB of JSON it costs three times the parse
+    itself, for a response of 10,000 jobs several times the decode. Collection only frees
+    reference cycles, so pausing it changes no result: it defers the work to the first
+    collection after the block.
+    """
+    if not pause or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def parse(text: str) -> Any:
+    """``json.loads(text)``, with the collector paused for a long text (:func:`gc_paused`)."""
+    with gc_paused(len(text) >= PAUSE_GC_MIN):
+        return json.loads(text)
 
 
 class _Unparsed:
@@ -197,30 +254,41 @@ def loads(text: str, tree: Any = _UNPARSED) -> Any:
     >>> loads(text, json.loads(text)) == loads(text) == {"a": (1, 2)}
     True
     """
+    with gc_paused(len(text) >= PAUSE_GC_MIN):
+        return _loads(text, tree)
+
+
+def _loads(text: str, tree: Any) -> Any:
     try:
         parsed = tree if not isinstance(tree, _Unparsed) else None
         if "{" not in text:
             # no JSON object: nothing for monty's decoder (or bson's object hook) to rebuild,
             # and no tag; json.loads gives the same value without building a decoder
-            return json.loads(text) if parsed is None else parsed
+            return parse(text) if parsed is None else parsed
         escaped = "\\u" in text  # a key may be written with escapes: decoded as named
         monty = escaped or _MONTY_KEY.search(text) is not None
         if monty:  # a module may be named
             if parsed is None:
-                parsed = json.loads(text)
+                parsed = parse(text)
             check_trusted(parsed)
         if escaped or _DOLLAR_KEY.search(text) is not None:
             value = _DECODER.decode(text)
         elif not monty:
             # no dict names a class (a returned monty dict is tagged: its "@module" is no
             # key), none has a "$..." key: nothing for monty's or bson's decoder to rebuild
-            value = json.loads(text) if parsed is None else parsed
+            value = parse(text) if parsed is None else parsed
         else:
             # monty parses with bson's json_util when bson is installed, whose object hook
             # only rebuilds objects with a "$..." key; with none (no key starts with "$",
             # escaped or not) that is json.loads, without a Python call per object
-            value = _DECODER.process_decoded(json.loads(text) if parsed is None else parsed)
-        return _untag(value) if TAG in text else value
+            value = _DECODER.process_decoded(parse(text) if parsed is None else parsed)
+        if TAG not in text:
+            return value
+        # a tag node's key is the JSON string "@jfc", written as such by dumps: the text
+        # holds that string at least once per tag node (more when a value or a longer string
+        # holds it), so the walk stops once that many were found; a key written with
+        # escapes (another writer) could spell it otherwise: then the whole tree is walked
+        return _untag(value, None if escaped else [text.count(_TAG_JSON)])
     except (ValueError, TypeError, KeyError, AttributeError, ImportError, IndexError) as err:
         raise CorruptEntryError(f"cached value does not decode: {err}") from err
 
@@ -270,13 +338,19 @@ def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewr
         if not old or old == move.new or _in_json(old) not in text:  # nothing to rewrite
             continue
         text = _dir_pattern(old).sub(functools.partial(_new_path, move), text)
-    if uuids:
+    # a uuid is replaced only when it is a key of ``uuids``: when none of a few keys is in
+    # the text (one substring search each, ~15x faster than the pattern's scan), nothing is
+    if uuids and (len(uuids) > _FEW_UUIDS or any(old in text for old in uuids)):
 
         def new_uuid(match: re.Match[str]) -> str:
             return uuids.get(match.group(0), match.group(0))
 
         text = UUID_RE.sub(new_uuid, text)
     return text
+
+
+#: Up to this many uuids to replace, the text is first searched for each of them.
+_FEW_UUIDS = 8
 
 
 def _new_path(move: DirRewrite, match: re.Match[str]) -> str:

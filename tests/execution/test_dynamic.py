@@ -267,3 +267,31 @@ def test_a_response_that_cannot_be_replayed_runs_live_and_is_not_cached(cache_st
     assert sorted(d["output"] for d in store.query({}) if d["name"] == "value_of") == [7]
     cache_store.connect()
     assert not [doc for doc in cache_store.find() if doc.get("dynamic")]
+
+
+def test_recording_a_dynamic_job_pauses_the_collector_and_enables_it_again(cache_store, run_dir):
+    """The response is encoded and decoded with the cyclic collector paused (no collection
+    meanwhile), and the collector is enabled again after, also when the replay fails."""
+    import gc
+
+    from jobflow_cache.execution import recording
+
+    paused: list[bool] = []
+    decode = recording.loads
+
+    def watched_loads(*args, **kwargs):
+        paused.append(gc.isenabled())
+        return decode(*args, **kwargs)
+
+    recording.loads = watched_loads  # type: ignore[assignment]
+    try:
+        run_locally(jobs.make_replace(3), store=JobStore(MemoryStore()), cache=cache_store)
+        assert gc.isenabled()
+        with pytest.warns(CacheWarning, match="cannot be rebuilt"):
+            run_locally(
+                replace_with_unrebuildable(7), store=JobStore(MemoryStore()), cache=cache_store
+            )
+        assert gc.isenabled()
+    finally:
+        recording.loads = decode  # type: ignore[assignment]
+    assert paused == [False, False]  # two dynamic responses decoded, the collector paused

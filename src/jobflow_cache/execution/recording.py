@@ -22,7 +22,6 @@ Contract:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -34,7 +33,7 @@ import bson
 from jobflow import Flow, Job, Response
 from monty.json import jsanitize
 
-from jobflow_cache.codec import dumps, job_uuids, loads
+from jobflow_cache.codec import dumps, gc_paused, job_uuids, loads, parse
 from jobflow_cache.entry import CacheEntry, package_versions
 from jobflow_cache.errors import CacheError, warn
 from jobflow_cache.execution.call import Call, Intercept, Refs
@@ -175,11 +174,23 @@ class Recorder:
     ) -> tuple[CacheEntry, dict[str, Any] | None]:
         """The entry of a job that ran, and for a dynamic job its response parts as a hit
         replays them (decoded from the entry's text), which jobflow must run instead of the
-        live ones."""
+        live ones.
+
+        The cyclic garbage collector is paused meanwhile (:func:`.gc_paused`): encoding and
+        decoding a large output or a response of thousands of jobs allocates a container per
+        node, and the collections those allocations trigger walk the whole heap again and
+        again (for a response of 10,000 jobs, several times the decode itself).
+        """
+        with gc_paused():
+            return self._entry_of(call, response, cwd, duration)
+
+    def _entry_of(
+        self, call: Call, response: Response, cwd: str, duration: float
+    ) -> tuple[CacheEntry, dict[str, Any] | None]:
         job, call_digest = call.job, call.call_digest
         assert call_digest is not None
         output = dumps(response.output)
-        if '"@module"' in output and _names_lost(json.loads(output)):
+        if '"@module"' in output and _names_lost(parse(output)):
             raise CacheError(
                 "its output holds objects that JSON cannot rebuild (a class defined inside a "
                 "function?): a hit would serve their dicts"
@@ -196,7 +207,7 @@ class Recorder:
         replay: dict[str, Any] | None = None
         if dynamic:
             # parsed once: the tree is checked, then decoded (and consumed) into the replay
-            tree = json.loads(response_text)
+            tree = parse(response_text)
             _check_replayable(job, tree, call.refs)
             replay = loads(response_text, tree)
             del tree
