@@ -26,13 +26,20 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import orjson
 
-from jobflow_cache.backends.base import EXPLAIN_FIELDS, SELECTABLE, json_kind, parse_datetime
-from jobflow_cache.backends.criteria import column_value
+from jobflow_cache.backends.base import (
+    EXPLAIN_FIELDS,
+    SELECTABLE,
+    UNREADABLE,
+    Criteria,
+    json_kind,
+    parse_datetime,
+)
+from jobflow_cache.backends.criteria import Compiler, column_value
 
 __all__ = [
     "FIELD_KINDS",
@@ -43,6 +50,8 @@ __all__ = [
     "decode_old_row",
     "old_document",
     "parse_object",
+    "select_statement",
+    "selected",
     "split",
     "to_json",
 ]
@@ -260,3 +269,53 @@ def old_document(
     except (ValueError, TypeError):
         doc = None
     return digest, doc if isinstance(doc, dict) else None, raw
+
+
+def select_statement(
+    compiler: Compiler,
+    row: str,
+    tables: tuple[str, str],
+    criteria: Criteria | None,
+    fields: Sequence[str] | None,
+    order: Mapping[str, int] | None,
+    limit: int,
+) -> tuple[str, list[Any], list[str] | None]:
+    """The SQL of :meth:`.EntryBackend.select` on the tables ``(entries, payloads)``: the
+    statement, its parameters, and the fields wanted (None: all). ``row`` selects the
+    entry's digest, columns and ``doc``; the payload table is joined only when a payload or
+    explain field is wanted. Raises ``ValueError`` for criteria or an order the compiler
+    does not know, before any row is read."""
+    where, params = compiler.where(criteria)
+    order_by = compiler.order_by(order)
+    wanted = None if fields is None else list(dict.fromkeys(["digest", *fields]))
+    if wanted == ["digest"]:
+        columns, join = "e.digest", ""
+    else:
+        served = wanted is None or any(f in PAYLOAD_FIELDS for f in wanted)
+        explain = wanted is None or any(f in EXPLAIN_FIELDS for f in wanted)
+        columns = ", ".join(
+            [row, "p.served" if served else "NULL", "p.explain" if explain else "NULL"]
+        )
+        join = f" LEFT JOIN {tables[1]} p ON p.digest = e.digest" if served or explain else ""
+    sql = f"SELECT {columns} FROM {tables[0]} e{join} WHERE {where}"
+    sql += f" ORDER BY {order_by}" if order_by else ""
+    sql += f" LIMIT {int(limit)}" if limit and limit > 0 else ""
+    return sql, params, wanted
+
+
+def selected(
+    rows: Iterable[Sequence[Any]],
+    wanted: list[str] | None,
+    document: Callable[[Sequence[Any]], dict[str, Any]],
+) -> Iterator[dict[str, Any]]:
+    """The documents of the rows of a :func:`select_statement`, each read by ``document``
+    and cut to the ``wanted`` fields (an unreadable row's stand-in is yielded whole)."""
+    for row in rows:
+        if wanted == ["digest"]:
+            yield {"digest": row[0]}
+            continue
+        doc = document(row)
+        if wanted is None or UNREADABLE in doc:
+            yield doc
+        else:
+            yield {key: doc[key] for key in wanted if key in doc}

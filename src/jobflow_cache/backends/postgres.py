@@ -68,7 +68,6 @@ import xxhash
 from monty.json import MSONable
 
 from jobflow_cache.backends.base import (
-    EXPLAIN_FIELDS,
     SELECTABLE,
     UNREADABLE,
     Criteria,
@@ -78,11 +77,12 @@ from jobflow_cache.backends.base import (
 from jobflow_cache.backends.criteria import Column, Compiler, column_value
 from jobflow_cache.backends.layout import (
     FIELD_KINDS,
-    PAYLOAD_FIELDS,
     UNMIGRATED,
     UnreadableError,
     old_document,
     parse_object,
+    select_statement,
+    selected,
     split,
 )
 from jobflow_cache.errors import StoreUnavailableError
@@ -893,35 +893,11 @@ class PostgresBackend(MSONable):
             searchable as Python does (:func:`postgres_pattern`), before any row.
         """
         t = self._t
-        where, params = t.compiler.where(criteria)
-        order_by = t.compiler.order_by(order)
-        wanted = None if fields is None else list(dict.fromkeys(["digest", *fields]))
-        if wanted == ["digest"]:
-            columns, join = "e.digest", ""
-        else:
-            served = wanted is None or any(f in PAYLOAD_FIELDS for f in wanted)
-            explain = wanted is None or any(f in EXPLAIN_FIELDS for f in wanted)
-            parts = [t.row, "p.served" if served else "NULL", "p.explain" if explain else "NULL"]
-            columns = ", ".join(parts)
-            join = f" LEFT JOIN {t.payloads} p ON p.digest = e.digest" if served or explain else ""
-        sql = f"SELECT {columns} FROM {t.entries} e{join} WHERE {where}"
-        sql += f" ORDER BY {order_by}" if order_by else ""
+        sql, params, wanted = select_statement(
+            t.compiler, t.row, (t.entries, t.payloads), criteria, fields, order, limit
+        )
         limit = int(limit) if limit and limit > 0 else 0
-        sql += f" LIMIT {limit}" if limit else ""
-        return self._stream(sql, params, wanted, limit)
-
-    def _stream(
-        self, sql: str, params: list[Any], wanted: list[str] | None, limit: int
-    ) -> Iterator[dict[str, Any]]:
-        for row in self._rows(sql, params, limit):
-            if wanted == ["digest"]:
-                yield {"digest": row[0]}
-                continue
-            doc = _document(row)
-            if wanted is None or UNREADABLE in doc:
-                yield doc
-            else:
-                yield {key: doc[key] for key in wanted if key in doc}
+        return selected(self._rows(sql, params, limit), wanted, _document)
 
     def count(self, criteria: Criteria | None = None) -> int:
         """How many entries match ``criteria``."""

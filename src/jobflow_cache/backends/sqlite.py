@@ -48,7 +48,6 @@ from typing import Any
 from monty.json import MSONable
 
 from jobflow_cache.backends.base import (
-    EXPLAIN_FIELDS,
     SELECTABLE,
     UNREADABLE,
     Criteria,
@@ -64,6 +63,8 @@ from jobflow_cache.backends.layout import (
     UnreadableError,
     old_document,
     parse_object,
+    select_statement,
+    selected,
     split,
 )
 from jobflow_cache.backends.sqlite_file import (
@@ -573,20 +574,9 @@ class SQLiteBackend(MSONable):
         ValueError
             For a field or operator criteria or ``order`` do not know (before any row).
         """
-        where, params = _COMPILER.where(criteria)
-        order_by = _COMPILER.order_by(order)
-        wanted = None if fields is None else list(dict.fromkeys(["digest", *fields]))
-        if wanted == ["digest"]:
-            columns, join = "e.digest", ""
-        else:
-            served = wanted is None or any(f in PAYLOAD_FIELDS for f in wanted)
-            explain = wanted is None or any(f in EXPLAIN_FIELDS for f in wanted)
-            parts = [_ROW, "p.served" if served else "NULL", "p.explain" if explain else "NULL"]
-            columns = ", ".join(parts)
-            join = " LEFT JOIN jfc_payloads p ON p.digest = e.digest" if served or explain else ""
-        sql = f"SELECT {columns} FROM jfc_entries e{join} WHERE {where}"
-        sql += f" ORDER BY {order_by}" if order_by else ""
-        sql += f" LIMIT {int(limit)}" if limit and limit > 0 else ""
+        sql, params, wanted = select_statement(
+            _COMPILER, _ROW, ("jfc_entries", "jfc_payloads"), criteria, fields, order, limit
+        )
         return self._stream(sql, params, wanted)
 
     def _stream(
@@ -594,16 +584,8 @@ class SQLiteBackend(MSONable):
     ) -> Iterator[dict[str, Any]]:
         cursor = self._reader().execute(sql, params)
         try:
-            while rows := cursor.fetchmany(_FETCH):
-                for row in rows:
-                    if wanted == ["digest"]:
-                        yield {"digest": row[0]}
-                        continue
-                    doc = _document(row)
-                    if wanted is None or UNREADABLE in doc:
-                        yield doc
-                    else:
-                        yield {key: doc[key] for key in wanted if key in doc}
+            rows = itertools.chain.from_iterable(iter(lambda: cursor.fetchmany(_FETCH), []))
+            yield from selected(rows, wanted, _document)
         finally:
             cursor.close()
 
