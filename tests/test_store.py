@@ -545,5 +545,5 @@ def test_a_jobstore_spec_naming_a_removed_store_says_what_to_use(spec):
     """cachetool explain --jobstore with a jobstore.yaml of 0.1.0's walkthrough."""
     from jobflow_cache.explain import open_job_store
 
-    with pytest.raises(StoreUnavailableError, match="was removed after jobflow-cache 0.1.0; keep"):
+    with pytest.raises(StoreUnavailableError, match=r"removed after jobflow-cache 0\.1\.0; keep"):
         open_job_store(spec)
