@@ -198,11 +198,12 @@ def _old_sqlite_specs(path: Path) -> list[dict]:
         {"type": "SQLiteStore", "path": str(path)},
         {"type": "SQLiteStore", "path": str(path), "collection_name": "entries", "timeout": 7},
         {"type": "SQLiteStore", "path": str(path), "key": "digest"},
+        {"type": "SQLiteStore", "path": str(path), "collection_name": "cache"},
         {**OLD_SQLITE, "path": str(path)},
     ]
 
 
-@pytest.mark.parametrize("form", range(4))
+@pytest.mark.parametrize("form", range(5))
 def test_an_old_sqlite_store_spec_opens_the_embedded_backend(tmp_path, form):
     path = tmp_path / "cache.sqlite"
     spec = _old_sqlite_specs(path)[form]
@@ -240,7 +241,6 @@ def test_an_old_postgres_store_spec_opens_postgres_backend(spec):
 @pytest.mark.parametrize(
     ("spec", "instead"),
     [
-        ({"type": "SQLiteStore", "path": "x.sqlite", "collection_name": "cache"}, "SQLiteBackend"),
         ({**OLD_SQLITE, "path": "x.sqlite", "collection_name": "outputs"}, "SQLiteBackend"),
         ({"type": "SQLiteStore", "path": "x.sqlite", "key": "uuid"}, "JSONStore"),
         ({"type": "SQLiteStore"}, "needs a 'path'"),
@@ -315,7 +315,7 @@ def test_a_cache_store_serialized_with_an_unusable_old_store_says_so(tmp_path):
     old = {
         "@module": "jobflow_cache.store",
         "@class": "CacheStore",
-        "store": {**OLD_SQLITE, "path": str(tmp_path / "x.sqlite"), "collection_name": "cache"},
+        "store": {**OLD_SQLITE, "path": str(tmp_path / "x.sqlite"), "collection_name": "outputs"},
         "objects_dir": str(tmp_path / "objects"),
     }
     with pytest.raises(StoreUnavailableError, match="SQLiteStore was removed"):

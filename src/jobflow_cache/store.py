@@ -141,16 +141,17 @@ def _removed_store(kind: str, kwargs: dict[str, Any]) -> EntryBackend:
     ``PostgresStore`` named (both removed after 0.1.0), or :class:`.StoreUnavailableError`
     saying what to use instead when it cannot be honoured.
 
-    ``{"type": "SQLiteStore", "path": p}`` (collection ``entries`` or none) is the embedded
-    cache file ``p``: :class:`.SQLiteBackend` migrates its table ``entries`` on first open.
+    ``{"type": "SQLiteStore", "path": p}`` is the cache file ``p``: :class:`.SQLiteBackend`
+    migrates on first open the table 0.1.0 kept the cache in, ``entries`` (the embedded
+    default) or ``cache`` (SQLiteStore's own default, for a spec naming no collection).
     ``{"type": "PostgresStore", "uri": u, "table": t}`` (key ``digest``) is
     :class:`.PostgresBackend` on ``t``, which migrates that table.
     """
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith("@")}
     if kind == "SQLiteStore":
-        collection = kwargs.get("collection_name", "entries")
+        collection = kwargs.get("collection_name", "cache")
         key = kwargs.get("key", "digest")
-        if collection != "entries" or key != "digest":
+        if collection not in ("entries", "cache") or key != "digest":
             raise StoreUnavailableError(
                 f"SQLiteStore was removed after jobflow-cache 0.1.0, and this spec's table "
                 f"({collection!r}, key {key!r}) is not the one the cache kept ('entries', key "

@@ -60,6 +60,32 @@ def test_migration_keeps_every_document(old_file: Path, caplog: pytest.LogCaptur
     backend.close()
 
 
+def test_a_cache_kept_in_sqlitestores_default_table_is_migrated_too(
+    old_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """0.1.0's SQLiteStore named its collection ``cache`` when a spec named none
+    (``{"type": "SQLiteStore", "path": p}``): that table is migrated like ``entries``, so the
+    entries a hand-written spec kept are still served, not silently recomputed."""
+    with sqlite3.connect(old_file) as db:
+        db.execute("ALTER TABLE entries RENAME TO cache")
+        for table in ("jobflow_cache_collections", "jobflow_cache_array_paths"):
+            db.execute(f"UPDATE {table} SET collection = 'cache' WHERE collection = 'entries'")
+    backend = SQLiteBackend(old_file)
+    with caplog.at_level(logging.INFO, logger="jobflow_cache.backends.sqlite"):
+        backend.connect()
+    assert [r.getMessage() for r in caplog.records if "migrated" in r.getMessage()] == [
+        f"migrated 7 entries of {old_file} (table cache) to the fixed schema"
+    ]
+    for digest, doc in EXPECTED["documents"].items():
+        assert backend.read(digest) == doc, digest
+    assert backend.count() == 7
+    backend.close()
+    with sqlite3.connect(old_file) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert "cache" not in tables
+    assert "jfc_entries" in tables
+
+
 def test_migration_keeps_claims_and_aliases(old_file: Path) -> None:
     backend = SQLiteBackend(old_file)
     assert backend.get_aliases(list(EXPECTED["aliases"])) == EXPECTED["aliases"]

@@ -650,7 +650,9 @@ def test_store_forms_before_and_after_the_command(built, isolated_cache, tmp_pat
     assert as_json("stats", "--store", bare)["entries"] == 5
     proc = script("ls", "--store", bare, "--json")
     assert len(json.loads(proc.stdout)) == 5
-    other = json.dumps({"type": "SQLiteStore", "path": path, "collection_name": "cache"})
+    default_table = json.dumps({"type": "SQLiteStore", "path": path, "collection_name": "cache"})
+    assert as_json("stats", "--store", default_table)["entries"] == 5  # 0.1.0's default table
+    other = json.dumps({"type": "SQLiteStore", "path": path, "collection_name": "outputs"})
     error = one_line_error(invoke("ls", "--store", other))  # 0.1.0's store of another table
     assert "SQLiteStore was removed" in error
     assert '{"type": "SQLiteBackend", "path": ...}' in error
@@ -666,6 +668,20 @@ def test_store_forms_before_and_after_the_command(built, isolated_cache, tmp_pat
     result = invoke("ls", "--store", json.dumps({"type": "SQLiteStore", "path": str(fresh)}))
     assert result.stderr.startswith(f"No cache at {fresh} yet")
     assert not fresh.exists()
+
+
+def test_a_cache_in_sqlitestores_default_table_is_listed_not_called_missing(tmp_path):
+    """A 0.1.0 file whose entries sit in SQLiteStore's default table ``cache`` (a spec that
+    named no collection) is opened, migrated and listed; a foreign ``cache`` table is not."""
+    old = tmp_path / "old.sqlite"
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "data" / "cache-v0.1.0.sqlite", old)
+    with sqlite3.connect(old) as db:
+        db.execute("ALTER TABLE entries RENAME TO cache")
+        for table in ("jobflow_cache_collections", "jobflow_cache_array_paths"):
+            db.execute(f"UPDATE {table} SET collection = 'cache' WHERE collection = 'entries'")
+    spec = json.dumps({"type": "SQLiteStore", "path": str(old)})
+    assert as_json("stats", "--store", spec)["entries"] == 7
+    assert len(as_json("ls", "--store", spec, "--limit", "0")) == 7
 
 
 def test_unreachable_servers_are_one_line(isolated_cache):

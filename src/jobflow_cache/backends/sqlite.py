@@ -20,8 +20,9 @@ Documents are JSON (``TypeError`` otherwise) except ``created`` and ``last_hit``
 ``datetime`` (aware ones are converted to UTC; they read back as naive UTC, like pymongo's).
 A row whose JSON does not decode reads as the stand-in ``{"digest": d, UNREADABLE: why}``.
 
-A file written by 0.1.0's ``SQLiteStore`` (collection ``entries``, key ``digest``) is migrated
-on :meth:`~SQLiteBackend.connect`, in one transaction: every row is copied (one that does not
+A file written by 0.1.0's ``SQLiteStore`` (collection ``entries``, the embedded default, or
+``cache``, SQLiteStore's own default; key ``digest``) is migrated on
+:meth:`~SQLiteBackend.connect`, in one transaction: every row is copied (one that does not
 decode as an unreadable row), then the old table is dropped.
 
 The file runs in WAL mode; every write is one ``BEGIN IMMEDIATE`` transaction. Each process
@@ -89,7 +90,10 @@ _SQL_TYPES = {"text": "TEXT", "int": "INTEGER", "real": "REAL", "bool": "INTEGER
 _INDEXED = ("function", "name", "created", "last_hit", "valid", "source_uuid", "scheme")
 _CLAIMS, _ALIASES = '"entries__claims"', '"entries__aliases"'
 # SQLiteStore's collection, its side tables and the prefix of an old row this schema cannot hold
-_OLD, _OLD_META, _OLD_ARRAYS = "entries", "jobflow_cache_collections", "jobflow_cache_array_paths"
+#: 0.1.0's SQLiteStore tables the cache could be kept in: ``entries`` (the embedded default),
+#: ``cache`` (SQLiteStore's own default collection, for a spec that named none)
+_OLD_TABLES = ("entries", "cache")
+_OLD_META, _OLD_ARRAYS = "jobflow_cache_collections", "jobflow_cache_array_paths"
 _BATCH = 500  # digests per statement
 # SQLite primary result codes of a file that cannot be written now (PERM, BUSY, LOCKED,
 # READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB), as SQLiteStore had them
@@ -370,26 +374,28 @@ class SQLiteBackend(MSONable):
             raise
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Copy the rows of 0.1.0's ``SQLiteStore``'s collection ``entries`` (key ``digest``)
-        into the fixed schema and drop it (inside the caller's transaction)."""
+        """Copy the rows of 0.1.0's ``SQLiteStore`` collections :data:`_OLD_TABLES` (key
+        ``digest``) into the fixed schema and drop them (inside the caller's transaction)."""
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-        if _OLD not in tables or _OLD_META not in tables:
+        if _OLD_META not in tables:
             return
-        meta = conn.execute(
-            f"SELECT key_field FROM {_OLD_META} WHERE collection = ?", (_OLD,)
-        ).fetchone()
-        if meta is None or meta[0] != "digest":
-            return
-        count = 0
-        cursor = conn.execute(f"SELECT key, doc FROM {_OLD}")
-        while rows := cursor.fetchmany(_FETCH):
-            self._insert(conn, [_old_row(key, text) for key, text in rows])
-            count += len(rows)
-        conn.execute(f"DROP TABLE {_OLD}")
-        conn.execute(f"DELETE FROM {_OLD_META} WHERE collection = ?", (_OLD,))
-        if _OLD_ARRAYS in tables:
-            conn.execute(f"DELETE FROM {_OLD_ARRAYS} WHERE collection = ?", (_OLD,))
-        logger.info("migrated %d entries of %s to the fixed schema", count, self.path)
+        for old in _OLD_TABLES:
+            meta = conn.execute(
+                f"SELECT key_field FROM {_OLD_META} WHERE collection = ?", (old,)
+            ).fetchone()
+            if old not in tables or meta is None or meta[0] != "digest":
+                continue
+            count = 0
+            cursor = conn.execute(f"SELECT key, doc FROM {old}")
+            while rows := cursor.fetchmany(_FETCH):
+                self._insert(conn, [_old_row(key, text) for key, text in rows])
+                count += len(rows)
+            conn.execute(f"DROP TABLE {old}")
+            conn.execute(f"DELETE FROM {_OLD_META} WHERE collection = ?", (old,))
+            if _OLD_ARRAYS in tables:
+                conn.execute(f"DELETE FROM {_OLD_ARRAYS} WHERE collection = ?", (old,))
+            where = self.path if old == "entries" else f"{self.path} (table {old})"
+            logger.info("migrated %d entries of %s to the fixed schema", count, where)
 
     def _live(self) -> _State:
         """This process's connections (opened on first use, and again after a fork)."""

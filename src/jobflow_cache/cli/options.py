@@ -134,6 +134,19 @@ def _sqlite_tables(path: str) -> dict[str, int] | None:
         return None
 
 
+def _kept_by_sqlitestore(path: str, table: str) -> bool:
+    """Whether ``table`` of the SQLite file is a collection 0.1.0's SQLiteStore kept entries
+    in (its catalogue names the table with key ``digest``)."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            row = db.execute(
+                "SELECT key_field FROM jobflow_cache_collections WHERE collection = ?", (table,)
+            ).fetchone()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == "digest"
+
+
 def _unreachable(cache: CacheStore, err: BaseException) -> StoreUnavailableError:
     """One line for a store that cannot be reached: the server, and what to check."""
     store = cache.store
@@ -213,6 +226,8 @@ class State:
         tables = _sqlite_tables(path)
         if tables is None or any(name in tables for name in tables_wanted):
             return None
+        if "cache" in tables and _kept_by_sqlitestore(path, "cache"):
+            return None  # 0.1.0's SQLiteStore default table, migrated when opened
         others = ", ".join(f"{n} ({fmt.plural(c, 'row')})" for n, c in tables.items()) or "none"
         return (
             f"{path} has no table {tables_wanted[0]!r}: nothing cached there "
