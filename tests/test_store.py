@@ -392,3 +392,24 @@ def test_entries_with_reserved_keys_round_trip_on_every_backend(backend, tmp_pat
     assert back.canonical_input == {"x": nan_node, "y": {"$date": 1}}
     assert back.files_skipped == {"$date": 7, "a.b/c": 9}
     assert back.checksum == original.checksum
+
+
+def test_lookup_decodes_its_document_once_within_the_store_limit(store, monkeypatch):
+    """A hit is unpacked once, bounded by the store's own MAX_DECODED_SIZE: the settings
+    (every JOBFLOW_CACHE_* variable) are not read again per lookup."""
+    import jobflow_cache.entry as entry_module
+
+    store.put(entry("d" * 32, output="[" + "1," * 40000 + "1]"))  # a packed output
+    calls = []
+    real = entry_module.unpack_document
+
+    def counted(doc, limit=None):
+        calls.append(limit)
+        return real(doc, limit)
+
+    monkeypatch.setattr(entry_module, "unpack_document", counted)
+    monkeypatch.setattr("jobflow_cache.store.unpack_document", counted)
+    found = store.lookup("d" * 32, serving=True)
+    assert found.outcome is Outcome.HIT
+    assert found.entry.output.startswith("[1,1")
+    assert calls == [store.max_decoded_size]
