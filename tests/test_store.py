@@ -579,3 +579,24 @@ def test_a_jobstore_spec_naming_a_removed_store_says_what_to_use(spec):
     removed = r"was removed after jobflow-cache 0\.1\.0; keep"
     with pytest.raises(StoreUnavailableError, match=removed):
         open_job_store(spec)
+
+
+def test_lookup_decodes_its_document_once_within_the_store_limit(store, monkeypatch):
+    """A hit is unpacked once, bounded by the store's own MAX_DECODED_SIZE: the settings
+    (every JOBFLOW_CACHE_* variable) are not read again per lookup."""
+    import jobflow_cache.entry as entry_module
+
+    store.put(entry("d" * 32, output="[" + "1," * 40000 + "1]"))  # a packed output
+    calls = []
+    real = entry_module.unpack_document
+
+    def counted(doc, limit=None):
+        calls.append(limit)
+        return real(doc, limit)
+
+    monkeypatch.setattr(entry_module, "unpack_document", counted)
+    monkeypatch.setattr("jobflow_cache.store.unpack_document", counted)
+    found = store.lookup("d" * 32, serving=True)
+    assert found.outcome is Outcome.HIT
+    assert found.entry.output.startswith("[1,1")
+    assert calls == [store.max_decoded_size]
