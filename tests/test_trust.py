@@ -507,6 +507,18 @@ def test_bomb_inflation_is_bounded_in_memory() -> None:
     assert len(unpack_document(small, limit=8 << 20)["output"]) == (3 << 20)
 
 
+def test_an_oversized_plain_field_names_the_limit_it_passed(monkeypatch) -> None:
+    """The refusal names the limit, also when it is the setting's (it printed None)."""
+    from jobflow_cache.entry import unpack_document
+    from jobflow_cache.errors import TooLargeError
+
+    monkeypatch.setenv("JOBFLOW_CACHE_MAX_DECODED_SIZE", "1000")  # settings follow the env
+    with pytest.raises(TooLargeError, match="larger than 1000 bytes"):
+        unpack_document({"output": "x" * 1001})
+    with pytest.raises(TooLargeError, match="larger than 10 bytes"):
+        unpack_document({"output": "x" * 11}, limit=10)
+
+
 def test_signatures_name_their_key() -> None:
     from jobflow_cache.trust import key_id, sign, signature_problem
 

@@ -150,13 +150,14 @@ def unpack_document(doc: Mapping[str, Any], limit: int | None = None) -> dict[st
     if not isinstance(doc, Mapping):  # a damaged row: JSON, but not an object
         raise ValueError(f"not an entry document but {type(doc).__name__}")
     restored = {k: v for k, v in doc.items() if k != PACKED_KEY}
-    budget = limit if limit is not None else _default_limit()
+    cap = limit if limit is not None else _default_limit()
+    budget = cap
     for name in PACKED_FIELDS:
         text = restored.get(name)
         if isinstance(text, str):
             budget -= len(text)
     if budget < 0:
-        raise TooLargeError(f"its text fields are larger than {limit} bytes")
+        raise TooLargeError(f"its text fields are larger than {cap} bytes")
     packed = doc.get(PACKED_KEY)
     if packed is None:
         return restored
