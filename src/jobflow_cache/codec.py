@@ -254,7 +254,7 @@ def loads(text: str, tree: Any = _UNPARSED) -> Any:
     >>> loads(text, json.loads(text)) == loads(text) == {"a": (1, 2)}
     True
     """
-    with gc_paused(len(text) >= PAUSE_GC_MIN):
+    with gc_paused(len(text) >= PAUSE_GC_MIN):  # the one pause of every parse below
         return _loads(text, tree)
 
 
@@ -264,24 +264,24 @@ def _loads(text: str, tree: Any) -> Any:
         if "{" not in text:
             # no JSON object: nothing for monty's decoder (or bson's object hook) to rebuild,
             # and no tag; json.loads gives the same value without building a decoder
-            return parse(text) if parsed is None else parsed
+            return json.loads(text) if parsed is None else parsed
         escaped = "\\u" in text  # a key may be written with escapes: decoded as named
         monty = escaped or _MONTY_KEY.search(text) is not None
         if monty:  # a module may be named
             if parsed is None:
-                parsed = parse(text)
+                parsed = json.loads(text)
             check_trusted(parsed)
         if escaped or _DOLLAR_KEY.search(text) is not None:
             value = _DECODER.decode(text)
         elif not monty:
             # no dict names a class (a returned monty dict is tagged: its "@module" is no
             # key), none has a "$..." key: nothing for monty's or bson's decoder to rebuild
-            value = parse(text) if parsed is None else parsed
+            value = json.loads(text) if parsed is None else parsed
         else:
             # monty parses with bson's json_util when bson is installed, whose object hook
             # only rebuilds objects with a "$..." key; with none (no key starts with "$",
             # escaped or not) that is json.loads, without a Python call per object
-            value = _DECODER.process_decoded(parse(text) if parsed is None else parsed)
+            value = _DECODER.process_decoded(json.loads(text) if parsed is None else parsed)
         if TAG not in text:
             return value
         # a tag node's key is the JSON string "@jfc", written as such by dumps: the text
@@ -320,6 +320,10 @@ def _dir_pattern(old: str) -> re.Pattern[str]:
     )
 
 
+#: Up to this many uuids to replace, the text is first searched for each of them.
+_FEW_UUIDS = 8
+
+
 def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewrite]) -> str:
     """Replace job uuids and run-folder paths in JSON ``text``.
 
@@ -347,10 +351,6 @@ def rewrite_text(text: str, uuids: Mapping[str, str], dirs: Mapping[str, DirRewr
 
         text = UUID_RE.sub(new_uuid, text)
     return text
-
-
-#: Up to this many uuids to replace, the text is first searched for each of them.
-_FEW_UUIDS = 8
 
 
 def _new_path(move: DirRewrite, match: re.Match[str]) -> str:

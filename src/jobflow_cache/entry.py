@@ -426,8 +426,8 @@ class CacheEntry(BaseModel):
         """Parse a store document (raises ``pydantic.ValidationError`` when malformed, and
         ``ValueError`` when a compressed field does not decompress). With ``unpacked``,
         ``doc`` is what :func:`unpack_document` returned (a copy the caller gives away, its
-        size already bounded): it is not restored, measured and copied a second time."""
-        doc = dict(doc) if unpacked else unpack_document(doc)
+        size already bounded): it is used as it is, not restored, measured and copied again."""
+        doc = doc if unpacked else unpack_document(doc)
         doc.pop("_id", None)
         return cls.model_validate(doc)
 

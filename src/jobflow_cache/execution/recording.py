@@ -22,6 +22,7 @@ Contract:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ import bson
 from jobflow import Flow, Job, Response
 from monty.json import jsanitize
 
-from jobflow_cache.codec import dumps, gc_paused, job_uuids, loads, parse
+from jobflow_cache.codec import dumps, gc_paused, job_uuids, loads
 from jobflow_cache.entry import CacheEntry, package_versions
 from jobflow_cache.errors import CacheError, warn
 from jobflow_cache.execution.call import Call, Intercept, Refs
@@ -190,7 +191,7 @@ class Recorder:
         job, call_digest = call.job, call.call_digest
         assert call_digest is not None
         output = dumps(response.output)
-        if '"@module"' in output and _names_lost(parse(output)):
+        if '"@module"' in output and _names_lost(json.loads(output)):
             raise CacheError(
                 "its output holds objects that JSON cannot rebuild (a class defined inside a "
                 "function?): a hit would serve their dicts"
@@ -207,7 +208,7 @@ class Recorder:
         replay: dict[str, Any] | None = None
         if dynamic:
             # parsed once: the tree is checked, then decoded (and consumed) into the replay
-            tree = parse(response_text)
+            tree = json.loads(response_text)
             _check_replayable(job, tree, call.refs)
             replay = loads(response_text, tree)
             del tree

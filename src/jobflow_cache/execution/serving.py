@@ -14,7 +14,6 @@ the run folder gives :class:`NotServed` with the conflict (the job runs as a mis
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -26,7 +25,14 @@ from typing import Any
 from jobflow import Flow, Job, OutputReference, Response
 from jobflow.utils.uid import suid
 
-from jobflow_cache.codec import UUID_RE, DirRewrite, created_uuids, loads, rewrite_text
+from jobflow_cache.codec import (
+    UUID_RE,
+    DirRewrite,
+    created_uuids,
+    loads,
+    parse,
+    rewrite_text,
+)
 from jobflow_cache.entry import CacheEntry
 from jobflow_cache.errors import FilesUnavailableError, FolderConflictError, warn
 from jobflow_cache.execution.call import Call
@@ -173,7 +179,7 @@ class Server:
         if entry.response:
             text = entry.response
             if entry.dynamic:
-                created = created_uuids(json.loads(text)) - {entry.source_uuid}
+                created = created_uuids(parse(text)) - {entry.source_uuid}
                 uuids = {**uuids, **{old: suid() for old in created}}
             parts = loads(rewrite_text(text, uuids, dirs))
         output = loads(rewrite_text(entry.output, uuids, dirs))

@@ -27,11 +27,10 @@ What this module does instead
 * When the JobStore is a plain ``JobStore`` on maggma ``MemoryStore`` s, ``Job.run`` is given a
   shallow copy of it whose stores are :class:`.IndexedMemoryStore` views (:mod:`.local.view`):
   the same documents are written to the same collections (an insert where the upsert would
-  insert), and queries that
-  name one of this run's job (or blob) uuids are answered from an index of the documents this
-  run wrote, with mongomock's own filter and sort functions, instead of by a scan. Uuids already
-  in the store before the run are loaded from it once; any other query and any other store type
-  (a MongoDB server has indexes) go to the store itself.
+  insert), and queries that name one of this run's job (or blob) uuids are answered from an
+  index of the documents this run wrote, with mongomock's own filter and sort functions,
+  instead of by a scan. Uuids already in the store before the run are loaded from it once; any
+  other query and any other store type (a MongoDB server has indexes) go to the store itself.
 
 The view alone would also make jobflow's own loop linear. The loop is copied (it is 60 lines)
 so that the cache needs no global patch of ``Job.run``: the stand-in is set on one job for the
