@@ -77,7 +77,7 @@ from jobflow_cache.backends.sqlite_file import (
 )
 from jobflow_cache.errors import StoreUnavailableError, warn
 
-__all__ = ["FIELD_KINDS", "PAYLOAD_FIELDS", "SCHEMA_VERSION", "SQLiteBackend"]
+__all__ = ["FIELD_KINDS", "PAYLOAD_FIELDS", "SCHEMA_VERSION", "SQLiteBackend", "keeps_old_entries"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +203,19 @@ def _from_column(kind: str, value: Any) -> Any:
     if kind == "bool":
         return bool(value)
     return value
+
+
+def keeps_old_entries(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether ``table`` of the open file is a collection 0.1.0's ``SQLiteStore`` kept cache
+    entries in: its catalogue names the table with key ``digest`` (a file without that
+    catalogue keeps none)."""
+    try:
+        row = conn.execute(
+            f"SELECT key_field FROM {_OLD_META} WHERE collection = ?", (table,)
+        ).fetchone()
+    except sqlite3.OperationalError:  # no catalogue: not a file 0.1.0's store wrote
+        return False
+    return row is not None and row[0] == "digest"
 
 
 def _document(row: Sequence[Any]) -> dict[str, Any]:
@@ -380,10 +393,7 @@ class SQLiteBackend(MSONable):
         if _OLD_META not in tables:
             return
         for old in _OLD_TABLES:
-            meta = conn.execute(
-                f"SELECT key_field FROM {_OLD_META} WHERE collection = ?", (old,)
-            ).fetchone()
-            if old not in tables or meta is None or meta[0] != "digest":
+            if old not in tables or not keeps_old_entries(conn, old):
                 continue
             count = 0
             cursor = conn.execute(f"SELECT key, doc FROM {old}")

@@ -21,7 +21,7 @@ from jobflow_cache.admin.listing import (
     Filters,
     parse_age,
 )
-from jobflow_cache.backends.sqlite import SQLiteBackend
+from jobflow_cache.backends.sqlite import SQLiteBackend, keeps_old_entries
 from jobflow_cache.cli import output as fmt
 from jobflow_cache.errors import CacheError, StoreUnavailableError
 from jobflow_cache.settings import CacheSettings, get_settings
@@ -136,15 +136,12 @@ def _sqlite_tables(path: str) -> dict[str, int] | None:
 
 def _kept_by_sqlitestore(path: str, table: str) -> bool:
     """Whether ``table`` of the SQLite file is a collection 0.1.0's SQLiteStore kept entries
-    in (its catalogue names the table with key ``digest``)."""
+    in (read only: the file is not changed)."""
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            row = db.execute(
-                "SELECT key_field FROM jobflow_cache_collections WHERE collection = ?", (table,)
-            ).fetchone()
+            return keeps_old_entries(db, table)
     except sqlite3.Error:
         return False
-    return row is not None and row[0] == "digest"
 
 
 def _unreachable(cache: CacheStore, err: BaseException) -> StoreUnavailableError:
