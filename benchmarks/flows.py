@@ -17,7 +17,15 @@ from typing import Any
 
 from jobflow import Flow, Job, Response, job
 
-__all__ = ["SHAPES", "big_output", "build", "final_output", "payload", "plain_step"]
+__all__ = [
+    "SHAPES",
+    "big_output",
+    "build",
+    "final_output",
+    "memo_chain",
+    "payload",
+    "plain_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -212,3 +220,28 @@ def plain_step(x: int, tag: int, work: float = 0.0) -> int:
     """:func:`step` as a plain function (memoised by joblib.Memory for comparison)."""
     _work(work)
     return x + 1
+
+
+# --------------------------------------------------------------------------- joblib in a flow
+#: ``plain_step`` memoised by a ``joblib.Memory`` (set by :func:`memo_chain`).
+_MEMOISED: Any = None
+
+
+@job
+def memo_step(x: int, tag: int, work: float = 0.0) -> int:
+    """:func:`step` whose body is a ``joblib.Memory`` call of :func:`plain_step`."""
+    return _MEMOISED(x, tag, work)
+
+
+def memo_chain(n: int, memory_dir: str) -> tuple[Flow, Job]:
+    """The ``chain`` shape of :func:`memo_step` jobs, memoised in ``memory_dir``: run uncached
+    once (joblib misses) and again (joblib hits), it measures a joblib.Memory hit inside the
+    same jobflow run as our warm jobs, in place of our cache."""
+    global _MEMOISED
+    import joblib
+
+    _MEMOISED = joblib.Memory(memory_dir, verbose=0).cache(plain_step)
+    jobs = [memo_step(0, 0, 0.0)]
+    for i in range(1, n):
+        jobs.append(memo_step(jobs[-1].output, i, 0.0))
+    return _flow(jobs), jobs[-1]

@@ -46,13 +46,15 @@ from maggma.stores import MemoryStore
 import jobflow_cache
 from benchmarks.common import MARK, time_call
 from benchmarks.entries import cache_store, sealed_entry
-from benchmarks.flows import big_output, build, final_output, payload, plain_step
+from benchmarks.flows import big_output, build, final_output, memo_chain, payload, plain_step
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
 _CACHE_ENV = ("JOBFLOW_CACHE_DIR", "JOBFLOW_CACHE_DISABLE")
+#: :func:`run_flow_once`'s shape of a chain whose jobs call a joblib.Memory-memoised function.
+MEMO = "joblib-chain"
 #: Parent folder of the run folders (set by :func:`main`; the system temp folder by default).
 _RUNS_ROOT: str | None = None
 
@@ -136,7 +138,12 @@ def run_flow_once(shape: str, n: int, executor: str, work: float, cache_dir: str
     """Build a fresh flow, run it with ``executor``; time, memory and what happened."""
     _set_env(executor, cache_dir)
     t0 = time.perf_counter()
-    flow, last = build(shape, n, work)
+    if shape == MEMO:  # joblib.Memory inside each job, in cache_dir; the run is uncached
+        flow, last = memo_chain(n, str(cache_dir))
+        executor, cache_dir = "uncached", None
+        _set_env(executor, cache_dir)
+    else:
+        flow, last = build(shape, n, work)
     build_s = time.perf_counter() - t0
     store = JobStore(MemoryStore())
     store.connect()
@@ -318,23 +325,33 @@ def task_output(task: dict) -> dict:
 def task_peers(task: dict) -> dict:
     """The cache's own part of a warm job next to a joblib.Memory hit (and AiiDA's).
 
-    Own part: ``(warm - uncached) / n`` of an ``n``-job chain of trivial jobs, the two runs
-    alternating ``repeats`` times in this process after one cold run filled the cache. The
-    joblib hit memoises the chain's job function as a plain function with the same arguments.
-    The floor: xxh3 of the arguments' JSON plus one primary-key probe of the store.
+    Own part: ``(warm - uncached) / n`` of an ``n``-job chain of trivial jobs, the runs
+    alternating ``repeats`` times in this process after one cold run filled the cache.
+    joblib, measured the same way: the same chain, uncached, whose jobs each call
+    ``plain_step`` through a ``joblib.Memory`` filled by one run first; its own part is
+    ``(joblib - uncached) / n``, a joblib hit among the same jobflow work (a job's
+    bookkeeping evicts the processor caches a hit then reads again). The hot-loop joblib hit
+    (the same call repeated, nothing around it) is reported too. The floor: xxh3 of the
+    arguments' JSON plus one primary-key probe of the store.
     """
     n, root = int(task["n"]), task["cache_dir"]
+    memory = os.path.join(task["workdir"], "joblib-in-flow")
     warm_up("cold", task["workdir"])
     warm_up("uncached", task["workdir"])
     cold = run_flow_once("chain", n, "cold", 0.0, root)
-    times: dict[str, list[float]] = {"uncached": [], "warm": []}
+    run_flow_once(MEMO, n, "uncached", 0.0, memory)  # joblib's misses
+    times: dict[str, list[float]] = {"uncached": [], "warm": [], "joblib": []}
     outcomes: Counter[str] = Counter()
     for _ in range(int(task["repeats"])):
-        for executor in ("uncached", "warm"):
-            run = run_flow_once("chain", n, executor, 0.0, root)
+        for executor in ("uncached", "warm", "joblib"):
+            if executor == "joblib":
+                run = run_flow_once(MEMO, n, "uncached", 0.0, memory)
+            else:
+                run = run_flow_once("chain", n, executor, 0.0, root)
             times[executor].append(run["seconds"])
             outcomes.update({f"{executor}: {k}": v for k, v in run["outcomes"].items()})
     uncached, warm = statistics.median(times["uncached"]), statistics.median(times["warm"])
+    joblib_run = statistics.median(times["joblib"])
     result: dict[str, Any] = {
         "n": n,
         "cold_outcomes": cold["outcomes"],
@@ -343,6 +360,7 @@ def task_peers(task: dict) -> dict:
         "uncached_per_job": uncached / n,
         "warm_per_job": warm / n,
         "own_part": (warm - uncached) / n,
+        "joblib_in_flow": {"status": "ok", "median": (joblib_run - uncached) / n},
         "joblib": _joblib_hit(task),
         "floor": _floor(root, task["quick"]),
         "aiida": _aiida_hit(task),
