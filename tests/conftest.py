@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import paths
 from tests.support.pgserver import *  # noqa: F403  (PostgreSQL server fixtures)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = paths.ROOT
+pythonpath = paths.pythonpath
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +131,7 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def run_python(code: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     """Run ``code`` in a fresh Python process (tests importable); return stdout, raise on error."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": pythonpath(), **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env=full_env,

@@ -56,6 +56,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import pythonpath
+
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
@@ -200,7 +202,7 @@ def _run_suite(root: Path, cache: Path, report: Path, plain: bool = False) -> di
         for key, value in os.environ.items()
         if not key.startswith(("PYTEST_", "JOBFLOW_CACHE_", "MONGOMOCK_", "JFC_"))
     }
-    env.update({"PYTHONPATH": str(root), "JOBFLOW_CACHE_DIR": str(cache)})
+    env.update({"PYTHONPATH": pythonpath(root), "JOBFLOW_CACHE_DIR": str(cache)})
     if plain:
         env["JFC_DROPIN_PLAIN"] = "1"
     proc = subprocess.run(

@@ -44,7 +44,7 @@ from jobflow_cache.entry import PACK_MIN, PACKED_KEY
 from jobflow_cache.store import Outcome
 from tests.backends.conftest import drop_backend_tables
 from tests.backends.test_sqlite_backend import COLUMNS, criteria_strategy, documents, entry_doc
-from tests.conftest import ROOT
+from tests.conftest import pythonpath
 
 pytestmark = pytest.mark.postgres
 
@@ -640,7 +640,7 @@ def test_two_processes_connecting_first_at_once_migrate_once(
 ) -> None:
     expected = old_cache(postgres_uri, pg_table, tmp_path / "objects")
     go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", FIRST_CONNECT, postgres_uri, pg_table, str(go)],
@@ -687,7 +687,7 @@ print(sorted(d["digest"] for d in backend.select()))
 def test_fork_child_gets_its_own_connections(backend: PostgresBackend, postgres_uri: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", FORK, postgres_uri, backend.table],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": pythonpath()},
         capture_output=True,
         text=True,
         timeout=120,
@@ -704,7 +704,7 @@ def test_fork_child_gets_its_own_connections(backend: PostgresBackend, postgres_
 def _python(code: str, *args: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-c", code, *args],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
+        env={**os.environ, "PYTHONPATH": pythonpath()},
         capture_output=True,
         text=True,
         timeout=300,
@@ -768,7 +768,7 @@ def test_claims_under_threads_have_one_winner(open_backend: Callable[..., Postgr
 
 def spawn_together(code: str, args: list[list[str]], go: Path) -> list[str]:
     """Start one fresh Python process per argument list; release them at once; their stdouts."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, *a],

@@ -18,6 +18,7 @@ from monty.serialization import dumpfn
 from jobflow_cache import plan, run_locally
 from jobflow_cache.cli import cli
 from tests.support import jobs
+from tests.support.paths import pythonpath
 
 
 def console_script() -> str:
@@ -104,7 +105,7 @@ def test_installed_script(planned: Any) -> None:
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env={**os.environ, "PYTHONPATH": pythonpath()},
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)

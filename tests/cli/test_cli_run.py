@@ -167,7 +167,7 @@ def test_progress_on_a_terminal_only(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import pythonpath
 
     code = (
         "from jobflow import Flow\nfrom jobflow_cache import run_locally\nfrom tests.support "
@@ -175,7 +175,7 @@ def test_progress_on_a_terminal_only(tmp_path):
         "first = jobs.add(1, 2)\n"
         "run_locally(Flow([first, *(jobs.add(first.output, i) for i in range(20))]), log=False)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     plain = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
     )

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support import paths
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -433,8 +435,8 @@ def _make_world(kind: str, tmp_path: Path, variant: str, scenario: Scenario) -> 
     env = _base_env()
     env.update(
         # JFC_DIFF_SRC: another checkout's src/ to test instead (a bisect, an old scheme)
-        PYTHONPATH=os.pathsep.join(
-            [p for p in (os.environ.get("JFC_DIFF_SRC"), str(path / "code"), str(ROOT)) if p]
+        PYTHONPATH=paths.pythonpath(
+            *[p for p in (os.environ.get("JFC_DIFF_SRC"), str(path / "code")) if p]
         ),
         JOBFLOW_CACHE_DIR=str(path / "cache"),
         JOBFLOW_CACHE_CONFIG_FILE=str(path / "config.yaml"),

@@ -27,6 +27,7 @@ from jobflow_cache.files import (
     snapshot,
 )
 from jobflow_cache.files import objects as files
+from tests.support.paths import pythonpath
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -854,7 +855,7 @@ def run_flow(
     counts = tmp_path / f"counts-{uuid_hex()}"
     environ = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": pythonpath(),
         "JFC_COUNTS_FILE": str(counts),
         **(env or {}),
     }

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from jobflow_cache import CacheStore
-from tests.conftest import ROOT, run_python
+from tests.conftest import pythonpath, run_python
 
 FLOW = """
 import json, sys
@@ -32,7 +32,7 @@ print(json.dumps(sorted(str(store.get_output(j.uuid)) for j in flow if j.name !=
 def test_eight_processes_share_one_embedded_cache(counts, tmp_path):
     """8 processes run the same flow at once: all succeed with the right outputs, the cache
     holds exactly one sound entry per digest, and a later run executes nothing."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", FLOW, str(tmp_path / f"r{i}")],

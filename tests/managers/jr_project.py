@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from maggma.stores import MemoryStore
 
+from tests.support import paths
+
 if TYPE_CHECKING:
     import pytest
     from jobflow import Flow, JobStore
@@ -132,7 +134,9 @@ def make_project(
     bin_dir = str(Path(sys.executable).parent)
     monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ.get("PATH", ""))
     pythonpath = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + pythonpath if pythonpath else ""))
+    monkeypatch.setenv(
+        "PYTHONPATH", paths.pythonpath() + (os.pathsep + pythonpath if pythonpath else "")
+    )
     # placeholders: never connected, the shared stores below are returned instead
     mongo = {"type": "MongoStore", "database": "jfc_never_used", "host": "127.0.0.1", "port": 1}
     project = Project(

@@ -28,7 +28,8 @@ from maggma.stores import MemoryStore
 
 from jobflow_cache import cache_flow, plan
 from tests.managers import jr_jobs
-from tests.managers.jr_project import ROOT, JrProject, make_project
+from tests.managers.jr_project import JrProject, make_project
+from tests.support import paths
 
 if TYPE_CHECKING:
     from tests.conftest import Counts
@@ -362,7 +363,7 @@ def test_atomate2_fail_fix_rebuild(jr: JrProject, tmp_path: Path, monkeypatch: p
 
     # run 1: the worker processes (and only they) make one relaxation fail
     site = Path(__file__).parent / "jr_site"
-    monkeypatch.setenv("PYTHONPATH", f"{site}:{ROOT}")
+    monkeypatch.setenv("PYTHONPATH", paths.pythonpath(site))
     monkeypatch.setenv("JFC_A2_FAIL", scenario.failing)
     first = cache_flow(scenario.build())
     jr.submit(first)
@@ -405,7 +406,7 @@ def test_atomate2_after_failure_served_ahead(
     scenario = _a2("elastic")
     reference = a2_reference("elastic", tmp_path)
     site = Path(__file__).parent / "jr_site"
-    monkeypatch.setenv("PYTHONPATH", f"{site}:{ROOT}")
+    monkeypatch.setenv("PYTHONPATH", paths.pythonpath(site))
     monkeypatch.setenv("JFC_A2_FAIL", scenario.failing)
     first = cache_flow(scenario.build())
     jr.submit(first)

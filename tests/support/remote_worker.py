@@ -107,7 +107,9 @@ def command(
 
 def worker_env(env: Mapping[str, str] | None = None, hostname: str | None = None) -> dict[str, str]:
     """The environment of a worker: this one, the tests importable, plus ``env``."""
-    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    from tests.support.paths import pythonpath  # (imports the package: not in the worker)
+
+    full = {**os.environ, "PYTHONPATH": pythonpath(), **(env or {})}
     full.pop("JFC_TEST_HOSTNAME", None)
     if hostname is not None and not uts_namespaces():
         full["JFC_TEST_HOSTNAME"] = hostname  # stand-in: see the module docstring
