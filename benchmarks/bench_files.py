@@ -32,7 +32,7 @@ from typing import Any
 from unittest import mock
 
 from benchmarks.common import Mode, fmt_ratio, fmt_seconds, table
-from jobflow_cache.files import ObjectArea, snapshot
+from jobflow_cache.files import ObjectArea, digests, materialize, snapshot
 from jobflow_cache.files import objects as files
 
 __all__ = [
@@ -138,7 +138,7 @@ def _one_case(mode: Mode, root: Path, name: str, layout: list[tuple[str, int]]) 
             dest = root / f"dest-{how}-{r}"
             if how == "check":  # a folder already holding the files: each is hashed once
                 area.materialize(records, dest)
-                files._MEMO.clear()
+                digests.MEMO.clear()
             os.sync()  # the previous step's dirty pages are written back before timing
             t0 = time.perf_counter()
             if how == "copytree":
@@ -260,7 +260,7 @@ def _verify_case(
     times["hit_unverified"] = []
 
     def forget() -> None:  # a new process: nothing memoised in it, nor on disk
-        files._MEMO.clear()
+        digests.MEMO.clear()
         contents.use_database(root / f"memo-{time.monotonic_ns()}.sqlite")
         contents.memo().clear()
 
@@ -286,8 +286,8 @@ def _verify_case(
                 with mock.patch.object(
                     ObjectArea,
                     "_checked",
-                    lambda self, rec: files._Verified(
-                        files._memo_key(os.stat(self.path_of(rec.xxh3))), 0
+                    lambda self, rec: materialize._Verified(
+                        digests.memo_key(os.stat(self.path_of(rec.xxh3))), 0
                     ),
                 ):
                     area.materialize(records, dest)

@@ -438,12 +438,73 @@ def test_regex_searches_as_python_does(backend: PostgresBackend, pattern: str) -
 
 
 @pytest.mark.parametrize(
-    "pattern", ["\\d", "\\w+", "\\bx", "(?i)a", "(?P<n>a)", "a*+", "(a)\\1", "[[:alpha:]]", "[\\s]"]
-)
+    "pattern",
+    [
+        "\\d", "\\w+", "\\bx", "(?x)a", "(?a)a", "(?i:a)", "(?P<n>a)", "a*+", "(a)\\1",
+        "[[:alpha:]]", "[\\s]", "(?i)\u00e9", "(?i)[\u00e0-\u00ff]",
+    ],
+)  # fmt: skip
 def test_regex_python_and_postgres_read_differently_is_refused(pattern: str) -> None:
     re.compile(pattern)  # valid Python
     with pytest.raises(ValueError, match="PostgresBackend cannot search"):
         postgres_pattern(pattern)
+
+
+#: Flags as ``$options`` gives them (a leading inline group), on texts that tell them apart,
+#: with the non-ASCII letters Python's IGNORECASE takes for ASCII ones: the Kelvin sign (k),
+#: the long s (s), the dotted and dotless i.
+OPTION_TEXTS = [*TEXTS, "Relax", "RELAX\nb", "a\nRelax", "\u212a", "k", "\u017f", "S",
+                "\u0130", "\u0131", "I", "\u00e9", "]", "-", "^"]  # fmt: skip
+OPTION_PATTERNS = [
+    "^relax", "relax$", "^RELAX$", "a.b", "^a.b$", "k", "^S$", "[i-k]", "[^a-z]", "[]k]",
+    "[-s]", "[\\]-a]", "i", "^.$", "(?<=a)b", "[^\\n]", "\\Ab", "x\\-Y", "(?:RE|x)",
+]  # fmt: skip
+FLAGS = ["", "(?i)", "(?m)", "(?s)", "(?im)", "(?is)", "(?ms)", "(?ims)", "(?i)(?s)"]
+
+
+def test_the_non_ascii_letters_ignorecase_takes_for_ascii_ones_are_known() -> None:
+    """Every code point Python's IGNORECASE matches with an ASCII letter, found by searching
+    them all, is in the translator's table, under that letter (both cases)."""
+    from jobflow_cache.backends import postgres
+
+    letter = re.compile("[a-zA-Z]", re.IGNORECASE)
+    found: dict[str, str] = {}
+    for code in range(128, 0x110000):
+        char = chr(code)
+        if letter.fullmatch(char):
+            for ascii_letter in "abcdefghijklmnopqrstuvwxyz":
+                if re.fullmatch(ascii_letter, char, re.IGNORECASE):
+                    found[ascii_letter] = found.get(ascii_letter, "") + char
+    assert found == postgres._CASE_EXTRAS
+    for ascii_letter, extras in found.items():
+        for char in extras:
+            assert re.fullmatch(ascii_letter.upper(), char, re.IGNORECASE)
+
+
+def test_flags_are_written_out_as_python_reads_them() -> None:
+    """The translation, read as PostgreSQL reads it (``.`` matches a newline: Python's
+    DOTALL), searches every text as Python searches with the flags: no server needed."""
+    texts = [a + b for a in OPTION_TEXTS for b in ["", *OPTION_TEXTS[-10:]]]
+    for flags in FLAGS:
+        for pattern in OPTION_PATTERNS:
+            translated = postgres_pattern(flags + pattern)
+            for text in texts:
+                expected = re.search(flags + pattern, text) is not None
+                found = re.search(translated, text, re.DOTALL) is not None
+                assert found == expected, (flags + pattern, translated, text)
+
+
+@pytest.mark.parametrize("options", ["i", "m", "s", "ims"])
+@pytest.mark.parametrize("pattern", OPTION_PATTERNS)
+def test_regex_options_search_as_python_does(
+    backend: PostgresBackend, pattern: str, options: str
+) -> None:
+    backend.write([{"digest": f"{i:02d}", "name": text} for i, text in enumerate(OPTION_TEXTS)])
+    flagged = f"(?{options}){pattern}"
+    expected = sorted(f"{i:02d}" for i, text in enumerate(OPTION_TEXTS) if re.search(flagged, text))
+    criteria = {"name": {"$regex": pattern, "$options": options}}
+    found = sorted(d["digest"] for d in backend.select(criteria))
+    assert found == expected, postgres_pattern(flagged)
 
 
 @settings(

@@ -260,7 +260,7 @@ DATES = [
     datetime(2024, 6, 1, 12, 30),
 ]
 TYPED = {
-    "text": st.text("ab", max_size=3),
+    "text": st.text("abB\n", max_size=3),
     "int": st.integers(-3, 3),
     "real": st.sampled_from([-1.5, 0.0, 2.5, 3.0]),
     "bool": st.booleans(),
@@ -294,7 +294,7 @@ def documents(draw: st.DrawFn) -> list[dict[str, Any]]:
     return docs
 
 
-REGEXES = ["^a", "^ab", "b", "^", "a$", "^a.b", "^b\\d", "^a|b"]
+REGEXES = ["^a", "^ab", "b", "^", "a$", "^a.b", "^b\\d", "^a|b", "^A", "B$", "^[A-b]"]
 
 
 @st.composite
@@ -302,7 +302,9 @@ def conditions(draw: st.DrawFn, field: str) -> Any:
     kind = COLUMNS[field][1]
     op = draw(st.sampled_from(["", *OPERATORS]))
     if op == "$regex":
-        return {op: draw(st.sampled_from(REGEXES))}
+        regex = {op: draw(st.sampled_from(REGEXES))}
+        options = draw(st.sampled_from([None, "", "i", "m", "s", "ims"]))
+        return regex if options is None else {**regex, "$options": options}
     if op == "$exists":
         return {op: draw(st.booleans())}
     if op in ("$in", "$nin"):

@@ -45,7 +45,7 @@ from jobflow_cache import (
 from jobflow_cache.admin.purge import collect_garbage
 from jobflow_cache.admin.verify import verify
 from jobflow_cache.cli import cli
-from jobflow_cache.files import objects as files
+from jobflow_cache.files import housekeeping
 from tests.conftest import ROOT
 from tests.support import fault_jobs, jobs
 
@@ -310,7 +310,7 @@ def test_sigkill_while_recording_leaves_no_entry_or_a_whole_one(
     assert report["problems"] == []
 
     assert ObjectArea(area).remove_stale() == (0, 0), "may still be being stored"
-    monkeypatch.setattr(files, "STALE_AFTER", -1.0)  # as if an hour had passed
+    monkeypatch.setattr(housekeeping, "STALE_AFTER", -1.0)  # as if an hour had passed
     with CacheStore.from_settings() as cache:  # the killed run's orphans and temporary files
         assert collect_garbage(cache).objects >= len(stale)
         assert assert_entries_whole(cache) == survived

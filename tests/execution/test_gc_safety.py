@@ -24,8 +24,7 @@ import pytest
 from jobflow import Flow, job
 
 from jobflow_cache.admin.purge import collect_garbage
-from jobflow_cache.files import FileRecord, ObjectArea
-from jobflow_cache.files import objects as files
+from jobflow_cache.files import FileRecord, ObjectArea, fsops, housekeeping, storage
 from jobflow_cache.store import CacheStore
 from tests.support.jobs import executed
 
@@ -154,7 +153,7 @@ def _ingest_and_hang(root: str, src: str, ready: str) -> None:
         Path(ready).touch()
         time.sleep(600)
 
-    files.hash_stream = hang  # type: ignore[assignment]
+    storage.hash_stream = hang  # type: ignore[assignment]
     ObjectArea(root).ingest(src)
 
 
@@ -191,9 +190,9 @@ def test_killed_ingest_temp_files_go_at_the_next_ingest(
     (stale,) = [p for p in area.iterdir() if p.name.startswith(".jfc-tmp-")]
     assert stale.name.startswith(f".jfc-tmp-{child.pid}-"), "names its process"
     # a temporary file of a live process (this one), as old: kept
-    live = area / f".jfc-tmp-{os.getpid()}-{'0' * 32}-{files._host()}"
+    live = area / f".jfc-tmp-{os.getpid()}-{'0' * 32}-{fsops.host()}"
     live.write_bytes(b"being stored")
-    old = time.time() - files.STALE_DEAD_AFTER - 5
+    old = time.time() - housekeeping.STALE_DEAD_AFTER - 5
     for path in (stale, live):
         os.utime(path, (old, old))  # a minute went by (the age is the last write)
 

@@ -22,9 +22,12 @@ import xxhash
 from jobflow_cache.errors import CacheError, FilesUnavailableError, FolderConflictError
 from jobflow_cache.files import (
     FileRecord,
+    FileState,
     ObjectArea,
     changed_files,
+    materialize,
     snapshot,
+    snapshots,
 )
 from jobflow_cache.files import objects as files
 from tests.support.paths import pythonpath
@@ -196,8 +199,8 @@ def test_exclusion_matches_fnmatchcase_of_path_or_basename(path: str) -> None:
         fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path.rpartition("/")[2], p)
         for p in patterns
     )
-    assert files._is_excluded(path, patterns) is expected
-    assert files._is_excluded(path, []) is False
+    assert snapshots._is_excluded(path, patterns) is expected
+    assert snapshots._is_excluded(path, []) is False
 
 
 def test_snapshot_lists_symlinks_without_following_them(run: Path, tmp_path: Path) -> None:
@@ -376,7 +379,7 @@ def recorded(area: ObjectArea, run: Path) -> list[FileRecord]:
 def test_materialize_link_shares_object_inode(
     area: ObjectArea, recorded: list[FileRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(files, "LINK_MIN_SIZE", 0)
+    monkeypatch.setattr(materialize, "LINK_MIN_SIZE", 0)
     dest = tmp_path / "new_run"
     nlinks = {r.path: os.stat(area.path_of(r.xxh3)).st_nlink for r in recorded}
 
@@ -419,7 +422,7 @@ def test_materialize_copy_is_writable_with_recorded_mode(
 def test_materialize_link_rejects_in_place_write(
     area: ObjectArea, recorded: list[FileRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(files, "LINK_MIN_SIZE", 0)
+    monkeypatch.setattr(materialize, "LINK_MIN_SIZE", 0)
     placed = area.materialize(recorded, tmp_path / "new_run", mode="link")
     with pytest.raises(PermissionError):
         placed[0].open("r+b")
@@ -654,8 +657,9 @@ def test_concurrent_ingest_of_same_content(tmp_path: Path) -> None:
     ]
 
 
-def test_module_doctests() -> None:
-    result = doctest.testmod(files)
+@pytest.mark.parametrize("module", [files, snapshots], ids=lambda m: m.__name__)
+def test_module_doctests(module: object) -> None:
+    result = doctest.testmod(module)  # type: ignore[arg-type]
     assert result.attempted > 0
     assert result.failed == 0
 
@@ -683,13 +687,13 @@ def test_record_changes_keeps_before_and_after_states(area: ObjectArea, run: Pat
     records = {r.path: r for r in area.record_changes(run, before, snapshot(run))}
 
     assert sorted(records) == ["WAVECAR", "empty/deeper", "known.txt", "latest", "unknown.txt"]
-    assert records["known.txt"].before == files.FileState(
+    assert records["known.txt"].before == FileState(
         size=26, xxh3=xxh(b"written by an earlier job\n")
     )
     assert records["known.txt"].xxh3 == xxh(b"written by an earlier job\nappended\n")
-    assert records["unknown.txt"].before == files.FileState(size=16, xxh3="")  # not known
+    assert records["unknown.txt"].before == FileState(size=16, xxh3="")  # not known
     assert records["WAVECAR"].kind == "deleted"
-    assert records["WAVECAR"].before == files.FileState(size=4, xxh3=xxh(b"wave"))
+    assert records["WAVECAR"].before == FileState(size=4, xxh3=xxh(b"wave"))
     assert (records["latest"].kind, records["latest"].target) == ("symlink", "known.txt")
     assert records["empty/deeper"].kind == "dir"  # "empty" holds it: not recorded itself
     st = os.stat(run / "kept.txt")
@@ -931,7 +935,7 @@ def test_prehash_is_bounded_and_skips_known_and_recent_files(
     big = write(run / "big.bin", b"b" * (files.PREHASH_MAX_FILE + 1))
     snap = snapshot(run)
     assert files.prehash(run, snap) == 0, "all changed in the last two seconds"
-    monkeypatch.setattr(files, "_RACY_NS", 0)
+    monkeypatch.setattr(snapshots, "RACY_NS", 0)
     assert files.prehash(run, snap, budget=202) == 202  # two of the three fit the budget
     assert files.prehash(run, snap) == 101  # the third; the first two are known now
     assert files.prehash(run, snap) == 0

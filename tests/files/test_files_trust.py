@@ -496,10 +496,10 @@ def test_a_memo_others_can_write_is_not_used(tmp_path: Path, mode: int) -> None:
 @pytest.fixture
 def linking(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hard links for files of any size, as a non-root user gets them for large files."""
-    from jobflow_cache.files import objects as files
+    from jobflow_cache.files import materialize
 
-    monkeypatch.setattr(files, "LINK_MIN_SIZE", 1)
-    monkeypatch.setattr(files, "_may_link", lambda: True)
+    monkeypatch.setattr(materialize, "LINK_MIN_SIZE", 1)
+    monkeypatch.setattr(materialize, "_may_link", lambda: True)
 
 
 @pytest.mark.usefixtures("linking")

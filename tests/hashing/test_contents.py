@@ -14,7 +14,7 @@ import pytest
 
 from jobflow_cache.errors import CacheError, InputTooLargeError
 from jobflow_cache.files import ObjectArea
-from jobflow_cache.files.objects import _hash_file
+from jobflow_cache.files.digests import hash_file
 from jobflow_cache.hashing import contents
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def test_file_digest_is_the_object_id_of_the_object_area(tmp_path, memo):
     path = tmp_path / "OUTCAR"
     path.write_bytes(os.urandom(3 * 2**20 + 17))
     digest = contents.file_digest(path)
-    assert digest == _hash_file(path)[0]
+    assert digest == hash_file(path)[0]
     assert ObjectArea(tmp_path / "objects").ingest(path, mode="copy") == digest
 
 
@@ -63,8 +63,8 @@ def test_remember_spares_the_read(tmp_path, memo):
     path = tmp_path / "WAVECAR"
     path.write_bytes(b"w" * 1000)
     st = path.stat()
-    contents.remember(path, st, _hash_file(path)[0])
-    assert contents.file_digest(path) == _hash_file(path)[0]
+    contents.remember(path, st, hash_file(path)[0])
+    assert contents.file_digest(path) == hash_file(path)[0]
     assert memo.stats["reads"] == 0
     assert memo.stats["hits"] == 1
 
@@ -128,7 +128,7 @@ def test_the_machine_memo_is_shared_by_processes(tmp_path):
     assert first["bytes_read"] == 64 * 2**20
     assert second.get("reads", 0) == 0
     assert second["db_hits"] == 1
-    assert first["digest"] == second["digest"] == _hash_file(path)[0]
+    assert first["digest"] == second["digest"] == hash_file(path)[0]
 
 
 def test_an_unusable_database_leaves_the_memo_in_memory(tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_an_unusable_database_leaves_the_memo_in_memory(tmp_path, monkeypatch):
     path = tmp_path / "big"
     path.write_bytes(b"x" * (contents.PERSIST_MIN + 1))
     contents.file_digest(path)
-    assert contents.file_digest(path) == _hash_file(path)[0]
+    assert contents.file_digest(path) == hash_file(path)[0]
     assert memo.stats["hits"] == 1
 
 
@@ -202,7 +202,7 @@ def test_describe(tmp_path, memo):
     (tmp_path / "dangling").symlink_to("nowhere")
     assert contents.describe(str(tmp_path / "POSCAR")) == [
         "file",
-        _hash_file(tmp_path / "POSCAR")[0],
+        hash_file(tmp_path / "POSCAR")[0],
     ]
     assert contents.describe(str(tmp_path / "to-file")) == contents.describe(
         str(tmp_path / "POSCAR")

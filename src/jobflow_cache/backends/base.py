@@ -12,8 +12,9 @@ nothing more:
   list of criteria);
 * a value is either a scalar (equality; ``None`` matches a null or missing field) or a dict
   of operators ``$eq $ne $in $nin $gt $gte $lt $lte $regex $exists`` (``$regex`` is a
-  Python/MongoDB regular expression, searched, not matched; dates are aware or naive-UTC
-  ``datetime`` values).
+  Python/MongoDB regular expression, searched, not matched, with ``$options`` beside it
+  holding the flags ``i``, ``m`` and ``s``, as MongoDB reads them; dates are aware or
+  naive-UTC ``datetime`` values).
 
 A fixed-schema backend answers every such criteria with its own columns (SQL) and raises
 ``ValueError`` for anything else; the maggma adapter passes them to the store as they are.

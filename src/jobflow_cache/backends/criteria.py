@@ -25,6 +25,11 @@ backend and its column is NULL: **criteria see such a value as missing**, as the
   float, datetimes are aware or naive-UTC;
 * ``$regex`` (a Python pattern, searched) matches text fields only; an anchored literal
   prefix (``"^" + re.escape(prefix)``) becomes a range condition an index serves;
+* ``$options`` beside a ``$regex`` holds MongoDB's flags that Python's ``re`` reads alike
+  (:data:`REGEX_OPTIONS`): ``i`` case-insensitive, ``m`` ``^``/``$`` at every line, ``s``
+  ``.`` matches a newline too; the pattern is searched as ``re.search(pattern, text,
+  flags)``, which is what MongoDB's own matcher in mongomock does (a pattern with options
+  never takes the range of an anchored literal prefix);
 * ``$exists`` asks whether the document holds the field at all (``None`` included).
 
 Unknown fields and operators raise ``ValueError`` naming what is allowed.
@@ -34,6 +39,8 @@ Examples
 >>> compiler = Compiler({"digest": Column("digest", "text"), "hits": Column("hits", "int")})
 >>> compiler.where({"digest": {"$regex": "^3f2c"}, "hits": {"$ne": 0}})
 ('(digest >= ? AND digest < ?) AND (hits IS NULL OR hits <> ?)', ['3f2c', '3f2d', 0])
+>>> compiler.where({"digest": {"$regex": "^3F2C", "$options": "i"}})
+('regexp(?, digest)', ['(?i)^3F2C'])
 >>> compiler.order_by({"hits": -1})
 'hits DESC NULLS LAST'
 >>> matches({"digest": "3f2c01", "hits": "7"}, {"hits": None}, compiler.columns)
@@ -51,13 +58,27 @@ from typing import Any, NamedTuple
 
 from jobflow_cache.backends.base import format_datetime as _format_datetime
 
-__all__ = ["KINDS", "OPERATORS", "Column", "Compiler", "column_value", "matches", "regexp"]
+__all__ = [
+    "KINDS",
+    "OPERATORS",
+    "REGEX_OPTIONS",
+    "Column",
+    "Compiler",
+    "column_value",
+    "matches",
+    "regexp",
+]
 
 #: The kinds of column values (see the module docstring).
 KINDS = ("text", "int", "real", "bool", "date")
 
-#: The operators of a field condition.
+#: The operators of a field condition (``$options`` goes with ``$regex`` only).
 OPERATORS = ("$eq", "$ne", "$in", "$nin", "$gt", "$gte", "$lt", "$lte", "$regex", "$exists")
+
+#: The flags ``$options`` may hold: those MongoDB and Python's ``re`` share (``i``
+#: ``re.IGNORECASE``, ``m`` ``re.MULTILINE``, ``s`` ``re.DOTALL``) and every SQL backend
+#: searches with as Python does. MongoDB's ``x`` (verbose) and ``u`` are refused.
+REGEX_OPTIONS = "ims"
 
 _COMPARISONS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _INT64 = 2**63
@@ -161,28 +182,47 @@ def _after(literal: str) -> str | None:
     return None if code > 0x10FFFF else literal[:-1] + chr(code)
 
 
+def _flagged(field: str, pattern: str, options: Any) -> str:
+    """``pattern`` with the flags of ``$options`` as a leading inline group (``(?i)...``),
+    which Python reads as ``re.compile(pattern, flags)``; the pattern itself without
+    options."""
+    if not isinstance(options, str) or any(flag not in REGEX_OPTIONS for flag in options):
+        raise ValueError(
+            f"$options on field {field!r} takes a str of the flags {', '.join(REGEX_OPTIONS)} "
+            f"(as MongoDB reads them), got {options!r}"
+        )
+    flags = "".join(sorted(set(options)))
+    return f"(?{flags}){pattern}" if flags else pattern
+
+
 def _operators(field: str, value: Any) -> dict[str, Any]:
-    """The operators of a field condition (a scalar or sub-document: ``$eq``)."""
+    """The operators of a field condition (a scalar or sub-document: ``$eq``); a ``$regex``
+    with ``$options`` becomes one ``$regex`` whose pattern carries the flags."""
     if isinstance(value, Mapping) and value:
         dollar = [str(key).startswith("$") for key in value]
         if all(dollar):
-            unknown = [key for key in value if key not in OPERATORS]
+            unknown = [key for key in value if key not in OPERATORS and key != "$options"]
             if unknown:
                 raise ValueError(
                     f"unknown operator {unknown[0]!r} on field {field!r}: criteria allow "
-                    f"{', '.join(OPERATORS)}"
+                    f"{', '.join(OPERATORS)} (and $options with $regex)"
                 )
             if "$regex" in value and not isinstance(value["$regex"], str):
                 raise ValueError(f"$regex on field {field!r} takes a str pattern")
-            if "$regex" in value:
+            if "$options" in value and "$regex" not in value:
+                raise ValueError(f"$options on field {field!r} needs a $regex beside it")
+            ops = dict(value)
+            if "$options" in ops:
+                ops["$regex"] = _flagged(field, ops["$regex"], ops.pop("$options"))
+            if "$regex" in ops:
                 try:
-                    _pattern(value["$regex"])
+                    _pattern(ops["$regex"])
                 except re.error as err:
                     raise ValueError(f"bad $regex on field {field!r}: {err}") from err
             for op in ("$in", "$nin"):
                 if op in value and not isinstance(value[op], list | tuple | set | frozenset):
                     raise ValueError(f"{op} on field {field!r} takes a list")
-            return dict(value)
+            return ops
         if any(dollar):
             raise ValueError(f"field {field!r} mixes operators and plain keys: {value!r}")
     return {"$eq": value}

@@ -33,7 +33,9 @@ columns alone (a field's presence in ``doc`` by ``in_doc``).
 Documents are JSON (``TypeError`` otherwise) except ``created`` and ``last_hit``, which are
 ``datetime`` (aware ones are converted to UTC; they read back naive UTC). ``$regex`` runs as
 a PostgreSQL regular expression translated to search exactly as Python's ``re.search``
-(:func:`postgres_pattern`); an anchored literal prefix is a range of the column.
+(:func:`postgres_pattern`), the flags of ``$options`` written out in it (``i`` as classes
+of the letters Python's ``IGNORECASE`` takes, not PostgreSQL's own ASCII-only case folding
+under ``"C"``); an anchored literal prefix is a range of the column.
 
 **Migration**: on :meth:`~PostgresBackend.connect`, when the schema is new and
 0.1.0's ``PostgresStore``'s table ``T`` (key ``digest``) exists, every row is copied in the same
@@ -253,14 +255,29 @@ _CLASS_ESCAPES = frozenset("ntrfv")  # mean the same in Python and in PostgreSQL
 _ESCAPES = _CLASS_ESCAPES | {"A", "Z"}
 _GROUPS = ("(?:", "(?=", "(?!", "(?<=", "(?<!")
 _BOUNDS = re.compile(r"\{\d+(,\d*)?\}")
+_FLAGS = re.compile(r"\(\?([a-zA-Z]+)\)")  # a global flag group: only at the start
+_CLASS_CHARS = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
+#: The non-ASCII letters Python's IGNORECASE takes for an ASCII letter (found by searching
+#: every code point, see tests/backends/test_postgres_backend.py).
+_CASE_EXTRAS = {"i": "\u0130\u0131", "k": "\u212a", "s": "\u017f"}
 
 
 def _unsupported(pattern: str, what: str) -> ValueError:
     return ValueError(
         f"$regex {pattern!r}: PostgresBackend cannot search with {what} as Python does "
         "(use literals, escapes of punctuation, . ^ $ * + ? {m,n} | ( ) (?:) lookarounds and "
-        "[...] classes of literals)"
+        "[...] classes of literals; with the flags i, m, s)"
     )
+
+
+def _caseless(char: str) -> str:
+    """The letters Python's ``IGNORECASE`` searches for the ASCII ``char``: ``char`` itself,
+    its other case and the non-ASCII letters of :data:`_CASE_EXTRAS`; ``char`` when it is
+    not an ASCII letter."""
+    lower = char.lower()
+    if not ("a" <= lower <= "z"):
+        return char
+    return lower + lower.upper() + _CASE_EXTRAS.get(lower, "")
 
 
 def postgres_pattern(pattern: str) -> str:
@@ -269,8 +286,16 @@ def postgres_pattern(pattern: str) -> str:
 
     ``.`` becomes ``[^\\n]`` and ``$`` ``(?=\\n?\\Z)`` (Python's meanings); everything else
     is written the same in both. Syntax whose meaning differs (``\\d \\w \\s \\b``, which
-    depend on Unicode tables or mean another thing, back-references, flags, named or atomic
+    depend on Unicode tables or mean another thing, back-references, named or atomic
     groups, possessive quantifiers, POSIX classes) raises ``ValueError``.
+
+    Global flags at the start (``(?i)``, ``(?m)``, ``(?s)``: what ``$options`` adds, see
+    :mod:`.criteria`) are written out: ``s``, ``.`` is ``.``; ``m``, ``^`` is
+    ``(?:\\A|(?<=\\n))`` and ``$`` ``(?=\\n|\\Z)``; ``i``, each ASCII letter is a class of
+    the letters Python's ``IGNORECASE`` takes for it (``k``: ``[kK\\u212a]``, the Kelvin sign
+    too), and so is each class, since PostgreSQL's own case folding under the column's
+    collation ``"C"`` knows only ASCII. Other flags, and non-ASCII characters with ``i``,
+    raise ``ValueError``.
 
     Examples
     --------
@@ -278,9 +303,21 @@ def postgres_pattern(pattern: str) -> str:
     '^relax[^\\\\n]*(?=\\\\n?\\\\Z)'
     >>> postgres_pattern(r"^3f\\-2c")
     '^3f\\\\-2c'
+    >>> postgres_pattern("(?is)^re.x")
+    '^[rR][eE].[xX]'
     """
     out: list[str] = []
     i = 0
+    flags = ""
+    while (leading := _FLAGS.match(pattern, i)) is not None:
+        flags += leading.group(1)
+        i = leading.end()
+    other = sorted(set(flags) - set("ims"))
+    if other:
+        raise _unsupported(pattern, f"the flag {other[0]!r}")
+    caseless = "i" in flags
+    if caseless and not pattern.isascii():
+        raise _unsupported(pattern, "non-ASCII characters case-insensitively")
     quantified = False  # the last token was a quantifier
     while i < len(pattern):
         char = pattern[i]
@@ -292,11 +329,15 @@ def postgres_pattern(pattern: str) -> str:
                 raise _unsupported(pattern, f"the escape \\{escaped}")
             token = written = char + escaped
         elif char == ".":
-            written = "[^\\n]"
+            written = "." if "s" in flags else "[^\\n]"
+        elif char == "^" and "m" in flags:
+            written = "(?:\\A|(?<=\\n))"
         elif char == "$":
-            written = "(?=\\n?\\Z)"
+            written = "(?=\\n|\\Z)" if "m" in flags else "(?=\\n?\\Z)"
         elif char == "[":
             token = written = _bracket(pattern, i)
+            if caseless:
+                written = _caseless_bracket(token)
         elif char == "(" and pattern.startswith("(?", i):
             group = next((g for g in _GROUPS if pattern.startswith(g, i)), None)
             if group is None:
@@ -315,6 +356,8 @@ def postgres_pattern(pattern: str) -> str:
             if quantified and char == "+":
                 raise _unsupported(pattern, "a possessive quantifier")
             quantifier = char != "?" or not quantified  # "?" after one marks it lazy
+        elif caseless and char != _caseless(char):
+            written = f"[{_caseless(char)}]"
         out.append(written)
         i += len(token)
         quantified = quantifier
@@ -342,6 +385,33 @@ def _bracket(pattern: str, start: int) -> str:
             continue
         i += 1
     raise _unsupported(pattern, "an unterminated class")  # re.compile refused it already
+
+
+def _caseless_bracket(bracket: str) -> str:
+    """The class ``bracket`` (as :func:`_bracket` gave it, ASCII) with the letters Python's
+    ``IGNORECASE`` also takes for the ASCII letters it holds, written first (a ``]`` or
+    ``-`` that was first is escaped, as it is no longer first)."""
+    body = bracket[1:-1]
+    head = "^" if body.startswith("^") else ""
+    body = body[len(head) :]
+
+    def member(j: int) -> tuple[str, int]:  # the character at j (an escape: what it means)
+        if body[j] == "\\":
+            return _CLASS_CHARS.get(body[j + 1], body[j + 1]), j + 2
+        return body[j], j + 1
+
+    held: set[str] = set()
+    j = 0
+    while j < len(body):
+        low, j = member(j)
+        high = low
+        if body.startswith("-", j) and j + 1 < len(body):
+            high, j = member(j + 1)
+        held.update(chr(code) for code in range(ord(low), ord(high) + 1))
+    extra = {other for char in held for other in _caseless(char)} - held
+    if body.startswith(("]", "-")):
+        body = "\\" + body
+    return f"[{head}{''.join(sorted(extra))}{body}]"
 
 
 # --------------------------------------------------------------------------- rows

@@ -6,7 +6,7 @@ deleted) and the state it found (:class:`FileState`, "before"). A manifest read 
 untrusted: :func:`check_manifest` refuses, before anything is served, every path that is not a
 normalised relative path below the run folder, and code or hidden files
 (:data:`CODE_FILE_PATTERNS`) unless ``SERVE_CODE_FILES``. How records are made and served is in
-:mod:`.files.objects`.
+:mod:`.files.recording` and :mod:`.files.materialize`.
 """
 
 from __future__ import annotations

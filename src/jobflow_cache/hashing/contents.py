@@ -52,7 +52,8 @@ import orjson
 import xxhash
 
 from jobflow_cache.errors import InputTooLargeError
-from jobflow_cache.files.objects import excluder, hash_stream
+from jobflow_cache.files.digests import hash_stream
+from jobflow_cache.files.snapshots import excluder
 
 __all__ = [
     "MAX_TREE_BYTES",
