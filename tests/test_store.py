@@ -9,7 +9,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from maggma.stores import JSONStore, MemoryStore
 from monty.json import MontyDecoder
 
@@ -435,6 +438,69 @@ def test_sealed_document_checksum_is_compute_checksum():
     doc = rich.sealed_document()
     assert doc["checksum"] == rich.checksum == rich.compute_checksum()
     assert CacheEntry.from_document(doc).compute_checksum() == rich.checksum
+
+
+def _document_reference(e: CacheEntry) -> dict:
+    """The document as ``CacheEntry._document`` built it before it left ``canonical_input``
+    out of ``model_dump``: the whole model dumped, then the fields stored otherwise."""
+    doc = e.model_dump(mode="json")
+    doc["created"] = e.created
+    doc["last_hit"] = e.last_hit
+    if e.canonical_input is not None:
+        doc["canonical_input"] = orjson.dumps(e.canonical_input).decode()
+    doc["files_skipped"] = [[path, size] for path, size in e.files_skipped.items()]
+    return doc
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_MOMENTS = st.datetimes(timezones=st.just(timezone.utc))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    canonical=st.none() | st.dictionaries(st.text(max_size=4), _JSON, max_size=4),
+    skipped=st.dictionaries(st.text(max_size=6), st.integers(0, 2**40), max_size=3),
+    last_hit=st.none() | _MOMENTS,
+    created=_MOMENTS,
+    hits=st.integers(0, 10**6),
+    files=st.booleans(),
+    maker=st.none() | st.text(max_size=8),
+)
+def test_documents_keep_the_model_dump_form(
+    canonical, skipped, last_hit, created, hits, files, maker
+) -> None:
+    """An entry's document, with ``canonical_input`` written apart from ``model_dump``, is the
+    whole model's dump exactly: same keys in the same order, same values (and so the same
+    checksum and the same stored texts)."""
+    e = entry(
+        canonical_input=canonical,
+        files_skipped=skipped,
+        last_hit=last_hit,
+        created=created,
+        hits=hits,
+        maker=maker,
+        arg_digests={"x": "1" * 32},
+        versions={"python": "3"},
+        files=[{"path": "OUTCAR", "size": 3, "xxh3": "f" * 32, "mode": 0o644}] if files else [],
+    )
+    expected = _document_reference(e)
+    assert list(e.to_document().items()) == list(expected.items())
+    sealed = e.model_copy().sealed_document()
+    assert sealed["checksum"] == e.compute_checksum()
+    assert {k: v for k, v in sealed.items() if k not in ("checksum", "signature")} == {
+        k: v for k, v in expected.items() if k not in ("checksum", "signature")
+    }
+    assert CacheEntry.from_document(e.to_document()) == e
 
 
 # -- writing in batches ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobflow_cache.backends import base
+from jobflow_cache.backends import base, layout
 from jobflow_cache.backends.base import UNREADABLE, Coordinator, EntryBackend, unreadable_reason
 from jobflow_cache.backends.criteria import OPERATORS, Column, Compiler, matches
 from jobflow_cache.backends.sqlite import FIELD_KINDS, PAYLOAD_FIELDS, SQLiteBackend
@@ -138,6 +138,61 @@ def test_non_json_values_raise_type_error_and_write_nothing(
     with pytest.raises(TypeError):
         backend.write([{"digest": "ok"}, {"digest": "bad", **bad}])
     assert backend.count() == 0
+
+
+class _Float(float):
+    pass
+
+
+class _Dict(dict):
+    pass
+
+
+class _List(list):
+    pass
+
+
+def _non_finite_reference(obj: Any) -> bool:
+    """The recursive form :func:`layout._non_finite` replaced (one call per value)."""
+    if isinstance(obj, float):
+        return obj != obj or obj in (float("inf"), float("-inf"))
+    if isinstance(obj, dict):
+        return any(_non_finite_reference(value) for value in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_non_finite_reference(value) for value in obj)
+    return False
+
+
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True)
+_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=4),
+    _FLOATS,
+    _FLOATS.map(_Float),
+    st.binary(max_size=2),
+)
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=4).map(tuple),
+        st.lists(inner, max_size=4).map(_List),
+        st.dictionaries(st.text(max_size=3), inner, max_size=4),
+        st.dictionaries(st.text(max_size=3), inner, max_size=4).map(_Dict),
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_VALUES)
+def test_the_non_finite_check_is_the_recursive_one(value: Any) -> None:
+    """The loop that tells a document holding NaN or an infinity (which orjson would write
+    as null) answers as the recursive walk it replaced, on nested values of every kind."""
+    assert layout._non_finite(value) is _non_finite_reference(value)
+    assert layout._non_finite({"doc": value, "x": [1, "a", None]}) is _non_finite_reference(value)
 
 
 def test_a_document_needs_a_str_digest(backend: SQLiteBackend) -> None:

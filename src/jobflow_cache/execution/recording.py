@@ -290,10 +290,13 @@ def _check_replayable(job: Job, tree: Any, refs: Refs) -> None:
         )
 
 
-@functools.cache
 def _maker_of(job: Job) -> str | None:
     """``module:qualname`` of the class of the instance whose method the job runs (the Maker
-    the user made the job with), None for a plain function."""
+    the user made the job with), None for a plain function.
+
+    Not memoised per job: every job is recorded once, so a cache keyed by the job only held
+    every recorded ``Job`` (and what it references) for the life of the process, and a
+    replaced job (same uuid and hash, another function) compared whole ``__dict__``s."""
     function = job.function
     owner = getattr(function, "__self__", None)
     if owner is None and isinstance(function, Intercept):
