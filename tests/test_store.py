@@ -570,7 +570,11 @@ def test_write_behind_watchdog_writes_an_entry_queued_behind_hit_counts(store):
     time.sleep(0.1)
     writer.put(entry("b" * 32))  # not due yet for this thread, which then stays away
     deadline = time.monotonic() + 30
-    while store.get("b" * 32) is MISS and time.monotonic() < deadline:
+
+    def written() -> bool:  # a batch writes its entries, then its hit counts: wait for both
+        return store.get("b" * 32) is not MISS and store.get("c" * 32).hits == 1
+
+    while not written() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert store.get("b" * 32) is not MISS
     assert store.get("c" * 32).hits == 1
