@@ -4,7 +4,6 @@ earlier releases too), and the entry schema."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -578,72 +577,6 @@ def test_write_behind_watchdog_writes_an_entry_queued_behind_hit_counts(store):
         time.sleep(0.01)
     assert store.get("b" * 32) is not MISS
     assert store.get("c" * 32).hits == 1
-    writer.close()
-
-
-def _writer_threads(store, monkeypatch) -> list[str]:
-    """Names of the threads that write hit counts to ``store`` (recorded as they do)."""
-    threads: list[str] = []
-    record_hits = store.record_hits
-
-    def recording(hits):
-        threads.append(threading.current_thread().name)
-        return record_hits(hits)
-
-    monkeypatch.setattr(store, "record_hits", recording)
-    return threads
-
-
-def test_write_behind_hands_due_hit_counts_to_the_watchdog(store, monkeypatch):
-    """A full batch of hit counts alone is written by the watchdog, not the job thread."""
-    digests = [f"{i:032x}" for i in range(3)]
-    for digest in digests:
-        store.put(entry(digest))
-    threads = _writer_threads(store, monkeypatch)
-    writer = WriteBehind(store, delay=3600, max_batch=3, hit_delay=3600)
-    for digest in digests:
-        writer.hit(digest)  # the third makes the queue due
-    deadline = time.monotonic() + 30
-    while not threads and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threads == ["jobflow-cache-writer"]
-    assert [store.get(d).hits for d in digests] == [1, 1, 1]
-    writer.close()
-
-
-def test_write_behind_writes_hit_counts_itself_when_the_watchdog_lags(store, monkeypatch):
-    """Past ``HAND_OVER_BOUND`` batches waiting, the job thread writes (backpressure)."""
-    from jobflow_cache.store import HAND_OVER_BOUND
-
-    # two handed over, then the bound's worth and one more: the last hit writes them all
-    digests = [f"{i:032x}" for i in range(2 + 2 * HAND_OVER_BOUND + 1)]
-    for digest in digests:
-        store.put(entry(digest))
-    threads: list[str] = []
-    release = threading.Event()
-    record_hits = store.record_hits
-
-    def slow(hits):  # the watchdog's first write hangs until released
-        threads.append(threading.current_thread().name)
-        if len(threads) == 1:
-            release.wait(30)
-        return record_hits(hits)
-
-    monkeypatch.setattr(store, "record_hits", slow)
-    writer = WriteBehind(store, delay=3600, max_batch=2, hit_delay=3600)
-    writer.hit(digests[0])
-    writer.hit(digests[1])  # due: handed over; the watchdog takes it and hangs
-    deadline = time.monotonic() + 30
-    while not threads and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threads == ["jobflow-cache-writer"]
-    threading.Timer(0.3, release.set).start()
-    for digest in digests[2:]:  # past the bound, this thread writes (waiting for the lock)
-        writer.hit(digest)
-    # it returned only once everything was written (handed over, it would return at once,
-    # the watchdog still hanging)
-    assert release.is_set()
-    assert [store.get(d).hits for d in digests] == [1] * len(digests)
     writer.close()
 
 

@@ -66,9 +66,6 @@ WRITE_DELAY = 0.035
 #: The same for a queue holding hit counts only (book-keeping, outside the checksum): a
 #: warm run of trivial jobs then writes its counts in batches of ~500, not ~35.
 HIT_DELAY = 0.5
-#: Due hit counts are handed to the watchdog (written beside the job thread) until this many
-#: batches of them wait; past it the job thread writes them itself (the watchdog lags).
-HAND_OVER_BOUND = 4
 
 #: Key of a stored entry document whose compressed ``output``/``response`` are kept in the blob
 #: store: field -> xxh3-128 of the compressed text there (the blob itself is keyed by digest).
@@ -853,10 +850,8 @@ class WriteBehind:
     (all entries in one write, then the hit counts in another) by the caller's own thread
     once its oldest item is ``delay`` seconds old (``hit_delay`` while only hit counts
     wait) or ``max_batch`` items wait, or by a watchdog thread at twice that age (while a
-    long job runs, say), or by :meth:`flush`. A due queue of hit counts alone is handed to the
-    watchdog instead, which writes it beside the job thread (sqlite3 releases the GIL while a
-    statement runs), unless ``HAND_OVER_BOUND`` batches wait. Entries waiting to be written
-    are found by :meth:`pending`, so a process always sees its own entries.
+    long job runs, say), or by :meth:`flush`. Entries waiting to be written are found by
+    :meth:`pending`, so a process always sees its own entries.
 
     Safety: an entry is queued only once its files are stored, and each entry is written
     whole (one transaction per batch in a :class:`.SQLiteBackend`), so a crash or ``SIGKILL``
@@ -916,7 +911,6 @@ class WriteBehind:
         self._errors: list[tuple[list[str], BaseException]] = []
         self._watchdog: threading.Thread | None = None
         self._sleeping_long = False  # the watchdog waits hit_delay (only hit counts queued)
-        self._urgent = False  # hit counts are due: the watchdog writes them when it wakes
 
     @staticmethod
     def supports(store: CacheStore) -> bool:
@@ -956,23 +950,8 @@ class WriteBehind:
             count = self._hits.get(digest, (0, now))[0]
             self._hits[digest] = (count + 1, now)
             due = self._queue_one()
-            if due and self._hand_over():
-                return
         if due:
             self._write_queue()
-
-    def _hand_over(self) -> bool:
-        """Have the watchdog write a due queue of hit counts alone (lock held), so the job
-        thread does not wait for it: sqlite3 lets the watchdog's statements run beside the
-        job thread. False (the caller writes) when an entry waits or the queue has grown past
-        ``HAND_OVER_BOUND`` batches, the watchdog not keeping up."""
-        lagging = self._count > HAND_OVER_BOUND * self.max_batch
-        if self._entries or self._watchdog is None or lagging:
-            return False
-        self._urgent = True
-        self._sleeping_long = False
-        self._cond.notify_all()
-        return True
 
     def pending(self, digest: str) -> CacheEntry | None:
         """The entry of ``digest`` if it is queued or being written by this process."""
@@ -1036,15 +1015,11 @@ class WriteBehind:
                 if self._stopping:
                     return
                 self._sleeping_long = bool(self._hits) and not self._entries
-                if not self._urgent:  # (handed over while it wrote: no wait)
-                    self._cond.wait(self.hit_delay if self._sleeping_long else self.delay)
+                self._cond.wait(self.hit_delay if self._sleeping_long else self.delay)
                 self._sleeping_long = False
                 if self._stopping:
                     return
-                due = self._count and (
-                    self._urgent or time.monotonic() - self._oldest >= 2 * self._due_age()
-                )
-                self._urgent = False
+                due = self._count and time.monotonic() - self._oldest >= 2 * self._due_age()
             if due:
                 self._write_queue()
 
