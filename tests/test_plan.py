@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import jobflow
 import pytest
 from jobflow import Flow, JobOrder, JobStore, job
 from maggma.stores import MemoryStore
-from monty.json import MontyDecoder, MontyEncoder
+from monty.json import MontyDecoder, MontyEncoder, MSONable
 
 from jobflow_cache import Cache, CacheStore, PostgresBackend, SQLiteBackend, plan, run_locally
 from jobflow_cache.codec import UUID_RE
@@ -793,3 +794,41 @@ def test_read_only_store_plans_and_applies(pg_cluster: Any, tmp_path: Path, coun
     assert not planned.apply(store, served_dir=tmp_path / "served")
     assert counts.total() == 0
     assert output_of(store, "read_back") == 10
+
+
+# -- warnings of a served job ------------------------------------------------------------------
+class LoudOutput(MSONable):
+    """An output whose decoding warns (as pymatgen and phonopy objects do on loading)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoudOutput:
+        warnings.warn(f"loading LoudOutput {d['value']}", UserWarning, stacklevel=2)
+        return cls(d["value"])
+
+
+@job
+def loud(n: int) -> LoudOutput:
+    executed("loud")
+    return LoudOutput(n)
+
+
+def test_a_warning_while_serving_ahead_reaches_the_caller_once(
+    cache: Cache, tmp_path: Path, counts: Any
+) -> None:
+    """A warning (not the cache's) raised while a job is served ahead is passed on to the
+    caller, once: it was passed on inside the block that records warnings, which recorded it
+    again, and plan() looped without end, its memory growing (OOM in CI on an atomate2
+    phonon flow)."""
+    record(Flow([loud(1), loud(2)]), cache, tmp_path / "rec")
+    counts.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        planned = plan(Flow([loud(1), loud(2)]), cache=cache)
+    assert counts.total() == 0
+    assert set(statuses(planned).values()) == {"served"}
+    loading = sorted(str(w.message) for w in caught if "loading LoudOutput" in str(w.message))
+    assert loading == sorted(set(loading))  # once each
+    assert {"loading LoudOutput 1", "loading LoudOutput 2"} <= set(loading)

@@ -456,6 +456,7 @@ class _Walk:
             job.function = function
         folders = RUN_FOLDERS.set(True)
         files = RUN_FILES.set(None)
+        caught: list[warnings.WarningMessage] = []
         try:
             with warnings.catch_warnings(record=True) as caught, chdir(folder):
                 warnings.simplefilter("always")
@@ -467,20 +468,24 @@ class _Walk:
                 finally:
                     job.function = original
                     job.function_args, job.function_kwargs = inputs
-                    for message in caught:
-                        if issubclass(message.category, CacheWarning):
-                            text = str(message.message).removeprefix("jobflow-cache: ")
-                            served.problems.append(text)
-                        else:
-                            warnings.warn_explicit(
-                                message.message,
-                                message.category,
-                                message.filename,
-                                message.lineno,
-                            )
         finally:
             RUN_FILES.reset(files)
             RUN_FOLDERS.reset(folders)
+            # outside the block that records them: passed on inside it, a warning was
+            # recorded again, and this loop never ended
+            _pass_on(caught, served)
+
+
+def _pass_on(caught: list[warnings.WarningMessage], served: _Served) -> None:
+    """The cache's warnings of a job served ahead become its problems; the others are
+    warned again, to the caller's filters."""
+    for message in caught:
+        if issubclass(message.category, CacheWarning):
+            served.problems.append(str(message.message).removeprefix("jobflow-cache: "))
+        else:
+            warnings.warn_explicit(
+                message.message, message.category, message.filename, message.lineno
+            )
 
 
 def _is_store_inputs(job: Job) -> bool:
