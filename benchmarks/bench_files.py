@@ -33,7 +33,6 @@ from unittest import mock
 
 from benchmarks.common import Mode, fmt_ratio, fmt_seconds, table
 from jobflow_cache.files import ObjectArea, digests, materialize, snapshot
-from jobflow_cache.files import objects as files
 
 __all__ = [
     "files_table",
@@ -145,7 +144,7 @@ def _one_case(mode: Mode, root: Path, name: str, layout: list[tuple[str, int]]) 
                 shutil.copytree(run, dest)
             elif how == "link":
                 # the hard links a non-root user gets (as root, link mode places copies)
-                with mock.patch.object(files, "_may_link", return_value=True):
+                with mock.patch.object(materialize, "_may_link", return_value=True):
                     area.materialize(records, dest, mode="link")
             else:
                 area.materialize(records, dest)
@@ -154,8 +153,8 @@ def _one_case(mode: Mode, root: Path, name: str, layout: list[tuple[str, int]]) 
                 linked = all(
                     os.stat(dest / rel).st_nlink >= 2
                     for rel, size in layout
-                    if size >= files.LINK_MIN_SIZE
-                ) and any(size >= files.LINK_MIN_SIZE for _, size in layout)
+                    if size >= materialize.LINK_MIN_SIZE
+                ) and any(size >= materialize.LINK_MIN_SIZE for _, size in layout)
             shutil.rmtree(dest)
     medians = {how: statistics.median(values) for how, values in times.items()}
     return {
