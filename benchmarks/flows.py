@@ -93,10 +93,10 @@ def detour_step(x: int, tag: int, work: float = 0.0) -> Response:
     return Response(output=x + 1, detour=Flow([step(x, _ADDED + tag, work)]))
 
 
-def _chain(n: int, work: float) -> tuple[Flow, Job]:
-    jobs = [step(0, 0, work)]
+def _chain(n: int, work: float, link: Any = step) -> tuple[Flow, Job]:
+    jobs = [link(0, 0, work)]
     for i in range(1, n):
-        jobs.append(step(jobs[-1].output, i, work))
+        jobs.append(link(jobs[-1].output, i, work))
     return _flow(jobs), jobs[-1]
 
 
@@ -241,7 +241,4 @@ def memo_chain(n: int, memory_dir: str) -> tuple[Flow, Job]:
     import joblib
 
     _MEMOISED = joblib.Memory(memory_dir, verbose=0).cache(plain_step)
-    jobs = [memo_step(0, 0, 0.0)]
-    for i in range(1, n):
-        jobs.append(memo_step(jobs[-1].output, i, 0.0))
-    return _flow(jobs), jobs[-1]
+    return _chain(n, 0.0, memo_step)

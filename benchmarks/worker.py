@@ -136,14 +136,12 @@ def _outcomes(store: Any) -> dict[str, int]:
 
 def run_flow_once(shape: str, n: int, executor: str, work: float, cache_dir: str | None) -> dict:
     """Build a fresh flow, run it with ``executor``; time, memory and what happened."""
+    memory = cache_dir
+    if shape == MEMO:  # joblib.Memory inside each job, in cache_dir; the run is uncached
+        executor, cache_dir = "uncached", None
     _set_env(executor, cache_dir)
     t0 = time.perf_counter()
-    if shape == MEMO:  # joblib.Memory inside each job, in cache_dir; the run is uncached
-        flow, last = memo_chain(n, str(cache_dir))
-        executor, cache_dir = "uncached", None
-        _set_env(executor, cache_dir)
-    else:
-        flow, last = build(shape, n, work)
+    flow, last = memo_chain(n, str(memory)) if shape == MEMO else build(shape, n, work)
     build_s = time.perf_counter() - t0
     store = JobStore(MemoryStore())
     store.connect()

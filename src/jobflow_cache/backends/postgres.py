@@ -76,7 +76,7 @@ from jobflow_cache.backends.base import (
     Totals,
     parse_datetime,
 )
-from jobflow_cache.backends.criteria import Column, Compiler, column_value
+from jobflow_cache.backends.criteria import REGEX_OPTIONS, Column, Compiler, column_value
 from jobflow_cache.backends.layout import (
     FIELD_KINDS,
     UNMIGRATED,
@@ -312,7 +312,7 @@ def postgres_pattern(pattern: str) -> str:
     while (leading := _FLAGS.match(pattern, i)) is not None:
         flags += leading.group(1)
         i = leading.end()
-    other = sorted(set(flags) - set("ims"))
+    other = sorted(set(flags) - set(REGEX_OPTIONS))
     if other:
         raise _unsupported(pattern, f"the flag {other[0]!r}")
     caseless = "i" in flags
