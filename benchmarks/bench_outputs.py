@@ -83,7 +83,7 @@ def _check(result: dict[str, Any]) -> str:
 
 def run_peers(mode: Mode) -> dict[str, Any]:
     """Own part of a warm job vs a joblib.Memory hit (and AiiDA), in one worker process."""
-    n, repeats = (200, 3) if mode.quick else (1000, 5)
+    n, repeats = (200, 3) if mode.quick else (1000, 9)
     task = {
         "kind": "peers",
         "n": n,

@@ -27,6 +27,7 @@ from benchmarks import (
     bench_flows,
     bench_hashing,
     bench_outputs,
+    bench_paired,
     bench_store,
 )
 from benchmarks import shared as bench_shared
@@ -40,6 +41,7 @@ logger = logging.getLogger("benchmarks")
 #: name -> what it measures (in the order they run).
 BENCHMARKS = {
     "flows": "flow shapes x executors: time, per-job cost, scaling",
+    "paired": "cold/uncached and time(10k)/time(1k), from runs interleaved in one process",
     "toggle": "JOBFLOW_CACHE_DISABLE=1 vs cache=False",
     "work": "warm run vs recomputing 10 ms jobs",
     "memory": "peak RSS of the largest dynamic flow (from 'flows' when it ran)",
@@ -141,6 +143,8 @@ def render(results: dict[str, Any]) -> list[str]:
     sections: list[str] = []
     if results.get("flows"):
         sections += bench_flows.flow_tables(results["flows"])
+    if results.get("paired"):
+        sections.append(bench_paired.paired_table(results["paired"]))
     if results.get("toggle"):
         sections.append(bench_flows.toggle_table(results["toggle"]))
     if results.get("work"):
@@ -216,6 +220,16 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> None:
             results["flows"] = flows
         if work:
             results["work"] = work
+    if "paired" in selected:
+        paired = _guard("paired", results, lambda: bench_paired.run_paired(mode))
+        if paired:
+            results["paired"] = paired
+            for row in paired:
+                if row.get("status") != "ok":
+                    results["errors"][f"paired:{row['shape']}"] = {
+                        "error": f"{row.get('status')}: {row.get('error', '')}",
+                        "traceback": row.get("traceback", ""),
+                    }
     if "toggle" in selected:
         toggle = _guard("toggle", results, lambda: bench_flows.run_toggle(mode))
         if toggle:

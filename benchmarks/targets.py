@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from typing import Any, TypeGuard
 
+from benchmarks import bench_paired
 from benchmarks.bench_flows import find, memory_size
 from benchmarks.common import Mode, table
 
@@ -68,7 +70,27 @@ def _checked(*runs: dict[str, Any] | None) -> str:
     return "; ".join(f"{r['executor']}: {r['check']}" for r in runs if r and r.get("check"))
 
 
-def _flow_targets(flows: list[dict[str, Any]], mode: Mode) -> list[dict[str, Any]]:
+def _paired_of(paired: list[dict[str, Any]], shape: str) -> dict[str, Any] | None:
+    """The interleaved runs of ``shape`` when they ran and cross-checked."""
+    for result in paired:
+        if result.get("shape") == shape and result.get("status") == "ok":
+            return result
+    return None
+
+
+def _median(values: list[float], detail: str) -> tuple[float | None, str]:
+    if not values:
+        return None, ""
+    return statistics.median(values), (
+        f"median of {len(values)} interleaved rounds ({min(values):.2f}-{max(values):.2f}){detail}"
+    )
+
+
+def _flow_targets(
+    flows: list[dict[str, Any]], paired: list[dict[str, Any]], mode: Mode
+) -> list[dict[str, Any]]:
+    """The flow targets; a ratio of two executors or sizes is taken from the interleaved
+    runs (:mod:`benchmarks.bench_paired`) when they ran, else from the flow-shape runs."""
     out = []
     big = 300 if mode.quick else 5000
     small, large = (100, 300) if mode.quick else (1000, 10000)
@@ -92,17 +114,24 @@ def _flow_targets(flows: list[dict[str, Any]], mode: Mode) -> list[dict[str, Any
                 )
             )
         limit = SCALING if not mode.quick else (large / small) ** math.log10(SCALING)
+        interleaved = _paired_of(paired, shape)
         for executor in ("uncached", "cold", "warm"):
-            a, b = find(flows, shape, small, executor), find(flows, shape, large, executor)
-            value = b["seconds"] / a["seconds"] if _ok(a) and _ok(b) else None
+            if interleaved is not None:
+                value, detail = _median(bench_paired.scaling(interleaved, executor), "")
+                invalid = interleaved.get("check", "")
+            else:
+                a, b = find(flows, shape, small, executor), find(flows, shape, large, executor)
+                value = b["seconds"] / a["seconds"] if _ok(a) and _ok(b) else None
+                detail = "" if _ok(b) else f"{large} jobs: {b.get('status') if b else 'not run'}"
+                invalid = _checked(a, b)
             out.append(
                 _target(
                     f"{label}, ours {executor}: time({large})/time({small})",
                     value,
                     round(limit, 2),
                     higher_is_better=False,
-                    invalid=_checked(a, b),
-                    detail="" if _ok(b) else f"{large} jobs: {b.get('status') if b else 'not run'}",
+                    invalid=invalid,
+                    detail=detail,
                 )
             )
     for shape, label in (("chain", "chain"), ("replace", "dynamic fan-out (replace)")):
@@ -122,24 +151,41 @@ def _flow_targets(flows: list[dict[str, Any]], mode: Mode) -> list[dict[str, Any
         )
     for n in (small, large):  # issue 15: at 1,000 and 10,000 jobs
         for shape in ("chain", "replace"):
-            uncached, cold = find(flows, shape, n, "uncached"), find(flows, shape, n, "cold")
-            value = cold["seconds"] / uncached["seconds"] if _ok(cold) and _ok(uncached) else None
+            interleaved = _paired_of(paired, shape)
+            if interleaved is not None:
+                rounds = bench_paired.ratio(interleaved, (n, "cold"), (n, "uncached"))
+                value, detail = _median(rounds, "")
+                invalid = interleaved.get("check", "")
+            else:
+                uncached, cold = find(flows, shape, n, "uncached"), find(flows, shape, n, "cold")
+                value = None
+                if _ok(cold) and _ok(uncached):
+                    value = cold["seconds"] / uncached["seconds"]
+                detail, invalid = "", _checked(uncached, cold)
             out.append(
                 _target(
                     f"{n}-job {shape}: cold (all misses recorded) / uncached",
                     value,
                     COLD_OVER_UNCACHED[shape],
                     higher_is_better=False,
-                    invalid=_checked(uncached, cold),
+                    invalid=invalid,
+                    detail=detail,
                 )
             )
-    uncached, warm = (
-        find(flows, "replace", large, "uncached"),
-        find(flows, "replace", large, "warm"),
-    )
-    value = None
-    if _ok(uncached) and _ok(warm):
-        value = (warm["seconds"] - uncached["seconds"]) / large * 1e3
+    interleaved = _paired_of(paired, "replace")
+    if interleaved is not None:
+        per_job = [s * 1e3 for s in bench_paired.overhead_per_job(interleaved)]
+        value, detail = _median(per_job, "; (warm - uncached) / jobs")
+        invalid = interleaved.get("check", "")
+    else:
+        uncached, warm = (
+            find(flows, "replace", large, "uncached"),
+            find(flows, "replace", large, "warm"),
+        )
+        value = None
+        if _ok(uncached) and _ok(warm):
+            value = (warm["seconds"] - uncached["seconds"]) / large * 1e3
+        detail, invalid = "(warm - uncached) / jobs", _checked(uncached, warm)
     out.append(
         _target(
             f"{large}-job dynamic flow, warm (all hits): cache overhead per job",
@@ -147,8 +193,8 @@ def _flow_targets(flows: list[dict[str, Any]], mode: Mode) -> list[dict[str, Any
             0.5,
             higher_is_better=False,
             unit=" ms",
-            detail="(warm - uncached) / jobs",
-            invalid=_checked(uncached, warm),
+            detail=detail,
+            invalid=invalid,
         )
     )
     return out
@@ -158,8 +204,8 @@ def evaluate(results: dict[str, Any], mode: Mode) -> list[dict[str, Any]]:
     """All targets that this run's measurements can judge."""
     out: list[dict[str, Any]] = []
     flows = results.get("flows") or []
-    if flows:
-        out += _flow_targets(flows, mode)
+    if flows or results.get("paired"):
+        out += _flow_targets(flows, results.get("paired") or [], mode)
     toggle = results.get("toggle")
     if toggle:
         value = toggle["disabled"] / toggle["uncached"] if toggle.get("status") == "ok" else None

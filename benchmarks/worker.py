@@ -17,6 +17,10 @@ Task kinds
 ``output``
     One job with a large output: uncached, cold and warm runs side by side, then the cost of
     one hit-count write on the entry (:mod:`benchmarks.bench_outputs`).
+``paired``
+    One flow shape uncached, cold and warm, interleaved run by run at two sizes in one
+    process, so that each ratio compares runs made under the same conditions
+    (:mod:`benchmarks.bench_paired`).
 ``peers``
     The cache's own part of a warm job next to a joblib.Memory hit, and an AiiDA cached
     calcfunction when aiida-core is installed (:mod:`benchmarks.bench_outputs`).
@@ -319,12 +323,44 @@ def task_output(task: dict) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- paired
+def task_paired(task: dict) -> dict:
+    """Uncached, cold and warm runs of one shape, interleaved: ``repeats`` rounds, each
+    running every size with every executor in turn (cold on an empty cache of its own, warm
+    on the cache that cold run filled). A ratio is then taken within a round, where the runs
+    shared the machine's conditions, and its median over the rounds reported."""
+    shape, root = task["shape"], task["cache_dir"]
+    warm_up("cold", task["workdir"])
+    warm_up("uncached", task["workdir"])
+    times: dict[str, dict[str, list[float]]] = {}
+    outcomes: dict[str, Counter[str]] = {}
+    outputs: dict[str, set[str]] = {}
+    for r in range(int(task["repeats"])):
+        for n in task["sizes"]:
+            cache_dir = os.path.join(root, f"{n}-r{r}")
+            for executor in ("uncached", "cold", "warm"):
+                run = run_flow_once(
+                    shape, n, executor, 0.0, None if executor == "uncached" else cache_dir
+                )
+                key = f"{n}/{executor}"
+                times.setdefault(str(n), {}).setdefault(executor, []).append(run["seconds"])
+                outcomes.setdefault(key, Counter()).update(run["outcomes"])
+                outputs.setdefault(str(n), set()).add(repr(run["output"]))
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    return {
+        "times": times,
+        "outcomes": {key: dict(counts) for key, counts in outcomes.items()},
+        "outputs": {n: sorted(found) for n, found in outputs.items()},
+    }
+
+
 # --------------------------------------------------------------------------- peers
 def task_peers(task: dict) -> dict:
     """The cache's own part of a warm job next to a joblib.Memory hit (and AiiDA's).
 
     Own part: ``(warm - uncached) / n`` of an ``n``-job chain of trivial jobs, the runs
-    alternating ``repeats`` times in this process after one cold run filled the cache.
+    alternating ``repeats`` times in this process after one cold run filled the cache; the
+    difference is taken within each round, and its median over the rounds reported.
     joblib, measured the same way: the same chain, uncached, whose jobs each call
     ``plain_step`` through a ``joblib.Memory`` filled by one run first; its own part is
     ``(joblib - uncached) / n``, a joblib hit among the same jobflow work (a job's
@@ -349,7 +385,10 @@ def task_peers(task: dict) -> dict:
             times[executor].append(run["seconds"])
             outcomes.update({f"{executor}: {k}": v for k, v in run["outcomes"].items()})
     uncached, warm = statistics.median(times["uncached"]), statistics.median(times["warm"])
-    joblib_run = statistics.median(times["joblib"])
+    # within each round (the three runs one after the other), then the median over rounds:
+    # a machine whose speed drifts between rounds moves both runs of a round alike
+    own = statistics.median(w - u for w, u in zip(times["warm"], times["uncached"])) / n
+    joblib_own = statistics.median(j - u for j, u in zip(times["joblib"], times["uncached"])) / n
     result: dict[str, Any] = {
         "n": n,
         "cold_outcomes": cold["outcomes"],
@@ -357,8 +396,8 @@ def task_peers(task: dict) -> dict:
         "outcomes": dict(outcomes),
         "uncached_per_job": uncached / n,
         "warm_per_job": warm / n,
-        "own_part": (warm - uncached) / n,
-        "joblib_in_flow": {"status": "ok", "median": (joblib_run - uncached) / n},
+        "own_part": own,
+        "joblib_in_flow": {"status": "ok", "median": joblib_own},
         "joblib": _joblib_hit(task),
         "floor": _floor(root, task["quick"]),
         "aiida": _aiida_hit(task),
@@ -440,6 +479,7 @@ TASKS = {
     "writer": task_writer,
     "output": task_output,
     "peers": task_peers,
+    "paired": task_paired,
 }
 
 
