@@ -192,19 +192,6 @@ def _prepare(doc: Mapping[str, Any], digest: Any = None) -> _Prepared:
     )
 
 
-def _from_column(kind: str, value: Any) -> Any:
-    if isinstance(value, str) and not value.isascii():
-        try:  # bytes that were not UTF-8 (bit rot) read as lone surrogates (decode_text)
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("invalid UTF-8") from None
-    if kind == "date":
-        return parse_datetime(value)
-    if kind == "bool":
-        return bool(value)
-    return value
-
-
 def keeps_old_entries(conn: sqlite3.Connection, table: str) -> bool:
     """Whether ``table`` of the open file is a collection 0.1.0's ``SQLiteStore`` kept cache
     entries in: its catalogue names the table with key ``digest`` (a file without that
@@ -218,6 +205,31 @@ def keeps_old_entries(conn: sqlite3.Connection, table: str) -> bool:
     return row is not None and row[0] == "digest"
 
 
+def _utf8(value: Any) -> Any:
+    """``value``, unless it is a str holding bytes that were not UTF-8 (bit rot; they read as
+    lone surrogates, see decode_text): then ``ValueError``."""
+    if type(value) is str and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("invalid UTF-8") from None
+    return value
+
+
+def _converter(kind: str) -> Any:
+    """What turns a column of ``kind`` into its field's value."""
+    if kind == "date":
+        return lambda value: parse_datetime(_utf8(value))
+    if kind == "bool":
+        return lambda value: bool(_utf8(value))
+    return _utf8
+
+
+#: (field, converter) of each column after digest: a read turns each row's columns into
+#: fields, so the kinds are looked up once here rather than once per column per row
+_COLUMNS = tuple((field, _converter(FIELD_KINDS[field])) for field in _FIELDS)
+
+
 def _document(row: Sequence[Any]) -> dict[str, Any]:
     """The document of a row (digest, columns, doc, served, explain) or its stand-in."""
     digest = row[0]
@@ -226,9 +238,9 @@ def _document(row: Sequence[Any]) -> dict[str, Any]:
         for text in row[_DOC + 1 :]:
             if text is not None:
                 doc.update(parse_object(text))
-        for field, value in zip(_FIELDS, row[1:_DOC]):
+        for (field, convert), value in zip(_COLUMNS, row[1:_DOC]):
             if value is not None:
-                doc[field] = _from_column(FIELD_KINDS[field], value)
+                doc[field] = convert(value)
     except UnreadableError as err:
         return {"digest": digest, UNREADABLE: str(err)}
     except (ValueError, TypeError) as err:  # a column edited by hand
