@@ -179,7 +179,7 @@ raise_immediately
     return dict(manager.responses)
 
 
-_GC_LOCK = threading.Lock()
+_GC_LOCK = threading.RLock()  # re-entrant: a finalizer run by a collection may start a run
 _gc_runs = 0  # runs in progress in this process
 _gc_froze = False  # whether the first of them froze the older objects (and the last thaws)
 _gc_full = 0  # full collections counted when the objects were last frozen
