@@ -41,7 +41,7 @@ def run_paired(mode: Mode) -> list[dict[str, Any]]:
     from benchmarks.common import run_worker
 
     sizes = paired_sizes(mode)
-    repeats = 2 if mode.quick else 3
+    repeats = 2 if mode.quick else 5
     results = []
     for shape in PAIRED_SHAPES:
         task = {
@@ -52,7 +52,7 @@ def run_paired(mode: Mode) -> list[dict[str, Any]]:
             "cache_dir": str(mode.tmp / "caches" / f"paired-{shape}"),
             "id": f"paired/{shape}",
         }
-        # a round of the full mode takes ~25 s (10,000 jobs three times), at most ~60 s
+        # a round of the full mode takes ~25 s (10,000 jobs three times), at most ~120 s
         result = run_worker([task], 60 + repeats * (20 if mode.quick else 120), mode.tmp)[0]
         result.update(shape=shape, sizes=list(sizes), repeats=repeats)
         if result.get("status") == "ok":

@@ -134,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if results["errors"] else 0
 
 
+def _note_failed(results: dict[str, Any], key: str, row: dict[str, Any]) -> None:
+    """Record a worker's result that is not ``ok`` among the run's errors."""
+    if row.get("status") != "ok":
+        results["errors"][key] = {
+            "error": f"{row.get('status')}: {row.get('error', '')}",
+            "traceback": row.get("traceback", ""),
+        }
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -225,11 +234,7 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> None:
         if paired:
             results["paired"] = paired
             for row in paired:
-                if row.get("status") != "ok":
-                    results["errors"][f"paired:{row['shape']}"] = {
-                        "error": f"{row.get('status')}: {row.get('error', '')}",
-                        "traceback": row.get("traceback", ""),
-                    }
+                _note_failed(results, f"paired:{row['shape']}", row)
     if "toggle" in selected:
         toggle = _guard("toggle", results, lambda: bench_flows.run_toggle(mode))
         if toggle:
@@ -278,20 +283,12 @@ def _run_all(selected: list[str], mode: Mode, results: dict[str, Any]) -> None:
         if outputs:
             results["outputs"] = outputs
             for row in outputs:
-                if row.get("status") != "ok":
-                    results["errors"][f"outputs:{row['label']}"] = {
-                        "error": f"{row.get('status')}: {row.get('error', '')}",
-                        "traceback": row.get("traceback", ""),
-                    }
+                _note_failed(results, f"outputs:{row['label']}", row)
     if "peers" in selected:
         peers = _guard("peers", results, lambda: bench_outputs.run_peers(mode))
         if peers:
             results["peers"] = peers
-            if peers.get("status") != "ok":
-                results["errors"]["peers"] = {
-                    "error": f"{peers.get('status')}: {peers.get('error', '')}",
-                    "traceback": peers.get("traceback", ""),
-                }
+            _note_failed(results, "peers", peers)
     for name in ("flows", "work", "memory"):
         for run in results.get(name) or []:
             if run.get("status") == "error":
