@@ -96,7 +96,7 @@ def _flow_targets(
     small, large = (100, 300) if mode.quick else (1000, 10000)
     for shape, label in (("chain", "chain"), ("replace", "dynamic fan-out (replace)")):
         base = find(flows, shape, big, "jobflow")
-        for executor in ("cold", "uncached"):
+        for executor in ("cold", "uncached") if flows else ():  # jobflow's runs are in flows
             ours = find(flows, shape, big, executor)
             value = None
             if _ok(ours) and base is not None:
@@ -134,7 +134,8 @@ def _flow_targets(
                     detail=detail,
                 )
             )
-    for shape, label in (("chain", "chain"), ("replace", "dynamic fan-out (replace)")):
+    labels = (("chain", "chain"), ("replace", "dynamic fan-out (replace)"))
+    for shape, label in labels if flows else ():
         # issue 15: >= 14x jobflow's run_locally at 1,000 jobs, cache on
         base, ours = find(flows, shape, small, "jobflow"), find(flows, shape, small, "cold")
         value = base["seconds"] / ours["seconds"] if _ok(ours) and base is not None else None
