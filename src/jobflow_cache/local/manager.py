@@ -228,9 +228,9 @@ def _freeze_between_jobs() -> None:
     (its responses, outputs, the flow). Frozen during a job (after the collector's own full
     collection, as an earlier release did), a job's working set stayed frozen after the job
     let go of it, and the garbage cycles in it (ASE atoms and their calculator, say) were
-    kept until the end of the run: 20 MB per job in a 30-job chain held 580 MB more than
-    plain jobflow. Nothing is done while another run goes on in another thread (its job's
-    working set is alive now)."""
+    kept until the end of the run: a 30-job chain whose jobs each left 20 MB in a cycle
+    peaked at 690 MB against plain jobflow's 152 MB. Nothing is done while another run
+    goes on in another thread (its job's working set is alive now)."""
     global _gc_full
     if not _gc_froze or _gc_runs != 1 or _full_collections() == _gc_full:
         return
