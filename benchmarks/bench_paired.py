@@ -23,9 +23,17 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.common import Mode, fmt_ratio, table
+from benchmarks.common import Mode, fmt_ratio, run_worker, table
 
-__all__ = ["PAIRED_SHAPES", "paired_table", "ratio", "run_paired", "scaling"]
+__all__ = [
+    "PAIRED_SHAPES",
+    "overhead_per_job",
+    "paired_sizes",
+    "paired_table",
+    "ratio",
+    "run_paired",
+    "scaling",
+]
 
 #: The shapes the targets are set on.
 PAIRED_SHAPES = ("chain", "replace")
@@ -38,8 +46,6 @@ def paired_sizes(mode: Mode) -> tuple[int, int]:
 
 def run_paired(mode: Mode) -> list[dict[str, Any]]:
     """One worker process per shape; see the module docstring."""
-    from benchmarks.common import run_worker
-
     sizes = paired_sizes(mode)
     repeats = 2 if mode.quick else 5
     results = []

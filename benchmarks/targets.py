@@ -78,12 +78,16 @@ def _paired_of(paired: list[dict[str, Any]], shape: str) -> dict[str, Any] | Non
     return None
 
 
-def _median(values: list[float], detail: str) -> tuple[float | None, str]:
+def _from_rounds(
+    interleaved: dict[str, Any], values: list[float], suffix: str = ""
+) -> tuple[float | None, str, str]:
+    """(value, detail, invalid) of a target judged on ``values``, one per interleaved round:
+    their median, their spread, and the cross-check of the runs they came from."""
+    invalid = interleaved.get("check", "")
     if not values:
-        return None, ""
-    return statistics.median(values), (
-        f"median of {len(values)} interleaved rounds ({min(values):.2f}-{max(values):.2f}){detail}"
-    )
+        return None, "", invalid
+    detail = f"median of {len(values)} interleaved rounds ({min(values):.2f}-{max(values):.2f})"
+    return statistics.median(values), detail + suffix, invalid
 
 
 def _flow_targets(
@@ -93,7 +97,7 @@ def _flow_targets(
     runs (:mod:`benchmarks.bench_paired`) when they ran, else from the flow-shape runs."""
     out = []
     big = 300 if mode.quick else 5000
-    small, large = (100, 300) if mode.quick else (1000, 10000)
+    small, large = bench_paired.paired_sizes(mode)  # the flow-shape runs have them too
     for shape, label in (("chain", "chain"), ("replace", "dynamic fan-out (replace)")):
         base = find(flows, shape, big, "jobflow")
         for executor in ("cold", "uncached") if flows else ():  # jobflow's runs are in flows
@@ -117,8 +121,9 @@ def _flow_targets(
         interleaved = _paired_of(paired, shape)
         for executor in ("uncached", "cold", "warm"):
             if interleaved is not None:
-                value, detail = _median(bench_paired.scaling(interleaved, executor), "")
-                invalid = interleaved.get("check", "")
+                value, detail, invalid = _from_rounds(
+                    interleaved, bench_paired.scaling(interleaved, executor)
+                )
             else:
                 a, b = find(flows, shape, small, executor), find(flows, shape, large, executor)
                 value = b["seconds"] / a["seconds"] if _ok(a) and _ok(b) else None
@@ -155,8 +160,7 @@ def _flow_targets(
             interleaved = _paired_of(paired, shape)
             if interleaved is not None:
                 rounds = bench_paired.ratio(interleaved, (n, "cold"), (n, "uncached"))
-                value, detail = _median(rounds, "")
-                invalid = interleaved.get("check", "")
+                value, detail, invalid = _from_rounds(interleaved, rounds)
             else:
                 uncached, cold = find(flows, shape, n, "uncached"), find(flows, shape, n, "cold")
                 value = None
@@ -176,8 +180,7 @@ def _flow_targets(
     interleaved = _paired_of(paired, "replace")
     if interleaved is not None:
         per_job = [s * 1e3 for s in bench_paired.overhead_per_job(interleaved)]
-        value, detail = _median(per_job, "; (warm - uncached) / jobs")
-        invalid = interleaved.get("check", "")
+        value, detail, invalid = _from_rounds(interleaved, per_job, "; (warm - uncached) / jobs")
     else:
         uncached, warm = (
             find(flows, "replace", large, "uncached"),
